@@ -1,0 +1,8 @@
+//! The pure per-record core: no async, no Kafka, no clock reads, no logging.
+//!
+//! Everything here is a function of its arguments; "now" arrives as a [`time::Millis`].
+
+pub mod control;
+pub mod purpose;
+pub mod record;
+pub mod time;

@@ -1,0 +1,327 @@
+//! The usage record (CDR) as DESIGN.md fixes it, and the checks a record must pass.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use super::purpose::Field;
+use super::time::Millis;
+
+/// The kind of usage a record describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Mobile-originated call.
+    Moc,
+    /// Mobile-terminated call.
+    Mtc,
+    /// Mobile-originated SMS.
+    SmsMo,
+    /// Mobile-terminated SMS.
+    SmsMt,
+    /// Data session (often an hourly partial record).
+    Data,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 5] = [Kind::Moc, Kind::Mtc, Kind::SmsMo, Kind::SmsMt, Kind::Data];
+    /// The JSON name.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Kind::Moc => "moc",
+            Kind::Mtc => "mtc",
+            Kind::SmsMo => "sms_mo",
+            Kind::SmsMt => "sms_mt",
+            Kind::Data => "data",
+        }
+    }
+    fn is_call(self) -> bool {
+        matches!(self, Kind::Moc | Kind::Mtc)
+    }
+    fn is_sms(self) -> bool {
+        matches!(self, Kind::SmsMo | Kind::SmsMt)
+    }
+}
+
+/// Why the network closed the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseCause {
+    /// Ended normally.
+    Normal,
+    /// Ended by a failure.
+    Abnormal,
+    /// An interim record of a longer session.
+    Partial,
+    /// Closed at a volume threshold.
+    VolumeLimit,
+    /// Closed at a time threshold.
+    TimeLimit,
+}
+
+/// Radio access technology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[serde(rename_all = "snake_case")]
+pub enum Rat {
+    /// 2G.
+    Gsm,
+    /// 3G.
+    Umts,
+    /// 4G.
+    Lte,
+    /// 5G.
+    Nr,
+}
+
+/// The serving cell: location data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cell<'a> {
+    /// Mobile country code, 3 digits.
+    #[serde(borrow)]
+    pub mcc: Cow<'a, str>,
+    /// Mobile network code, 2 or 3 digits (leading zeros matter, hence text).
+    #[serde(borrow)]
+    pub mnc: Cow<'a, str>,
+    /// Location or tracking area code.
+    pub lac_or_tac: u32,
+    /// Cell identity within the area.
+    pub cell_id: u64,
+}
+
+/// Volume per rating group in a data record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    /// Charging rating group.
+    pub rating_group: u32,
+    /// Uplink bytes.
+    pub ul_bytes: u64,
+    /// Downlink bytes.
+    pub dl_bytes: u64,
+}
+
+/// One usage record. Strings borrow from the input buffer where they can.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record<'a> {
+    /// Unique per record.
+    #[serde(borrow)]
+    pub record_id: Cow<'a, str>,
+    /// Call, SMS or data.
+    pub kind: Kind,
+    /// The subscriber, E.164.
+    #[serde(borrow)]
+    pub msisdn: Cow<'a, str>,
+    /// 15 digits.
+    #[serde(borrow)]
+    pub imsi: Cow<'a, str>,
+    /// 14-16 digits.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub imei: Option<Cow<'a, str>>,
+    /// The other party, E.164.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub other_party: Option<Cow<'a, str>>,
+    /// When usage started.
+    pub start_time: Millis,
+    /// Seconds (calls, data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<u32>,
+    /// Why the record closed.
+    pub close_cause: CloseCause,
+    /// Serving cell.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<Cell<'a>>,
+    /// Serving network, MCCMNC.
+    #[serde(borrow)]
+    pub serving_plmn: Cow<'a, str>,
+    /// SMS centre, E.164.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub service_centre: Option<Cow<'a, str>>,
+    /// Access point name (data).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub apn: Option<Cow<'a, str>>,
+    /// Charging id (data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charging_id: Option<u64>,
+    /// Radio technology.
+    pub rat: Rat,
+    /// The device's IP address (data).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub ue_ip: Option<Cow<'a, str>>,
+    /// Volumes (data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Vec<Usage>>,
+    /// The network element that wrote the record.
+    #[serde(borrow)]
+    pub recording_entity: Cow<'a, str>,
+    /// Sequence number at the recording entity.
+    pub local_seq_no: u64,
+}
+
+/// A record that decoded but breaks the contract: the field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field {field}: {problem}")]
+pub struct RecordError {
+    /// The offending field's JSON name.
+    pub field: &'static str,
+    /// What is wrong with it (never the raw value: it may be an identifier).
+    pub problem: &'static str,
+}
+
+fn bad(field: Field, problem: &'static str) -> RecordError {
+    RecordError {
+        field: field.name(),
+        problem,
+    }
+}
+
+fn is_e164(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 4 && b.len() <= 16 && b[0] == b'+' && b[1] != b'0' && all_digits(&b[1..])
+}
+
+fn all_digits(b: &[u8]) -> bool {
+    !b.is_empty() && b.iter().all(u8::is_ascii_digit)
+}
+
+fn need<T>(kind_needs: bool, v: &Option<T>, f: Field) -> Result<(), RecordError> {
+    match (kind_needs, v.is_some()) {
+        (true, false) => Err(bad(f, "missing, but this kind of record needs it")),
+        (false, true) => Err(bad(f, "not allowed for this kind of record")),
+        _ => Ok(()),
+    }
+}
+
+impl Record<'_> {
+    /// Checks formats and what each kind needs. Cheap: no allocation. A record that
+    /// fails goes to the dead letter with the returned reason.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        let k = self.kind;
+        if self.record_id.is_empty() || self.record_id.len() > 128 {
+            return Err(bad(Field::RecordId, "must be 1 to 128 characters"));
+        }
+        if !is_e164(&self.msisdn) {
+            return Err(bad(Field::Msisdn, "not an E.164 number"));
+        }
+        if self.imsi.len() != 15 || !all_digits(self.imsi.as_bytes()) {
+            return Err(bad(Field::Imsi, "must be 15 digits"));
+        }
+        if let Some(imei) = &self.imei
+            && (!(14..=16).contains(&imei.len()) || !all_digits(imei.as_bytes()))
+        {
+            return Err(bad(Field::Imei, "must be 14 to 16 digits"));
+        }
+        // An SMS-MT may arrive from an unknown sender; every other non-data kind names one.
+        match (&self.other_party, k) {
+            (None, Kind::Moc | Kind::Mtc | Kind::SmsMo) => {
+                return Err(bad(Field::OtherParty, "missing, but this kind of record needs it"));
+            }
+            (Some(_), Kind::Data) => {
+                return Err(bad(Field::OtherParty, "not allowed for this kind of record"));
+            }
+            (Some(o), _) if !is_e164(o) => {
+                return Err(bad(Field::OtherParty, "not an E.164 number"));
+            }
+            _ => {}
+        }
+        need(k.is_call() || k == Kind::Data, &self.duration_s, Field::DurationS)?;
+        if let Some(c) = &self.cell
+            && (c.mcc.len() != 3
+                || !all_digits(c.mcc.as_bytes())
+                || !(2..=3).contains(&c.mnc.len())
+                || !all_digits(c.mnc.as_bytes()))
+        {
+            return Err(bad(Field::Cell, "mcc must be 3 digits and mnc 2 or 3"));
+        }
+        if !(5..=6).contains(&self.serving_plmn.len()) || !all_digits(self.serving_plmn.as_bytes())
+        {
+            return Err(bad(Field::ServingPlmn, "must be MCCMNC, 5 or 6 digits"));
+        }
+        need(k.is_sms(), &self.service_centre, Field::ServiceCentre)?;
+        if let Some(sc) = &self.service_centre
+            && !is_e164(sc)
+        {
+            return Err(bad(Field::ServiceCentre, "not an E.164 number"));
+        }
+        let data = k == Kind::Data;
+        need(data, &self.apn, Field::Apn)?;
+        need(data, &self.charging_id, Field::ChargingId)?;
+        need(data, &self.ue_ip, Field::UeIp)?;
+        need(data, &self.usage, Field::Usage)?;
+        if let Some(ip) = &self.ue_ip
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(bad(Field::UeIp, "not an IPv4 or IPv6 address"));
+        }
+        if self.recording_entity.is_empty() {
+            return Err(bad(Field::RecordingEntity, "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A valid data record for tests across the crate.
+    pub(crate) fn data_record() -> Record<'static> {
+        Record {
+            record_id: "r-1".into(),
+            kind: Kind::Data,
+            msisdn: "+46701234567".into(),
+            imsi: "240011234567890".into(),
+            imei: Some("35693803564380".into()),
+            other_party: None,
+            start_time: Millis::parse("2026-03-01T12:34:56.789Z").unwrap(),
+            duration_s: Some(3600),
+            close_cause: CloseCause::Partial,
+            cell: Some(Cell {
+                mcc: "240".into(),
+                mnc: "01".into(),
+                lac_or_tac: 1234,
+                cell_id: 56789,
+            }),
+            serving_plmn: "24001".into(),
+            service_centre: None,
+            apn: Some("internet".into()),
+            charging_id: Some(99),
+            rat: Rat::Lte,
+            ue_ip: Some("10.1.2.3".into()),
+            usage: Some(vec![Usage {
+                rating_group: 10,
+                ul_bytes: 1000,
+                dl_bytes: 50000,
+            }]),
+            recording_entity: "pgw-sto-1".into(),
+            local_seq_no: 7,
+        }
+    }
+
+    #[test]
+    fn a_valid_record_passes() {
+        assert_eq!(data_record().validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_kind_needs_its_fields() {
+        let mut r = data_record();
+        r.ue_ip = None;
+        assert_eq!(r.validate().unwrap_err().field, "ue_ip");
+        let mut r = data_record();
+        r.kind = Kind::Moc;
+        assert_eq!(r.validate().unwrap_err().field, "other_party");
+        let mut r = data_record();
+        r.msisdn = "0701234567".into();
+        assert_eq!(r.validate().unwrap_err().field, "msisdn");
+        let mut r = data_record();
+        r.ue_ip = Some("999.1.1.1".into());
+        assert_eq!(r.validate().unwrap_err().field, "ue_ip");
+    }
+}

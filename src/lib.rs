@@ -1,0 +1,17 @@
+//! cdrguard: enforces operators' privacy policies on telecom usage records (CDRs).
+//!
+//! # Layout, in the order data flows
+//!
+//! - [`codec`]: decodes records and control events from JSON or the bincode-compatible
+//!   binary form, and encodes copies and expiry events.
+//! - [`policy`]: loads an operator policy file into the decision table the core consults,
+//!   and renders it as the Art. 30 record of processing.
+//! - [`core`]: the pure per-record core: record and control models, subscriber state,
+//!   field treatments, pseudonyms, `process` (one record in, copies out) and the
+//!   retention schedule. No async, no Kafka, no clock, no logging.
+//! - [`adapters`]: what runs the core: file replay, the demo, the synthetic generator,
+//!   key files, behaviour cases.
+//! - [`cli`]: the command line.
+
+pub mod core;
+pub mod policy;

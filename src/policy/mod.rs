@@ -1,0 +1,315 @@
+//! Operator policies: the compiled decision table the core consults for every record.
+//!
+//! `load` turns a policy file into a [`Policy`] (refusing a bad one with every problem
+//! listed), `explain` renders it as the GDPR Art. 30 record of processing.
+
+pub mod explain;
+pub mod load;
+
+use serde::Serialize;
+
+use crate::core::purpose::{Category, Field, Purpose};
+
+pub use load::{PolicyError, Problem, load_file, parse_policy};
+
+/// A GDPR Art. 6(1) legal basis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// 6(1)(a).
+    Consent,
+    /// 6(1)(b).
+    Contract,
+    /// 6(1)(c).
+    LegalObligation,
+    /// 6(1)(d).
+    VitalInterests,
+    /// 6(1)(e).
+    PublicTask,
+    /// 6(1)(f).
+    LegitimateInterest,
+}
+
+impl Basis {
+    /// Every basis.
+    pub const ALL: [Basis; 6] = [
+        Basis::Consent,
+        Basis::Contract,
+        Basis::LegalObligation,
+        Basis::VitalInterests,
+        Basis::PublicTask,
+        Basis::LegitimateInterest,
+    ];
+    /// The id used in policy files, envelopes and headers.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Basis::Consent => "consent",
+            Basis::Contract => "contract",
+            Basis::LegalObligation => "legal_obligation",
+            Basis::VitalInterests => "vital_interests",
+            Basis::PublicTask => "public_task",
+            Basis::LegitimateInterest => "legitimate_interest",
+        }
+    }
+    /// The article, e.g. `6(1)(b)`.
+    pub const fn article(self) -> &'static str {
+        match self {
+            Basis::Consent => "6(1)(a)",
+            Basis::Contract => "6(1)(b)",
+            Basis::LegalObligation => "6(1)(c)",
+            Basis::VitalInterests => "6(1)(d)",
+            Basis::PublicTask => "6(1)(e)",
+            Basis::LegitimateInterest => "6(1)(f)",
+        }
+    }
+    /// Looks a basis up by id.
+    pub fn from_id(s: &str) -> Option<Basis> {
+        Basis::ALL.into_iter().find(|b| b.id() == s)
+    }
+}
+
+/// Where a rule comes from: the operator's text, or an assumption the file makes openly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cite {
+    /// Seed file and section (and quote) stating the rule.
+    Source(String),
+    /// The source is silent; the file fills the gap with this reason.
+    Assumption(String),
+}
+
+impl Cite {
+    /// Whether the rule is an assumption rather than the operator's statement.
+    pub fn is_assumption(&self) -> bool {
+        matches!(self, Cite::Assumption(_))
+    }
+    /// The text of the citation or the assumption's reason.
+    pub fn text(&self) -> &str {
+        match self {
+            Cite::Source(s) | Cite::Assumption(s) => s,
+        }
+    }
+}
+
+/// What happens to one field in a purpose's copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Treatment {
+    /// Passed as it is.
+    Keep,
+    /// Absent from the copy.
+    Drop,
+    /// Reduced: time to the hour, cell to its area, IP to its network, IMEI to its TAC.
+    Generalise,
+    /// Only the first and last characters kept, the rest replaced by `*`.
+    Mask {
+        /// Characters kept at the start.
+        first: u8,
+        /// Characters kept at the end.
+        last: u8,
+    },
+    /// Replaced by a keyed, irreversible pseudonym (per-purpose key).
+    Pseudonymise,
+    /// Replaced by a reversible FF1 token that the key holder can decrypt.
+    Tokenise,
+}
+
+impl Treatment {
+    /// The name used in envelopes and headers.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Treatment::Keep => "keep",
+            Treatment::Drop => "drop",
+            Treatment::Generalise => "generalise",
+            Treatment::Mask { .. } => "mask",
+            Treatment::Pseudonymise => "pseudonymise",
+            Treatment::Tokenise => "tokenise",
+        }
+    }
+    /// Whether the copy holds any value derived from the field.
+    pub const fn passes_data(self) -> bool {
+        !matches!(self, Treatment::Drop)
+    }
+}
+
+/// What a purpose does without the consent it requires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithoutConsent {
+    /// No copy is made.
+    NoCopy,
+    /// An anonymised copy (the purpose's `anonymised` field map) is made.
+    Anonymised,
+}
+
+/// What a right does to a purpose: the effect and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RightRule {
+    /// True: the purpose stops (restriction, objection) or its copies expire (erasure).
+    pub stops: bool,
+    /// Where the rule comes from.
+    pub cite: Cite,
+}
+
+/// When a retention clock starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Anchor {
+    /// The record's own start time.
+    EventTime,
+    /// The settlement of the invoice whose period holds the record.
+    InvoiceSettled,
+    /// The end of the subscriber's contract.
+    ContractEnd,
+}
+
+impl Anchor {
+    /// The id used in policy files.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Anchor::EventTime => "event_time",
+            Anchor::InvoiceSettled => "invoice_settled",
+            Anchor::ContractEnd => "contract_end",
+        }
+    }
+}
+
+/// A retention period in calendar units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    /// Whole days.
+    Days(u32),
+    /// Calendar months.
+    Months(u32),
+}
+
+impl Period {
+    /// Adds the period to an instant.
+    pub fn after(self, t: crate::core::time::Millis) -> crate::core::time::Millis {
+        match self {
+            Period::Days(d) => crate::core::time::Millis(
+                t.0.saturating_add(d as i64 * crate::core::time::DAY_MS),
+            ),
+            Period::Months(m) => t.add_months(m),
+        }
+    }
+    /// Human form, e.g. `6 months`.
+    pub fn describe(self) -> String {
+        match self {
+            Period::Days(d) => format!("{d} days"),
+            Period::Months(m) if m % 12 == 0 => format!("{} years", m / 12),
+            Period::Months(m) => format!("{m} months"),
+        }
+    }
+}
+
+/// How long a purpose's copies live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Retention {
+    /// Stable id (`policy.purpose`), carried in envelopes and expiry events.
+    pub rule_id: String,
+    /// When the clock starts.
+    pub anchor: Anchor,
+    /// How long after the anchor copies are deleted.
+    pub period: Period,
+    /// Source or assumption.
+    pub cite: Cite,
+}
+
+/// Everything the policy says about one purpose: the row of the decision table.
+#[derive(Clone, Debug, Serialize)]
+pub struct PurposeRule {
+    /// Which purpose.
+    pub purpose: Purpose,
+    /// What it is for, in the operator's terms.
+    pub description: String,
+    /// Legal bases per data category, primary first; empty when the category is not used.
+    pub basis: [Vec<Basis>; 2],
+    /// Where the bases are stated.
+    pub basis_cite: Cite,
+    /// The purpose whose consent grants this one, if any category rests on consent.
+    pub consent_key: Option<Purpose>,
+    /// Without that consent.
+    pub without_consent: WithoutConsent,
+    /// Treatment per field, indexed by `Field as usize`.
+    pub fields: [Treatment; Field::COUNT],
+    /// Treatment per field of the anonymised copy, when `without_consent` is anonymised.
+    pub anonymised: Option<[Treatment; Field::COUNT]>,
+    /// Under restriction (Art. 18).
+    pub restriction: RightRule,
+    /// On objection (Art. 21).
+    pub objection: RightRule,
+    /// On erasure (Art. 17); `stops == false` means held by obligation or legal claim.
+    pub erasure: RightRule,
+    /// Retention of this purpose's copies.
+    pub retention: Retention,
+    /// The field naming the subscriber in this route's copies (and in its expiries).
+    pub subscriber_field: Option<Field>,
+}
+
+impl PurposeRule {
+    /// The bases for a category.
+    pub fn bases(&self, c: Category) -> &[Basis] {
+        &self.basis[c as usize]
+    }
+    /// The basis a consented or consent-free copy is tagged with: traffic first, since a
+    /// CDR copy is traffic data.
+    pub fn primary_basis(&self) -> Basis {
+        self.basis[Category::Traffic as usize]
+            .first()
+            .or_else(|| self.basis[Category::Subscriber as usize].first())
+            .copied()
+            .unwrap_or(Basis::Contract)
+    }
+    /// The treatment of one field.
+    pub fn treatment(&self, f: Field) -> Treatment {
+        self.fields[f as usize]
+    }
+}
+
+/// Something the source states that does not become a route (recipients, other purposes,
+/// rights handled outside the CDR stream); shown by `policy explain`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Note {
+    /// Heading, e.g. "recipients".
+    pub topic: String,
+    /// The statement.
+    pub text: String,
+    /// Source or assumption.
+    pub cite: Cite,
+}
+
+/// A compiled operator policy.
+#[derive(Clone, Debug, Serialize)]
+pub struct Policy {
+    /// Short id, e.g. `excedo`.
+    pub id: String,
+    /// Version of the policy file.
+    pub version: String,
+    /// `id@version`, as envelopes and headers carry it.
+    pub tag: String,
+    /// The controller.
+    pub controller: String,
+    /// Whose data it covers.
+    pub covers: String,
+    /// The source document.
+    pub source: String,
+    /// The file it was loaded from.
+    pub file: String,
+    /// Rules per purpose, indexed by `Purpose as usize`; `None` = not declared, never routed.
+    pub purposes: [Option<PurposeRule>; Purpose::COUNT],
+    /// Statements shown in the record of processing.
+    pub notes: Vec<Note>,
+}
+
+impl Policy {
+    /// The declared purposes in route order.
+    pub fn declared(&self) -> impl Iterator<Item = &PurposeRule> {
+        self.purposes.iter().flatten()
+    }
+    /// The rule for a purpose, if declared.
+    pub fn rule(&self, p: Purpose) -> Option<&PurposeRule> {
+        self.purposes[p as usize].as_ref()
+    }
+}
