@@ -1,2 +1,276 @@
 //! Subscriber control events (consent, objection, restriction, erasure, contract end,
-//! invoice settlement) as DESIGN.md fixes them.
+//! invoice settlement) as DESIGN.md fixes them, and the per-subscriber state they build.
+
+use serde::{Deserialize, Serialize};
+
+use super::purpose::{Purpose, PurposeSet};
+use super::time::Millis;
+
+/// What a control event sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Consent for a purpose granted (`true`) or withdrawn.
+    Consent {
+        /// The purpose consented to.
+        purpose: Purpose,
+        /// Granted or withdrawn.
+        granted: bool,
+    },
+    /// Objection to a purpose (Art. 21).
+    Objection {
+        /// The purpose objected to.
+        purpose: Purpose,
+    },
+    /// Restriction of processing (Art. 18) switched on or off.
+    Restriction {
+        /// Whether restriction is in force.
+        active: bool,
+    },
+    /// Erasure request (Art. 17).
+    Erasure,
+    /// The contract ended: starts `contract_end` clocks.
+    ContractEnded,
+    /// An invoice was settled: starts `invoice_settled` clocks for that period.
+    InvoiceSettled {
+        /// First instant of the invoiced period.
+        period_start: Millis,
+        /// End of the invoiced period (exclusive).
+        period_end: Millis,
+    },
+}
+
+/// One control event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlEvent {
+    /// The subscriber, E.164.
+    pub msisdn: String,
+    /// When it took effect.
+    pub at: Millis,
+    /// What it sets.
+    pub change: Change,
+}
+
+/// The wire form: every field optional so that a wrong combination gets a precise reason.
+#[derive(Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl<'a> {
+    /// Event type.
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// Subscriber.
+    pub msisdn: &'a str,
+    /// Effective time.
+    pub at: Millis,
+    /// consent, objection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<&'a str>,
+    /// consent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<bool>,
+    /// restriction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    /// invoice_settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_start: Option<Millis>,
+    /// invoice_settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_end: Option<Millis>,
+}
+
+/// Why a control event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("control event: {0}")]
+pub struct ControlError(pub String);
+
+impl RawControl<'_> {
+    /// Checks the combination of fields the type needs and builds the event.
+    pub fn into_event(self) -> Result<ControlEvent, ControlError> {
+        let err = |m: &str| Err(ControlError(format!("{} event {m}", self.kind)));
+        let purpose = match self.purpose.map(Purpose::from_id) {
+            Some(None) => return err("names an unknown purpose"),
+            Some(Some(p)) => Some(p),
+            None => None,
+        };
+        let extra = |allowed: [bool; 5]| {
+            let present = [
+                self.purpose.is_some(),
+                self.granted.is_some(),
+                self.active.is_some(),
+                self.period_start.is_some(),
+                self.period_end.is_some(),
+            ];
+            present.iter().zip(allowed).any(|(p, a)| *p && !a)
+        };
+        let change = match self.kind {
+            "consent" => match (purpose, self.granted) {
+                (Some(purpose), Some(granted)) if !extra([true, true, false, false, false]) => {
+                    Change::Consent { purpose, granted }
+                }
+                _ => return err("needs exactly `purpose` and `granted`"),
+            },
+            "objection" => match purpose {
+                Some(purpose) if !extra([true, false, false, false, false]) => {
+                    Change::Objection { purpose }
+                }
+                _ => return err("needs exactly `purpose`"),
+            },
+            "restriction" => match self.active {
+                Some(active) if !extra([false, false, true, false, false]) => {
+                    Change::Restriction { active }
+                }
+                _ => return err("needs exactly `active`"),
+            },
+            "erasure" if !extra([false; 5]) => Change::Erasure,
+            "contract_ended" if !extra([false; 5]) => Change::ContractEnded,
+            "invoice_settled" => match (self.period_start, self.period_end) {
+                (Some(s), Some(e)) if s < e && !extra([false, false, false, true, true]) => {
+                    Change::InvoiceSettled {
+                        period_start: s,
+                        period_end: e,
+                    }
+                }
+                _ => return err("needs `period_start` before `period_end` and nothing else"),
+            },
+            "erasure" | "contract_ended" => return err("takes no extra fields"),
+            _ => {
+                return Err(ControlError(format!(
+                    "unknown type {:?}",
+                    self.kind.chars().take(32).collect::<String>()
+                )));
+            }
+        };
+        if !super::record::is_e164(self.msisdn) {
+            return err("has an msisdn that is not E.164");
+        }
+        Ok(ControlEvent {
+            msisdn: self.msisdn.to_string(),
+            at: self.at,
+            change,
+        })
+    }
+}
+
+impl ControlEvent {
+    /// The compaction key: what the event sets, so the latest of each survives.
+    pub fn key(&self) -> String {
+        let m = &self.msisdn;
+        match &self.change {
+            Change::Consent { purpose, .. } => format!("{m}/consent/{}", purpose.id()),
+            Change::Objection { purpose } => format!("{m}/objection/{}", purpose.id()),
+            Change::Restriction { .. } => format!("{m}/restriction"),
+            Change::Erasure => format!("{m}/erasure"),
+            Change::ContractEnded => format!("{m}/contract_ended"),
+            Change::InvoiceSettled { period_start, .. } => {
+                format!("{m}/invoice_settled/{period_start}")
+            }
+        }
+    }
+
+    /// The wire form.
+    pub fn to_raw(&self) -> RawControl<'_> {
+        let mut r = RawControl {
+            msisdn: &self.msisdn,
+            at: self.at,
+            ..Default::default()
+        };
+        match &self.change {
+            Change::Consent { purpose, granted } => {
+                r.kind = "consent";
+                r.purpose = Some(purpose.id());
+                r.granted = Some(*granted);
+            }
+            Change::Objection { purpose } => {
+                r.kind = "objection";
+                r.purpose = Some(purpose.id());
+            }
+            Change::Restriction { active } => {
+                r.kind = "restriction";
+                r.active = Some(*active);
+            }
+            Change::Erasure => r.kind = "erasure",
+            Change::ContractEnded => r.kind = "contract_ended",
+            Change::InvoiceSettled {
+                period_start,
+                period_end,
+            } => {
+                r.kind = "invoice_settled";
+                r.period_start = Some(*period_start);
+                r.period_end = Some(*period_end);
+            }
+        }
+        r
+    }
+}
+
+/// What the core needs to know about one subscriber when routing a record.
+///
+/// Small and `Copy` so a consent store can hand out snapshots without holding a lock
+/// while the record is processed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscriberState {
+    /// Purposes with consent granted.
+    pub consented: PurposeSet,
+    /// Purposes objected to.
+    pub objected: PurposeSet,
+    /// Restriction of processing in force.
+    pub restricted: bool,
+    /// When the contract ended, if it has.
+    pub contract_ended: Option<Millis>,
+}
+
+impl SubscriberState {
+    /// Applies an event's routing effect. Erasure and invoice settlement change no routing
+    /// (they act on the retention schedule); the rest take effect from the next record.
+    pub fn apply(&mut self, change: &Change, at: Millis) {
+        match change {
+            Change::Consent { purpose, granted } => self.consented.set(*purpose, *granted),
+            Change::Objection { purpose } => self.objected.set(*purpose, true),
+            Change::Restriction { active } => self.restricted = *active,
+            Change::ContractEnded => self.contract_ended = Some(at),
+            Change::Erasure | Change::InvoiceSettled { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ControlEvent, String> {
+        let raw: RawControl = serde_json::from_str(s).map_err(|e| e.to_string())?;
+        raw.into_event().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn events_parse_and_round_trip() {
+        let s = r#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing","granted":true}"#;
+        let e = parse(s).unwrap();
+        assert_eq!(e.key(), "+46701234567/consent/marketing");
+        assert_eq!(serde_json::to_string(&e.to_raw()).unwrap(), s);
+        let s = r#"{"type":"invoice_settled","msisdn":"+46701234567","at":"2026-02-05T00:00:00.000Z","period_start":"2026-01-01T00:00:00.000Z","period_end":"2026-02-01T00:00:00.000Z"}"#;
+        assert!(matches!(parse(s).unwrap().change, Change::InvoiceSettled { .. }));
+    }
+
+    #[test]
+    fn wrong_combinations_are_refused_with_a_reason() {
+        let e = parse(r#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing"}"#);
+        assert!(e.unwrap_err().contains("needs exactly `purpose` and `granted`"));
+        let e = parse(r#"{"type":"objection","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"spam"}"#);
+        assert!(e.unwrap_err().contains("unknown purpose"));
+        let e = parse(r#"{"type":"erasure","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","colour":"red"}"#);
+        assert!(e.unwrap_err().contains("unknown field"));
+    }
+
+    #[test]
+    fn state_follows_events() {
+        let mut s = SubscriberState::default();
+        let at = Millis(0);
+        s.apply(&Change::Consent { purpose: Purpose::Marketing, granted: true }, at);
+        assert!(s.consented.contains(Purpose::Marketing));
+        s.apply(&Change::Consent { purpose: Purpose::Marketing, granted: false }, at);
+        assert!(!s.consented.contains(Purpose::Marketing));
+        s.apply(&Change::Restriction { active: true }, at);
+        assert!(s.restricted);
+    }
+}

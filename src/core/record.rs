@@ -181,7 +181,7 @@ fn bad(field: Field, problem: &'static str) -> RecordError {
     }
 }
 
-fn is_e164(s: &str) -> bool {
+pub(crate) fn is_e164(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() >= 4 && b.len() <= 16 && b[0] == b'+' && b[1] != b'0' && all_digits(&b[1..])
 }

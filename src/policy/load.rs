@@ -418,12 +418,11 @@ fn purpose_rule(
             period: Period::Days(0),
             cite: Cite::Assumption(String::new()),
         }),
-        subscriber_field: [Field::Msisdn, Field::Imsi, Field::Imei].into_iter().find(|f| {
-            matches!(
-                fields[*f as usize],
-                Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise
-            )
-        }),
+        subscriber_field: matches!(
+            fields[Field::Msisdn as usize],
+            Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise
+        )
+        .then_some(Field::Msisdn),
     };
     check_rule(cx, &rule, &path, t.at, anonymised.map(|a| a.1));
     Some(rule)
@@ -656,6 +655,18 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
                 "marketing copies carry the subscriber only as a reversible token: use tokenise",
             );
         }
+    }
+    // Rights (withdrawal, objection, erasure) are keyed by msisdn; a copy that names the
+    // subscriber some other way could not be found again when they arrive.
+    let names_subscriber = [Field::Imsi, Field::Imei, Field::UeIp]
+        .into_iter()
+        .any(|f| matches!(r.treatment(f), Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise | Treatment::Mask { .. }));
+    if names_subscriber && r.subscriber_field.is_none() {
+        cx.err(
+            at,
+            &format!("{path}.fields.msisdn"),
+            "copies carry a subscriber identifier, so msisdn must be kept, pseudonymised or tokenised for rights to reach them",
+        );
     }
     let li = r.basis.iter().flatten().any(|b| *b == Basis::LegitimateInterest);
     if (li || p == Purpose::Marketing) && !r.objection.stops {
