@@ -13,5 +13,6 @@
 //!   key files, behaviour cases.
 //! - [`cli`]: the command line.
 
+pub mod codec;
 pub mod core;
 pub mod policy;

@@ -249,16 +249,28 @@ mod tests {
         assert_eq!(e.key(), "+46701234567/consent/marketing");
         assert_eq!(serde_json::to_string(&e.to_raw()).unwrap(), s);
         let s = r#"{"type":"invoice_settled","msisdn":"+46701234567","at":"2026-02-05T00:00:00.000Z","period_start":"2026-01-01T00:00:00.000Z","period_end":"2026-02-01T00:00:00.000Z"}"#;
-        assert!(matches!(parse(s).unwrap().change, Change::InvoiceSettled { .. }));
+        assert!(matches!(
+            parse(s).unwrap().change,
+            Change::InvoiceSettled { .. }
+        ));
     }
 
     #[test]
     fn wrong_combinations_are_refused_with_a_reason() {
-        let e = parse(r#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing"}"#);
-        assert!(e.unwrap_err().contains("needs exactly `purpose` and `granted`"));
-        let e = parse(r#"{"type":"objection","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"spam"}"#);
+        let e = parse(
+            r#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing"}"#,
+        );
+        assert!(
+            e.unwrap_err()
+                .contains("needs exactly `purpose` and `granted`")
+        );
+        let e = parse(
+            r#"{"type":"objection","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"spam"}"#,
+        );
         assert!(e.unwrap_err().contains("unknown purpose"));
-        let e = parse(r#"{"type":"erasure","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","colour":"red"}"#);
+        let e = parse(
+            r#"{"type":"erasure","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","colour":"red"}"#,
+        );
         assert!(e.unwrap_err().contains("unknown field"));
     }
 
@@ -266,9 +278,21 @@ mod tests {
     fn state_follows_events() {
         let mut s = SubscriberState::default();
         let at = Millis(0);
-        s.apply(&Change::Consent { purpose: Purpose::Marketing, granted: true }, at);
+        s.apply(
+            &Change::Consent {
+                purpose: Purpose::Marketing,
+                granted: true,
+            },
+            at,
+        );
         assert!(s.consented.contains(Purpose::Marketing));
-        s.apply(&Change::Consent { purpose: Purpose::Marketing, granted: false }, at);
+        s.apply(
+            &Change::Consent {
+                purpose: Purpose::Marketing,
+                granted: false,
+            },
+            at,
+        );
         assert!(!s.consented.contains(Purpose::Marketing));
         s.apply(&Change::Restriction { active: true }, at);
         assert!(s.restricted);

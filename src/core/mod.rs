@@ -3,6 +3,10 @@
 //! Everything here is a function of its arguments; "now" arrives as a [`time::Millis`].
 
 pub mod control;
+pub mod process;
+pub mod pseudonym;
 pub mod purpose;
 pub mod record;
+pub mod retention;
 pub mod time;
+pub mod treat;

@@ -8,8 +8,18 @@ use super::purpose::Field;
 use super::time::Millis;
 
 /// The kind of usage a record describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    wincode::SchemaWrite,
+    wincode::SchemaRead,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// Mobile-originated call.
@@ -46,8 +56,17 @@ impl Kind {
 }
 
 /// Why the network closed the record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    wincode::SchemaWrite,
+    wincode::SchemaRead,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CloseCause {
     /// Ended normally.
@@ -63,8 +82,17 @@ pub enum CloseCause {
 }
 
 /// Radio access technology.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    wincode::SchemaWrite,
+    wincode::SchemaRead,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Rat {
     /// 2G.
@@ -94,8 +122,17 @@ pub struct Cell<'a> {
 }
 
 /// Volume per rating group in a data record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[derive(wincode::SchemaWrite, wincode::SchemaRead)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    wincode::SchemaWrite,
+    wincode::SchemaRead,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Usage {
     /// Charging rating group.
@@ -220,17 +257,27 @@ impl Record<'_> {
         // An SMS-MT may arrive from an unknown sender; every other non-data kind names one.
         match (&self.other_party, k) {
             (None, Kind::Moc | Kind::Mtc | Kind::SmsMo) => {
-                return Err(bad(Field::OtherParty, "missing, but this kind of record needs it"));
+                return Err(bad(
+                    Field::OtherParty,
+                    "missing, but this kind of record needs it",
+                ));
             }
             (Some(_), Kind::Data) => {
-                return Err(bad(Field::OtherParty, "not allowed for this kind of record"));
+                return Err(bad(
+                    Field::OtherParty,
+                    "not allowed for this kind of record",
+                ));
             }
             (Some(o), _) if !is_e164(o) => {
                 return Err(bad(Field::OtherParty, "not an E.164 number"));
             }
             _ => {}
         }
-        need(k.is_call() || k == Kind::Data, &self.duration_s, Field::DurationS)?;
+        need(
+            k.is_call() || k == Kind::Data,
+            &self.duration_s,
+            Field::DurationS,
+        )?;
         if let Some(c) = &self.cell
             && (c.mcc.len() != 3
                 || !all_digits(c.mcc.as_bytes())

@@ -201,7 +201,9 @@ mod tests {
             "2100-03-01T00:00:00.000Z",
         ] {
             let m = Millis::parse(s).unwrap();
-            let c = chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis();
+            let c = chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .timestamp_millis();
             assert_eq!(m.0, c, "{s}");
             assert_eq!(m.to_string(), s);
         }

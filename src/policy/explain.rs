@@ -15,7 +15,11 @@ fn cite_md(c: &Cite) -> String {
 /// The record of processing as Markdown: one section per purpose, assumptions flagged.
 pub fn markdown(p: &Policy) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "# Record of processing activities (GDPR Art. 30): {}", p.controller);
+    let _ = writeln!(
+        o,
+        "# Record of processing activities (GDPR Art. 30): {}",
+        p.controller
+    );
     let _ = writeln!(o);
     let _ = writeln!(o, "- Policy: `{}` (file `{}`)", p.tag, p.file);
     let _ = writeln!(o, "- Controller: {}", p.controller);
@@ -53,7 +57,11 @@ pub fn markdown(p: &Policy) -> String {
                     WithoutConsent::NoCopy => "no copy is made",
                     WithoutConsent::Anonymised => "an anonymised copy is made",
                 };
-                let _ = writeln!(o, "- Consent: required (consent key `{}`); without it {w}", k.id());
+                let _ = writeln!(
+                    o,
+                    "- Consent: required (consent key `{}`); without it {w}",
+                    k.id()
+                );
             }
             None => {
                 let _ = writeln!(o, "- Consent: not required");
@@ -92,9 +100,24 @@ pub fn markdown(p: &Policy) -> String {
         );
         let _ = writeln!(o, "  - {}", cite_md(&ret.cite));
         let rights = [
-            ("Restriction (Art. 18)", &r.restriction, "processing stops", "processing continues"),
-            ("Objection (Art. 21)", &r.objection, "processing stops", "not applicable"),
-            ("Erasure (Art. 17)", &r.erasure, "copies expire at once", "copies are held until their own deadline"),
+            (
+                "Restriction (Art. 18)",
+                &r.restriction,
+                "processing stops",
+                "processing continues",
+            ),
+            (
+                "Objection (Art. 21)",
+                &r.objection,
+                "processing stops",
+                "not applicable",
+            ),
+            (
+                "Erasure (Art. 17)",
+                &r.erasure,
+                "copies expire at once",
+                "copies are held until their own deadline",
+            ),
         ];
         for (name, rule, yes, no) in rights {
             let _ = writeln!(

@@ -38,7 +38,12 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "policy {} refused: {} problem(s)", self.file, self.problems.len())?;
+        writeln!(
+            f,
+            "policy {} refused: {} problem(s)",
+            self.file,
+            self.problems.len()
+        )?;
         for p in &self.problems {
             writeln!(f, "  {}:{}: {}: {}", self.file, p.line, p.path, p.message)?;
         }
@@ -307,7 +312,11 @@ fn cite(cx: &mut Cx, t: &mut Tbl<'_, '_>) -> Option<Cite> {
         (Some((s, _)), None) => Some(Cite::Source(s)),
         (None, Some((a, _))) => Some(Cite::Assumption(a)),
         (Some(_), Some((_, at))) => {
-            cx.err(at, &t.path, "give either `source` or `assumption`, not both");
+            cx.err(
+                at,
+                &t.path,
+                "give either `source` or `assumption`, not both",
+            );
             None
         }
         (None, None) => {
@@ -340,16 +349,20 @@ fn purpose_rule(
         }
         p.map(|p| (p, at))
     });
-    let without = t.str(cx, "without_consent", false).and_then(|(s, at)| {
-        match s.as_str() {
+    let without = t
+        .str(cx, "without_consent", false)
+        .and_then(|(s, at)| match s.as_str() {
             "no_copy" => Some((WithoutConsent::NoCopy, at)),
             "anonymised" => Some((WithoutConsent::Anonymised, at)),
             _ => {
-                cx.err(at, &t.sub("without_consent"), "must be `no_copy` or `anonymised`");
+                cx.err(
+                    at,
+                    &t.sub("without_consent"),
+                    "must be `no_copy` or `anonymised`",
+                );
                 None
             }
-        }
-    });
+        });
     let restriction = right(cx, t, "restriction", ("continue", "stop"));
     let objection = right(cx, t, "objection", ("not_applicable", "stop"));
     let erasure = right(cx, t, "erasure", ("retain", "expire"));
@@ -385,13 +398,21 @@ fn purpose_rule(
             WithoutConsent::NoCopy
         }
         (false, Some((_, at))) => {
-            cx.err(at, &path, "`without_consent` given, but no category rests on consent");
+            cx.err(
+                at,
+                &path,
+                "`without_consent` given, but no category rests on consent",
+            );
             WithoutConsent::NoCopy
         }
         (false, None) => WithoutConsent::NoCopy,
     };
     if let (false, Some((_, at))) = (uses_consent, consent_key) {
-        cx.err(at, &path, "`consent_key` given, but no category rests on consent");
+        cx.err(
+            at,
+            &path,
+            "`consent_key` given, but no category rests on consent",
+        );
     }
     let (fields, _) = fields?;
     // Missing parts were reported already; placeholders let the cross-checks below run so
@@ -416,6 +437,7 @@ fn purpose_rule(
             rule_id: String::new(),
             anchor: Anchor::EventTime,
             period: Period::Days(0),
+            after: String::new(),
             cite: Cite::Assumption(String::new()),
         }),
         subscriber_field: matches!(
@@ -439,7 +461,11 @@ fn bases(cx: &mut Cx, b: &mut Tbl<'_, '_>) -> Option<([Vec<Basis>; 2], Cite)> {
                 .filter_map(|i| i.get_ref().as_str().map(|s| (s, i.span().start)))
                 .collect(),
             _ => {
-                cx.err(v.span().start, &b.sub(c.id()), "must be a basis or a list of bases");
+                cx.err(
+                    v.span().start,
+                    &b.sub(c.id()),
+                    "must be a basis or a list of bases",
+                );
                 continue;
             }
         };
@@ -458,13 +484,22 @@ fn bases(cx: &mut Cx, b: &mut Tbl<'_, '_>) -> Option<([Vec<Basis>; 2], Cite)> {
         }
     }
     if out.iter().all(Vec::is_empty) {
-        cx.err(b.at, &b.path, "names no legal basis for `subscriber` or `traffic` data");
+        cx.err(
+            b.at,
+            &b.path,
+            "names no legal basis for `subscriber` or `traffic` data",
+        );
     }
     let c = cite(cx, b)?;
     Some((out, c))
 }
 
-fn right(cx: &mut Cx, t: &mut Tbl<'_, '_>, key: &str, (go, stop): (&str, &str)) -> Option<RightRule> {
+fn right(
+    cx: &mut Cx,
+    t: &mut Tbl<'_, '_>,
+    key: &str,
+    (go, stop): (&str, &str),
+) -> Option<RightRule> {
     let mut r = t.table(cx, key, true)?;
     let effect = r.str(cx, "effect", true);
     let c = cite(cx, &mut r);
@@ -475,22 +510,32 @@ fn right(cx: &mut Cx, t: &mut Tbl<'_, '_>, key: &str, (go, stop): (&str, &str)) 
     } else if effect == go {
         false
     } else {
-        cx.err(at, &t.sub(key), format!("effect must be `{go}` or `{stop}`"));
+        cx.err(
+            at,
+            &t.sub(key),
+            format!("effect must be `{go}` or `{stop}`"),
+        );
         return None;
     };
     Some(RightRule { stops, cite: c? })
 }
 
 fn retention(cx: &mut Cx, r: &mut Tbl<'_, '_>, rule_id: String) -> Option<Retention> {
-    let anchor = r.str(cx, "anchor", true).and_then(|(s, at)| match s.as_str() {
-        "event_time" => Some(Anchor::EventTime),
-        "invoice_settled" => Some(Anchor::InvoiceSettled),
-        "contract_end" => Some(Anchor::ContractEnd),
-        _ => {
-            cx.err(at, &r.sub("anchor"), "must be event_time, invoice_settled or contract_end");
-            None
-        }
-    });
+    let anchor = r
+        .str(cx, "anchor", true)
+        .and_then(|(s, at)| match s.as_str() {
+            "event_time" => Some(Anchor::EventTime),
+            "invoice_settled" => Some(Anchor::InvoiceSettled),
+            "contract_end" => Some(Anchor::ContractEnd),
+            _ => {
+                cx.err(
+                    at,
+                    &r.sub("anchor"),
+                    "must be event_time, invoice_settled or contract_end",
+                );
+                None
+            }
+        });
     let period = r.str(cx, "after", true).and_then(|(s, at)| {
         let p = parse_period(&s);
         if p.is_none() {
@@ -504,10 +549,12 @@ fn retention(cx: &mut Cx, r: &mut Tbl<'_, '_>, rule_id: String) -> Option<Retent
         p
     });
     let c = cite(cx, r);
+    let period = period?;
     Some(Retention {
         rule_id,
         anchor: anchor?,
-        period: period?,
+        after: period.describe(),
+        period,
         cite: c?,
     })
 }
@@ -530,7 +577,10 @@ pub fn parse_period(s: &str) -> Option<Period> {
 
 fn field_map(cx: &mut Cx, f: &mut Tbl<'_, '_>) -> [Treatment; Field::COUNT] {
     let mut out = [Treatment::Drop; Field::COUNT];
-    let keys: Vec<_> = f.t.iter().map(|(k, v)| (k.get_ref().to_string(), v)).collect();
+    let keys: Vec<_> =
+        f.t.iter()
+            .map(|(k, v)| (k.get_ref().to_string(), v))
+            .collect();
     for (name, v) in keys {
         let path = f.sub(&name);
         let Some(field) = Field::from_name(&name) else {
@@ -604,13 +654,20 @@ fn treatment_fits(f: Field, t: Treatment) -> Result<(), String> {
         Treatment::Generalise => matches!(f, F::StartTime | F::Cell | F::UeIp | F::Imei),
         Treatment::Mask { .. } | Treatment::Pseudonymise => text,
         Treatment::Tokenise => {
-            matches!(f, F::Msisdn | F::Imsi | F::Imei | F::OtherParty | F::ServiceCentre)
+            matches!(
+                f,
+                F::Msisdn | F::Imsi | F::Imei | F::OtherParty | F::ServiceCentre
+            )
         }
     };
     if ok {
         Ok(())
     } else {
-        Err(format!("`{}` is not defined for field {}", t.id(), f.name()))
+        Err(format!(
+            "`{}` is not defined for field {}",
+            t.id(),
+            f.name()
+        ))
     }
 }
 
@@ -660,7 +717,15 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
     // subscriber some other way could not be found again when they arrive.
     let names_subscriber = [Field::Imsi, Field::Imei, Field::UeIp]
         .into_iter()
-        .any(|f| matches!(r.treatment(f), Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise | Treatment::Mask { .. }));
+        .any(|f| {
+            matches!(
+                r.treatment(f),
+                Treatment::Keep
+                    | Treatment::Pseudonymise
+                    | Treatment::Tokenise
+                    | Treatment::Mask { .. }
+            )
+        });
     if names_subscriber && r.subscriber_field.is_none() {
         cx.err(
             at,
@@ -668,7 +733,11 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
             "copies carry a subscriber identifier, so msisdn must be kept, pseudonymised or tokenised for rights to reach them",
         );
     }
-    let li = r.basis.iter().flatten().any(|b| *b == Basis::LegitimateInterest);
+    let li = r
+        .basis
+        .iter()
+        .flatten()
+        .any(|b| *b == Basis::LegitimateInterest);
     if (li || p == Purpose::Marketing) && !r.objection.stops {
         cx.err(
             at,
@@ -678,7 +747,11 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
     }
     if !r.erasure.stops
         && p != Purpose::Billing
-        && !r.basis.iter().flatten().any(|b| *b == Basis::LegalObligation)
+        && !r
+            .basis
+            .iter()
+            .flatten()
+            .any(|b| *b == Basis::LegalObligation)
     {
         cx.err(
             at,
@@ -759,14 +832,34 @@ fields = { msisdn = "keep", start_time = "keep" }
     fn every_problem_is_listed_with_its_line() {
         let bad = GOOD
             .replace("after = \"6 months\"", "after = \"forever\"")
-            .replace("traffic = \"contract\", subscriber = \"contract\"", "traffic = \"contract\"")
-            .replace("description = \"billing\"", "description = \"billing\"\ncolour = \"red\"");
+            .replace(
+                "traffic = \"contract\", subscriber = \"contract\"",
+                "traffic = \"contract\"",
+            )
+            .replace(
+                "description = \"billing\"",
+                "description = \"billing\"\ncolour = \"red\"",
+            );
         let e = parse_policy(&bad, "bad.toml").unwrap_err();
-        let msgs: Vec<String> = e.problems.iter().map(|p| format!("{}:{}", p.line, p.message)).collect();
+        let msgs: Vec<String> = e
+            .problems
+            .iter()
+            .map(|p| format!("{}:{}", p.line, p.message))
+            .collect();
         assert_eq!(e.problems.len(), 3, "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.starts_with("11:unknown key")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("bounded period")), "{msgs:?}");
-        assert!(msgs.iter().any(|m| m.contains("without a legal basis for subscriber")), "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.starts_with("11:unknown key")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("bounded period")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("without a legal basis for subscriber")),
+            "{msgs:?}"
+        );
         assert!(e.to_string().contains("bad.toml:11:"));
     }
 
@@ -796,9 +889,18 @@ fields = { msisdn = "pseudonymise" }
 "#;
         let e = parse_policy(&text, "x.toml").unwrap_err();
         let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
-        assert!(paths.contains(&"purposes.analytics.fields.msisdn"), "{paths:?}");
-        assert!(paths.contains(&"purposes.analytics.fields.imsi"), "{paths:?}");
-        assert!(paths.contains(&"purposes.marketing.fields.msisdn"), "{paths:?}");
+        assert!(
+            paths.contains(&"purposes.analytics.fields.msisdn"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"purposes.analytics.fields.imsi"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"purposes.marketing.fields.msisdn"),
+            "{paths:?}"
+        );
         assert!(paths.contains(&"purposes.marketing.objection"), "{paths:?}");
     }
 

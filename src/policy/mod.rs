@@ -188,9 +188,9 @@ impl Period {
     /// Adds the period to an instant.
     pub fn after(self, t: crate::core::time::Millis) -> crate::core::time::Millis {
         match self {
-            Period::Days(d) => crate::core::time::Millis(
-                t.0.saturating_add(d as i64 * crate::core::time::DAY_MS),
-            ),
+            Period::Days(d) => {
+                crate::core::time::Millis(t.0.saturating_add(d as i64 * crate::core::time::DAY_MS))
+            }
             Period::Months(m) => t.add_months(m),
         }
     }
@@ -213,6 +213,8 @@ pub struct Retention {
     pub anchor: Anchor,
     /// How long after the anchor copies are deleted.
     pub period: Period,
+    /// The period as text (`6 months`), precomputed for envelopes.
+    pub after: String,
     /// Source or assumption.
     pub cite: Cite,
 }

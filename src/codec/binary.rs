@@ -1,0 +1,260 @@
+//! The bincode-compatible binary encoding, through `wincode` (the `bincode` crate is
+//! unmaintained; wincode writes bincode 1's default layout: little-endian fixed-width
+//! integers, u64 lengths, u32 enum tags, u8 option tags). Layouts are in
+//! `schemas/binary.md`.
+
+use wincode::{SchemaRead, SchemaWrite};
+
+use super::DecodeError;
+use crate::core::process::Copy;
+use crate::core::purpose::Field;
+use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
+use crate::core::time::Millis;
+use crate::policy::Treatment;
+
+/// The serving cell on the wire.
+#[derive(SchemaWrite, SchemaRead, Debug)]
+pub struct CellWire<'a> {
+    mcc: &'a str,
+    mnc: &'a str,
+    lac_or_tac: u32,
+    cell_id: u64,
+}
+
+/// A record on the wire: DESIGN.md's fields in its order; `start_time` as UTC ms.
+#[derive(SchemaWrite, SchemaRead, Debug)]
+pub struct RecordWire<'a> {
+    record_id: &'a str,
+    kind: Kind,
+    msisdn: &'a str,
+    imsi: &'a str,
+    imei: Option<&'a str>,
+    other_party: Option<&'a str>,
+    start_time: i64,
+    duration_s: Option<u32>,
+    close_cause: CloseCause,
+    cell: Option<CellWire<'a>>,
+    serving_plmn: &'a str,
+    service_centre: Option<&'a str>,
+    apn: Option<&'a str>,
+    charging_id: Option<u64>,
+    rat: Rat,
+    ue_ip: Option<&'a str>,
+    usage: Option<Vec<Usage>>,
+    recording_entity: &'a str,
+    local_seq_no: u64,
+}
+
+/// Decodes and validates one binary record, borrowing its strings from `bytes`.
+pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
+    let w: RecordWire<'_> =
+        wincode::deserialize_exact(bytes).map_err(|e| DecodeError::Malformed {
+            format: "binary",
+            detail: e.to_string(),
+        })?;
+    let r = Record {
+        record_id: w.record_id.into(),
+        kind: w.kind,
+        msisdn: w.msisdn.into(),
+        imsi: w.imsi.into(),
+        imei: w.imei.map(Into::into),
+        other_party: w.other_party.map(Into::into),
+        start_time: Millis(w.start_time),
+        duration_s: w.duration_s,
+        close_cause: w.close_cause,
+        cell: w.cell.map(|c| Cell {
+            mcc: c.mcc.into(),
+            mnc: c.mnc.into(),
+            lac_or_tac: c.lac_or_tac,
+            cell_id: c.cell_id,
+        }),
+        serving_plmn: w.serving_plmn.into(),
+        service_centre: w.service_centre.map(Into::into),
+        apn: w.apn.map(Into::into),
+        charging_id: w.charging_id,
+        rat: w.rat,
+        ue_ip: w.ue_ip.map(Into::into),
+        usage: w.usage,
+        recording_entity: w.recording_entity.into(),
+        local_seq_no: w.local_seq_no,
+    };
+    r.validate()?;
+    Ok(r)
+}
+
+/// Appends a record's binary form to `out`.
+pub fn encode_record(r: &Record<'_>, out: &mut Vec<u8>) {
+    let w = RecordWire {
+        record_id: &r.record_id,
+        kind: r.kind,
+        msisdn: &r.msisdn,
+        imsi: &r.imsi,
+        imei: r.imei.as_deref(),
+        other_party: r.other_party.as_deref(),
+        start_time: r.start_time.0,
+        duration_s: r.duration_s,
+        close_cause: r.close_cause,
+        cell: r.cell.as_ref().map(|c| CellWire {
+            mcc: &c.mcc,
+            mnc: &c.mnc,
+            lac_or_tac: c.lac_or_tac,
+            cell_id: c.cell_id,
+        }),
+        serving_plmn: &r.serving_plmn,
+        service_centre: r.service_centre.as_deref(),
+        apn: r.apn.as_deref(),
+        charging_id: r.charging_id,
+        rat: r.rat,
+        ue_ip: r.ue_ip.as_deref(),
+        usage: r.usage.clone(),
+        recording_entity: &r.recording_entity,
+        local_seq_no: r.local_seq_no,
+    };
+    // Writing into a growable Vec does not fail.
+    let _ = wincode::serialize_into(out, &w);
+}
+
+/// The cell in a copy: `cell_id` absent once generalised.
+#[derive(SchemaWrite)]
+struct CellOutWire<'a> {
+    mcc: &'a str,
+    mnc: &'a str,
+    lac_or_tac: u32,
+    cell_id: Option<u64>,
+}
+
+/// A copy on the wire: every record field as an option (absent = dropped), then the
+/// envelope. Treatments are one code per field in record order (see `schemas/binary.md`).
+#[derive(SchemaWrite)]
+struct CopyWire<'a> {
+    record_id: Option<&'a str>,
+    kind: Option<Kind>,
+    msisdn: Option<&'a str>,
+    imsi: Option<&'a str>,
+    imei: Option<&'a str>,
+    other_party: Option<&'a str>,
+    start_time: Option<i64>,
+    duration_s: Option<u32>,
+    close_cause: Option<CloseCause>,
+    cell: Option<CellOutWire<'a>>,
+    serving_plmn: Option<&'a str>,
+    service_centre: Option<&'a str>,
+    apn: Option<&'a str>,
+    charging_id: Option<u64>,
+    rat: Option<Rat>,
+    ue_ip: Option<&'a str>,
+    usage: Option<&'a [Usage]>,
+    recording_entity: Option<&'a str>,
+    local_seq_no: Option<u64>,
+    env_record_id: &'a str,
+    purpose: &'a str,
+    legal_basis: &'a str,
+    gdpr_article: &'a str,
+    policy: &'a str,
+    consent: &'a str,
+    treatments: [u8; Field::COUNT],
+    key_id: Option<&'a str>,
+    retention_rule: &'a str,
+}
+
+/// Treatment codes of the binary envelope.
+pub fn treatment_code(t: Treatment) -> u8 {
+    match t {
+        Treatment::Keep => 0,
+        Treatment::Drop => 1,
+        Treatment::Generalise => 2,
+        Treatment::Mask { .. } => 3,
+        Treatment::Pseudonymise => 4,
+        Treatment::Tokenise => 5,
+    }
+}
+
+fn s<'t>(t: &'t Option<crate::core::treat::Text<'_>>) -> Option<&'t str> {
+    t.as_ref().map(|t| t.as_str())
+}
+
+/// Appends one copy's binary form to `out`.
+pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+    let r = &c.record;
+    let e = &c.envelope;
+    let mut treatments = [0xFFu8; Field::COUNT];
+    for (f, t) in e.changed() {
+        treatments[f as usize] = treatment_code(t);
+    }
+    for f in Field::ALL {
+        if e.present & (1 << f as u32) != 0 && treatments[f as usize] == 0xFF {
+            treatments[f as usize] = 0;
+        }
+    }
+    let w = CopyWire {
+        record_id: s(&r.record_id),
+        kind: r.kind,
+        msisdn: s(&r.msisdn),
+        imsi: s(&r.imsi),
+        imei: s(&r.imei),
+        other_party: s(&r.other_party),
+        start_time: r.start_time.map(|t| t.0),
+        duration_s: r.duration_s,
+        close_cause: r.close_cause,
+        cell: r.cell.as_ref().map(|c| CellOutWire {
+            mcc: c.mcc,
+            mnc: c.mnc,
+            lac_or_tac: c.lac_or_tac,
+            cell_id: c.cell_id,
+        }),
+        serving_plmn: s(&r.serving_plmn),
+        service_centre: s(&r.service_centre),
+        apn: s(&r.apn),
+        charging_id: r.charging_id,
+        rat: r.rat,
+        ue_ip: s(&r.ue_ip),
+        usage: r.usage,
+        recording_entity: s(&r.recording_entity),
+        local_seq_no: r.local_seq_no,
+        env_record_id: e.record_id.as_str(),
+        purpose: e.purpose.id(),
+        legal_basis: e.legal_basis,
+        gdpr_article: e.gdpr_article,
+        policy: e.policy,
+        consent: e.consent.id(),
+        treatments,
+        key_id: e.key_id,
+        retention_rule: &e.retention.rule_id,
+    };
+    let _ = wincode::serialize_into(out, &w);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::record::tests::data_record;
+
+    #[test]
+    fn binary_round_trips_and_matches_bincode_layout() {
+        let r = data_record();
+        let mut buf = Vec::new();
+        encode_record(&r, &mut buf);
+        // bincode 1 layout: u64 length then the bytes of the first string.
+        assert_eq!(&buf[..8], &3u64.to_le_bytes());
+        assert_eq!(&buf[8..11], b"r-1");
+        // Then the kind as a u32 tag: Data is the fifth variant.
+        assert_eq!(&buf[11..15], &4u32.to_le_bytes());
+        let back = decode_record(&buf).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn truncated_or_padded_input_is_malformed() {
+        let mut buf = Vec::new();
+        encode_record(&data_record(), &mut buf);
+        assert!(matches!(
+            decode_record(&buf[..buf.len() - 1]),
+            Err(DecodeError::Malformed { .. })
+        ));
+        buf.push(0);
+        assert!(matches!(
+            decode_record(&buf),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+}

@@ -1,0 +1,260 @@
+//! Keyed pseudonyms (irreversible) and FF1 tokens (reversible), with per-purpose keys.
+//!
+//! A plain hash of an MSISDN is not a pseudonym: the number space is small enough to
+//! enumerate. Every value here is keyed. Keys are derived per purpose from a master key,
+//! so the same subscriber gets unlinkable values in analytics and marketing copies.
+
+use std::fmt;
+
+use aes::Aes256;
+use arrayvec::ArrayString;
+use fpe::ff1::{FF1, FlexibleNumeralString};
+
+use super::purpose::Purpose;
+
+/// Longest master key id accepted; keeps every token within its inline buffer.
+pub const MAX_KEY_ID: usize = 16;
+
+/// A pseudonym or token held inline (no heap on the hot path).
+pub type Token = ArrayString<64>;
+
+/// A master secret and its id. The secret never appears in `Debug` output or logs.
+#[derive(Clone)]
+pub struct MasterKey {
+    id: String,
+    secret: [u8; 32],
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterKey")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Bad id.
+    #[error("key id {0:?} must be 1 to 16 characters of [A-Za-z0-9_-]")]
+    BadId(String),
+    /// Secret too short.
+    #[error("key {0:?}: the secret must be at least 32 bytes")]
+    ShortSecret(String),
+    /// A token names a key this keyring lacks.
+    #[error("token names key {0:?}, which the keyring does not hold")]
+    UnknownKey(String),
+    /// A token is not of the form this crate writes.
+    #[error("not a token written by cdrguard")]
+    NotAToken,
+}
+
+impl MasterKey {
+    /// Builds a key from its id and secret bytes (at least 32; longer secrets are
+    /// compressed with BLAKE3's key derivation).
+    pub fn new(id: &str, secret: &[u8]) -> Result<MasterKey, KeyError> {
+        if id.is_empty()
+            || id.len() > MAX_KEY_ID
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(KeyError::BadId(id.to_string()));
+        }
+        if secret.len() < 32 {
+            return Err(KeyError::ShortSecret(id.to_string()));
+        }
+        Ok(MasterKey {
+            id: id.to_string(),
+            secret: blake3::derive_key("cdrguard master key v1", secret),
+        })
+    }
+
+    /// The key id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Keys for one purpose.
+struct PurposeKeys {
+    key_id: ArrayString<32>,
+    prf: [u8; 32],
+    ff1: FF1<Aes256>,
+}
+
+/// All purpose keys derived from the active master key, plus older keys for reversing
+/// tokens written before a rotation.
+pub struct Keyring {
+    active: [PurposeKeys; Purpose::COUNT],
+    all: Vec<(String, [PurposeKeys; Purpose::COUNT])>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<&str> = self.all.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("Keyring").field("keys", &ids).finish()
+    }
+}
+
+fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
+    Purpose::ALL.map(|p| {
+        let mut material = Vec::with_capacity(48);
+        material.extend_from_slice(&master.secret);
+        material.extend_from_slice(p.id().as_bytes());
+        let prf = blake3::derive_key("cdrguard pseudonym prf v1", &material);
+        let ff1_key = blake3::derive_key("cdrguard ff1 token v1", &material);
+        let mut key_id = ArrayString::new();
+        // Fits: id <= 16 bytes, '.', purpose id <= 15 bytes.
+        key_id.push_str(&master.id);
+        key_id.push('.');
+        key_id.push_str(p.id());
+        PurposeKeys {
+            key_id,
+            prf,
+            ff1: FF1::<Aes256>::new(&ff1_key, 10).expect("radix 10 is valid"),
+        }
+    })
+}
+
+impl Keyring {
+    /// A keyring whose first key is active; the others only reverse old tokens.
+    pub fn new(keys: &[MasterKey]) -> Option<Keyring> {
+        let first = keys.first()?;
+        Some(Keyring {
+            active: derive(first),
+            all: keys.iter().map(|k| (k.id.clone(), derive(k))).collect(),
+        })
+    }
+
+    /// The key id stamped on values for this purpose, e.g. `k2026a.analytics`.
+    pub fn key_id(&self, p: Purpose) -> &str {
+        &self.active[p as usize].key_id
+    }
+
+    /// Irreversible pseudonym: `key_id:` + 128 bits of keyed BLAKE3, hex. The field name
+    /// is mixed in so an IMSI and an MSISDN that happen to share digits do not collide.
+    pub fn pseudonym(&self, p: Purpose, field: &str, value: &str) -> Token {
+        let k = &self.active[p as usize];
+        let mut h = blake3::Hasher::new_keyed(&k.prf);
+        h.update(field.as_bytes());
+        h.update(&[0]);
+        h.update(value.as_bytes());
+        let digest = h.finalize();
+        let mut out = Token::new();
+        out.push_str(&k.key_id);
+        out.push(':');
+        let mut hex = [0u8; 32];
+        // 16 bytes -> 32 hex chars; cannot fail for a buffer of exactly twice the input.
+        let _ = hex::encode_to_slice(&digest.as_bytes()[..16], &mut hex);
+        out.push_str(std::str::from_utf8(&hex).unwrap_or(""));
+        out
+    }
+
+    /// Reversible FF1 token of a digit string (an optional leading `+` is kept, so the
+    /// token still looks like a number): `key_id~` + encrypted digits. `None` when the
+    /// value is not 6 to 20 digits (FF1's domain must be large enough to be safe).
+    pub fn tokenise(&self, p: Purpose, value: &str) -> Option<Token> {
+        let k = &self.active[p as usize];
+        let (plus, digits) = match value.strip_prefix('+') {
+            Some(d) => ("+", d),
+            None => ("", value),
+        };
+        if !(6..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let ns: Vec<u16> = digits.bytes().map(|b| (b - b'0') as u16).collect();
+        let enc: Vec<u16> = k
+            .ff1
+            .encrypt(&[], &FlexibleNumeralString::from(ns))
+            .ok()?
+            .into();
+        let mut out = Token::new();
+        out.push_str(&k.key_id);
+        out.push('~');
+        out.push_str(plus);
+        for d in enc {
+            out.push((b'0' + d as u8) as char);
+        }
+        Some(out)
+    }
+
+    /// Reverses a token written by [`Keyring::tokenise`] with any key this keyring holds.
+    pub fn reverse(&self, token: &str) -> Result<String, KeyError> {
+        let (key_id, body) = token.split_once('~').ok_or(KeyError::NotAToken)?;
+        let (master, purpose) = key_id.split_once('.').ok_or(KeyError::NotAToken)?;
+        let p = Purpose::from_id(purpose).ok_or(KeyError::NotAToken)?;
+        let keys = self
+            .all
+            .iter()
+            .find(|(id, _)| id == master)
+            .map(|(_, k)| &k[p as usize])
+            .ok_or_else(|| KeyError::UnknownKey(master.to_string()))?;
+        let (plus, digits) = match body.strip_prefix('+') {
+            Some(d) => ("+", d),
+            None => ("", body),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(KeyError::NotAToken);
+        }
+        let ns: Vec<u16> = digits.bytes().map(|b| (b - b'0') as u16).collect();
+        let dec: Vec<u16> = keys
+            .ff1
+            .decrypt(&[], &FlexibleNumeralString::from(ns))
+            .map_err(|_| KeyError::NotAToken)?
+            .into();
+        Ok(plus.to_string()
+            + &dec
+                .iter()
+                .map(|d| (b'0' + *d as u8) as char)
+                .collect::<String>())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A keyring for tests; real keys come from a key file.
+    pub(crate) fn test_keyring() -> Keyring {
+        Keyring::new(&[MasterKey::new("test1", &[7u8; 32]).unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_key_and_differ_across_purposes_and_keys() {
+        let k = test_keyring();
+        let a = k.pseudonym(Purpose::Analytics, "msisdn", "+46701234567");
+        assert_eq!(a, k.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"));
+        assert!(a.starts_with("test1.analytics:"));
+        assert!(!a.contains("46701234567"));
+        assert_ne!(a, k.pseudonym(Purpose::Marketing, "msisdn", "+46701234567"));
+        let other = Keyring::new(&[MasterKey::new("test2", &[8u8; 32]).unwrap()]).unwrap();
+        let b = other.pseudonym(Purpose::Analytics, "msisdn", "+46701234567");
+        assert_ne!(a[a.len() - 32..], b[b.len() - 32..]);
+    }
+
+    #[test]
+    fn tokens_reverse_with_the_key_and_only_with_it() {
+        let k = test_keyring();
+        let t = k.tokenise(Purpose::Marketing, "+46701234567").unwrap();
+        assert!(t.starts_with("test1.marketing~+"));
+        assert!(!t.ends_with("46701234567"));
+        assert_eq!(k.reverse(&t).unwrap(), "+46701234567");
+        let other = Keyring::new(&[MasterKey::new("test2", &[8u8; 32]).unwrap()]).unwrap();
+        assert_eq!(other.reverse(&t), Err(KeyError::UnknownKey("test1".into())));
+        assert!(k.tokenise(Purpose::Marketing, "+4612").is_none());
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug() {
+        let m = MasterKey::new("k1", &[0xAB; 32]).unwrap();
+        let s = format!("{m:?} {:?}", Keyring::new(&[m.clone()]).unwrap());
+        assert!(
+            !s.contains("171") && !s.to_lowercase().contains("abab"),
+            "{s}"
+        );
+        assert!(MasterKey::new("k1", &[1; 8]).is_err());
+    }
+}

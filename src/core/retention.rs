@@ -1,0 +1,273 @@
+//! The retention schedule: groups copies into windows per route and subscriber, starts
+//! clocks on anchors, and yields one expiry per window once its deadline has passed.
+//!
+//! Pure and deterministic: time comes in as arguments. The file replay keeps it in
+//! memory; the Kafka retention service persists the same windows per partition.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use super::control::{Change, ControlEvent};
+use super::process::{ScheduleEntry, subscriber_ref};
+use super::pseudonym::Keyring;
+use super::purpose::Purpose;
+use super::time::{DAY_MS, HOUR_MS, Millis};
+use crate::policy::{Anchor, Policy, Retention};
+
+/// Why a window expires.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Consent for the route was withdrawn (Art. 7(3), 17(1)(b)).
+    ConsentWithdrawn,
+    /// The subscriber objected (Art. 21).
+    Objection,
+    /// The subscriber asked for erasure (Art. 17).
+    Erasure,
+    /// The retention rule ran out (carries the rule id).
+    #[serde(untagged)]
+    Rule(String),
+}
+
+/// A retention-expiry event (DESIGN.md): downstream deletes the window's copies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Expiry {
+    /// Always `retention_expired`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The route whose store must delete.
+    pub route: &'static str,
+    /// The purpose (same id as the route).
+    pub purpose: Purpose,
+    /// The subscriber as that route's copies carry it; `None` for anonymised copies.
+    pub subscriber: Option<String>,
+    /// First record time covered.
+    pub window_start: Millis,
+    /// Last record time covered (inclusive).
+    pub window_end: Millis,
+    /// When the copies had to be deleted by.
+    pub deadline: Millis,
+    /// The rule id, or the right that ended the copies early.
+    pub reason: Reason,
+    /// `policy@version`.
+    pub policy: String,
+}
+
+/// Bucket key of merged windows ended early by a right.
+const ENDED: i64 = i64::MIN;
+
+#[derive(Clone, Debug)]
+struct Window {
+    from: Millis,
+    to: Millis,
+    deadline: Option<Millis>,
+    reason: Reason,
+}
+
+/// All windows of one route and subscriber, by bucket: the day of the record time for
+/// event-time rules, the hour for invoice rules (so an invoice period's edge does not cut
+/// a window), one bucket for contract-anchored rules.
+type Buckets = BTreeMap<i64, Window>;
+
+/// The retention schedule of one policy.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    subjects: [HashMap<Box<str>, Buckets>; Purpose::COUNT],
+    due: BTreeSet<(Millis, u8, Box<str>, i64)>,
+    policy: String,
+}
+
+fn bucket_of(anchor: Anchor, t: Millis) -> i64 {
+    match anchor {
+        Anchor::ContractEnd => 0,
+        Anchor::EventTime => t.0.div_euclid(DAY_MS),
+        Anchor::InvoiceSettled => t.0.div_euclid(HOUR_MS),
+    }
+}
+
+impl Schedule {
+    /// An empty schedule for a policy's copies.
+    pub fn new(policy: &Policy) -> Schedule {
+        Schedule {
+            policy: policy.tag.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// How many windows are open (for metrics and tests).
+    pub fn open_windows(&self) -> usize {
+        self.subjects
+            .iter()
+            .flat_map(|m| m.values())
+            .map(BTreeMap::len)
+            .sum()
+    }
+
+    fn arm(&mut self, p: Purpose, subject: &str, bucket: i64, deadline: Millis) {
+        self.due.insert((deadline, p as u8, subject.into(), bucket));
+    }
+
+    fn disarm(&mut self, p: Purpose, subject: &str, bucket: i64, w: &Window) {
+        if let Some(d) = w.deadline {
+            self.due
+                .remove(&(d, p as u8, Box::<str>::from(subject), bucket));
+        }
+    }
+
+    /// Records that a copy exists. `contract_ended` is the subscriber's contract end, if
+    /// known, so a late record on a contract-anchored route gets its deadline at once.
+    pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
+        let rule: &Retention = e.rule;
+        let subject = e.subscriber.unwrap_or("");
+        let bucket = bucket_of(rule.anchor, e.record_time);
+        let deadline = match rule.anchor {
+            // The window's deadline is its last instant's: never before any record's own.
+            Anchor::EventTime => Some(rule.period.after(Millis((bucket + 1) * DAY_MS))),
+            Anchor::ContractEnd => contract_ended.map(|t| rule.period.after(t)),
+            Anchor::InvoiceSettled => None,
+        };
+        let p = e.purpose;
+        let buckets = match self.subjects[p as usize].get_mut(subject) {
+            Some(b) => b,
+            None => self.subjects[p as usize].entry(subject.into()).or_default(),
+        };
+        match buckets.get_mut(&bucket) {
+            Some(w) => {
+                w.from = w.from.min(e.record_time);
+                w.to = w.to.max(e.record_time);
+            }
+            None => {
+                buckets.insert(
+                    bucket,
+                    Window {
+                        from: e.record_time,
+                        to: e.record_time,
+                        deadline,
+                        reason: Reason::Rule(rule.rule_id.clone()),
+                    },
+                );
+                if let Some(d) = deadline {
+                    self.arm(p, subject, bucket, d);
+                }
+            }
+        }
+    }
+
+    /// Applies a control event: starts anchored clocks, or ends a route's windows early
+    /// for a withdrawal, objection or erasure (deadline = the event's time).
+    pub fn control(&mut self, policy: &Policy, keys: &Keyring, ev: &ControlEvent) {
+        for rule in policy.declared() {
+            let p = rule.purpose;
+            let ends = match &ev.change {
+                Change::Consent {
+                    purpose,
+                    granted: false,
+                } if rule.consent_key == Some(*purpose) => Some(Reason::ConsentWithdrawn),
+                Change::Objection { purpose } if *purpose == p && rule.objection.stops => {
+                    Some(Reason::Objection)
+                }
+                Change::Erasure if rule.erasure.stops => Some(Reason::Erasure),
+                _ => None,
+            };
+            let starts = match (&ev.change, rule.retention.anchor) {
+                (Change::ContractEnded, Anchor::ContractEnd) => {
+                    Some((Millis(i64::MIN), Millis(i64::MAX)))
+                }
+                (
+                    Change::InvoiceSettled {
+                        period_start,
+                        period_end,
+                    },
+                    Anchor::InvoiceSettled,
+                ) => Some((*period_start, *period_end)),
+                _ => None,
+            };
+            if ends.is_none() && starts.is_none() {
+                continue;
+            }
+            let Some(subject) = subscriber_ref(rule, keys, &ev.msisdn) else {
+                continue;
+            };
+            let subject = subject.as_str();
+            let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
+                continue;
+            };
+            if let Some(reason) = ends {
+                // One expiry for everything the route holds on the subscriber.
+                let mut merged: Option<Window> = None;
+                for (b, w) in std::mem::take(&mut buckets) {
+                    self.disarm(p, subject, b, &w);
+                    merged = Some(match merged {
+                        None => w,
+                        Some(m) => Window {
+                            from: m.from.min(w.from),
+                            to: m.to.max(w.to),
+                            ..m
+                        },
+                    });
+                }
+                if let Some(mut m) = merged {
+                    m.deadline = Some(m.deadline.map_or(ev.at, |d| d.min(ev.at)));
+                    m.reason = reason;
+                    self.arm(p, subject, ENDED, m.deadline.unwrap_or(ev.at));
+                    buckets.insert(ENDED, m);
+                }
+            } else if let Some((ps, pe)) = starts {
+                let deadline = rule.retention.period.after(ev.at);
+                let pending: Vec<i64> = buckets
+                    .iter()
+                    // Hour windows inside the invoiced period. Periods are hour-aligned in
+                    // practice; a window straddling an unaligned boundary settles with the
+                    // invoice that covers its end (documented in the README).
+                    .filter(|(_, w)| w.deadline.is_none() && w.to < pe && w.to >= ps)
+                    .map(|(b, _)| *b)
+                    .collect();
+                for b in pending {
+                    if let Some(w) = buckets.get_mut(&b) {
+                        w.deadline = Some(deadline);
+                    }
+                    self.arm(p, subject, b, deadline);
+                }
+            }
+            self.subjects[p as usize].insert(subject.into(), buckets);
+        }
+    }
+
+    /// Removes and returns every window whose deadline is at or before `now`, deadline
+    /// first. Each window yields exactly one expiry.
+    pub fn due(&mut self, now: Millis) -> Vec<Expiry> {
+        let mut out = Vec::new();
+        while let Some(first) = self.due.first() {
+            if first.0 > now {
+                break;
+            }
+            let Some((deadline, p, subject, bucket)) = self.due.pop_first() else {
+                break;
+            };
+            let purpose = Purpose::ALL[p as usize];
+            let map = &mut self.subjects[p as usize];
+            let Some(buckets) = map.get_mut(&subject) else {
+                continue;
+            };
+            let Some(w) = buckets.remove(&bucket) else {
+                continue;
+            };
+            if buckets.is_empty() {
+                map.remove(&subject);
+            }
+            out.push(Expiry {
+                kind: "retention_expired",
+                route: purpose.id(),
+                purpose,
+                subscriber: (!subject.is_empty()).then(|| subject.to_string()),
+                window_start: w.from,
+                window_end: w.to,
+                deadline,
+                reason: w.reason,
+                policy: self.policy.clone(),
+            });
+        }
+        out
+    }
+}

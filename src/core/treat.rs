@@ -1,0 +1,270 @@
+//! Field treatments: builds the treated record a purpose may see from the input record.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::pseudonym::{Keyring, Token};
+use super::purpose::{Field, Purpose};
+use super::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
+use super::time::Millis;
+use crate::policy::Treatment;
+
+/// A text value of a copy: borrowed from the input, or derived and held inline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Text<'a> {
+    /// The input's own value (kept, or a prefix of it).
+    Raw(&'a str),
+    /// A pseudonym, token or generalised value.
+    Inline(Token),
+    /// A masked value (rare; may be longer than the inline buffer).
+    Owned(String),
+}
+
+impl Text<'_> {
+    /// The value.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Text::Raw(s) => s,
+            Text::Inline(t) => t.as_str(),
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl Serialize for Text<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The serving cell as a copy carries it: without `cell_id` once generalised to its area.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CellOut<'a> {
+    /// Mobile country code.
+    pub mcc: &'a str,
+    /// Mobile network code.
+    pub mnc: &'a str,
+    /// Location or tracking area.
+    pub lac_or_tac: u32,
+    /// Cell identity, absent when generalised.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cell_id: Option<u64>,
+}
+
+/// The record as one purpose sees it: the input's field names, dropped fields absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Treated<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_id: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imsi: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imei: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_party: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Millis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_cause: Option<CloseCause>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cell: Option<CellOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_plmn: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_centre: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apn: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub charging_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rat: Option<Rat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ue_ip: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<&'a [Usage]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recording_entity: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_seq_no: Option<u64>,
+}
+
+impl Treated<'_> {
+    /// The text of a personal-identifier field as the copy holds it (for checks and tests).
+    pub fn identifier(&self, f: Field) -> Option<&str> {
+        match f {
+            Field::Msisdn => self.msisdn.as_ref(),
+            Field::Imsi => self.imsi.as_ref(),
+            Field::Imei => self.imei.as_ref(),
+            Field::OtherParty => self.other_party.as_ref(),
+            Field::UeIp => self.ue_ip.as_ref(),
+            _ => None,
+        }
+        .map(Text::as_str)
+    }
+}
+
+/// What treatments need besides the value: the purpose (whose keys to use) and keys.
+pub struct Ctx<'k> {
+    /// The purpose the copy is for.
+    pub purpose: Purpose,
+    /// Pseudonym and token keys.
+    pub keys: &'k Keyring,
+}
+
+/// Keeps the first and last characters and stars the rest; a value too short to keep
+/// anything hidden is starred whole.
+pub fn mask(v: &str, first: u8, last: u8) -> String {
+    let n = v.chars().count();
+    let (first, last) = (first as usize, last as usize);
+    if first + last >= n {
+        return "*".repeat(n);
+    }
+    v.chars()
+        .enumerate()
+        .map(|(i, c)| if i < first || i >= n - last { c } else { '*' })
+        .collect()
+}
+
+/// An IP address reduced to its network: /24 for IPv4, /48 for IPv6.
+fn ip_network(v: &str) -> Option<Token> {
+    use std::fmt::Write;
+    let mut t = Token::new();
+    match v.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            write!(t, "{}.{}.{}.0/24", o[0], o[1], o[2]).ok()?;
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0);
+            write!(t, "{net}/48").ok()?;
+        }
+    }
+    Some(t)
+}
+
+/// Applies a treatment to a text field. A value a treatment cannot handle is dropped:
+/// failing closed never leaks the raw value.
+pub fn text<'a>(cx: &Ctx<'_>, f: Field, t: Treatment, v: &'a str) -> Option<Text<'a>> {
+    match t {
+        Treatment::Keep => Some(Text::Raw(v)),
+        Treatment::Drop => None,
+        Treatment::Mask { first, last } => Some(Text::Owned(mask(v, first, last))),
+        Treatment::Pseudonymise => Some(Text::Inline(cx.keys.pseudonym(cx.purpose, f.name(), v))),
+        Treatment::Tokenise => cx.keys.tokenise(cx.purpose, v).map(Text::Inline),
+        Treatment::Generalise => match f {
+            // The type allocation code: the device model, not the device.
+            Field::Imei => v.get(..8).map(Text::Raw),
+            Field::UeIp => ip_network(v).map(Text::Inline),
+            _ => None,
+        },
+    }
+}
+
+fn plain<T>(t: Treatment, v: T) -> Option<T> {
+    matches!(t, Treatment::Keep).then_some(v)
+}
+
+/// Builds the treated record for one purpose's field map.
+pub fn treat<'a>(cx: &Ctx<'_>, map: &[Treatment; Field::COUNT], r: &'a Record<'_>) -> Treated<'a> {
+    let t = |f: Field| map[f as usize];
+    let txt = |f: Field, v: &'a str| text(cx, f, t(f), v);
+    let opt = |f: Field, v: &'a Option<std::borrow::Cow<'_, str>>| {
+        v.as_deref().and_then(|v| text(cx, f, t(f), v))
+    };
+    Treated {
+        record_id: txt(Field::RecordId, &r.record_id),
+        kind: plain(t(Field::Kind), r.kind),
+        msisdn: txt(Field::Msisdn, &r.msisdn),
+        imsi: txt(Field::Imsi, &r.imsi),
+        imei: opt(Field::Imei, &r.imei),
+        other_party: opt(Field::OtherParty, &r.other_party),
+        start_time: match t(Field::StartTime) {
+            Treatment::Keep => Some(r.start_time),
+            Treatment::Generalise => Some(r.start_time.floor_hour()),
+            _ => None,
+        },
+        duration_s: r.duration_s.and_then(|d| plain(t(Field::DurationS), d)),
+        close_cause: plain(t(Field::CloseCause), r.close_cause),
+        cell: r.cell.as_ref().and_then(|c: &'a Cell<'_>| {
+            let area = |cell_id| CellOut {
+                mcc: &c.mcc,
+                mnc: &c.mnc,
+                lac_or_tac: c.lac_or_tac,
+                cell_id,
+            };
+            match t(Field::Cell) {
+                Treatment::Keep => Some(area(Some(c.cell_id))),
+                Treatment::Generalise => Some(area(None)),
+                _ => None,
+            }
+        }),
+        serving_plmn: txt(Field::ServingPlmn, &r.serving_plmn),
+        service_centre: opt(Field::ServiceCentre, &r.service_centre),
+        apn: opt(Field::Apn, &r.apn),
+        charging_id: r.charging_id.and_then(|c| plain(t(Field::ChargingId), c)),
+        rat: plain(t(Field::Rat), r.rat),
+        ue_ip: opt(Field::UeIp, &r.ue_ip),
+        usage: r.usage.as_deref().and_then(|u| plain(t(Field::Usage), u)),
+        recording_entity: txt(Field::RecordingEntity, &r.recording_entity),
+        local_seq_no: plain(t(Field::LocalSeqNo), r.local_seq_no),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pseudonym::tests::test_keyring;
+    use crate::core::record::tests::data_record;
+
+    #[test]
+    fn treatments_reduce_values_as_named() {
+        let keys = test_keyring();
+        let cx = Ctx {
+            purpose: Purpose::Analytics,
+            keys: &keys,
+        };
+        let mut map = [Treatment::Drop; Field::COUNT];
+        map[Field::Msisdn as usize] = Treatment::Pseudonymise;
+        map[Field::Imei as usize] = Treatment::Generalise;
+        map[Field::UeIp as usize] = Treatment::Generalise;
+        map[Field::StartTime as usize] = Treatment::Generalise;
+        map[Field::Cell as usize] = Treatment::Generalise;
+        map[Field::Imsi as usize] = Treatment::Mask { first: 5, last: 0 };
+        let r = data_record();
+        let t = treat(&cx, &map, &r);
+        assert!(
+            t.msisdn
+                .as_ref()
+                .unwrap()
+                .as_str()
+                .starts_with("test1.analytics:")
+        );
+        assert_eq!(t.imei.unwrap().as_str(), "35693803");
+        assert_eq!(t.ue_ip.unwrap().as_str(), "10.1.2.0/24");
+        assert_eq!(
+            t.start_time.unwrap().to_string(),
+            "2026-03-01T12:00:00.000Z"
+        );
+        assert_eq!(t.cell.unwrap().cell_id, None);
+        assert_eq!(t.imsi.unwrap().as_str(), "24001**********");
+        assert!(t.record_id.is_none() && t.usage.is_none() && t.kind.is_none());
+    }
+
+    #[test]
+    fn mask_never_reveals_a_short_value() {
+        assert_eq!(mask("12345", 3, 3), "*****");
+        assert_eq!(mask("+46701234567", 3, 2), "+46*******67");
+        assert_eq!(
+            ip_network("2001:db8:abcd:12::1").unwrap().as_str(),
+            "2001:db8:abcd::/48"
+        );
+    }
+}
