@@ -13,6 +13,8 @@
 //!   key files, behaviour cases.
 //! - [`cli`]: the command line.
 
+pub mod adapters;
+pub mod cli;
 pub mod codec;
 pub mod core;
 pub mod policy;

@@ -6,7 +6,13 @@ use std::path::Path;
 use cdrguard::core::purpose::Purpose;
 use cdrguard::policy::load_file;
 
-const SHIPPED: [&str; 5] = ["hektor-mobil", "excedo", "alleato", "partnersec", "select-telecom"];
+const SHIPPED: [&str; 5] = [
+    "hektor-mobil",
+    "excedo",
+    "alleato",
+    "partnersec",
+    "select-telecom",
+];
 
 fn load(name: &str) -> cdrguard::policy::Policy {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("policies/{name}.toml"));
@@ -28,12 +34,21 @@ fn purposes_match_policies_md() {
     // analytics and marketing for the four that state them; Select Telecom only billing.
     for name in ["hektor-mobil", "excedo", "alleato", "partnersec"] {
         let p = load(name);
-        for purpose in [Purpose::Billing, Purpose::Fraud, Purpose::Analytics, Purpose::Marketing] {
+        for purpose in [
+            Purpose::Billing,
+            Purpose::Fraud,
+            Purpose::Analytics,
+            Purpose::Marketing,
+        ] {
             assert!(p.rule(purpose).is_some(), "{name} lacks {}", purpose.id());
         }
     }
     let select = load("select-telecom");
     for purpose in [Purpose::Fraud, Purpose::Analytics, Purpose::Marketing] {
-        assert!(select.rule(purpose).is_none(), "select-telecom must not declare {}", purpose.id());
+        assert!(
+            select.rule(purpose).is_none(),
+            "select-telecom must not declare {}",
+            purpose.id()
+        );
     }
 }

@@ -197,8 +197,11 @@ impl Period {
     /// Human form, e.g. `6 months`.
     pub fn describe(self) -> String {
         match self {
+            Period::Days(1) => "1 day".to_string(),
             Period::Days(d) => format!("{d} days"),
+            Period::Months(12) => "1 year".to_string(),
             Period::Months(m) if m % 12 == 0 => format!("{} years", m / 12),
+            Period::Months(1) => "1 month".to_string(),
             Period::Months(m) => format!("{m} months"),
         }
     }
@@ -314,4 +317,24 @@ impl Policy {
     pub fn rule(&self, p: Purpose) -> Option<&PurposeRule> {
         self.purposes[p as usize].as_ref()
     }
+}
+
+/// The policies shipped with cdrguard, built into the binary so the demo runs anywhere.
+pub const SHIPPED: [(&str, &str); 5] = [
+    (
+        "hektor-mobil",
+        include_str!("../../policies/hektor-mobil.toml"),
+    ),
+    ("excedo", include_str!("../../policies/excedo.toml")),
+    ("alleato", include_str!("../../policies/alleato.toml")),
+    ("partnersec", include_str!("../../policies/partnersec.toml")),
+    (
+        "select-telecom",
+        include_str!("../../policies/select-telecom.toml"),
+    ),
+];
+
+/// The text of a shipped policy by name.
+pub fn shipped(name: &str) -> Option<&'static str> {
+    SHIPPED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }

@@ -1,0 +1,570 @@
+//! Behaviour cases: declarative files of records, control events and the copies and
+//! expiries a policy must produce. Run by `cdrguard policy test` and by `cargo test`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::engine::Engine;
+use crate::codec::json as codec_json;
+use crate::core::control::RawControl;
+use crate::core::process::subscriber_ref;
+use crate::core::pseudonym::{Keyring, MasterKey};
+use crate::core::purpose::{Field, Purpose};
+use crate::core::time::Millis;
+use crate::policy::Policy;
+
+/// Why a case file could not be run at all (a failing expectation is not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    /// Unreadable file.
+    #[error("{file}: {msg}")]
+    File {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseFile {
+    policy: String,
+    #[serde(rename = "case")]
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    #[serde(default)]
+    now: Option<String>,
+    #[serde(default)]
+    control: Vec<toml::Value>,
+    #[serde(default)]
+    record: Vec<toml::Table>,
+    #[serde(default)]
+    expect: Vec<ExpectCopy>,
+    #[serde(default)]
+    no_copy: Vec<NoCopy>,
+    #[serde(default)]
+    expiry: Vec<ExpectExpiry>,
+    #[serde(default)]
+    dead_letter: Vec<ExpectDead>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectCopy {
+    record: String,
+    purpose: String,
+    #[serde(default)]
+    consent: Option<String>,
+    #[serde(default)]
+    legal_basis: Option<String>,
+    #[serde(default)]
+    gdpr_article: Option<String>,
+    #[serde(default)]
+    equal: toml::Table,
+    #[serde(default)]
+    kept: Vec<String>,
+    #[serde(default)]
+    absent: Vec<String>,
+    #[serde(default)]
+    pseudonymised: Vec<String>,
+    #[serde(default)]
+    tokenised: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoCopy {
+    record: String,
+    purpose: String,
+    outcome: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectExpiry {
+    purpose: String,
+    /// Raw msisdn; compared with the route's own reference to it. Absent = anonymised.
+    #[serde(default)]
+    subscriber: Option<String>,
+    reason: String,
+    #[serde(default)]
+    deadline: Option<String>,
+    #[serde(default)]
+    window_start: Option<String>,
+    #[serde(default)]
+    window_end: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectDead {
+    record: String,
+    reason_contains: String,
+}
+
+/// One case's result.
+pub struct CaseResult {
+    /// File.
+    pub file: String,
+    /// Case name.
+    pub name: String,
+    /// Failed expectations (empty = passed).
+    pub failures: Vec<String>,
+}
+
+/// All results.
+#[derive(Default)]
+pub struct Report {
+    /// Per case.
+    pub results: Vec<CaseResult>,
+}
+
+impl Report {
+    /// Failed cases.
+    pub fn failed(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|r| !r.failures.is_empty())
+            .count()
+    }
+    /// Human report, with a closing `N passed, N failed` line.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        for r in &self.results {
+            if r.failures.is_empty() {
+                let _ = writeln!(o, "ok   {} :: {}", r.file, r.name);
+            } else {
+                let _ = writeln!(o, "FAIL {} :: {}", r.file, r.name);
+                for f in &r.failures {
+                    let _ = writeln!(o, "       {f}");
+                }
+            }
+        }
+        let _ = writeln!(
+            o,
+            "behaviour cases: {} passed, {} failed",
+            self.results.len() - self.failed(),
+            self.failed()
+        );
+        o
+    }
+}
+
+fn template(kind: &str) -> Option<Value> {
+    let mut v = json!({
+        "record_id": "r", "kind": kind, "msisdn": "+46701234567", "imsi": "240011234567890",
+        "imei": "356938035643809", "start_time": "2026-03-02T10:15:30.250Z",
+        "close_cause": "normal",
+        "cell": {"mcc": "240", "mnc": "01", "lac_or_tac": 1201, "cell_id": 987654},
+        "serving_plmn": "24001", "rat": "lte", "recording_entity": "msc-sto-1", "local_seq_no": 1
+    });
+    let o = v.as_object_mut()?;
+    match kind {
+        "moc" | "mtc" => {
+            o.insert("other_party".into(), json!("+46709876543"));
+            o.insert("duration_s".into(), json!(125));
+        }
+        "sms_mo" | "sms_mt" => {
+            o.insert("other_party".into(), json!("+46709876543"));
+            o.insert("service_centre".into(), json!("+46705008999"));
+        }
+        "data" => {
+            o.insert("duration_s".into(), json!(3600));
+            o.insert("close_cause".into(), json!("partial"));
+            o.insert("apn".into(), json!("internet"));
+            o.insert("charging_id".into(), json!(4_000_001));
+            o.insert("ue_ip".into(), json!("10.64.1.20"));
+            o.insert(
+                "usage".into(),
+                json!([{"rating_group": 10, "ul_bytes": 120000, "dl_bytes": 3400000}]),
+            );
+            o.insert("recording_entity".into(), json!("pgw-sto-1"));
+        }
+        _ => return None,
+    }
+    Some(v)
+}
+
+/// Builds a record's JSON from its kind's template, the case's overrides and `omit`.
+fn build_record(t: &toml::Table) -> Result<Vec<u8>, String> {
+    let over = serde_json::to_value(t).map_err(|e| e.to_string())?;
+    let over = over.as_object().ok_or("record must be a table")?;
+    if let Some(raw) = over.get("raw").and_then(Value::as_str) {
+        return Ok(raw.as_bytes().to_vec());
+    }
+    let kind = over
+        .get("template")
+        .or_else(|| over.get("kind"))
+        .and_then(Value::as_str)
+        .ok_or("record needs `template` or `kind`")?;
+    let mut v = template(kind).ok_or_else(|| format!("no template for kind {kind:?}"))?;
+    let o = v.as_object_mut().ok_or("template")?;
+    for (k, val) in over {
+        match k.as_str() {
+            "template" => {}
+            "omit" => {
+                for f in val
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    o.remove(f);
+                }
+            }
+            _ => {
+                o.insert(k.clone(), val.clone());
+            }
+        }
+    }
+    serde_json::to_vec(&v).map_err(|e| e.to_string())
+}
+
+fn field_of(v: &Value, f: &str) -> Option<Value> {
+    v.get("record").and_then(|r| r.get(f)).cloned()
+}
+
+/// Runs one case against a policy with a fresh random key (tests derive every expected
+/// pseudonym from the same keyring, so no key is written down anywhere).
+fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
+    let mut fails = Vec::new();
+    let mut controls = Vec::new();
+    for (i, c) in case.control.iter().enumerate() {
+        let bytes = match serde_json::to_vec(c) {
+            Ok(b) => b,
+            Err(e) => {
+                fails.push(format!("control[{i}]: {e}"));
+                continue;
+            }
+        };
+        match serde_json::from_slice::<RawControl<'_>>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_event().map_err(|e| e.to_string()))
+        {
+            Ok(e) => controls.push(e),
+            Err(e) => fails.push(format!("control[{i}] refused: {e}")),
+        }
+    }
+    controls.sort_by_key(|c| c.at);
+    let mut raw = Vec::new();
+    for (i, t) in case.record.iter().enumerate() {
+        match build_record(t) {
+            Ok(b) => raw.push((
+                i,
+                b,
+                t.get("record_id")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+            )),
+            Err(e) => fails.push(format!("record[{i}]: {e}")),
+        }
+    }
+    let mut engine = Engine::new(policy, keys);
+    let mut decoded = Vec::new();
+    let mut dead: Vec<(String, String)> = Vec::new();
+    for (i, bytes, id) in &raw {
+        match codec_json::decode_record(bytes) {
+            Ok(r) => decoded.push((*i, r)),
+            Err(e) => dead.push((id.clone(), e.to_string())),
+        }
+    }
+    decoded.sort_by_key(|(i, r)| (r.start_time, *i));
+    let mut next = 0;
+    let mut copies: Vec<(String, Purpose, Value)> = Vec::new();
+    let mut outcomes: Vec<(String, Purpose, &'static str)> = Vec::new();
+    let mut inputs: Vec<(String, Value)> = Vec::new();
+    for (_, r) in &decoded {
+        while let Some(c) = controls.get(next).filter(|c| c.at <= r.start_time) {
+            engine.control(c);
+            next += 1;
+        }
+        inputs.push((
+            r.record_id.to_string(),
+            serde_json::to_value(r).unwrap_or_default(),
+        ));
+        let d = engine.record(r, r.start_time);
+        for c in &d.copies {
+            copies.push((
+                r.record_id.to_string(),
+                c.envelope.purpose,
+                serde_json::to_value(c).unwrap_or_default(),
+            ));
+        }
+        for (p, o) in d.outcomes.iter().enumerate() {
+            if let Some(o) = o {
+                outcomes.push((r.record_id.to_string(), Purpose::ALL[p], o.id()));
+            }
+        }
+    }
+    for c in &controls[next..] {
+        engine.control(c);
+    }
+
+    // Copies: exactly the expected set.
+    let made: BTreeSet<(String, &str)> =
+        copies.iter().map(|(r, p, _)| (r.clone(), p.id())).collect();
+    let wanted: BTreeSet<(String, &str)> = case
+        .expect
+        .iter()
+        .map(|e| (e.record.clone(), e.purpose.as_str()))
+        .collect();
+    for (r, p) in made.difference(&wanted) {
+        let why = outcomes
+            .iter()
+            .find(|o| o.0 == *r && o.1.id() == *p)
+            .map(|o| o.2)
+            .unwrap_or("?");
+        fails.push(format!("unexpected {p} copy of {r} ({why})"));
+    }
+    for (r, p) in wanted.difference(&made) {
+        let why = outcomes
+            .iter()
+            .find(|o| o.0 == *r && o.1.id() == *p)
+            .map(|o| o.2)
+            .unwrap_or("record not processed");
+        fails.push(format!("missing {p} copy of {r}: outcome was {why}"));
+    }
+    for e in &case.expect {
+        let Some((_, purpose, v)) = copies
+            .iter()
+            .find(|(r, p, _)| *r == e.record && p.id() == e.purpose)
+        else {
+            continue;
+        };
+        let input = inputs
+            .iter()
+            .find(|(r, _)| *r == e.record)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let tag = format!("{} copy of {}", e.purpose, e.record);
+        for (key, want) in [
+            ("consent", &e.consent),
+            ("legal_basis", &e.legal_basis),
+            ("gdpr_article", &e.gdpr_article),
+        ] {
+            if let Some(want) = want {
+                let got = v["envelope"][key].as_str().unwrap_or("");
+                if got != want {
+                    fails.push(format!(
+                        "{tag}: envelope {key} is {got:?}, expected {want:?}"
+                    ));
+                }
+            }
+        }
+        for (f, want) in &e.equal {
+            let want = serde_json::to_value(want).unwrap_or_default();
+            let got = field_of(v, f);
+            if got.as_ref() != Some(&want) {
+                fails.push(format!("{tag}: {f} is {got:?}, expected {want}"));
+            }
+        }
+        for f in &e.kept {
+            if field_of(v, f) != input.get(f).cloned() {
+                fails.push(format!("{tag}: {f} should be kept as in the input"));
+            }
+        }
+        for f in &e.absent {
+            if field_of(v, f).is_some() {
+                fails.push(format!("{tag}: {f} should be absent"));
+            }
+        }
+        for f in &e.pseudonymised {
+            let raw = input.get(f).and_then(Value::as_str).unwrap_or("");
+            let want = keys.pseudonym(*purpose, f, raw);
+            let got = field_of(v, f);
+            if got.as_ref().and_then(Value::as_str) != Some(want.as_str()) || raw.is_empty() {
+                fails.push(format!(
+                    "{tag}: {f} should be this purpose's pseudonym of the input, got {got:?}"
+                ));
+            }
+        }
+        for f in &e.tokenised {
+            let raw = input.get(f).and_then(Value::as_str).unwrap_or("");
+            let got = field_of(v, f)
+                .and_then(|g| g.as_str().map(str::to_string))
+                .unwrap_or_default();
+            if got.contains(raw.trim_start_matches('+'))
+                || keys.reverse(&got).ok().as_deref() != Some(raw)
+            {
+                fails.push(format!(
+                    "{tag}: {f} should be a reversible token of the input, got {got:?}"
+                ));
+            }
+        }
+        // Whatever the case lists, no copy may carry a raw identifier its policy hides.
+        if let Some(rule) = policy.rule(*purpose) {
+            for f in Field::ALL.iter().filter(|f| f.is_personal_identifier()) {
+                let raw = input.get(f.name()).and_then(Value::as_str);
+                let got = field_of(v, f.name());
+                if rule.treatment(*f) != crate::policy::Treatment::Keep
+                    && raw.is_some()
+                    && got.as_ref().and_then(Value::as_str) == raw
+                {
+                    fails.push(format!("{tag}: {} leaks its raw value", f.name()));
+                }
+            }
+        }
+    }
+    for n in &case.no_copy {
+        let got = outcomes
+            .iter()
+            .find(|o| o.0 == n.record && o.1.id() == n.purpose)
+            .map(|o| o.2);
+        if got != Some(n.outcome.as_str()) {
+            fails.push(format!(
+                "{} for {}: outcome {got:?}, expected {:?}",
+                n.purpose, n.record, n.outcome
+            ));
+        }
+    }
+    for d in &case.dead_letter {
+        match dead.iter().find(|(id, _)| *id == d.record) {
+            Some((_, reason)) if reason.contains(&d.reason_contains) => {}
+            Some((_, reason)) => fails.push(format!(
+                "dead letter {}: reason {reason:?} lacks {:?}",
+                d.record, d.reason_contains
+            )),
+            None => fails.push(format!("record {} should go to the dead letter", d.record)),
+        }
+    }
+    for (id, reason) in &dead {
+        if !case.dead_letter.iter().any(|d| d.record == *id) {
+            fails.push(format!(
+                "record {id} unexpectedly went to the dead letter: {reason}"
+            ));
+        }
+    }
+
+    // Expiries due at `now`: exactly the expected ones.
+    if let Some(now) = &case.now {
+        let now = match Millis::parse(now) {
+            Ok(n) => n,
+            Err(e) => {
+                fails.push(format!("now: {e}"));
+                return fails;
+            }
+        };
+        let mut got: Vec<Value> = engine
+            .due(now)
+            .iter()
+            .map(|e| serde_json::to_value(e).unwrap_or_default())
+            .collect();
+        for want in &case.expiry {
+            let Some(p) = Purpose::from_id(&want.purpose) else {
+                fails.push(format!("expiry: unknown purpose {}", want.purpose));
+                continue;
+            };
+            let subject = match (&want.subscriber, policy.rule(p)) {
+                (Some(m), Some(rule)) => {
+                    subscriber_ref(rule, keys, m).map(|t| t.as_str().to_string())
+                }
+                _ => None,
+            };
+            let pos = got.iter().position(|g| {
+                g["purpose"] == want.purpose
+                    && g["reason"] == want.reason
+                    && g["subscriber"].as_str().map(str::to_string) == subject
+                    && want.deadline.as_ref().is_none_or(|d| g["deadline"] == *d)
+                    && want
+                        .window_start
+                        .as_ref()
+                        .is_none_or(|d| g["window_start"] == *d)
+                    && want
+                        .window_end
+                        .as_ref()
+                        .is_none_or(|d| g["window_end"] == *d)
+            });
+            match pos {
+                Some(i) => {
+                    got.remove(i);
+                }
+                None => fails.push(format!(
+                    "missing expiry: {} {} for {:?} deadline {:?}",
+                    want.purpose, want.reason, want.subscriber, want.deadline
+                )),
+            }
+        }
+        for g in got {
+            fails.push(format!("unexpected expiry: {g}"));
+        }
+    }
+    fails
+}
+
+fn files_under(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            files_under(&e, out)?;
+        }
+    } else if p.extension().is_some_and(|e| e == "toml") {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Runs every case file under `paths`; `load` resolves a file's `policy` (a shipped name
+/// or a path).
+pub fn run_paths<E: std::fmt::Display>(
+    paths: &[PathBuf],
+    load: &dyn Fn(&str) -> Result<Policy, E>,
+) -> Result<Report, CaseError> {
+    let mut files = Vec::new();
+    for p in paths {
+        files_under(p, &mut files).map_err(|e| CaseError::File {
+            file: p.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    }
+    if files.is_empty() {
+        return Err(CaseError::File {
+            file: format!("{paths:?}"),
+            msg: "no case files (*.toml) found".into(),
+        });
+    }
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let keys = Keyring::new(&[
+        MasterKey::new("case", &secret).map_err(|e| CaseError::File {
+            file: String::new(),
+            msg: e.to_string(),
+        })?,
+    ])
+    .ok_or_else(|| CaseError::File {
+        file: String::new(),
+        msg: "no key".into(),
+    })?;
+    let mut report = Report::default();
+    for f in files {
+        let name = f.display().to_string();
+        let err = |msg: String| CaseError::File {
+            file: name.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&f).map_err(|e| err(e.to_string()))?;
+        let cf: CaseFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let policy = load(&cf.policy).map_err(|e| err(format!("policy {}: {e}", cf.policy)))?;
+        for case in &cf.cases {
+            report.results.push(CaseResult {
+                file: name.clone(),
+                name: case.name.clone(),
+                failures: run_case(&policy, &keys, case),
+            });
+        }
+    }
+    Ok(report)
+}

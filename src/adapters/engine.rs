@@ -1,0 +1,121 @@
+//! The in-memory driver shared by replay, the demo and behaviour cases: subscriber states,
+//! the retention schedule and counters around the pure `process`.
+
+use std::collections::HashMap;
+
+use crate::core::control::{ControlEvent, SubscriberState};
+use crate::core::process::{Decision, Outcome, process};
+use crate::core::pseudonym::Keyring;
+use crate::core::purpose::Purpose;
+use crate::core::record::Record;
+use crate::core::retention::{Expiry, Schedule};
+use crate::core::time::Millis;
+use crate::policy::Policy;
+
+/// Counts per purpose and outcome, dead letters and expiries.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Records processed (valid ones).
+    pub records: u64,
+    /// Records sent to the dead letter.
+    pub dead_letters: u64,
+    /// Control events applied.
+    pub controls: u64,
+    /// `[purpose][outcome]` counts.
+    pub outcomes: [[u64; Outcome::ALL.len()]; Purpose::COUNT],
+    /// Expiries emitted per purpose.
+    pub expiries: [u64; Purpose::COUNT],
+}
+
+impl Stats {
+    /// Copies (plain and anonymised) made for a purpose.
+    pub fn copies(&self, p: Purpose) -> u64 {
+        self.outcomes[p as usize][Outcome::Copied as usize]
+            + self.outcomes[p as usize][Outcome::Anonymised as usize]
+    }
+    /// The count for one purpose and outcome.
+    pub fn count(&self, p: Purpose, o: Outcome) -> u64 {
+        self.outcomes[p as usize][o as usize]
+    }
+}
+
+/// Subscriber states, schedule and counters for one policy.
+pub struct Engine<'p> {
+    policy: &'p Policy,
+    keys: &'p Keyring,
+    states: HashMap<String, SubscriberState>,
+    schedule: Schedule,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl<'p> Engine<'p> {
+    /// A fresh engine.
+    pub fn new(policy: &'p Policy, keys: &'p Keyring) -> Self {
+        Engine {
+            policy,
+            keys,
+            states: HashMap::new(),
+            schedule: Schedule::new(policy),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Applies a control event to routing (from the next record on) and to retention.
+    pub fn control(&mut self, ev: &ControlEvent) {
+        self.states
+            .entry(ev.msisdn.clone())
+            .or_default()
+            .apply(&ev.change, ev.at);
+        self.schedule.control(self.policy, self.keys, ev);
+        self.stats.controls += 1;
+    }
+
+    /// Processes one valid record; the caller writes the copies out.
+    pub fn record<'r>(&mut self, r: &'r Record<'_>, now: Millis) -> Decision<'r>
+    where
+        'p: 'r,
+    {
+        let state = self
+            .states
+            .get(r.msisdn.as_ref())
+            .copied()
+            .unwrap_or_default();
+        let d = process(r, self.policy, &state, self.keys, now);
+        for c in &d.copies {
+            self.schedule
+                .track(&c.schedule_entry(), state.contract_ended);
+        }
+        for (p, o) in d.outcomes.iter().enumerate() {
+            if let Some(o) = o {
+                self.stats.outcomes[p][*o as usize] += 1;
+            }
+        }
+        self.stats.records += 1;
+        d
+    }
+
+    /// Every expiry due at `now`, removed from the schedule.
+    pub fn due(&mut self, now: Millis) -> Vec<Expiry> {
+        let out = self.schedule.due(now);
+        for e in &out {
+            self.stats.expiries[e.purpose as usize] += 1;
+        }
+        out
+    }
+
+    /// Windows still waiting for their deadline.
+    pub fn open_windows(&self) -> usize {
+        self.schedule.open_windows()
+    }
+
+    /// The policy driven.
+    pub fn policy(&self) -> &'p Policy {
+        self.policy
+    }
+
+    /// The keys in use.
+    pub fn keys(&self) -> &'p Keyring {
+        self.keys
+    }
+}

@@ -1,0 +1,352 @@
+//! The command line: parses arguments, loads policy, keys and files, runs an adapter.
+//! The only place `anyhow` is used.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::adapters::engine::Engine;
+use crate::adapters::files::Outputs;
+use crate::adapters::generate::GenConfig;
+use crate::adapters::{cases, demo, keyfile, replay, report};
+use crate::codec::Format;
+use crate::core::pseudonym::{Keyring, MasterKey};
+use crate::core::time::Millis;
+use crate::policy::{self, Policy};
+
+/// cdrguard: tags telecom usage records with purpose and legal basis under an operator's
+/// privacy policy, strips or pseudonymises what each purpose may not see, routes the
+/// copies, and tells downstream stores when to delete them.
+#[derive(Parser)]
+#[command(name = "cdrguard", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline in process, no broker: generate traffic, apply a shipped
+    /// policy, write every route to ./out/ and print a summary.
+    ///
+    /// Example: cdrguard demo --policy alleato --records 50000
+    Demo(DemoArgs),
+    /// Process record and control-event files with the same core as Kafka mode.
+    ///
+    /// Example: cdrguard replay --policy policies/excedo.toml --input cdrs.jsonl
+    ///   --control events.jsonl --now 2027-01-01T00:00:00.000Z --out out/
+    Replay(ReplayArgs),
+    /// Validate, explain or test policy files.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Write realistic synthetic records and control events.
+    ///
+    /// Example: cdrguard generate --records 100000 --subscribers 5000 --seed 7
+    ///   --out-records cdrs.jsonl --out-control events.jsonl
+    Generate(GenerateArgs),
+    /// Make a pseudonym key file, or reverse a marketing token with one.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// A shipped policy (hektor-mobil, excedo, alleato, partnersec, select-telecom) or a
+    /// policy file.
+    #[arg(long, default_value = "excedo")]
+    policy: String,
+    /// Output directory.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Records to generate.
+    #[arg(long, default_value_t = 20_000)]
+    records: u64,
+    /// Subscribers to generate.
+    #[arg(long, default_value_t = 1_000)]
+    subscribers: u32,
+    /// Seed for the generator.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The instant the demo runs at (default: now). Traffic covers the 60 days before.
+    #[arg(long)]
+    now: Option<String>,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Policy file (or a shipped policy's name).
+    #[arg(long)]
+    policy: String,
+    /// Records: JSON lines, or length-prefixed binary with --input-format binary.
+    #[arg(long)]
+    input: PathBuf,
+    /// Format of --input.
+    #[arg(long, value_enum, default_value = "json")]
+    input_format: Format,
+    /// Control events, JSON lines.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Expiries due at this instant are written (default: now).
+    #[arg(long)]
+    now: Option<String>,
+    /// Output directory: one file per route, retention.jsonl, dead-letter.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// Pseudonym key file (or set CDRGUARD_KEY_FILE). Without one, a throwaway key is
+    /// used and pseudonyms differ from run to run.
+    #[arg(long, env = "CDRGUARD_KEY_FILE")]
+    keys: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate policy files; every problem is listed with file and line.
+    ///
+    /// Example: cdrguard policy check policies/*.toml
+    Check {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the GDPR Art. 30 record of processing derived from a policy.
+    ///
+    /// Example: cdrguard policy explain policies/alleato.toml --format json
+    Explain {
+        /// Policy file (or a shipped policy's name).
+        file: String,
+        /// markdown or json.
+        #[arg(long, default_value = "markdown")]
+        format: String,
+    },
+    /// Run behaviour cases: records and control events in, expected copies and expiries.
+    ///
+    /// Example: cdrguard policy test tests/behaviour
+    Test {
+        /// Case files or directories of them.
+        #[arg(default_value = "tests/behaviour")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Where to write records.
+    #[arg(long, default_value = "cdrs.jsonl")]
+    out_records: PathBuf,
+    /// Where to write control events.
+    #[arg(long, default_value = "control.jsonl")]
+    out_control: PathBuf,
+    /// Record encoding.
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
+    /// Records (malformed included).
+    #[arg(long, default_value_t = 20_000)]
+    records: u64,
+    /// Subscribers.
+    #[arg(long, default_value_t = 1_000)]
+    subscribers: u32,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// First instant of traffic.
+    #[arg(long, default_value = "2026-01-01T00:00:00.000Z")]
+    start: String,
+    /// Days of traffic.
+    #[arg(long, default_value_t = 31)]
+    days: u32,
+    /// Share of subscribers consenting to analytics.
+    #[arg(long, default_value_t = 0.4)]
+    analytics_consent: f64,
+    /// Share consenting to marketing.
+    #[arg(long, default_value_t = 0.25)]
+    marketing_consent: f64,
+    /// Share objecting to marketing.
+    #[arg(long, default_value_t = 0.02)]
+    objection_rate: f64,
+    /// Share of malformed records.
+    #[arg(long, default_value_t = 0.005)]
+    malformed_rate: f64,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Write a new key file with a random 256-bit secret (mode 600).
+    ///
+    /// Example: cdrguard keys generate --out keys.toml --id k2026a
+    Generate {
+        /// Where to write; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// Key id stamped on pseudonyms and tokens.
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
+    /// Reverse marketing tokens (for the marketing system's key holder).
+    ///
+    /// Example: cdrguard keys reverse --keys keys.toml 'k1.marketing~+46...'
+    Reverse {
+        /// Key file.
+        #[arg(long, env = "CDRGUARD_KEY_FILE")]
+        keys: PathBuf,
+        /// Tokens.
+        #[arg(required = true)]
+        tokens: Vec<String>,
+    },
+}
+
+/// Runs the command line.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let progress = std::io::stderr().is_terminal();
+    match cli.command {
+        Command::Demo(a) => {
+            let policy = load_policy(&a.policy)?;
+            let now = parse_now(a.now.as_deref())?;
+            let keys = ephemeral_keys();
+            let cfg = GenConfig {
+                records: a.records,
+                subscribers: a.subscribers,
+                seed: a.seed,
+                ..GenConfig::default()
+            };
+            let summary = demo::run(&policy, &keys, &a.out, cfg, now, progress)?;
+            print!("{summary}");
+            println!(
+                "wrote every route to {}/ (input in {}/input/); pseudonym key: a throwaway key for this run",
+                a.out.display(),
+                a.out.display()
+            );
+        }
+        Command::Replay(a) => {
+            let policy = load_policy(&a.policy)?;
+            let now = parse_now(a.now.as_deref())?;
+            let keys = match &a.keys {
+                Some(p) => keyfile::load(p)?,
+                None => {
+                    eprintln!(
+                        "warning: no --keys file; using a throwaway key (pseudonyms will not be stable across runs)"
+                    );
+                    ephemeral_keys()
+                }
+            };
+            let mut engine = Engine::new(&policy, &keys);
+            let mut out = Outputs::create(&a.out, &policy)
+                .with_context(|| format!("creating {}", a.out.display()))?;
+            let input = replay::ReplayInput {
+                records: a.input,
+                format: a.input_format,
+                control: a.control,
+                now,
+                progress,
+            };
+            replay::replay(&input, &mut engine, &mut out)?;
+            out.finish()?;
+            print!(
+                "{}",
+                report::summary(&policy, &engine.stats, engine.open_windows())
+            );
+            println!("wrote {}/", a.out.display());
+        }
+        Command::Policy(PolicyCmd::Check { files }) => {
+            let mut failed = 0;
+            for f in &files {
+                match policy::load_file(f) {
+                    Ok(p) => println!(
+                        "{}: ok ({}, {} purposes)",
+                        f.display(),
+                        p.tag,
+                        p.declared().count()
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprint!("{e}");
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} policy file(s) refused", files.len());
+            }
+        }
+        Command::Policy(PolicyCmd::Explain { file, format }) => {
+            let p = load_policy(&file)?;
+            match format.as_str() {
+                "markdown" | "md" => print!("{}", policy::explain::markdown(&p)),
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&policy::explain::json(&p))?
+                ),
+                other => bail!("unknown format {other:?}: use markdown or json"),
+            }
+        }
+        Command::Policy(PolicyCmd::Test { paths }) => {
+            let report = cases::run_paths(&paths, &|name| load_policy(name))?;
+            print!("{}", report.render());
+            if report.failed() > 0 {
+                bail!("{} behaviour case(s) failed", report.failed());
+            }
+        }
+        Command::Generate(a) => {
+            let cfg = GenConfig {
+                subscribers: a.subscribers,
+                records: a.records,
+                seed: a.seed,
+                start: Millis::parse(&a.start).context("--start")?,
+                days: a.days,
+                analytics_consent: a.analytics_consent,
+                marketing_consent: a.marketing_consent,
+                objection_rate: a.objection_rate,
+                malformed_rate: a.malformed_rate,
+                ..GenConfig::default()
+            };
+            let n = demo::write_traffic(&cfg, &a.out_records, &a.out_control, a.format)?;
+            println!(
+                "wrote {n} records to {} and control events to {}",
+                a.out_records.display(),
+                a.out_control.display()
+            );
+        }
+        Command::Keys(KeysCmd::Generate { out, id }) => {
+            MasterKey::new(&id, &[0; 32]).map_err(anyhow::Error::from)?;
+            keyfile::write_new(&out, &id).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote key {id} to {} (mode 600)", out.display());
+        }
+        Command::Keys(KeysCmd::Reverse { keys, tokens }) => {
+            let ring = keyfile::load(&keys)?;
+            for t in tokens {
+                println!("{}", ring.reverse(&t)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads a policy by path, or one of the shipped policies by name.
+pub fn load_policy(name: &str) -> Result<Policy> {
+    if let Some(text) = policy::shipped(name) {
+        return Ok(policy::parse_policy(
+            text,
+            &format!("policies/{name}.toml"),
+        )?);
+    }
+    Ok(policy::load_file(Path::new(name))?)
+}
+
+fn parse_now(s: Option<&str>) -> Result<Millis> {
+    match s {
+        Some(s) => Millis::parse(s).context("--now"),
+        // The CLI is the one place that reads the clock.
+        None => Ok(Millis(chrono::Utc::now().timestamp_millis())),
+    }
+}
+
+/// A random key that lives for one run: the demo never needs a key file, and no key is
+/// ever written into the code.
+fn ephemeral_keys() -> Keyring {
+    use rand::RngCore;
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let key = MasterKey::new("ephemeral", &secret).expect("a 32-byte secret and a valid id");
+    Keyring::new(&[key]).expect("one key")
+}
