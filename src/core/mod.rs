@@ -3,6 +3,7 @@
 //! Everything here is a function of its arguments; "now" arrives as a [`time::Millis`].
 
 pub mod control;
+pub mod ff1;
 pub mod process;
 pub mod pseudonym;
 pub mod purpose;

@@ -6,9 +6,9 @@
 
 use std::fmt;
 
-use aes::Aes256;
 use arrayvec::ArrayString;
-use fpe::ff1::{FF1, FlexibleNumeralString};
+
+use super::ff1::{self, Ff1};
 
 use super::purpose::Purpose;
 
@@ -82,7 +82,7 @@ impl MasterKey {
 struct PurposeKeys {
     key_id: ArrayString<32>,
     prf: [u8; 32],
-    ff1: FF1<Aes256>,
+    ff1: Ff1,
 }
 
 /// All purpose keys derived from the active master key, plus older keys for reversing
@@ -114,7 +114,7 @@ fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
         PurposeKeys {
             key_id,
             prf,
-            ff1: FF1::<Aes256>::new(&ff1_key, 10).expect("radix 10 is valid"),
+            ff1: Ff1::new(&ff1_key),
         }
     })
 }
@@ -162,21 +162,25 @@ impl Keyring {
             Some(d) => ("+", d),
             None => ("", value),
         };
-        if !(6..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        let mut buf = [0u8; ff1::MAX_DIGITS];
+        let n = digits.len();
+        if !(ff1::MIN_DIGITS..=ff1::MAX_DIGITS).contains(&n)
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
             return None;
         }
-        let ns: Vec<u16> = digits.bytes().map(|b| (b - b'0') as u16).collect();
-        let enc: Vec<u16> = k
-            .ff1
-            .encrypt(&[], &FlexibleNumeralString::from(ns))
-            .ok()?
-            .into();
+        for (slot, b) in buf.iter_mut().zip(digits.bytes()) {
+            *slot = b - b'0';
+        }
+        if !k.ff1.encrypt(&[], &mut buf[..n]) {
+            return None;
+        }
         let mut out = Token::new();
         out.push_str(&k.key_id);
         out.push('~');
         out.push_str(plus);
-        for d in enc {
-            out.push((b'0' + d as u8) as char);
+        for d in &buf[..n] {
+            out.push((b'0' + d) as char);
         }
         Some(out)
     }
@@ -196,20 +200,17 @@ impl Keyring {
             Some(d) => ("+", d),
             None => ("", body),
         };
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        let n = digits.len();
+        if !(ff1::MIN_DIGITS..=ff1::MAX_DIGITS).contains(&n)
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(KeyError::NotAToken);
         }
-        let ns: Vec<u16> = digits.bytes().map(|b| (b - b'0') as u16).collect();
-        let dec: Vec<u16> = keys
-            .ff1
-            .decrypt(&[], &FlexibleNumeralString::from(ns))
-            .map_err(|_| KeyError::NotAToken)?
-            .into();
-        Ok(plus.to_string()
-            + &dec
-                .iter()
-                .map(|d| (b'0' + *d as u8) as char)
-                .collect::<String>())
+        let mut buf: Vec<u8> = digits.bytes().map(|b| b - b'0').collect();
+        if !keys.ff1.decrypt(&[], &mut buf) {
+            return Err(KeyError::NotAToken);
+        }
+        Ok(plus.to_string() + &buf.iter().map(|d| (b'0' + d) as char).collect::<String>())
     }
 }
 
