@@ -111,7 +111,7 @@ pub fn read_controls(path: &Path, out: &mut Outputs) -> Result<Vec<ControlEvent>
         match json::decode_control(item.bytes) {
             Ok(e) => events.push(e),
             Err(reason) => out.dead_letter(&DeadLetter {
-                reason: format!("control event: {reason}"),
+                reason,
                 position: item.position,
                 original: original(item.bytes, Format::Json),
             })?,

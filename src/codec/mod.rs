@@ -70,7 +70,7 @@ pub fn headers<'c>(c: &'c Copy<'_>, scratch: &'c mut String) -> [(&'static str, 
         let _ = write!(scratch, "{}={}", f.name(), t.id());
     }
     [
-        ("record_id", e.record_id.as_str()),
+        ("record_id", e.record_id.as_ref().map_or("", |t| t.as_str())),
         ("purpose", e.purpose.id()),
         ("legal_basis", e.legal_basis),
         ("gdpr_article", e.gdpr_article),

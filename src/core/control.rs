@@ -1,6 +1,8 @@
 //! Subscriber control events (consent, objection, restriction, erasure, contract end,
 //! invoice settlement) as DESIGN.md fixes them, and the per-subscriber state they build.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::purpose::{Purpose, PurposeSet};
@@ -55,15 +57,16 @@ pub struct ControlEvent {
 #[serde(deny_unknown_fields)]
 pub struct RawControl<'a> {
     /// Event type.
-    #[serde(rename = "type")]
-    pub kind: &'a str,
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
     /// Subscriber.
-    pub msisdn: &'a str,
+    #[serde(borrow)]
+    pub msisdn: Cow<'a, str>,
     /// Effective time.
     pub at: Millis,
     /// consent, objection.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub purpose: Option<&'a str>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<Cow<'a, str>>,
     /// consent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted: Option<bool>,
@@ -87,7 +90,7 @@ impl RawControl<'_> {
     /// Checks the combination of fields the type needs and builds the event.
     pub fn into_event(self) -> Result<ControlEvent, ControlError> {
         let err = |m: &str| Err(ControlError(format!("{} event {m}", self.kind)));
-        let purpose = match self.purpose.map(Purpose::from_id) {
+        let purpose = match self.purpose.as_deref().map(Purpose::from_id) {
             Some(None) => return err("names an unknown purpose"),
             Some(Some(p)) => Some(p),
             None => None,
@@ -102,7 +105,7 @@ impl RawControl<'_> {
             ];
             present.iter().zip(allowed).any(|(p, a)| *p && !a)
         };
-        let change = match self.kind {
+        let change = match self.kind.as_ref() {
             "consent" => match (purpose, self.granted) {
                 (Some(purpose), Some(granted)) if !extra([true, true, false, false, false]) => {
                     Change::Consent { purpose, granted }
@@ -140,7 +143,7 @@ impl RawControl<'_> {
                 )));
             }
         };
-        if !super::record::is_e164(self.msisdn) {
+        if !super::record::is_e164(&self.msisdn) {
             return err("has an msisdn that is not E.164");
         }
         Ok(ControlEvent {
@@ -170,31 +173,31 @@ impl ControlEvent {
     /// The wire form.
     pub fn to_raw(&self) -> RawControl<'_> {
         let mut r = RawControl {
-            msisdn: &self.msisdn,
+            msisdn: Cow::Borrowed(&self.msisdn),
             at: self.at,
             ..Default::default()
         };
         match &self.change {
             Change::Consent { purpose, granted } => {
-                r.kind = "consent";
-                r.purpose = Some(purpose.id());
+                r.kind = "consent".into();
+                r.purpose = Some(purpose.id().into());
                 r.granted = Some(*granted);
             }
             Change::Objection { purpose } => {
-                r.kind = "objection";
-                r.purpose = Some(purpose.id());
+                r.kind = "objection".into();
+                r.purpose = Some(purpose.id().into());
             }
             Change::Restriction { active } => {
-                r.kind = "restriction";
+                r.kind = "restriction".into();
                 r.active = Some(*active);
             }
-            Change::Erasure => r.kind = "erasure",
-            Change::ContractEnded => r.kind = "contract_ended",
+            Change::Erasure => r.kind = "erasure".into(),
+            Change::ContractEnded => r.kind = "contract_ended".into(),
             Change::InvoiceSettled {
                 period_start,
                 period_end,
             } => {
-                r.kind = "invoice_settled";
+                r.kind = "invoice_settled".into();
                 r.period_start = Some(*period_start);
                 r.period_end = Some(*period_end);
             }
@@ -244,6 +247,9 @@ mod tests {
 
     #[test]
     fn events_parse_and_round_trip() {
+        let escaped =
+            r#"{"type":"erasure","msisdn":"\u002b46701234567","at":"2026-01-01T00:00:00.000Z"}"#;
+        assert_eq!(parse(escaped).unwrap().msisdn, "+46701234567");
         let s = r#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing","granted":true}"#;
         let e = parse(s).unwrap();
         assert_eq!(e.key(), "+46701234567/consent/marketing");

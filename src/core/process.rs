@@ -83,8 +83,9 @@ impl Outcome {
 /// The privacy envelope of one copy (DESIGN.md "Copies").
 #[derive(Clone, Debug)]
 pub struct Envelope<'a> {
-    /// The record id as this copy may carry it (a pseudonym where the copy drops it).
-    pub record_id: Text<'a>,
+    /// The record id as this copy may carry it (a pseudonym where the copy drops it);
+    /// `None` for an anonymised copy, which must not link back to the record.
+    pub record_id: Option<Text<'a>>,
     /// The purpose, which is also the route.
     pub purpose: Purpose,
     /// Basis id, e.g. `contract`; `anonymous` for an anonymised copy.
@@ -124,6 +125,9 @@ pub struct Copy<'a> {
     pub envelope: Envelope<'a>,
     /// When the record happened (kept even where the copy generalises its time).
     pub record_time: Millis,
+    /// Whether the copy's msisdn is the route's subscriber reference (false for anonymised
+    /// copies and routes that drop it).
+    pub names_subscriber: bool,
 }
 
 /// An entry the retention schedule needs to know this copy exists.
@@ -144,7 +148,11 @@ impl Copy<'_> {
     pub fn schedule_entry(&self) -> ScheduleEntry<'_> {
         ScheduleEntry {
             purpose: self.envelope.purpose,
-            subscriber: self.record.msisdn.as_ref().map(Text::as_str),
+            subscriber: if self.names_subscriber {
+                self.record.msisdn.as_ref().map(Text::as_str)
+            } else {
+                None
+            },
             record_time: self.record_time,
             rule: self.envelope.retention,
         }
@@ -202,7 +210,9 @@ fn expired_on_arrival(
 ) -> bool {
     let ret = &rule.retention;
     match ret.anchor {
-        Anchor::EventTime => ret.period.after(r.start_time) <= now,
+        // The same deadline the schedule gives the record's window, so a record is refused
+        // only when its window would already have expired.
+        Anchor::EventTime => super::retention::event_time_deadline(ret, r.start_time) <= now,
         Anchor::ContractEnd => s.contract_ended.is_some_and(|t| ret.period.after(t) <= now),
         // The invoice for the record's period cannot have been settled before the record
         // was billed: the clock has not started.
@@ -255,9 +265,14 @@ pub fn process<'a>(
         let record = treat::treat(&cx, map, r);
         // Every copy names its record for de-duplication; where the copy may not carry the
         // raw id it gets this purpose's pseudonym of it instead.
-        let record_id = match &record.record_id {
-            Some(id) => id.clone(),
-            None => Text::Inline(keys.pseudonym(p, Field::RecordId.name(), &r.record_id)),
+        let record_id = match (&record.record_id, anonymised) {
+            (_, true) => None,
+            (Some(id), false) => Some(id.clone()),
+            (None, false) => Some(Text::Inline(keys.pseudonym(
+                p,
+                Field::RecordId.name(),
+                &r.record_id,
+            ))),
         };
         let (legal_basis, gdpr_article) = if anonymised {
             ("anonymous", "recital 26")
@@ -267,7 +282,7 @@ pub fn process<'a>(
             let b = rule.primary_basis();
             (b.id(), b.article())
         };
-        let uses_keys = !matches!(record_id, Text::Raw(_))
+        let uses_keys = matches!(record_id, Some(Text::Inline(_)))
             || map
                 .iter()
                 .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
@@ -286,6 +301,7 @@ pub fn process<'a>(
                 retention: &rule.retention,
             },
             record_time: r.start_time,
+            names_subscriber: !anonymised && rule.subscriber_field.is_some(),
         });
         d.outcomes[p as usize] = Some(if anonymised {
             Outcome::Anonymised

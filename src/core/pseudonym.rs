@@ -251,7 +251,10 @@ pub(crate) mod tests {
     #[test]
     fn secrets_do_not_leak_through_debug() {
         let m = MasterKey::new("k1", &[0xAB; 32]).unwrap();
-        let s = format!("{m:?} {:?}", Keyring::new(&[m.clone()]).unwrap());
+        let s = format!(
+            "{m:?} {:?}",
+            Keyring::new(std::slice::from_ref(&m)).unwrap()
+        );
         assert!(
             !s.contains("171") && !s.to_lowercase().contains("abab"),
             "{s}"

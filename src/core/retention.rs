@@ -54,8 +54,9 @@ pub struct Expiry {
     pub policy: String,
 }
 
-/// Bucket key of merged windows ended early by a right.
-const ENDED: i64 = i64::MIN;
+/// Buckets of windows ended early by a right sit far below every day or hour bucket, one
+/// per event instant, so a later right never relabels or re-times an earlier one.
+const ENDED_BASE: i64 = i64::MIN / 2;
 
 #[derive(Clone, Debug)]
 struct Window {
@@ -84,6 +85,13 @@ fn bucket_of(anchor: Anchor, t: Millis) -> i64 {
         Anchor::EventTime => t.0.div_euclid(DAY_MS),
         Anchor::InvoiceSettled => t.0.div_euclid(HOUR_MS),
     }
+}
+
+/// The deadline of the event-time window holding `t`: the period after the end of its
+/// UTC day, so never before any of the window's records' own deadline.
+pub fn event_time_deadline(rule: &Retention, t: Millis) -> Millis {
+    rule.period
+        .after(Millis((t.0.div_euclid(DAY_MS) + 1) * DAY_MS))
 }
 
 impl Schedule {
@@ -122,8 +130,7 @@ impl Schedule {
         let subject = e.subscriber.unwrap_or("");
         let bucket = bucket_of(rule.anchor, e.record_time);
         let deadline = match rule.anchor {
-            // The window's deadline is its last instant's: never before any record's own.
-            Anchor::EventTime => Some(rule.period.after(Millis((bucket + 1) * DAY_MS))),
+            Anchor::EventTime => Some(event_time_deadline(rule, e.record_time)),
             Anchor::ContractEnd => contract_ended.map(|t| rule.period.after(t)),
             Anchor::InvoiceSettled => None,
         };
@@ -196,7 +203,15 @@ impl Schedule {
             if let Some(reason) = ends {
                 // One expiry for everything the route holds on the subscriber.
                 let mut merged: Option<Window> = None;
-                for (b, w) in std::mem::take(&mut buckets) {
+                let open: Vec<i64> = buckets
+                    .iter()
+                    .filter(|(b, w)| **b >= ENDED_BASE / 2 && matches!(w.reason, Reason::Rule(_)))
+                    .map(|(b, _)| *b)
+                    .collect();
+                for b in open {
+                    let Some(w) = buckets.remove(&b) else {
+                        continue;
+                    };
                     self.disarm(p, subject, b, &w);
                     merged = Some(match merged {
                         None => w,
@@ -208,10 +223,22 @@ impl Schedule {
                     });
                 }
                 if let Some(mut m) = merged {
-                    m.deadline = Some(m.deadline.map_or(ev.at, |d| d.min(ev.at)));
+                    // A window whose own deadline came first keeps that deadline.
+                    let deadline = m.deadline.map_or(ev.at, |d| d.min(ev.at));
+                    m.deadline = Some(deadline);
                     m.reason = reason;
-                    self.arm(p, subject, ENDED, m.deadline.unwrap_or(ev.at));
-                    buckets.insert(ENDED, m);
+                    let key = ENDED_BASE + ev.at.0;
+                    match buckets.get_mut(&key) {
+                        // Two rights at the same instant end the same copies once.
+                        Some(w) => {
+                            w.from = w.from.min(m.from);
+                            w.to = w.to.max(m.to);
+                        }
+                        None => {
+                            self.arm(p, subject, key, deadline);
+                            buckets.insert(key, m);
+                        }
+                    }
                 }
             } else if let Some((ps, pe)) = starts {
                 let deadline = rule.retention.period.after(ev.at);

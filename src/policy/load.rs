@@ -705,6 +705,13 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
                 "a consent-based purpose may not carry a raw identifier",
             );
         }
+        if f == Field::Msisdn && matches!(t, Treatment::Mask { .. } | Treatment::Generalise) {
+            cx.err(
+                at,
+                &format!("{path}.fields.msisdn"),
+                "a masked msisdn is still personal data but names no one rights can find: keep, pseudonymise, tokenise or drop it",
+            );
+        }
         if p == Purpose::Marketing && f == Field::Msisdn && t != Treatment::Tokenise {
             cx.err(
                 at,
