@@ -12,6 +12,9 @@ use crate::core::pseudonym::Keyring;
 use crate::core::time::{DAY_MS, Millis};
 use crate::policy::Policy;
 
+/// Days of traffic the demo generates.
+pub const DEMO_DAYS: u32 = 365;
+
 /// Writes generated traffic as JSON lines (records) and control events.
 pub fn write_traffic(
     cfg: &GenConfig,
@@ -53,7 +56,8 @@ pub fn write_traffic(
     Ok(s.lines.len() as u64)
 }
 
-/// Runs the demo: traffic for the 60 days before `now`, replayed at `now`.
+/// Runs the demo: a year of traffic before `now`, replayed, with the expiries due at
+/// `now` (a year is long enough for most retention rules to run out somewhere).
 pub fn run(
     policy: &Policy,
     keys: &Keyring,
@@ -62,8 +66,8 @@ pub fn run(
     now: Millis,
     progress: bool,
 ) -> Result<String, ReplayError> {
-    cfg.days = 60;
-    cfg.start = Millis((now.0 - 60 * DAY_MS).div_euclid(DAY_MS) * DAY_MS);
+    cfg.days = DEMO_DAYS;
+    cfg.start = Millis((now.0 - DEMO_DAYS as i64 * DAY_MS).div_euclid(DAY_MS) * DAY_MS);
     let input_dir = out.join("input");
     std::fs::create_dir_all(&input_dir)?;
     let records = input_dir.join("records.jsonl");
