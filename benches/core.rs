@@ -125,6 +125,13 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    g.bench_function("json_decode_only", |b| {
+        b.iter(|| {
+            for line in &f.json_lines {
+                black_box(json::decode_record(line).unwrap());
+            }
+        })
+    });
     g.finish();
 }
 
