@@ -1,11 +1,12 @@
-//! Adapters around the pure core: files, keys, the demo, the generator, behaviour cases.
-//! (The Kafka runtime and telemetry will sit here too.)
+//! Adapters around the pure core: files, keys, the demo, the generator, behaviour cases,
+//! and the Kafka runtime.
 
 pub mod cases;
 pub mod demo;
 pub mod engine;
 pub mod files;
 pub mod generate;
+pub mod kafka;
 pub mod keyfile;
 pub mod replay;
 pub mod report;

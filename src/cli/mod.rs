@@ -49,6 +49,55 @@ enum Command {
     /// Make a pseudonym key file, or reverse a marketing token with one.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Run against Kafka: route every record of the input topic, exactly once.
+    ///
+    /// Example: cdrguard run --config deploy/cdrguard.toml
+    ///
+    /// Settings can be overridden from the environment, e.g.
+    /// CDRGUARD_KAFKA__BROKERS=kafka:9092 or CDRGUARD_KAFKA__PROPERTIES__SASL_PASSWORD=...
+    Run(RunArgs),
+    /// Create the topics a `run` configuration needs (existing ones are left alone), or
+    /// list them with their settings.
+    ///
+    /// Example: cdrguard topics --config deploy/cdrguard.toml --partitions 12 --replication 3
+    Topics(TopicsArgs),
+}
+
+#[derive(Args)]
+struct TopicsArgs {
+    /// Configuration file, as for `run`.
+    #[arg(long)]
+    config: PathBuf,
+    /// Partitions of the input, route, control and schedule topics.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Replication factor.
+    #[arg(long, default_value_t = 3)]
+    replication: i32,
+    /// Only print what would be created.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML); every key is documented in deploy/cdrguard.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// Validate the configuration, policy and key file, print the result and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Args)]
@@ -312,6 +361,8 @@ pub fn main() -> Result<()> {
             keyfile::write_new(&out, &id).with_context(|| format!("writing {}", out.display()))?;
             println!("wrote key {id} to {} (mode 600)", out.display());
         }
+        Command::Run(a) => run(a)?,
+        Command::Topics(a) => topics(a)?,
         Command::Keys(KeysCmd::Reverse { keys, tokens }) => {
             let ring = keyfile::load(&keys)?;
             for t in tokens {
@@ -319,6 +370,95 @@ pub fn main() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn topics(a: TopicsArgs) -> Result<()> {
+    use crate::adapters::kafka::{self, config, topics};
+
+    let cfg = config::load(&a.config, std::env::vars())?;
+    let policy = policy::load_file(&cfg.policy)?;
+    let specs = topics::specs(&cfg, &policy, a.partitions);
+    for t in &specs {
+        let settings: Vec<String> = t.configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<28} {:<26} partitions={} {}",
+            t.name,
+            t.role,
+            t.partitions,
+            settings.join(" ")
+        );
+    }
+    if a.dry_run {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let created = rt.block_on(topics::create(&kafka::common(&cfg), &specs, a.replication))?;
+    println!("created {} topic(s); the rest existed", created.len());
+    Ok(())
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    use std::sync::Arc;
+
+    use crate::adapters::kafka::{self, RunHandles, config};
+
+    let cfg = config::load(&a.config, std::env::vars())?;
+    let policy = Arc::new(policy::load_file(&cfg.policy)?);
+    let keys = Arc::new(keyfile::load(&cfg.key_file)?);
+    if a.check {
+        println!(
+            "{}: ok (policy {}, {} routes, guarantee {:?}, input {})",
+            a.config.display(),
+            policy.tag,
+            policy.declared().count(),
+            cfg.guarantee,
+            cfg.input_topic
+        );
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match a.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    tracing::info!(
+        policy = %policy.tag,
+        guarantee = ?cfg.guarantee,
+        input = %cfg.input_topic,
+        group = %cfg.group_id,
+        "starting"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cdrguard-worker")
+        .build()?;
+    let handles = RunHandles::new(&cfg);
+    let stats = handles.stats.clone();
+    rt.block_on(async {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        {
+            let stop = stop.clone();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+                }
+                stop.notify_one();
+            });
+        }
+        kafka::run(cfg, policy, keys, stop, handles).await?;
+        anyhow::Ok(())
+    })?;
+    tracing::info!(stats = %stats.line(), "stopped");
     Ok(())
 }
 

@@ -94,6 +94,151 @@ pub fn event_time_deadline(rule: &Retention, t: Millis) -> Millis {
         .after(Millis((t.0.div_euclid(DAY_MS) + 1) * DAY_MS))
 }
 
+/// The window a copy falls in (its bucket) and the window's deadline where the copy alone
+/// decides it: event-time rules always, contract-anchored rules once the contract ended.
+/// Invoice-anchored windows wait for their settlement.
+pub fn window_of(e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) -> (i64, Option<Millis>) {
+    let rule = e.rule;
+    let deadline = match rule.anchor {
+        Anchor::EventTime => Some(event_time_deadline(rule, e.record_time)),
+        Anchor::ContractEnd => contract_ended.map(|t| rule.period.after(t)),
+        Anchor::InvoiceSettled => None,
+    };
+    (bucket_of(rule.anchor, e.record_time), deadline)
+}
+
+/// A retention window opened or extended by copies since the last flush: what the Kafka
+/// runtime writes to the schedule topic, in the same transaction as the copies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowUpdate<'p> {
+    /// Always `retention_window`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Route holding the copies.
+    pub route: &'static str,
+    /// Purpose (same id as the route).
+    pub purpose: Purpose,
+    /// The subscriber as the route's copies name them; `None` for anonymised copies.
+    pub subscriber: Option<String>,
+    /// Bucket of the window: UTC day (event time), hour (invoice) or 0 (contract).
+    pub bucket: i64,
+    /// Earliest record time seen in this batch.
+    pub window_start: Millis,
+    /// Latest record time seen in this batch.
+    pub window_end: Millis,
+    /// The clock's anchor.
+    pub anchor: &'static str,
+    /// The rule id.
+    pub rule: &'p str,
+    /// The retention period, e.g. `6 months`.
+    pub after: &'p str,
+    /// The deadline if the copies alone decide it, else `None` (set later by a control
+    /// event: invoice settlement or contract end).
+    pub deadline: Option<Millis>,
+    /// `policy@version`.
+    pub policy: &'p str,
+}
+
+impl WindowUpdate<'_> {
+    /// The compaction key: one per route, subscriber and window.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.purpose.id(),
+            self.subscriber.as_deref().unwrap_or(""),
+            self.bucket
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    from: Millis,
+    to: Millis,
+    deadline: Option<Millis>,
+}
+
+/// Windows touched since the last flush, one entry per route, subscriber and bucket, so a
+/// subscriber with many records in one batch yields one update, not one per copy.
+#[derive(Debug, Default)]
+pub struct WindowBatch {
+    /// By subject first, so the common case (a subscriber already seen in this batch) is
+    /// found without allocating a key; a subject has few windows per batch.
+    windows: HashMap<Box<str>, Vec<(u8, i64, Pending)>>,
+    count: usize,
+}
+
+impl WindowBatch {
+    /// Notes a copy's window.
+    pub fn add(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
+        let (bucket, deadline) = window_of(e, contract_ended);
+        let subject = e.subscriber.unwrap_or("");
+        let list = match self.windows.get_mut(subject) {
+            Some(l) => l,
+            None => self.windows.entry(subject.into()).or_default(),
+        };
+        let p = e.purpose as u8;
+        if let Some((_, _, w)) = list.iter_mut().find(|(q, b, _)| *q == p && *b == bucket) {
+            w.from = w.from.min(e.record_time);
+            w.to = w.to.max(e.record_time);
+            return;
+        }
+        list.push((
+            p,
+            bucket,
+            Pending {
+                from: e.record_time,
+                to: e.record_time,
+                deadline,
+            },
+        ));
+        self.count += 1;
+    }
+
+    /// Windows pending.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Takes every pending update, leaving the batch empty.
+    pub fn drain<'a>(&'a mut self, policy: &'a Policy) -> impl Iterator<Item = WindowUpdate<'a>> {
+        self.count = 0;
+        let flat = self.windows.drain().flat_map(|(subject, l)| {
+            l.into_iter()
+                .map(move |(p, b, w)| (subject.clone(), p, b, w))
+        });
+        flat.filter_map(move |(subject, p, bucket, w)| {
+            let purpose = Purpose::ALL[p as usize];
+            let rule = &policy.rule(purpose)?.retention;
+            Some(WindowUpdate {
+                kind: "retention_window",
+                route: purpose.id(),
+                purpose,
+                subscriber: (!subject.is_empty()).then(|| subject.into_string()),
+                bucket,
+                window_start: w.from,
+                window_end: w.to,
+                anchor: rule.anchor.id(),
+                rule: &rule.rule_id,
+                after: &rule.after,
+                deadline: w.deadline,
+                policy: &policy.tag,
+            })
+        })
+    }
+
+    /// Forgets everything pending (the transaction that would have carried it aborted).
+    pub fn clear(&mut self) {
+        self.windows.clear();
+        self.count = 0;
+    }
+}
+
 impl Schedule {
     /// An empty schedule for a policy's copies.
     pub fn new(policy: &Policy) -> Schedule {
@@ -128,12 +273,7 @@ impl Schedule {
     pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
         let rule: &Retention = e.rule;
         let subject = e.subscriber.unwrap_or("");
-        let bucket = bucket_of(rule.anchor, e.record_time);
-        let deadline = match rule.anchor {
-            Anchor::EventTime => Some(event_time_deadline(rule, e.record_time)),
-            Anchor::ContractEnd => contract_ended.map(|t| rule.period.after(t)),
-            Anchor::InvoiceSettled => None,
-        };
+        let (bucket, deadline) = window_of(e, contract_ended);
         let p = e.purpose;
         let buckets = match self.subjects[p as usize].get_mut(subject) {
             Some(b) => b,

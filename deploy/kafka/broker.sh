@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# A single-node Apache Kafka broker (KRaft, combined controller + broker) on loopback,
+# fetched from Maven Central with Maven: no Docker, no tarball download. Used by the
+# integration-test harness and by people who want a local broker to try `cdrguard run`.
+#
+#   broker.sh fetch                          fetch the jars into the cache (idempotent)
+#   broker.sh start DIR [PORT] [--watch PID] format DIR, start, wait until it answers;
+#                                            prints the bootstrap address. With --watch,
+#                                            the broker is stopped when PID exits.
+#   broker.sh stop DIR                       stop the broker started in DIR
+#
+# Environment: KAFKA_VERSION (default 4.1.1), CDRGUARD_KAFKA_CACHE (default
+# ~/.cache/cdrguard/kafka-$KAFKA_VERSION), JAVA (default java), KAFKA_HEAP (default 512m).
+set -euo pipefail
+
+KAFKA_VERSION=${KAFKA_VERSION:-4.1.1}
+LOG4J_VERSION=2.24.3
+CACHE=${CDRGUARD_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cdrguard/kafka-$KAFKA_VERSION}
+JAVA=${JAVA:-java}
+
+die() { echo "broker.sh: $*" >&2; exit 1; }
+
+fetch() {
+  if [ -f "$CACHE/.complete" ]; then return 0; fi
+  command -v mvn >/dev/null || die "Maven (mvn) is needed to fetch Kafka"
+  mkdir -p "$CACHE"
+  # The broker is the kafka_2.13 artifact and its runtime dependencies; log4j's SLF4J
+  # binding makes its logs go to a file instead of being dropped with a warning.
+  cat >"$CACHE/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>cdrguard.local</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>1</version>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>$KAFKA_VERSION</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>$LOG4J_VERSION</version>
+    </dependency>
+  </dependencies>
+</project>
+EOF
+  echo "broker.sh: fetching Apache Kafka $KAFKA_VERSION from Maven Central into $CACHE" >&2
+  (cd "$CACHE" && mvn -q -B -ntp dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory=libs) >&2 || die "Maven could not fetch Kafka $KAFKA_VERSION"
+  ls "$CACHE/libs"/kafka_2.13-*.jar >/dev/null 2>&1 || die "kafka_2.13 jar missing after fetch"
+  touch "$CACHE/.complete"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+start() {
+  local dir=$1 port=${2:-} watch=${3:-}
+  [ -n "$dir" ] || die "usage: broker.sh start DIR [PORT] [--watch PID]"
+  fetch
+  mkdir -p "$dir/data"
+  dir=$(cd "$dir" && pwd)
+  if [ -f "$dir/broker.pid" ] && kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then
+    die "a broker already runs from $dir (pid $(cat "$dir/broker.pid"))"
+  fi
+  [ -n "$port" ] || port=$(free_port)
+  local cport
+  cport=$(free_port)
+  # Settings for a one-node cluster that tests can restart: replication 1 everywhere,
+  # no initial rebalance delay (consumer groups form at once), short transaction and
+  # session timeouts so a killed processor's open transaction is aborted quickly.
+  cat >"$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=5
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=5
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+transaction.max.timeout.ms=900000
+log.retention.check.interval.ms=60000
+EOF
+  cat >"$dir/log4j2.properties" <<EOF
+rootLogger.level=INFO
+rootLogger.appenderRef.file.ref=file
+appender.file.type=File
+appender.file.name=file
+appender.file.fileName=$dir/broker.log
+appender.file.layout.type=PatternLayout
+appender.file.layout.pattern=[%d] %p %m (%c)%n
+logger.kafka.name=kafka
+logger.kafka.level=INFO
+logger.state.name=state.change.logger
+logger.state.level=WARN
+EOF
+  local cp="$CACHE/libs/*"
+  local jopts=(-Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$dir/log4j2.properties")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    local cluster
+    cluster=$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    "$JAVA" "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
+      -t "$cluster" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
+      || { cat "$dir/format.log" >&2; die "formatting KRaft storage failed"; }
+  fi
+  nohup "$JAVA" "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" \
+    >"$dir/stdout.log" 2>&1 &
+  local pid=$!
+  echo "$pid" >"$dir/broker.pid"
+  echo "127.0.0.1:$port" >"$dir/bootstrap"
+  if [ -n "$watch" ]; then
+    # Stops the broker when the process that asked for it (a test run) ends, even by
+    # kill -9, so no broker outlives its tests.
+    nohup bash -c "while kill -0 $watch 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 1; done; kill $pid 2>/dev/null" \
+      >/dev/null 2>&1 &
+  fi
+  local i
+  for i in $(seq 1 240); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -30 "$dir/stdout.log" "$dir/broker.log" >&2 2>/dev/null || true
+      die "the broker exited during start-up (logs in $dir)"
+    fi
+    if port_open "$port" && grep -q "Kafka Server started" "$dir/broker.log" 2>/dev/null; then
+      echo "127.0.0.1:$port"
+      return 0
+    fi
+    sleep 0.5
+  done
+  kill "$pid" 2>/dev/null || true
+  die "the broker did not answer within 120 s (logs in $dir)"
+}
+
+stop() {
+  local dir=$1
+  [ -f "$dir/broker.pid" ] || return 0
+  local pid
+  pid=$(cat "$dir/broker.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    local i
+    for i in $(seq 1 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$dir/broker.pid"
+}
+
+case "${1:-}" in
+  fetch) fetch ;;
+  start)
+    shift
+    dir=${1:-}; port=""; watch=""
+    shift || true
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --watch) watch=$2; shift 2 ;;
+        *) port=$1; shift ;;
+      esac
+    done
+    start "$dir" "$port" "$watch"
+    ;;
+  stop) stop "${2:?usage: broker.sh stop DIR}" ;;
+  *) echo "usage: broker.sh fetch | start DIR [PORT] [--watch PID] | stop DIR" >&2; exit 2 ;;
+esac

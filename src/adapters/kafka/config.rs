@@ -1,0 +1,715 @@
+//! `cdrguard run` configuration: a TOML file plus `CDRGUARD_…` environment overrides,
+//! validated in one pass that reports every problem with where it came from.
+//!
+//! The file is flattened into dotted keys with their line, the environment is laid over
+//! it, then each known key is taken and checked; whatever is left is an unknown key. That
+//! way a typo never silently falls back to a default, and one run lists every mistake.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::de::{DeTable, DeValue};
+
+use crate::codec::Format;
+use crate::core::purpose::Purpose;
+
+/// The environment prefix; `__` separates key levels (`CDRGUARD_KAFKA__GROUP_ID`).
+pub const ENV_PREFIX: &str = "CDRGUARD_";
+
+/// Where a setting came from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A line of the config file.
+    Line(usize),
+    /// An environment variable.
+    Env(String),
+    /// The built-in default.
+    Default,
+}
+
+/// One problem with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Where the offending setting is.
+    pub origin: Origin,
+    /// Its dotted key, e.g. `kafka.group_id`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A refused configuration: every problem found.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file as named by the caller.
+    pub file: String,
+    /// All problems, file lines first.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "config {} refused: {} problem(s)",
+            self.file,
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            match &p.origin {
+                Origin::Line(l) => writeln!(f, "  {}:{l}: {}: {}", self.file, p.key, p.message)?,
+                Origin::Env(v) => writeln!(f, "  env {v}: {}: {}", p.key, p.message)?,
+                Origin::Default => writeln!(f, "  (default): {}: {}", p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The delivery guarantee of `run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Copies, schedule entries and input offsets in one Kafka transaction.
+    ExactlyOnce,
+    /// No transactions: an input offset is stored only after every copy it produced was
+    /// acknowledged; a crash can repeat copies, never lose them.
+    AtLeastOnce,
+}
+
+/// The validated configuration of `cdrguard run`.
+#[derive(Clone)]
+pub struct RunConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group of all cdrguard instances on the input topic.
+    pub group_id: String,
+    /// Transactional id of this instance: unique per running instance, stable across its
+    /// restarts (so a restart fences and aborts its predecessor's open transaction).
+    pub transactional_id: String,
+    /// Exactly once or at least once.
+    pub guarantee: Guarantee,
+    /// librdkafka properties for every client (TLS, SASL, ...).
+    pub properties: BTreeMap<String, String>,
+    /// Extra properties for the consumers only.
+    pub consumer_properties: BTreeMap<String, String>,
+    /// Extra properties for the producer only.
+    pub producer_properties: BTreeMap<String, String>,
+    /// Records in.
+    pub input_topic: String,
+    /// Subscriber control events (compacted).
+    pub control_topic: String,
+    /// Refused records, with reason and origin headers.
+    pub dead_letter_topic: String,
+    /// Retention windows opened or extended by routed copies.
+    pub schedule_topic: String,
+    /// Topic of each route the policy declares.
+    pub routes: [Option<String>; Purpose::COUNT],
+    /// Policy file.
+    pub policy: PathBuf,
+    /// Pseudonym key file.
+    pub key_file: PathBuf,
+    /// Encoding of input records.
+    pub input_format: Format,
+    /// Encoding of copies.
+    pub output_format: Format,
+    /// How often the open transaction is committed.
+    pub commit_interval: Duration,
+    /// Records after which a commit is started early.
+    pub commit_max_records: usize,
+    /// The consent table counts as stale (fail closed) when it has not been confirmed at
+    /// the end of the control topic for this long.
+    pub control_max_staleness: Duration,
+    /// Per-partition prefetch limit (librdkafka `queued.max.messages.kbytes`).
+    pub queued_max_kbytes: u32,
+}
+
+impl fmt::Debug for RunConfig {
+    // Properties may hold SASL passwords or key material: show their names only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("transactional_id", &self.transactional_id)
+            .field("guarantee", &self.guarantee)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field("input_topic", &self.input_topic)
+            .field("control_topic", &self.control_topic)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default topic of each route.
+pub fn default_route(p: Purpose) -> String {
+    format!("cdr.{}", p.id())
+}
+
+/// librdkafka properties cdrguard sets itself because its guarantees depend on them.
+const RESERVED: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "transactional.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "enable.idempotence",
+];
+
+#[derive(Clone, Debug)]
+enum Leaf {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    Float(f64),
+    Other(&'static str),
+}
+
+impl Leaf {
+    fn describe(&self) -> &'static str {
+        match self {
+            Leaf::Str(_) => "a string",
+            Leaf::Int(_) => "an integer",
+            Leaf::Bool(_) => "a boolean",
+            Leaf::Float(_) => "a float",
+            Leaf::Other(d) => d,
+        }
+    }
+    fn as_property(&self) -> Option<String> {
+        match self {
+            Leaf::Str(s) => Some(s.clone()),
+            Leaf::Int(i) => Some(i.to_string()),
+            Leaf::Bool(b) => Some(b.to_string()),
+            Leaf::Float(f) => Some(f.to_string()),
+            Leaf::Other(_) => None,
+        }
+    }
+}
+
+struct Settings {
+    leaves: BTreeMap<String, (Leaf, Origin)>,
+    problems: Vec<ConfigProblem>,
+}
+
+fn flatten(t: &DeTable<'_>, prefix: &str, lines: &[usize], out: &mut Settings) {
+    for (k, v) in t.iter() {
+        // A dotted name (a librdkafka property) is one key, quoted as TOML writes it.
+        let name = k.get_ref();
+        let name = if name.contains('.') {
+            format!("\"{name}\"")
+        } else {
+            name.to_string()
+        };
+        let key = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let line = lines.partition_point(|&s| s <= k.span().start);
+        let leaf = match v.get_ref() {
+            DeValue::Table(t) => {
+                flatten(t, &key, lines, out);
+                continue;
+            }
+            DeValue::String(s) => Leaf::Str(s.to_string()),
+            DeValue::Integer(i) => match i.to_string().parse() {
+                Ok(n) => Leaf::Int(n),
+                Err(_) => Leaf::Other("an integer out of range"),
+            },
+            DeValue::Float(f) => match f.to_string().parse() {
+                Ok(n) => Leaf::Float(n),
+                Err(_) => Leaf::Other("a float"),
+            },
+            DeValue::Boolean(b) => Leaf::Bool(*b),
+            DeValue::Datetime(_) => Leaf::Other("a date"),
+            DeValue::Array(_) => Leaf::Other("an array"),
+        };
+        out.leaves.insert(key, (leaf, Origin::Line(line)));
+    }
+}
+
+/// Turns `CDRGUARD_KAFKA__GROUP_ID` into `kafka.group_id`. Under a `…properties` table
+/// single underscores become dots, since librdkafka names use dots and shells do not
+/// allow them in variable names: `CDRGUARD_KAFKA__PROPERTIES__SASL_PASSWORD` sets
+/// `kafka.properties."sasl.password"`.
+fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    let parts: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    if parts.len() < 2 || parts.iter().any(String::is_empty) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 && parts[i - 1].ends_with("properties") && p.contains('_') {
+            out.push(format!("\"{}\"", p.replace('_', ".")));
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Some(out.join("."))
+}
+
+/// Environment values are typed by the key that reads them: numbers and booleans are
+/// parsed when the key asks for one.
+fn env_leaf(v: &str) -> Leaf {
+    Leaf::Str(v.to_string())
+}
+
+impl Settings {
+    fn problem(&mut self, origin: Origin, key: &str, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            origin,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn take(&mut self, key: &str) -> Option<(Leaf, Origin)> {
+        self.leaves.remove(key)
+    }
+
+    fn string(&mut self, key: &str, default: Option<&str>) -> Option<(String, Origin)> {
+        match self.take(key) {
+            Some((Leaf::Str(s), o)) if !s.trim().is_empty() => Some((s, o)),
+            Some((Leaf::Str(_), o)) => {
+                self.problem(o, key, "must not be empty");
+                None
+            }
+            Some((l, o)) => {
+                self.problem(o, key, format!("must be a string, not {}", l.describe()));
+                None
+            }
+            None => match default {
+                Some(d) => Some((d.to_string(), Origin::Default)),
+                None => {
+                    self.problem(Origin::Default, key, "missing (required)");
+                    None
+                }
+            },
+        }
+    }
+
+    fn integer(&mut self, key: &str, default: i64, range: (i64, i64)) -> i64 {
+        let (n, o) = match self.take(key) {
+            Some((Leaf::Int(n), o)) => (n, o),
+            Some((Leaf::Str(s), o @ Origin::Env(_))) => match s.trim().parse() {
+                Ok(n) => (n, o),
+                Err(_) => {
+                    self.problem(o, key, "must be an integer");
+                    return default;
+                }
+            },
+            Some((l, o)) => {
+                self.problem(o, key, format!("must be an integer, not {}", l.describe()));
+                return default;
+            }
+            None => return default,
+        };
+        if n < range.0 || n > range.1 {
+            self.problem(
+                o,
+                key,
+                format!("{n} is out of range {}..={}", range.0, range.1),
+            );
+            return default;
+        }
+        n
+    }
+
+    fn choice<T: Copy>(&mut self, key: &str, default: T, choices: &[(&str, T)]) -> T {
+        let Some((s, o)) = self.string(key, Some("")) else {
+            return default;
+        };
+        if o == Origin::Default {
+            return default;
+        }
+        match choices.iter().find(|(n, _)| *n == s) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                self.problem(o, key, format!("{s:?} is not one of: {}", names.join(", ")));
+                default
+            }
+        }
+    }
+
+    fn properties(&mut self, table: &str) -> BTreeMap<String, String> {
+        let prefix = format!("{table}.");
+        let keys: Vec<String> = self
+            .leaves
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        let mut out = BTreeMap::new();
+        for k in keys {
+            let Some((leaf, origin)) = self.take(&k) else {
+                continue;
+            };
+            let name = k[prefix.len()..].trim_matches('"').to_string();
+            if RESERVED.contains(&name.as_str()) {
+                self.problem(
+                    origin,
+                    &k,
+                    "cdrguard sets this property itself (its guarantees depend on it); use the matching cdrguard key",
+                );
+                continue;
+            }
+            match leaf.as_property() {
+                Some(v) => {
+                    out.insert(name, v);
+                }
+                None => self.problem(
+                    origin,
+                    &k,
+                    format!(
+                        "must be a string, number or boolean, not {}",
+                        leaf.describe()
+                    ),
+                ),
+            }
+        }
+        out
+    }
+}
+
+/// Reads and validates a config file with overrides from `env` (pass
+/// `std::env::vars()` in production; tests pass their own).
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<RunConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![ConfigProblem {
+            origin: Origin::Line(0),
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, &file, base, env)
+}
+
+/// Validates config text; relative paths in it resolve against `base` (the file's folder).
+pub fn parse(
+    text: &str,
+    file: &str,
+    base: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<RunConfig, ConfigError> {
+    let mut lines = vec![0];
+    lines.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+    let mut s = Settings {
+        leaves: BTreeMap::new(),
+        problems: Vec::new(),
+    };
+    match DeTable::parse(text) {
+        Ok(root) => flatten(root.get_ref(), "", &lines, &mut s),
+        Err(e) => {
+            let line = e
+                .span()
+                .map(|sp| lines.partition_point(|&l| l <= sp.start))
+                .unwrap_or(0);
+            return Err(ConfigError {
+                file: file.to_string(),
+                problems: vec![ConfigProblem {
+                    origin: Origin::Line(line),
+                    key: String::new(),
+                    message: format!("not valid TOML: {}", e.message()),
+                }],
+            });
+        }
+    }
+    let mut key_file_fallback = None;
+    for (var, value) in env {
+        if var == "CDRGUARD_KEY_FILE" {
+            // The variable `replay` reads too; the config's own key wins over it.
+            key_file_fallback = Some((value, Origin::Env(var)));
+            continue;
+        }
+        if !var.starts_with(ENV_PREFIX) {
+            continue;
+        }
+        match env_key(&var) {
+            Some(k) => {
+                s.leaves.insert(k, (env_leaf(&value), Origin::Env(var)));
+            }
+            None => s.problem(
+                Origin::Env(var.clone()),
+                "",
+                "not a cdrguard setting (use CDRGUARD_SECTION__KEY, e.g. CDRGUARD_KAFKA__GROUP_ID)",
+            ),
+        }
+    }
+
+    let brokers = s.string("kafka.brokers", None);
+    let group_id = s.string("kafka.group_id", Some("cdrguard"));
+    let guarantee = s.choice(
+        "kafka.guarantee",
+        Guarantee::ExactlyOnce,
+        &[
+            ("exactly_once", Guarantee::ExactlyOnce),
+            ("at_least_once", Guarantee::AtLeastOnce),
+        ],
+    );
+    let transactional_id = s.string("kafka.transactional_id", Some(""));
+    let properties = s.properties("kafka.properties");
+    let consumer_properties = s.properties("kafka.consumer_properties");
+    let producer_properties = s.properties("kafka.producer_properties");
+
+    let input = s.string("topics.input", Some("cdr.raw"));
+    let control = s.string("topics.control", Some("subscriber.control"));
+    let dead_letter = s.string("topics.dead_letter", Some("cdr.dead-letter"));
+    let schedule = s.string("topics.retention_schedule", Some("cdr.retention.schedule"));
+    let mut routes: [Option<String>; Purpose::COUNT] = Default::default();
+    let mut named: Vec<(String, Origin, String)> = Vec::new();
+    for p in Purpose::ALL {
+        let key = format!("topics.routes.{}", p.id());
+        if let Some((t, o)) = s.string(&key, Some(&default_route(p))) {
+            named.push((t.clone(), o, key));
+            routes[p as usize] = Some(t);
+        }
+    }
+    for (k, o) in [
+        ("topics.input", &input),
+        ("topics.control", &control),
+        ("topics.dead_letter", &dead_letter),
+        ("topics.retention_schedule", &schedule),
+    ] {
+        if let Some((t, origin)) = o {
+            named.push((t.clone(), origin.clone(), k.to_string()));
+        }
+    }
+    // A topic used for two things would mix copies of different purposes, or feed
+    // cdrguard its own output.
+    for i in 0..named.len() {
+        for j in 0..i {
+            if named[i].0 == named[j].0 {
+                let (t, o, k) = named[i].clone();
+                s.problem(o, &k, format!("topic {t:?} is also used by {}", named[j].2));
+            }
+        }
+    }
+
+    let policy = s.string("processing.policy", None);
+    let key_file = match s.string("processing.key_file", Some("")) {
+        Some((p, Origin::Default)) => match key_file_fallback {
+            Some((v, o)) => Some((v, o)),
+            None => {
+                s.problem(
+                    Origin::Default,
+                    "processing.key_file",
+                    "missing (required; or set CDRGUARD_KEY_FILE)",
+                );
+                let _ = p;
+                None
+            }
+        },
+        other => other,
+    };
+    let formats = [("json", Format::Json), ("binary", Format::Binary)];
+    let input_format = s.choice("processing.input_format", Format::Json, &formats);
+    let output_format = s.choice("processing.output_format", Format::Json, &formats);
+    let commit_ms = s.integer("processing.commit_interval_ms", 100, (10, 60_000));
+    let commit_max = s.integer("processing.commit_max_records", 20_000, (1, 10_000_000));
+    let staleness = s.integer(
+        "processing.control_max_staleness_ms",
+        10_000,
+        (1_000, 3_600_000),
+    );
+    let queued_kb = s.integer("processing.queued_max_kbytes", 8_192, (64, 2_097_151));
+
+    for (k, (_, o)) in std::mem::take(&mut s.leaves) {
+        s.problem(o, &k, "unknown key");
+    }
+
+    let resolve = |p: String| {
+        let p = PathBuf::from(p);
+        if p.is_absolute() { p } else { base.join(p) }
+    };
+    let transactional_id = match (guarantee, transactional_id) {
+        (Guarantee::ExactlyOnce, Some((t, Origin::Default))) if t.is_empty() => {
+            // Stable across restarts of the same host, which is what fencing needs; two
+            // instances on one host must set their own.
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "local".into());
+            let group = group_id.as_ref().map_or("cdrguard", |g| g.0.as_str());
+            format!("{group}-{host}")
+        }
+        (_, Some((t, _))) => t,
+        (_, None) => String::new(),
+    };
+
+    s.problems.sort_by_key(|p| match p.origin {
+        Origin::Line(l) => (0, l),
+        Origin::Env(_) => (1, 0),
+        Origin::Default => (2, 0),
+    });
+    if !s.problems.is_empty() {
+        return Err(ConfigError {
+            file: file.to_string(),
+            problems: s.problems,
+        });
+    }
+    let get = |v: Option<(String, Origin)>| v.map(|(s, _)| s).unwrap_or_default();
+    Ok(RunConfig {
+        brokers: get(brokers),
+        group_id: get(group_id),
+        transactional_id,
+        guarantee,
+        properties,
+        consumer_properties,
+        producer_properties,
+        input_topic: get(input),
+        control_topic: get(control),
+        dead_letter_topic: get(dead_letter),
+        schedule_topic: get(schedule),
+        routes,
+        policy: resolve(get(policy)),
+        key_file: resolve(get(key_file)),
+        input_format,
+        output_format,
+        commit_interval: Duration::from_millis(commit_ms as u64),
+        commit_max_records: commit_max as usize,
+        control_max_staleness: Duration::from_millis(staleness as u64),
+        queued_max_kbytes: queued_kb as u32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    const GOOD: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+transactional_id = "g-1"
+
+[kafka.properties]
+"security.protocol" = "SASL_SSL"
+"sasl.password" = "hunter2"
+
+[topics.routes]
+marketing = "mkt"
+
+[processing]
+policy = "policies/excedo.toml"
+key_file = "/etc/cdrguard/keys.toml"
+commit_interval_ms = 250
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_defaults_and_env_overrides() {
+        let c = parse(
+            GOOD,
+            "c.toml",
+            Path::new("/srv"),
+            env(&[
+                ("CDRGUARD_KAFKA__GROUP_ID", "g2"),
+                ("CDRGUARD_PROCESSING__COMMIT_MAX_RECORDS", "500"),
+                ("CDRGUARD_KAFKA__PROPERTIES__SASL_USERNAME", "svc"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.group_id, "g2");
+        assert_eq!(c.commit_interval, Duration::from_millis(250));
+        assert_eq!(c.commit_max_records, 500);
+        assert_eq!(
+            c.routes[Purpose::Marketing as usize].as_deref(),
+            Some("mkt")
+        );
+        assert_eq!(
+            c.routes[Purpose::Billing as usize].as_deref(),
+            Some("cdr.billing")
+        );
+        assert_eq!(c.input_topic, "cdr.raw");
+        assert_eq!(c.policy, Path::new("/srv/policies/excedo.toml"));
+        assert_eq!(c.properties["sasl.username"], "svc");
+        assert_eq!(c.properties["security.protocol"], "SASL_SSL");
+        // Debug never shows property values (they may be passwords).
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_where_it_is() {
+        let text = r#"
+[kafka]
+brokers = "b:9092"
+guarantee = "maybe_once"
+grup_id = "typo"
+
+[kafka.properties]
+"enable.auto.commit" = true
+
+[topics]
+input = "cdr.billing"
+
+[processing]
+policy = "p.toml"
+key_file = "k.toml"
+commit_interval_ms = 5
+"#;
+        let e = parse(
+            text,
+            "c.toml",
+            Path::new("."),
+            env(&[("CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES", "lots")]),
+        )
+        .unwrap_err();
+        let shown = e.to_string();
+        for want in [
+            "c.toml:4: kafka.guarantee: \"maybe_once\" is not one of",
+            "c.toml:5: kafka.grup_id: unknown key",
+            "c.toml:8: kafka.properties.\"enable.auto.commit\": cdrguard sets this property",
+            "c.toml:11: topics.input: topic \"cdr.billing\" is also used by topics.routes.billing",
+            "c.toml:16: processing.commit_interval_ms: 5 is out of range",
+            "env CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES: processing.queued_max_kbytes: must be an integer",
+        ] {
+            assert!(shown.contains(want), "missing {want:?} in:\n{shown}");
+        }
+        assert_eq!(e.problems.len(), 6, "{shown}");
+    }
+
+    #[test]
+    fn required_keys_are_reported_and_key_file_falls_back_to_its_variable() {
+        let e = parse("[kafka]\n", "c.toml", Path::new("."), env(&[])).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("kafka.brokers: missing"), "{shown}");
+        assert!(shown.contains("processing.policy: missing"), "{shown}");
+        assert!(shown.contains("processing.key_file: missing"), "{shown}");
+        let c = parse(
+            "[kafka]\nbrokers='b'\n[processing]\npolicy='p'\n",
+            "c.toml",
+            Path::new("/x"),
+            env(&[("CDRGUARD_KEY_FILE", "/k/keys.toml")]),
+        )
+        .unwrap();
+        assert_eq!(c.key_file, Path::new("/k/keys.toml"));
+        assert!(!c.transactional_id.is_empty());
+    }
+
+    #[test]
+    fn env_names_map_to_keys() {
+        assert_eq!(
+            env_key("CDRGUARD_KAFKA__GROUP_ID").as_deref(),
+            Some("kafka.group_id")
+        );
+        assert_eq!(
+            env_key("CDRGUARD_KAFKA__PROPERTIES__SSL_CA_LOCATION").as_deref(),
+            Some("kafka.properties.\"ssl.ca.location\"")
+        );
+        assert_eq!(env_key("CDRGUARD_KEY_FILE"), None);
+    }
+}

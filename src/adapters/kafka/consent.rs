@@ -1,0 +1,438 @@
+//! The consent table: every subscriber's routing state, built from the compacted
+//! `subscriber.control` topic, read to its end before the first record is routed and then
+//! followed live. It fails closed: while the table is not known to be current, records are
+//! routed as if every subscriber had withdrawn consent, objected and restricted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::codec::json;
+use crate::core::control::SubscriberState;
+use crate::core::purpose::Purpose;
+
+/// Upper bounds (ms) of the delay histogram's buckets; the last bucket is open.
+const DELAY_BOUNDS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 60000,
+];
+
+/// Delays from a control event's Kafka timestamp to its effect on routing.
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    buckets: [AtomicU64; DELAY_BOUNDS_MS.len() + 1],
+    max_ms: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Counts one delay.
+    pub fn record(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        let i = DELAY_BOUNDS_MS.partition_point(|&b| b < ms);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.max_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Events counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The upper bound (ms) of the bucket holding quantile `q` (0..=1): the true value is
+    /// at most this. `None` before the first event.
+    pub fn quantile_upper_ms(&self, q: f64) -> Option<u64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Some(
+                    DELAY_BOUNDS_MS
+                        .get(i)
+                        .copied()
+                        .unwrap_or_else(|| self.max_ms.load(Ordering::Relaxed)),
+                );
+            }
+        }
+        Some(self.max_ms.load(Ordering::Relaxed))
+    }
+
+    /// The largest delay seen (ms).
+    pub fn max_ms(&self) -> u64 {
+        self.max_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Subscriber states by msisdn, plus whether they can be trusted right now.
+#[derive(Debug)]
+pub struct ConsentStore {
+    states: DashMap<Box<str>, SubscriberState>,
+    /// Set once every control partition was read to its end at start.
+    caught_up: AtomicBool,
+    /// When the follower last saw every partition at its end (ms since `epoch`).
+    confirmed_ms: AtomicU64,
+    epoch: Instant,
+    max_staleness: Duration,
+    /// Control events applied.
+    pub applied: AtomicU64,
+    /// Control events refused (malformed); each is logged with its position.
+    pub refused: AtomicU64,
+    /// Commit-to-effect delays.
+    pub delays: DelayHistogram,
+}
+
+/// The state to route with when the table may be stale: no consent, an objection to
+/// every purpose, restriction in force. Only purposes that need none of these (billing
+/// and fraud under contract or legal obligation) still get copies.
+pub fn fail_closed(known: SubscriberState) -> SubscriberState {
+    let mut s = SubscriberState {
+        restricted: true,
+        contract_ended: known.contract_ended,
+        ..SubscriberState::default()
+    };
+    for p in Purpose::ALL {
+        s.objected.set(p, true);
+    }
+    s
+}
+
+impl ConsentStore {
+    /// An empty table that counts as stale until the follower has caught up.
+    pub fn new(max_staleness: Duration) -> ConsentStore {
+        ConsentStore {
+            states: DashMap::new(),
+            caught_up: AtomicBool::new(false),
+            confirmed_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            max_staleness,
+            applied: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            delays: DelayHistogram::default(),
+        }
+    }
+
+    /// Whether the initial read of the control topic has finished.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Whether routing may trust the table at `now`: caught up, and confirmed at the end
+    /// of the control topic within the staleness bound. Read once per batch, not per
+    /// record.
+    pub fn fresh(&self, now: Instant) -> bool {
+        if !self.caught_up() {
+            return false;
+        }
+        let confirmed =
+            self.epoch + Duration::from_millis(self.confirmed_ms.load(Ordering::Acquire));
+        now.saturating_duration_since(confirmed) <= self.max_staleness
+    }
+
+    /// The state to route a subscriber's record with.
+    pub fn view(&self, msisdn: &str, fresh: bool) -> SubscriberState {
+        let known = self.states.get(msisdn).map(|s| *s).unwrap_or_default();
+        if fresh { known } else { fail_closed(known) }
+    }
+
+    /// Subscribers with a recorded state.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether no subscriber has a recorded state.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    fn confirm(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.confirmed_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// Applies one control-topic message: an event, or a tombstone (no payload) that
+    /// removes what its key set, so the table always equals a fresh read of the
+    /// compacted topic.
+    pub fn apply_message(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<(), String> {
+        match payload {
+            Some(p) => {
+                let ev = json::decode_control(p)?;
+                self.states
+                    .entry(ev.msisdn.as_str().into())
+                    .or_default()
+                    .apply(&ev.change, ev.at);
+            }
+            None => {
+                let key = key
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .ok_or("tombstone without a UTF-8 key")?;
+                let mut parts = key.splitn(3, '/');
+                let (Some(msisdn), Some(kind)) = (parts.next(), parts.next()) else {
+                    return Err("tombstone key is not msisdn/type[/purpose]".into());
+                };
+                let purpose = parts.next().map(Purpose::from_id);
+                if let Some(mut s) = self.states.get_mut(msisdn) {
+                    match (kind, purpose) {
+                        ("consent", Some(Some(p))) => s.consented.set(p, false),
+                        ("objection", Some(Some(p))) => s.objected.set(p, false),
+                        ("restriction", None) => s.restricted = false,
+                        ("contract_ended", None) => s.contract_ended = None,
+                        ("erasure" | "invoice_settled", _) => {}
+                        _ => return Err("tombstone key names no known setting".into()),
+                    }
+                }
+            }
+        }
+        self.applied.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn mark_caught_up_for_test(&self) {
+        self.caught_up.store(true, Ordering::Release);
+        self.confirm(Instant::now());
+    }
+}
+
+/// Why the follower stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The consumer could not be created or assigned.
+    #[error("control topic {topic}: {source}")]
+    Kafka {
+        /// The control topic.
+        topic: String,
+        /// The cause.
+        source: KafkaError,
+    },
+    /// The control topic does not exist.
+    #[error("control topic {0} does not exist (create it compacted; see README)")]
+    Missing(String),
+}
+
+/// What the follower needs.
+pub struct FollowerConfig {
+    /// librdkafka properties (bootstrap servers, TLS, SASL, ...).
+    pub client: ClientConfig,
+    /// The control topic.
+    pub topic: String,
+}
+
+/// Starts the follower thread: assigns every partition of the control topic from the
+/// beginning, applies each event, marks the table caught up once every partition reached
+/// its end, and keeps confirming freshness at every end reached after that. Returns once
+/// the consumer is assigned; `stop` ends the thread.
+pub fn spawn_follower(
+    cfg: FollowerConfig,
+    store: Arc<ConsentStore>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, FollowError> {
+    let kafka = |source| FollowError::Kafka {
+        topic: cfg.topic.clone(),
+        source,
+    };
+    let mut client = cfg.client.clone();
+    // Never committed: every instance reads the whole topic from the start. The group id
+    // only satisfies librdkafka's consumer, it forms no group (assign, not subscribe).
+    client
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    if client.get("group.id").is_none() {
+        client.set("group.id", "cdrguard-control-reader");
+    }
+    let consumer: BaseConsumer = client.create().map_err(kafka)?;
+    let md = consumer
+        .fetch_metadata(Some(&cfg.topic), Duration::from_secs(10))
+        .map_err(kafka)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == cfg.topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(FollowError::Missing(cfg.topic.clone()));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(&cfg.topic, *p, Offset::Beginning)
+            .map_err(kafka)?;
+    }
+    consumer.assign(&tpl).map_err(kafka)?;
+    let topic = cfg.topic.clone();
+    std::thread::Builder::new()
+        .name("cdrguard-control".into())
+        .spawn(move || follow(consumer, &topic, &partitions, &store, &stop))
+        .map_err(|e| FollowError::Kafka {
+            topic: cfg.topic.clone(),
+            source: KafkaError::ClientCreation(e.to_string()),
+        })
+}
+
+fn follow(
+    consumer: BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    store: &ConsentStore,
+    stop: &AtomicBool,
+) {
+    // A partition is at its end from an end-of-partition event until its next message.
+    // librdkafka reports that event past transaction markers too, which the consumed
+    // position alone would not show.
+    let mut at_end = vec![false; partitions.len()];
+    let mut last_check = Instant::now();
+    let mut throttle = super::Throttle::default();
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => {
+                if let Some(i) = partitions.iter().position(|p| *p == m.partition()) {
+                    at_end[i] = false;
+                }
+                match store.apply_message(m.key(), m.payload()) {
+                    Ok(()) => {
+                        if let Some(ts) = m.timestamp().to_millis() {
+                            let now_ms = SystemTime::now()
+                                .duration_since(UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as i64);
+                            let delay =
+                                Duration::from_millis(now_ms.saturating_sub(ts).max(0) as u64);
+                            store.delays.record(delay);
+                            metrics::histogram!("cdrguard_control_apply_delay_seconds")
+                                .record(delay.as_secs_f64());
+                        }
+                    }
+                    Err(_reason) => {
+                        store.refused.fetch_add(1, Ordering::Relaxed);
+                        // The reason may quote the payload (an msisdn): log where, not what.
+                        tracing::warn!(
+                            topic,
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            "control event refused (malformed); it stays on the topic at this position"
+                        );
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                if let Some(i) = partitions.iter().position(|q| *q == p) {
+                    at_end[i] = true;
+                }
+                if at_end.iter().all(|e| *e) && !store.caught_up() {
+                    store.confirm(Instant::now());
+                    store.caught_up.store(true, Ordering::Release);
+                    tracing::info!(
+                        subscribers = store.len(),
+                        events = store.applied.load(Ordering::Relaxed),
+                        "consent table caught up with the control topic"
+                    );
+                }
+            }
+            Some(Err(e)) if throttle.ready() => {
+                tracing::warn!(topic, error = %e, "control topic consumer error");
+            }
+            Some(Err(_)) => {}
+        }
+        if store.caught_up() && last_check.elapsed() >= CHECK_EVERY {
+            let started = Instant::now();
+            if is_current(&consumer, topic, partitions, &at_end) {
+                store.confirm(started);
+            }
+            last_check = Instant::now();
+        }
+    }
+}
+
+/// How often the follower proves the table current while following live.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Whether every partition is consumed to its end, proven by asking the broker: a
+/// partition counts if it is at its end or its position has reached the high watermark.
+/// A broker that does not answer proves nothing, so an outage makes the table stale.
+fn is_current(consumer: &BaseConsumer, topic: &str, partitions: &[i32], at_end: &[bool]) -> bool {
+    let Ok(pos) = consumer.position() else {
+        return false;
+    };
+    partitions.iter().zip(at_end).all(|(p, end)| {
+        let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(2)) else {
+            return false;
+        };
+        *end || matches!(
+            pos.find_partition(topic, *p).map(|e| e.offset()),
+            Some(Offset::Offset(o)) if o >= high
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_and_tombstones_build_the_table() {
+        let s = ConsentStore::new(Duration::from_secs(10));
+        s.apply_message(
+            Some(b"+46701234567/consent/marketing"),
+            Some(br#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing","granted":true}"#),
+        )
+        .unwrap();
+        s.mark_caught_up_for_test();
+        let now = Instant::now();
+        assert!(s.fresh(now));
+        assert!(
+            s.view("+46701234567", true)
+                .consented
+                .contains(Purpose::Marketing)
+        );
+        s.apply_message(Some(b"+46701234567/consent/marketing"), None)
+            .unwrap();
+        assert!(
+            !s.view("+46701234567", true)
+                .consented
+                .contains(Purpose::Marketing)
+        );
+        assert!(s.apply_message(Some(b"+46701234567/colour"), None).is_err());
+        assert!(s.apply_message(None, Some(b"{not json")).is_err());
+    }
+
+    #[test]
+    fn a_stale_table_fails_closed() {
+        let s = ConsentStore::new(Duration::from_secs(10));
+        s.apply_message(
+            None,
+            Some(br#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"analytics","granted":true}"#),
+        )
+        .unwrap();
+        // Not caught up yet: nothing may rely on consent.
+        assert!(!s.fresh(Instant::now()));
+        let v = s.view("+46701234567", false);
+        assert!(!v.consented.contains(Purpose::Analytics));
+        assert!(v.restricted);
+        assert!(Purpose::ALL.iter().all(|p| v.objected.contains(*p)));
+        s.mark_caught_up_for_test();
+        assert!(!s.fresh(Instant::now() + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn delay_quantiles_bound_the_values() {
+        let h = DelayHistogram::default();
+        assert_eq!(h.quantile_upper_ms(0.99), None);
+        for ms in [3, 4, 4, 8, 40, 40, 40, 40, 40, 900] {
+            h.record(Duration::from_millis(ms));
+        }
+        assert_eq!(h.quantile_upper_ms(0.5), Some(50));
+        assert_eq!(h.quantile_upper_ms(0.99), Some(1000));
+        assert_eq!(h.max_ms(), 900);
+    }
+}

@@ -1,0 +1,243 @@
+//! `cdrguard run`: the pure core against Kafka. Records come from the input topic's
+//! partitions, copies go to the route topics with their tags as headers, refused records
+//! to the dead-letter topic, opened retention windows to the schedule topic, all in one
+//! transaction with the input offsets. The consent table follows the control topic.
+//!
+//! - [`config`]: the TOML file and environment overrides, validated in one pass.
+//! - [`consent`]: the consent table and the thread that follows the control topic.
+//! - [`pipeline`]: group consumer, per-partition tasks, commits and rebalances.
+//! - [`sink`]: the producer and the two delivery guarantees.
+//! - [`topics`]: the topics a configuration needs, and their creation.
+
+pub mod config;
+pub mod consent;
+pub mod pipeline;
+pub mod sink;
+pub mod topics;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use tokio::sync::Notify;
+
+use self::config::{Guarantee, RunConfig};
+use self::consent::{ConsentStore, FollowError, FollowerConfig, spawn_follower};
+use self::pipeline::{PipelineError, PipelineInputs, RunStats, run_pipeline};
+use crate::core::pseudonym::Keyring;
+use crate::policy::Policy;
+
+/// How many times in a row a failed pipeline is rebuilt before `run` gives up.
+const MAX_RESTARTS: u32 = 10;
+
+/// Why `run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The control topic could not be followed.
+    #[error(transparent)]
+    Control(#[from] FollowError),
+    /// The pipeline failed and could not be rebuilt.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+/// Lets a repeated warning through once per period, so a broker outage does not flood
+/// the log.
+#[derive(Default)]
+pub(crate) struct Throttle(Option<std::time::Instant>);
+
+impl Throttle {
+    /// Whether to log now.
+    pub(crate) fn ready(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if self
+            .0
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return false;
+        }
+        self.0 = Some(now);
+        true
+    }
+}
+
+/// librdkafka settings every client shares: brokers, TLS, SASL.
+pub fn common(cfg: &RunConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// librdkafka settings of the group consumer. Offsets are only ever committed by
+/// cdrguard (with the transaction, or after the flush), never automatically.
+pub fn consumer_config(cfg: &RunConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("auto.offset.reset", "earliest")
+        // Bounded prefetch per partition, so lag does not become memory.
+        .set(
+            "queued.max.messages.kbytes",
+            cfg.queued_max_kbytes.to_string(),
+        )
+        .set("queued.min.messages", "10000");
+    for (k, v) in cfg.properties.iter().chain(&cfg.consumer_properties) {
+        c.set(k, v);
+    }
+    c.set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Input written by transactional producers: never route aborted records.
+        .set("isolation.level", "read_committed");
+    c
+}
+
+/// librdkafka settings of the producer.
+pub fn producer_config(cfg: &RunConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        // Java clients' partitioner, so keyed copies land where Java consumers expect.
+        .set("partitioner", "murmur2_random")
+        // A crashed instance's open transaction blocks read_committed readers until it
+        // times out: keep that short.
+        .set("transaction.timeout.ms", "10000")
+        .set("queue.buffering.max.kbytes", "65536");
+    for (k, v) in cfg.properties.iter().chain(&cfg.producer_properties) {
+        c.set(k, v);
+    }
+    c.set("enable.idempotence", "true");
+    if cfg.guarantee == Guarantee::ExactlyOnce {
+        c.set("transactional.id", &cfg.transactional_id);
+    }
+    c
+}
+
+/// What a caller can watch while `run` goes: the consent table and the counters.
+#[derive(Clone)]
+pub struct RunHandles {
+    /// The consent table.
+    pub store: Arc<ConsentStore>,
+    /// Counters, kept across pipeline restarts.
+    pub stats: Arc<RunStats>,
+}
+
+impl RunHandles {
+    /// Fresh handles for a configuration.
+    pub fn new(cfg: &RunConfig) -> RunHandles {
+        RunHandles {
+            store: Arc::new(ConsentStore::new(cfg.control_max_staleness)),
+            stats: Arc::new(RunStats::default()),
+        }
+    }
+}
+
+/// Runs until `stop` is notified: follows the control topic, waits until the consent
+/// table has caught up, then routes records, rebuilding the pipeline after a failure
+/// that a fresh consumer and producer can overcome.
+pub async fn run(
+    cfg: RunConfig,
+    policy: Arc<Policy>,
+    keys: Arc<Keyring>,
+    stop: Arc<Notify>,
+    handles: RunHandles,
+) -> Result<(), RunError> {
+    let RunHandles { store, stats } = handles;
+    let follower_stop = Arc::new(AtomicBool::new(false));
+    let follower = spawn_follower(
+        FollowerConfig {
+            client: {
+                let mut c = common(&cfg);
+                for (k, v) in &cfg.consumer_properties {
+                    c.set(k, v);
+                }
+                c.set("group.id", format!("{}.control-reader", cfg.group_id));
+                c
+            },
+            topic: cfg.control_topic.clone(),
+        },
+        store.clone(),
+        follower_stop.clone(),
+    )?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let stopping = stopping.clone();
+        let inner = Arc::new(Notify::new());
+        let inner2 = inner.clone();
+        tokio::spawn(async move {
+            stop.notified().await;
+            stopping.store(true, Ordering::Release);
+            inner2.notify_one();
+        });
+        inner
+    };
+
+    let result = async {
+        // Fail closed from the first record: none is routed before the table is whole.
+        let mut waited = 0u64;
+        while !store.caught_up() {
+            if stopping.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 20;
+            if waited.is_multiple_of(5000) {
+                tracing::info!(
+                    events = store.applied.load(Ordering::Relaxed),
+                    "reading the control topic before routing any record"
+                );
+            }
+        }
+        let inputs = PipelineInputs {
+            consumer_config: consumer_config(&cfg),
+            producer_config: producer_config(&cfg),
+            cfg: cfg.clone(),
+            policy,
+            keys,
+            store: store.clone(),
+            stats: stats.clone(),
+        };
+        let reporter = {
+            let stats = stats.clone();
+            let store = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    tracing::info!(
+                        stats = %stats.line(),
+                        control_events = store.applied.load(Ordering::Relaxed),
+                        control_delay_p99_ms = store.delays.quantile_upper_ms(0.99),
+                        "progress"
+                    );
+                }
+            })
+        };
+        let mut restarts = 0;
+        let out = loop {
+            match run_pipeline(&inputs, &watcher).await {
+                Ok(()) => break Ok(()),
+                Err(e) if e.restartable() && restarts < MAX_RESTARTS => {
+                    restarts += 1;
+                    if stopping.load(Ordering::Acquire) {
+                        break Ok(());
+                    }
+                    let backoff = Duration::from_millis(500 * u64::from(restarts.min(10)));
+                    tracing::warn!(error = %e, restarts, ?backoff, "rebuilding the pipeline");
+                    tokio::time::sleep(backoff).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        reporter.abort();
+        out
+    }
+    .await;
+    follower_stop.store(true, Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || follower.join()).await;
+    result.map_err(RunError::from)
+}

@@ -1,0 +1,795 @@
+//! One run of the Kafka pipeline: the group consumer, one task per assigned partition
+//! around the pure core, and the coordinator that commits copies, schedule entries and
+//! input offsets together.
+//!
+//! Each partition's state sits behind its own async mutex, held while a batch of its
+//! records is processed. A commit takes every partition's mutex (in partition order), so
+//! nothing is produced between "these offsets" and "commit": the transaction holds
+//! exactly the copies of the records up to the offsets it commits. Rebalance callbacks
+//! run on the group thread and take the same locks, so revoked partitions are committed
+//! before they are given away.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+
+use super::config::RunConfig;
+use super::consent::ConsentStore;
+use super::sink::{Out, Sink, SinkError};
+use crate::codec::{self, Format, binary, json};
+use crate::core::process::{Outcome, process};
+use crate::core::pseudonym::Keyring;
+use crate::core::purpose::Purpose;
+use crate::core::record::Record;
+use crate::core::retention::WindowBatch;
+use crate::core::time::Millis;
+use crate::policy::Policy;
+
+/// Records a partition task processes before it lets others (and commits) in.
+const BATCH: usize = 512;
+
+/// Counters of a run, readable while it goes.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    /// Records routed (valid ones).
+    pub records: AtomicU64,
+    /// Records sent to the dead-letter topic.
+    pub dead_letters: AtomicU64,
+    /// Records routed while the consent table was stale (fail closed).
+    pub fail_closed: AtomicU64,
+    /// Copies per route.
+    pub copies: [AtomicU64; Purpose::COUNT],
+    /// Schedule entries written.
+    pub windows: AtomicU64,
+    /// Transactions (or at-least-once batches) committed.
+    pub commits: AtomicU64,
+    /// Transactions aborted (input rewound).
+    pub aborts: AtomicU64,
+}
+
+impl RunStats {
+    /// One line for the log.
+    pub fn line(&self) -> String {
+        let c: Vec<String> = Purpose::ALL
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}={}",
+                    p.id(),
+                    self.copies[*p as usize].load(Ordering::Relaxed)
+                )
+            })
+            .collect();
+        format!(
+            "records={} dead_letters={} fail_closed={} copies[{}] windows={} commits={} aborts={}",
+            self.records.load(Ordering::Relaxed),
+            self.dead_letters.load(Ordering::Relaxed),
+            self.fail_closed.load(Ordering::Relaxed),
+            c.join(" "),
+            self.windows.load(Ordering::Relaxed),
+            self.commits.load(Ordering::Relaxed),
+            self.aborts.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Why a pipeline run ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A Kafka client could not be made or asked.
+    #[error("kafka: {what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: KafkaError,
+    },
+    /// Topics are missing or too small.
+    #[error("topics: {0}")]
+    Topics(String),
+    /// The producer failed.
+    #[error("producer: {0}")]
+    Sink(#[from] SinkError),
+    /// A message reached the group's main queue instead of its partition queue; the
+    /// pipeline restarts so its order is kept.
+    #[error("a message of partition {0} bypassed its partition queue")]
+    Stray(i32),
+}
+
+impl PipelineError {
+    /// Whether a fresh pipeline (new consumer and producer) may succeed where this failed.
+    pub fn restartable(&self) -> bool {
+        !matches!(
+            self,
+            PipelineError::Topics(_) | PipelineError::Sink(SinkError::Fenced(_))
+        )
+    }
+}
+
+/// What a partition task keeps between commits.
+#[derive(Default)]
+struct SlotState {
+    /// Offset after the last committed record.
+    committed: Option<i64>,
+    /// Offset after the last record processed.
+    next: Option<i64>,
+    /// First offset processed since the last commit: where an abort rewinds to.
+    txn_first: Option<i64>,
+    /// Records processed since the last commit.
+    records: u64,
+    /// Retention windows touched since the last commit.
+    windows: WindowBatch,
+    /// Set by an abort: seek here before reading on.
+    rewind: Option<i64>,
+}
+
+struct Slot {
+    partition: i32,
+    state: tokio::sync::Mutex<SlotState>,
+    wake: Notify,
+    stop: AtomicBool,
+}
+
+/// Everything the tasks, the coordinator and the rebalance callbacks share.
+pub struct Shared {
+    cfg: RunConfig,
+    policy: Arc<Policy>,
+    keys: Arc<Keyring>,
+    store: Arc<ConsentStore>,
+    sink: Sink,
+    consumer: OnceLock<Arc<BaseConsumer<GroupContext>>>,
+    slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Serialises commits (coordinator, rebalances, shutdown) and slot registration.
+    commit_lock: tokio::sync::Mutex<()>,
+    uncommitted: AtomicUsize,
+    commit_now: Notify,
+    failed: Mutex<Option<PipelineError>>,
+    fail_notify: Notify,
+    closing: AtomicBool,
+    stats: Arc<RunStats>,
+    rt: tokio::runtime::Handle,
+}
+
+/// The group consumer's context: rebalance callbacks reach the shared state through it.
+pub struct GroupContext {
+    shared: OnceLock<Weak<Shared>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        let Some(shared) = self.shared.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if let Rebalance::Revoke(tpl) = r {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let lost = consumer.assignment_lost();
+            tracing::info!(?parts, lost, "partitions revoked");
+            let s = shared.clone();
+            // The group thread is not a runtime thread, so it may block on the commit;
+            // the revocation must not complete before it.
+            shared
+                .rt
+                .block_on(async move { s.revoke(&parts, lost).await });
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        let Some(shared) = self.shared.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        match r {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?parts, "partitions assigned");
+                let s = shared.clone();
+                shared.rt.block_on(async move { s.assign(&parts).await });
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+fn now_millis() -> Millis {
+    Millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    )
+}
+
+impl Shared {
+    fn consumer(&self) -> &Arc<BaseConsumer<GroupContext>> {
+        self.consumer
+            .get()
+            .expect("consumer set before subscribing")
+    }
+
+    fn fail(&self, e: PipelineError) {
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            tracing::error!(error = %e, "pipeline failed");
+            *f = Some(e);
+        }
+        self.fail_notify.notify_one();
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Registers newly assigned partitions and starts their tasks.
+    async fn assign(self: &Arc<Self>, parts: &[i32]) {
+        let _g = self.commit_lock.lock().await;
+        let consumer = self.consumer().clone();
+        for &p in parts {
+            let Some(queue) = consumer.split_partition_queue(&self.cfg.input_topic, p) else {
+                self.fail(PipelineError::Topics(format!(
+                    "cannot read partition {p} of {}",
+                    self.cfg.input_topic
+                )));
+                continue;
+            };
+            let slot = Arc::new(Slot {
+                partition: p,
+                state: tokio::sync::Mutex::new(SlotState::default()),
+                wake: Notify::new(),
+                stop: AtomicBool::new(false),
+            });
+            let old = self
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(p, slot.clone());
+            if let Some(old) = old {
+                old.stop.store(true, Ordering::Release);
+                old.wake.notify_one();
+            }
+            let me = self.clone();
+            let h = self
+                .rt
+                .spawn(async move { me.partition_task(slot, queue).await });
+            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+        }
+    }
+
+    /// Commits (or, when the assignment was lost, aborts) before partitions go.
+    async fn revoke(self: &Arc<Self>, parts: &[i32], lost: bool) {
+        let _g = self.commit_lock.lock().await;
+        let slots = self.snapshot();
+        let mut guards = Vec::with_capacity(slots.len());
+        for s in &slots {
+            guards.push(s.state.lock().await);
+        }
+        let outcome = if lost {
+            // Another member may already own them: nothing of this transaction may
+            // commit.
+            Err(SinkError::Abortable(KafkaError::Canceled))
+        } else {
+            self.commit_locked(&slots, &mut guards).await
+        };
+        if let Err(e) = outcome
+            && let Err(fatal) = self.abort_locked(&slots, &mut guards, &e).await
+        {
+            self.fail(fatal.into());
+        }
+        let mut reg = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for s in &slots {
+            if parts.contains(&s.partition) {
+                s.stop.store(true, Ordering::Release);
+                s.wake.notify_one();
+                reg.remove(&s.partition);
+            }
+        }
+    }
+
+    /// One commit: takes every partition's lock, writes the pending schedule entries and
+    /// commits them with the copies and offsets; on an abortable failure, aborts and
+    /// rewinds every partition to its last committed offset.
+    async fn commit_cycle(self: &Arc<Self>) -> Result<(), PipelineError> {
+        let _g = self.commit_lock.lock().await;
+        let slots = self.snapshot();
+        let mut guards = Vec::with_capacity(slots.len());
+        for s in &slots {
+            guards.push(s.state.lock().await);
+        }
+        if let Err(e) = self.commit_locked(&slots, &mut guards).await {
+            if matches!(e, SinkError::Fatal(_) | SinkError::Fenced(_)) {
+                return Err(e.into());
+            }
+            self.abort_locked(&slots, &mut guards, &e).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_locked(
+        &self,
+        slots: &[Arc<Slot>],
+        guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
+    ) -> Result<(), SinkError> {
+        if !guards
+            .iter()
+            .any(|g| g.records > 0 || !g.windows.is_empty())
+        {
+            return Ok(());
+        }
+        let mut line = Vec::with_capacity(512);
+        let mut windows = 0u64;
+        for (slot, g) in slots.iter().zip(guards.iter_mut()) {
+            for w in g.windows.drain(&self.policy) {
+                line.clear();
+                // Serialising owned strings and numbers into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut line, &w);
+                let key = w.key();
+                // Same partition as the input: the partition's owner owns its timers.
+                self.sink
+                    .send(Out {
+                        topic: &self.cfg.schedule_topic,
+                        partition: Some(slot.partition),
+                        key: Some(key.as_bytes()),
+                        payload: &line,
+                        headers: None,
+                    })
+                    .await?;
+                windows += 1;
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (slot, g) in slots.iter().zip(guards.iter()) {
+            if let Some(next) = g.next.filter(|n| Some(*n) != g.committed) {
+                tpl.add_partition_offset(
+                    &self.cfg.input_topic,
+                    slot.partition,
+                    Offset::Offset(next),
+                )
+                .map_err(SinkError::Abortable)?;
+            }
+        }
+        let consumer = self.consumer().clone();
+        let sink = &self.sink;
+        // librdkafka's commit blocks: keep it off the async workers.
+        tokio::task::block_in_place(|| sink.commit(&tpl, &consumer))?;
+        for g in guards.iter_mut() {
+            g.committed = g.next;
+            g.txn_first = None;
+            g.records = 0;
+        }
+        self.uncommitted.store(0, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.windows.fetch_add(windows, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn abort_locked(
+        &self,
+        slots: &[Arc<Slot>],
+        guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
+        why: &SinkError,
+    ) -> Result<(), SinkError> {
+        tracing::warn!(error = %why, "aborting the open transaction and rewinding the input");
+        let sink = &self.sink;
+        tokio::task::block_in_place(|| sink.abort())?;
+        for (slot, g) in slots.iter().zip(guards.iter_mut()) {
+            if let Some(first) = g.txn_first.take() {
+                g.rewind = Some(first);
+                g.next = g.committed;
+                slot.wake.notify_one();
+            }
+            g.records = 0;
+            g.windows.clear();
+        }
+        self.uncommitted.store(0, Ordering::Relaxed);
+        self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn partition_task(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        mut queue: PartitionQueue<GroupContext>,
+    ) {
+        {
+            let s = slot.clone();
+            queue.set_nonempty_callback(move || s.wake.notify_one());
+        }
+        let mut scratch = Scratch::default();
+        loop {
+            let more = {
+                let mut st = slot.state.lock().await;
+                if slot.stop.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Some(off) = st.rewind.take() {
+                    let c = self.consumer().clone();
+                    let topic = self.cfg.input_topic.clone();
+                    let p = slot.partition;
+                    // Messages fetched before the seek are discarded by librdkafka.
+                    let r = tokio::task::block_in_place(|| {
+                        c.seek(&topic, p, Offset::Offset(off), Duration::from_secs(10))
+                    });
+                    if let Err(e) = r {
+                        self.fail(PipelineError::Kafka {
+                            what: "rewinding a partition",
+                            source: e,
+                        });
+                        break;
+                    }
+                }
+                let now = now_millis();
+                let fresh = self.store.fresh(Instant::now());
+                let mut n = 0;
+                while n < BATCH {
+                    match queue.poll(Duration::ZERO) {
+                        None => break,
+                        Some(Ok(m)) => {
+                            if let Err(e) = self.handle(&m, &mut st, now, fresh, &mut scratch).await
+                            {
+                                self.fail(e.into());
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(partition = slot.partition, error = %e, "consumer error");
+                        }
+                    }
+                    n += 1;
+                }
+                n == BATCH
+            };
+            if more {
+                tokio::task::yield_now().await;
+            } else {
+                slot.wake.notified().await;
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        m: &BorrowedMessage<'_>,
+        st: &mut SlotState,
+        now: Millis,
+        fresh: bool,
+        scratch: &mut Scratch,
+    ) -> Result<(), SinkError> {
+        let payload = m.payload().unwrap_or(&[]);
+        let decoded: Result<Record<'_>, codec::DecodeError> = match self.cfg.input_format {
+            Format::Json => json::decode_record(payload),
+            Format::Binary => binary::decode_record(payload),
+        };
+        match decoded {
+            Err(e) => {
+                let headers = OwnedHeaders::new_with_capacity(4)
+                    .insert(Header {
+                        key: "dlq.reason",
+                        value: Some(&e.to_string()),
+                    })
+                    .insert(Header {
+                        key: "dlq.topic",
+                        value: Some(m.topic()),
+                    })
+                    .insert(Header {
+                        key: "dlq.partition",
+                        value: Some(&m.partition().to_string()),
+                    })
+                    .insert(Header {
+                        key: "dlq.offset",
+                        value: Some(&m.offset().to_string()),
+                    });
+                self.sink
+                    .send(Out {
+                        topic: &self.cfg.dead_letter_topic,
+                        partition: None,
+                        key: m.key(),
+                        payload,
+                        headers: Some(headers),
+                    })
+                    .await?;
+                self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(r) => {
+                let state = self.store.view(&r.msisdn, fresh);
+                let d = process(&r, &self.policy, &state, &self.keys, now);
+                for c in &d.copies {
+                    let Some(topic) = self.cfg.routes[c.envelope.purpose as usize].as_deref()
+                    else {
+                        continue;
+                    };
+                    scratch.buf.clear();
+                    match self.cfg.output_format {
+                        Format::Json => json::encode_copy(c, &mut scratch.buf),
+                        Format::Binary => binary::encode_copy(c, &mut scratch.buf),
+                    }
+                    let mut headers = OwnedHeaders::new_with_capacity(9);
+                    for (k, v) in codec::headers(c, &mut scratch.treatments) {
+                        headers = headers.insert(Header {
+                            key: k,
+                            value: Some(v),
+                        });
+                    }
+                    let entry = c.schedule_entry();
+                    self.sink
+                        .send(Out {
+                            topic,
+                            partition: None,
+                            key: entry.subscriber.map(str::as_bytes),
+                            payload: &scratch.buf,
+                            headers: Some(headers),
+                        })
+                        .await?;
+                    st.windows.add(&entry, state.contract_ended);
+                    self.stats.copies[c.envelope.purpose as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                if !fresh {
+                    self.stats.fail_closed.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = d
+                    .outcomes
+                    .iter()
+                    .flatten()
+                    .filter(|o| **o == Outcome::Copied)
+                    .count();
+                self.stats.records.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        st.next = Some(m.offset() + 1);
+        st.txn_first.get_or_insert(m.offset());
+        st.records += 1;
+        if self.uncommitted.fetch_add(1, Ordering::Relaxed) + 1 >= self.cfg.commit_max_records {
+            self.commit_now.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Buffers a partition task reuses for every copy.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    treatments: String,
+}
+
+/// The shared inputs of a pipeline run.
+pub struct PipelineInputs {
+    /// Configuration.
+    pub cfg: RunConfig,
+    /// The policy.
+    pub policy: Arc<Policy>,
+    /// Pseudonym keys.
+    pub keys: Arc<Keyring>,
+    /// The consent table (caught up before the run starts).
+    pub store: Arc<ConsentStore>,
+    /// Counters, kept across pipeline restarts.
+    pub stats: Arc<RunStats>,
+    /// librdkafka properties for the group consumer.
+    pub consumer_config: ClientConfig,
+    /// librdkafka properties for the producer.
+    pub producer_config: ClientConfig,
+}
+
+/// Runs one pipeline until `stop` is notified (graceful: the open transaction is
+/// committed, the group left) or it fails.
+pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), PipelineError> {
+    let cfg = &inputs.cfg;
+    let producer_config = inputs.producer_config.clone();
+    let guarantee = cfg.guarantee;
+    let sink = tokio::task::spawn_blocking(move || Sink::create(&producer_config, guarantee))
+        .await
+        .map_err(|e| PipelineError::Topics(format!("producer start-up panicked: {e}")))??;
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        policy: inputs.policy.clone(),
+        keys: inputs.keys.clone(),
+        store: inputs.store.clone(),
+        sink,
+        consumer: OnceLock::new(),
+        slots: Mutex::new(BTreeMap::new()),
+        tasks: Mutex::new(Vec::new()),
+        commit_lock: tokio::sync::Mutex::new(()),
+        uncommitted: AtomicUsize::new(0),
+        commit_now: Notify::new(),
+        failed: Mutex::new(None),
+        fail_notify: Notify::new(),
+        closing: AtomicBool::new(false),
+        stats: inputs.stats.clone(),
+        rt: tokio::runtime::Handle::current(),
+    });
+    let ctx = GroupContext {
+        shared: OnceLock::new(),
+    };
+    let _ = ctx.shared.set(Arc::downgrade(&shared));
+    let consumer: BaseConsumer<GroupContext> = inputs
+        .consumer_config
+        .create_with_context(ctx)
+        .map_err(|source| PipelineError::Kafka {
+            what: "creating the group consumer",
+            source,
+        })?;
+    let consumer = Arc::new(consumer);
+    let _ = shared.consumer.set(consumer.clone());
+    check_topics(&consumer, cfg, &inputs.policy)?;
+    consumer
+        .subscribe(&[&cfg.input_topic])
+        .map_err(|source| PipelineError::Kafka {
+            what: "subscribing to the input topic",
+            source,
+        })?;
+
+    // The group thread polls the main queue so rebalance callbacks fire; it may block in
+    // them (commits), which is why it is not an async task.
+    let group_stop = Arc::new(AtomicBool::new(false));
+    let group = {
+        let shared = shared.clone();
+        let consumer = consumer.clone();
+        let group_stop = group_stop.clone();
+        std::thread::Builder::new()
+            .name("cdrguard-group".into())
+            .spawn(move || group_thread(&shared, &consumer, &group_stop))
+            .map_err(|e| PipelineError::Topics(format!("cannot start the group thread: {e}")))?
+    };
+
+    let coordinator = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(shared.cfg.commit_interval) => {}
+                    _ = shared.commit_now.notified() => {}
+                }
+                if shared.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Err(e) = shared.commit_cycle().await {
+                    shared.fail(e);
+                    return;
+                }
+            }
+        })
+    };
+
+    tokio::select! {
+        _ = stop.notified() => tracing::info!("stopping: committing the open transaction"),
+        _ = shared.fail_notify.notified() => {}
+    }
+    shared.closing.store(true, Ordering::Release);
+    coordinator.abort();
+    let failed = shared
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let result = match failed {
+        None => shared.commit_cycle().await,
+        Some(e) => {
+            // Best effort: the broker aborts it anyway when the transaction times out.
+            let sink = &shared.sink;
+            let _ = tokio::task::block_in_place(|| sink.abort());
+            Err(e)
+        }
+    };
+    for s in shared.snapshot() {
+        s.stop.store(true, Ordering::Release);
+        s.wake.notify_one();
+    }
+    let tasks: Vec<_> =
+        std::mem::take(&mut *shared.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+    for t in tasks {
+        let _ = t.await;
+    }
+    group_stop.store(true, Ordering::Release);
+    drop(consumer);
+    let _ = tokio::task::spawn_blocking(move || group.join()).await;
+    tracing::info!(stats = %shared.stats.line(), "pipeline stopped");
+    result
+}
+
+fn group_thread(
+    shared: &Arc<Shared>,
+    consumer: &Arc<BaseConsumer<GroupContext>>,
+    stop: &AtomicBool,
+) {
+    let mut throttle = super::Throttle::default();
+    while !stop.load(Ordering::Acquire) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => {
+                // Partition queues are split when partitions are assigned, before any
+                // fetch; a message here means that did not hold. Processing it out of
+                // order would break the offsets, so start over from the committed ones.
+                shared.fail(PipelineError::Stray(m.partition()));
+            }
+            Some(Err(e)) if throttle.ready() => {
+                tracing::warn!(error = %e, "group consumer error");
+            }
+            Some(Err(_)) => {}
+        }
+    }
+    // Leave the group here, where the revocation callback can run (it commits nothing:
+    // the pipeline has committed already).
+    consumer.unsubscribe();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(100));
+        if consumer
+            .assignment()
+            .map(|a| a.count() == 0)
+            .unwrap_or(true)
+        {
+            break;
+        }
+    }
+}
+
+/// Refuses to start when a topic is missing or the schedule topic has fewer partitions
+/// than the input (each input partition writes its windows to the same partition).
+fn check_topics(
+    consumer: &BaseConsumer<GroupContext>,
+    cfg: &RunConfig,
+    policy: &Policy,
+) -> Result<(), PipelineError> {
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(15))
+        .map_err(|source| PipelineError::Kafka {
+            what: "reading topic metadata",
+            source,
+        })?;
+    let partitions = |name: &str| {
+        md.topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map(|t| t.partitions().len())
+    };
+    let mut missing = Vec::new();
+    let mut needed: Vec<&str> = vec![
+        &cfg.input_topic,
+        &cfg.control_topic,
+        &cfg.dead_letter_topic,
+        &cfg.schedule_topic,
+    ];
+    for r in policy.declared() {
+        if let Some(t) = cfg.routes[r.purpose as usize].as_deref() {
+            needed.push(t);
+        }
+    }
+    for t in &needed {
+        if partitions(t).is_none() {
+            missing.push(*t);
+        }
+    }
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("missing: {}", missing.join(", ")));
+    }
+    if let (Some(i), Some(s)) = (
+        partitions(&cfg.input_topic),
+        partitions(&cfg.schedule_topic),
+    ) && s < i
+    {
+        problems.push(format!(
+            "{} has {s} partitions, fewer than the {i} of {}",
+            cfg.schedule_topic, cfg.input_topic
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineError::Topics(problems.join("; ")))
+    }
+}

@@ -1,0 +1,213 @@
+//! The output side: one producer per instance that writes copies, dead letters and
+//! schedule entries, and commits them with the input offsets, either in one Kafka
+//! transaction (exactly once) or by flushing before the offsets are committed (at least
+//! once).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::topic_partition_list::TopicPartitionList;
+
+use super::config::Guarantee;
+
+/// How long a transaction commit or abort, or a flush, may block.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counts deliveries the broker refused after librdkafka's own retries: in at-least-once
+/// mode any such failure keeps the offsets from being committed.
+#[derive(Default)]
+pub struct SinkContext {
+    failed: AtomicU64,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = r {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            // Topic and error only: the message may hold identifiers.
+            tracing::warn!(topic = m.topic(), error = %e, "delivery failed");
+        }
+    }
+}
+
+/// Why a send or commit failed, sorted by what the caller must do.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The open transaction (or the uncommitted batch) is lost: abort, rewind the input to
+    /// the last committed offsets, go on.
+    #[error("abortable: {0}")]
+    Abortable(KafkaError),
+    /// The producer can no longer be used: build a new pipeline.
+    #[error("fatal: {0}")]
+    Fatal(KafkaError),
+    /// The consumer has no group membership to commit offsets with (between rebalances):
+    /// treated like an abortable error.
+    #[error("the consumer is not in its group")]
+    NotInGroup,
+    /// Another instance uses this transactional id: stop, two instances must not share it.
+    #[error("fenced by another instance with the same transactional id: {0}")]
+    Fenced(KafkaError),
+}
+
+fn classify(e: KafkaError) -> SinkError {
+    let fenced = matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    );
+    match &e {
+        _ if fenced => SinkError::Fenced(e),
+        KafkaError::Transaction(t) if t.is_fatal() => SinkError::Fatal(e),
+        KafkaError::Transaction(_) => SinkError::Abortable(e),
+        _ => SinkError::Abortable(e),
+    }
+}
+
+/// The instance's producer and its delivery guarantee.
+pub struct Sink {
+    producer: ThreadedProducer<SinkContext>,
+    guarantee: Guarantee,
+    /// Failures already accounted for by an earlier commit.
+    failed_seen: AtomicU64,
+}
+
+/// One message to send.
+pub struct Out<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition, or `None` for the key's partition.
+    pub partition: Option<i32>,
+    /// Key.
+    pub key: Option<&'a [u8]>,
+    /// Payload.
+    pub payload: &'a [u8],
+    /// Headers.
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl Sink {
+    /// Creates the producer; in exactly-once mode initialises transactions (fencing any
+    /// earlier instance with the same transactional id and aborting its open
+    /// transaction) and begins the first one. Blocks: call from a blocking context.
+    pub fn create(client: &ClientConfig, guarantee: Guarantee) -> Result<Sink, SinkError> {
+        let producer: ThreadedProducer<SinkContext> = client
+            .create_with_context(SinkContext::default())
+            .map_err(SinkError::Fatal)?;
+        if guarantee == Guarantee::ExactlyOnce {
+            producer.init_transactions(TXN_TIMEOUT).map_err(classify)?;
+            producer.begin_transaction().map_err(classify)?;
+        }
+        Ok(Sink {
+            producer,
+            guarantee,
+            failed_seen: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues one message. A full local queue is waited out (the producer thread drains
+    /// it as the broker acknowledges), so memory stays bounded under back-pressure.
+    pub async fn send(&self, out: Out<'_>) -> Result<(), SinkError> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(out.topic).payload(out.payload);
+        if let Some(k) = out.key {
+            record = record.key(k);
+        }
+        if let Some(p) = out.partition {
+            record = record.partition(p);
+        }
+        if let Some(h) = out.headers {
+            record = record.headers(h);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+
+    /// Makes everything sent since the last commit durable together with `offsets` (the
+    /// next offset to read per input partition). Blocks: call from a blocking context.
+    pub fn commit<C: ConsumerContext>(
+        &self,
+        offsets: &TopicPartitionList,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), SinkError> {
+        match self.guarantee {
+            Guarantee::ExactlyOnce => {
+                if offsets.count() > 0 {
+                    let cgm: ConsumerGroupMetadata =
+                        consumer.group_metadata().ok_or(SinkError::NotInGroup)?;
+                    self.producer
+                        .send_offsets_to_transaction(offsets, &cgm, TXN_TIMEOUT)
+                        .map_err(classify)?;
+                }
+                self.producer
+                    .commit_transaction(TXN_TIMEOUT)
+                    .map_err(classify)?;
+                self.producer.begin_transaction().map_err(classify)
+            }
+            Guarantee::AtLeastOnce => {
+                // Offsets follow delivery: every copy of every record up to the offsets
+                // must be acknowledged before they are committed.
+                self.producer
+                    .flush(TXN_TIMEOUT)
+                    .map_err(SinkError::Abortable)?;
+                let failed = self.producer.context().failed.load(Ordering::Relaxed);
+                if failed != self.failed_seen.swap(failed, Ordering::Relaxed) {
+                    return Err(SinkError::Abortable(KafkaError::MessageProduction(
+                        RDKafkaErrorCode::Fail,
+                    )));
+                }
+                if offsets.count() > 0 {
+                    consumer
+                        .commit(offsets, CommitMode::Sync)
+                        .map_err(SinkError::Abortable)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops everything sent since the last commit (exactly once: aborts the transaction
+    /// and begins the next). Blocks: call from a blocking context.
+    pub fn abort(&self) -> Result<(), SinkError> {
+        match self.guarantee {
+            Guarantee::ExactlyOnce => {
+                self.producer
+                    .abort_transaction(TXN_TIMEOUT)
+                    .map_err(classify)?;
+                self.producer.begin_transaction().map_err(classify)
+            }
+            // Already sent copies stay sent: at least once allows repeats.
+            Guarantee::AtLeastOnce => {
+                let _ = self.producer.flush(TXN_TIMEOUT);
+                let failed = self.producer.context().failed.load(Ordering::Relaxed);
+                self.failed_seen.store(failed, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// The delivery guarantee.
+    pub fn guarantee(&self) -> Guarantee {
+        self.guarantee
+    }
+}
+
+/// A shared sink.
+pub type SharedSink = Arc<Sink>;
