@@ -28,8 +28,8 @@ use self::pipeline::{PipelineError, PipelineInputs, RunStats, run_pipeline};
 use crate::core::pseudonym::Keyring;
 use crate::policy::Policy;
 
-/// How many times in a row a failed pipeline is rebuilt before `run` gives up.
-const MAX_RESTARTS: u32 = 10;
+/// The longest wait before rebuilding a failed pipeline.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -217,18 +217,24 @@ pub async fn run(
                 }
             })
         };
-        let mut restarts = 0;
+        // A pipeline is rebuilt after every failure a fresh consumer and producer can
+        // overcome (a broker outage, a timed-out or fenced transaction), with a backoff
+        // that grows while failures repeat and resets after a healthy minute.
+        let mut backoff = Duration::from_millis(500);
         let out = loop {
+            let started = std::time::Instant::now();
             match run_pipeline(&inputs, &watcher).await {
                 Ok(()) => break Ok(()),
-                Err(e) if e.restartable() && restarts < MAX_RESTARTS => {
-                    restarts += 1;
+                Err(e) if e.restartable() => {
                     if stopping.load(Ordering::Acquire) {
                         break Ok(());
                     }
-                    let backoff = Duration::from_millis(500 * u64::from(restarts.min(10)));
-                    tracing::warn!(error = %e, restarts, ?backoff, "rebuilding the pipeline");
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(500);
+                    }
+                    tracing::warn!(error = %e, ?backoff, "rebuilding the pipeline");
                     tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => break Err(e),
             }

@@ -106,11 +106,12 @@ pub enum PipelineError {
 
 impl PipelineError {
     /// Whether a fresh pipeline (new consumer and producer) may succeed where this failed.
+    /// Missing topics are an operator's mistake and stop the run; a fenced producer
+    /// usually means the broker timed out a transaction during an outage, so it is
+    /// rebuilt (two live instances sharing a transactional id show up as repeated
+    /// fencing in the log).
     pub fn restartable(&self) -> bool {
-        !matches!(
-            self,
-            PipelineError::Topics(_) | PipelineError::Sink(SinkError::Fenced(_))
-        )
+        !matches!(self, PipelineError::Topics(_))
     }
 }
 

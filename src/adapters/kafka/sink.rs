@@ -56,8 +56,11 @@ pub enum SinkError {
     /// treated like an abortable error.
     #[error("the consumer is not in its group")]
     NotInGroup,
-    /// Another instance uses this transactional id: stop, two instances must not share it.
-    #[error("fenced by another instance with the same transactional id: {0}")]
+    /// The broker fenced this producer: its transaction timed out, or another instance
+    /// uses the same transactional id (which must be unique per instance).
+    #[error(
+        "producer fenced (transaction timed out, or another instance uses this transactional id): {0}"
+    )]
     Fenced(KafkaError),
 }
 
