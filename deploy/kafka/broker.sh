@@ -61,18 +61,8 @@ port_open() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-start() {
-  local dir=$1 port=${2:-} watch=${3:-}
-  [ -n "$dir" ] || die "usage: broker.sh start DIR [PORT] [--watch PID]"
-  fetch
-  mkdir -p "$dir/data"
-  dir=$(cd "$dir" && pwd)
-  if [ -f "$dir/broker.pid" ] && kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then
-    die "a broker already runs from $dir (pid $(cat "$dir/broker.pid"))"
-  fi
-  [ -n "$port" ] || port=$(free_port)
-  local cport
-  cport=$(free_port)
+write_properties() {
+  local dir=$1 port=$2 cport=$3
   # Settings for a one-node cluster that tests can restart: replication 1 everywhere,
   # no initial rebalance delay (consumer groups form at once), short transaction and
   # session timeouts so a killed processor's open transaction is aborted quickly.
@@ -111,6 +101,25 @@ logger.kafka.level=INFO
 logger.state.name=state.change.logger
 logger.state.level=WARN
 EOF
+}
+
+start() {
+  local dir=$1 port=${2:-} watch=${3:-}
+  [ -n "$dir" ] || die "usage: broker.sh start DIR [PORT] [--watch PID]"
+  fetch
+  mkdir -p "$dir/data"
+  dir=$(cd "$dir" && pwd)
+  if [ -f "$dir/broker.pid" ] && kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then
+    die "a broker already runs from $dir (pid $(cat "$dir/broker.pid"))"
+  fi
+  if [ -f "$dir/server.properties" ]; then
+    # A restart: same ports and settings as before (the KRaft quorum is formatted with
+    # the controller's address).
+    port=$(sed -n 's#^advertised.listeners=PLAINTEXT://127.0.0.1:##p' "$dir/server.properties")
+  else
+    write_properties "$dir" "${port:-$(free_port)}" "$(free_port)"
+    port=$(sed -n 's#^advertised.listeners=PLAINTEXT://127.0.0.1:##p' "$dir/server.properties")
+  fi
   local cp="$CACHE/libs/*"
   local jopts=(-Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC -Djava.awt.headless=true
     -Dlog4j2.configurationFile="$dir/log4j2.properties")
@@ -121,6 +130,8 @@ EOF
       -t "$cluster" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
       || { cat "$dir/format.log" >&2; die "formatting KRaft storage failed"; }
   fi
+  # A fresh log per start, so "started" below is this start's.
+  if [ -f "$dir/broker.log" ]; then mv "$dir/broker.log" "$dir/broker.log.prev"; fi
   nohup "$JAVA" "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" \
     >"$dir/stdout.log" 2>&1 &
   local pid=$!

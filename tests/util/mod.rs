@@ -202,30 +202,54 @@ pub fn create_topics(cfg: &RunConfig, policy: &Policy, partitions: i32) {
     .expect("creating test topics");
 }
 
-/// Produces messages and waits until all are acknowledged.
-pub fn produce(bootstrap: &str, topic: &str, msgs: &[(Option<Vec<u8>>, Vec<u8>)]) {
-    let p: ThreadedProducer<_> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .unwrap();
-    for (k, v) in msgs {
-        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(v.as_slice());
-        if let Some(k) = k {
-            rec = rec.key(k.as_slice());
-        }
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(5));
+/// A producer for test input.
+pub struct Feeder(ThreadedProducer<rdkafka::producer::DefaultProducerContext>);
+
+impl Feeder {
+    /// A producer on `bootstrap`.
+    pub fn new(bootstrap: &str) -> Feeder {
+        Feeder(
+            ClientConfig::new()
+                .set("bootstrap.servers", bootstrap)
+                .set("linger.ms", "5")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()
+                .unwrap(),
+        )
+    }
+
+    /// Queues messages (waiting out a full queue).
+    pub fn send(&self, topic: &str, msgs: &[(Option<Vec<u8>>, Vec<u8>)]) {
+        for (k, v) in msgs {
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(v.as_slice());
+            if let Some(k) = k {
+                rec = rec.key(k.as_slice());
+            }
+            loop {
+                match self.0.send(rec) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
         }
     }
-    p.flush(Duration::from_secs(60)).expect("produce flush");
+
+    /// Waits until everything queued is acknowledged.
+    pub fn flush(&self) {
+        self.0
+            .flush(Duration::from_secs(60))
+            .expect("produce flush");
+    }
+}
+
+/// Produces messages and waits until all are acknowledged.
+pub fn produce(bootstrap: &str, topic: &str, msgs: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    let f = Feeder::new(bootstrap);
+    f.send(topic, msgs);
+    f.flush();
 }
 
 /// Control events as the control topic carries them: keyed by what they set.

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::codec::json;
 use crate::core::control::SubscriberState;
@@ -202,6 +202,26 @@ impl ConsentStore {
     }
 }
 
+/// The follower's client context: end-of-partition is how it knows it is current, not an
+/// error worth a log line; the rest is logged, throttled.
+#[derive(Default)]
+pub struct ControlContext {
+    throttle: super::Throttle,
+}
+
+impl ClientContext for ControlContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::client_log(&self.throttle, "control", level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            super::client_error(&self.throttle, "control", &error, reason);
+        }
+    }
+}
+
+impl ConsumerContext for ControlContext {}
+
 /// Why the follower stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -251,7 +271,9 @@ pub fn spawn_follower(
     if client.get("group.id").is_none() {
         client.set("group.id", "cdrguard-control-reader");
     }
-    let consumer: BaseConsumer = client.create().map_err(kafka)?;
+    let consumer: BaseConsumer<ControlContext> = client
+        .create_with_context(ControlContext::default())
+        .map_err(kafka)?;
     let md = consumer
         .fetch_metadata(Some(&cfg.topic), Duration::from_secs(10))
         .map_err(kafka)?;
@@ -281,7 +303,7 @@ pub fn spawn_follower(
 }
 
 fn follow(
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ControlContext>,
     topic: &str,
     partitions: &[i32],
     store: &ConsentStore,
@@ -292,7 +314,7 @@ fn follow(
     // position alone would not show.
     let mut at_end = vec![false; partitions.len()];
     let mut last_check = Instant::now();
-    let mut throttle = super::Throttle::default();
+    let throttle = super::Throttle::default();
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
@@ -302,7 +324,9 @@ fn follow(
                 }
                 match store.apply_message(m.key(), m.payload()) {
                     Ok(()) => {
-                        if let Some(ts) = m.timestamp().to_millis() {
+                        // Only live events: the initial read replays history, whose age
+                        // says nothing about how fast changes take effect.
+                        if let Some(ts) = m.timestamp().to_millis().filter(|_| store.caught_up()) {
                             let now_ms = SystemTime::now()
                                 .duration_since(UNIX_EPOCH)
                                 .map_or(0, |d| d.as_millis() as i64);
@@ -339,10 +363,11 @@ fn follow(
                     );
                 }
             }
-            Some(Err(e)) if throttle.ready() => {
-                tracing::warn!(topic, error = %e, "control topic consumer error");
+            Some(Err(e)) => {
+                if let Some(held) = throttle.ready() {
+                    tracing::warn!(topic, error = %e, held_back = held, "control topic consumer error");
+                }
             }
-            Some(Err(_)) => {}
         }
         if store.caught_up() && last_check.elapsed() >= CHECK_EVERY {
             let started = Instant::now();
@@ -360,7 +385,12 @@ const CHECK_EVERY: Duration = Duration::from_millis(500);
 /// Whether every partition is consumed to its end, proven by asking the broker: a
 /// partition counts if it is at its end or its position has reached the high watermark.
 /// A broker that does not answer proves nothing, so an outage makes the table stale.
-fn is_current(consumer: &BaseConsumer, topic: &str, partitions: &[i32], at_end: &[bool]) -> bool {
+fn is_current(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    partitions: &[i32],
+    at_end: &[bool],
+) -> bool {
     let Ok(pos) = consumer.position() else {
         return false;
     };

@@ -43,22 +43,62 @@ pub enum RunError {
 }
 
 /// Lets a repeated warning through once per period, so a broker outage does not flood
-/// the log.
+/// the log; the lines held back are counted and reported with the next one let through.
 #[derive(Default)]
-pub(crate) struct Throttle(Option<std::time::Instant>);
+pub(crate) struct Throttle {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    held: std::sync::atomic::AtomicU64,
+}
 
 impl Throttle {
-    /// Whether to log now.
-    pub(crate) fn ready(&mut self) -> bool {
+    /// `Some(lines held back since the last one)` if this line may be logged now.
+    pub(crate) fn ready(&self) -> Option<u64> {
         let now = std::time::Instant::now();
-        if self
-            .0
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
-        {
-            return false;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
-        self.0 = Some(now);
-        true
+        *last = Some(now);
+        Some(self.held.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Routes a client's librdkafka log lines and global errors into `tracing`, throttled.
+/// Broker outages make librdkafka report the same connection failure many times a second;
+/// the first is enough, with a count of the rest.
+pub(crate) fn client_log(
+    throttle: &Throttle,
+    client: &'static str,
+    level: rdkafka::config::RDKafkaLogLevel,
+    fac: &str,
+    message: &str,
+) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+            if let Some(held) = throttle.ready() {
+                tracing::warn!(
+                    client,
+                    facility = fac,
+                    held_back = held,
+                    "librdkafka: {message}"
+                );
+            }
+        }
+        _ => tracing::debug!(client, facility = fac, "librdkafka: {message}"),
+    }
+}
+
+/// The same for global errors.
+pub(crate) fn client_error(
+    throttle: &Throttle,
+    client: &'static str,
+    e: &rdkafka::error::KafkaError,
+    reason: &str,
+) {
+    if let Some(held) = throttle.ready() {
+        tracing::warn!(client, error = %e, held_back = held, "{reason}");
     }
 }
 

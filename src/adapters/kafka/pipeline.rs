@@ -137,6 +137,26 @@ struct Slot {
     state: tokio::sync::Mutex<SlotState>,
     wake: Notify,
     stop: AtomicBool,
+    /// The partition's task. A revocation waits for it: its queue handle must be gone
+    /// before the partition is assigned again, since dropping it disables the wake-up
+    /// callback of the partition's (shared) librdkafka queue.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Slot {
+    /// Asks the task to stop (the caller may hold the state lock) .
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the task has stopped (the caller must not hold the state lock).
+    async fn join(&self) {
+        let h = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.await;
+        }
+    }
 }
 
 /// Everything the tasks, the coordinator and the rebalance callbacks share.
@@ -148,7 +168,6 @@ pub struct Shared {
     sink: Sink,
     consumer: OnceLock<Arc<BaseConsumer<GroupContext>>>,
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Serialises commits (coordinator, rebalances, shutdown) and slot registration.
     commit_lock: tokio::sync::Mutex<()>,
     uncommitted: AtomicUsize,
@@ -163,9 +182,17 @@ pub struct Shared {
 /// The group consumer's context: rebalance callbacks reach the shared state through it.
 pub struct GroupContext {
     shared: OnceLock<Weak<Shared>>,
+    throttle: super::Throttle,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::client_log(&self.throttle, "group", level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::client_error(&self.throttle, "group", &error, reason);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, r: &Rebalance<'_>) {
@@ -220,9 +247,10 @@ impl Shared {
     fn fail(&self, e: PipelineError) {
         let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
-            tracing::error!(error = %e, "pipeline failed");
+            tracing::warn!(error = %e, "pipeline failed");
             *f = Some(e);
         }
+        self.sink.abandon();
         self.fail_notify.notify_one();
     }
 
@@ -240,6 +268,17 @@ impl Shared {
         let _g = self.commit_lock.lock().await;
         let consumer = self.consumer().clone();
         for &p in parts {
+            let old = self
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&p);
+            if let Some(old) = old {
+                // Not expected (revocation removes slots), but a second task on one
+                // partition would break its offsets.
+                old.request_stop();
+                old.join().await;
+            }
             let Some(queue) = consumer.split_partition_queue(&self.cfg.input_topic, p) else {
                 self.fail(PipelineError::Topics(format!(
                     "cannot read partition {p} of {}",
@@ -252,22 +291,27 @@ impl Shared {
                 state: tokio::sync::Mutex::new(SlotState::default()),
                 wake: Notify::new(),
                 stop: AtomicBool::new(false),
+                task: Mutex::new(None),
             });
-            let old = self
-                .slots
+            self.slots
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(p, slot.clone());
-            if let Some(old) = old {
-                old.stop.store(true, Ordering::Release);
-                old.wake.notify_one();
-            }
             let me = self.clone();
+            let s = slot.clone();
             let h = self
                 .rt
-                .spawn(async move { me.partition_task(slot, queue).await });
-            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+                .spawn(async move { me.partition_task(s, queue).await });
+            *slot.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+            || self.sink.abandoned()
     }
 
     /// Commits (or, when the assignment was lost, aborts) before partitions go.
@@ -278,25 +322,36 @@ impl Shared {
         for s in &slots {
             guards.push(s.state.lock().await);
         }
-        let outcome = if lost {
-            // Another member may already own them: nothing of this transaction may
-            // commit.
-            Err(SinkError::Abortable(KafkaError::Canceled))
-        } else {
-            self.commit_locked(&slots, &mut guards).await
-        };
-        if let Err(e) = outcome
-            && let Err(fatal) = self.abort_locked(&slots, &mut guards, &e).await
-        {
-            self.fail(fatal.into());
-        }
-        let mut reg = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for s in &slots {
-            if parts.contains(&s.partition) {
-                s.stop.store(true, Ordering::Release);
-                s.wake.notify_one();
-                reg.remove(&s.partition);
+        // A failed pipeline commits nothing more: the next one's producer (same
+        // transactional id) aborts the open transaction when it starts.
+        if !self.has_failed() {
+            let outcome = if lost {
+                // Another member may already own them: nothing of this transaction may
+                // commit.
+                Err(SinkError::AssignmentLost)
+            } else {
+                self.commit_locked(&slots, &mut guards).await
+            };
+            if let Err(e) = outcome
+                && let Err(fatal) = self.abort_locked(&slots, &mut guards, &e).await
+            {
+                self.fail(fatal.into());
             }
+        }
+        let mut gone = Vec::new();
+        {
+            let mut reg = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for s in &slots {
+                if parts.contains(&s.partition) {
+                    s.request_stop();
+                    reg.remove(&s.partition);
+                    gone.push(s.clone());
+                }
+            }
+        }
+        drop(guards);
+        for s in gone {
+            s.join().await;
         }
     }
 
@@ -456,7 +511,10 @@ impl Shared {
             if more {
                 tokio::task::yield_now().await;
             } else {
-                slot.wake.notified().await;
+                // The queue's callback wakes the task; the timeout is a backstop so a
+                // lost wake-up costs at most a moment, never a stalled partition.
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), slot.wake.notified()).await;
             }
         }
     }
@@ -602,7 +660,6 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         sink,
         consumer: OnceLock::new(),
         slots: Mutex::new(BTreeMap::new()),
-        tasks: Mutex::new(Vec::new()),
         commit_lock: tokio::sync::Mutex::new(()),
         uncommitted: AtomicUsize::new(0),
         commit_now: Notify::new(),
@@ -614,6 +671,7 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     });
     let ctx = GroupContext {
         shared: OnceLock::new(),
+        throttle: super::Throttle::default(),
     };
     let _ = ctx.shared.set(Arc::downgrade(&shared));
     let consumer: BaseConsumer<GroupContext> = inputs
@@ -679,21 +737,23 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     let result = match failed {
         None => shared.commit_cycle().await,
         Some(e) => {
-            // Best effort: the broker aborts it anyway when the transaction times out.
-            let sink = &shared.sink;
-            let _ = tokio::task::block_in_place(|| sink.abort());
+            // Nothing more is sent or committed; the open transaction is aborted by the
+            // next producer with this transactional id (or times out on the broker).
+            shared.sink.abandon();
             Err(e)
         }
     };
-    for s in shared.snapshot() {
-        s.stop.store(true, Ordering::Release);
-        s.wake.notify_one();
+    if result.is_err() {
+        shared.sink.abandon();
     }
-    let tasks: Vec<_> =
-        std::mem::take(&mut *shared.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-    for t in tasks {
-        let _ = t.await;
+    let slots = shared.snapshot();
+    for s in &slots {
+        s.request_stop();
     }
+    for s in &slots {
+        s.join().await;
+    }
+    tracing::debug!("partition tasks stopped; leaving the group");
     group_stop.store(true, Ordering::Release);
     drop(consumer);
     let _ = tokio::task::spawn_blocking(move || group.join()).await;
@@ -706,7 +766,7 @@ fn group_thread(
     consumer: &Arc<BaseConsumer<GroupContext>>,
     stop: &AtomicBool,
 ) {
-    let mut throttle = super::Throttle::default();
+    let throttle = super::Throttle::default();
     while !stop.load(Ordering::Acquire) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
@@ -716,10 +776,11 @@ fn group_thread(
                 // order would break the offsets, so start over from the committed ones.
                 shared.fail(PipelineError::Stray(m.partition()));
             }
-            Some(Err(e)) if throttle.ready() => {
-                tracing::warn!(error = %e, "group consumer error");
+            Some(Err(e)) => {
+                if let Some(held) = throttle.ready() {
+                    tracing::warn!(error = %e, held_back = held, "group consumer error");
+                }
             }
-            Some(Err(_)) => {}
         }
     }
     // Leave the group here, where the revocation callback can run (it commits nothing:

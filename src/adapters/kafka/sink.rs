@@ -4,7 +4,7 @@
 //! once).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientContext;
@@ -27,9 +27,18 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub struct SinkContext {
     failed: AtomicU64,
+    throttle: super::Throttle,
+    delivery_throttle: super::Throttle,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::client_log(&self.throttle, "producer", level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::client_error(&self.throttle, "producer", &error, reason);
+    }
+}
 
 impl ProducerContext for SinkContext {
     type DeliveryOpaque = ();
@@ -37,7 +46,9 @@ impl ProducerContext for SinkContext {
         if let Err((e, m)) = r {
             self.failed.fetch_add(1, Ordering::Relaxed);
             // Topic and error only: the message may hold identifiers.
-            tracing::warn!(topic = m.topic(), error = %e, "delivery failed");
+            if let Some(held) = self.delivery_throttle.ready() {
+                tracing::warn!(topic = m.topic(), error = %e, held_back = held, "delivery failed");
+            }
         }
     }
 }
@@ -52,6 +63,12 @@ pub enum SinkError {
     /// The producer can no longer be used: build a new pipeline.
     #[error("fatal: {0}")]
     Fatal(KafkaError),
+    /// The partitions were taken away before they could be committed.
+    #[error("the partition assignment was lost")]
+    AssignmentLost,
+    /// The pipeline is being torn down: nothing more may be sent.
+    #[error("the producer was abandoned by a failed pipeline")]
+    Abandoned,
     /// The consumer has no group membership to commit offsets with (between rebalances):
     /// treated like an abortable error.
     #[error("the consumer is not in its group")]
@@ -83,6 +100,9 @@ pub struct Sink {
     guarantee: Guarantee,
     /// Failures already accounted for by an earlier commit.
     failed_seen: AtomicU64,
+    /// Set when the pipeline fails: sends stop at once instead of waiting for a queue
+    /// that a broken transaction will never drain.
+    abandoned: AtomicBool,
 }
 
 /// One message to send.
@@ -115,6 +135,7 @@ impl Sink {
             producer,
             guarantee,
             failed_seen: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
         })
     }
 
@@ -132,6 +153,9 @@ impl Sink {
             record = record.headers(h);
         }
         loop {
+            if self.abandoned() {
+                return Err(SinkError::Abandoned);
+            }
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
@@ -209,6 +233,16 @@ impl Sink {
     /// The delivery guarantee.
     pub fn guarantee(&self) -> Guarantee {
         self.guarantee
+    }
+
+    /// Stops every send from now on.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Sink::abandon`] was called.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 }
 
