@@ -451,3 +451,46 @@ fn at_least_once_mode_loses_nothing_across_a_kill() {
         log.display()
     );
 }
+
+/// `run --check` validates a configuration, its policy and key file without a broker; a
+/// bad configuration is refused with every problem and where it is.
+#[test]
+fn run_check_validates_and_lists_every_problem() {
+    let dir = scratch("check");
+    let (path, _) = run_config(&dir, "127.0.0.1:1", &unique("check"), "excedo", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+        .args(["run", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (policy excedo@"));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[kafka]\nbrokers = \"b:9092\"\ngroup = \"typo\"\n\n[processing]\npolicy = \"p.toml\"\ncommit_interval_ms = \"fast\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+        .args(["run", "--config"])
+        .arg(&bad)
+        .env("CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES", "0")
+        .env_remove("CDRGUARD_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "bad.toml:3: kafka.group: unknown key",
+        "bad.toml:7: processing.commit_interval_ms: must be an integer",
+        "env CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES: processing.queued_max_kbytes: 0 is out of range",
+        "processing.key_file: missing",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}

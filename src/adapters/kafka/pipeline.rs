@@ -165,7 +165,7 @@ pub struct Shared {
     policy: Arc<Policy>,
     keys: Arc<Keyring>,
     store: Arc<ConsentStore>,
-    sink: Sink,
+    sink: Arc<Sink>,
     consumer: OnceLock<Arc<BaseConsumer<GroupContext>>>,
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
     /// Serialises commits (coordinator, rebalances, shutdown) and slot registration.
@@ -418,9 +418,11 @@ impl Shared {
             }
         }
         let consumer = self.consumer().clone();
-        let sink = &self.sink;
+        let sink = self.sink.clone();
         // librdkafka's commit blocks: keep it off the async workers.
-        tokio::task::block_in_place(|| sink.commit(&tpl, &consumer))?;
+        tokio::task::spawn_blocking(move || sink.commit(&tpl, &consumer))
+            .await
+            .map_err(|_| SinkError::Abandoned)??;
         for g in guards.iter_mut() {
             g.committed = g.next;
             g.txn_first = None;
@@ -439,8 +441,10 @@ impl Shared {
         why: &SinkError,
     ) -> Result<(), SinkError> {
         tracing::warn!(error = %why, "aborting the open transaction and rewinding the input");
-        let sink = &self.sink;
-        tokio::task::block_in_place(|| sink.abort())?;
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || sink.abort())
+            .await
+            .map_err(|_| SinkError::Abandoned)??;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
             if let Some(first) = g.txn_first.take() {
                 g.rewind = Some(first);
@@ -476,9 +480,11 @@ impl Shared {
                     let topic = self.cfg.input_topic.clone();
                     let p = slot.partition;
                     // Messages fetched before the seek are discarded by librdkafka.
-                    let r = tokio::task::block_in_place(|| {
+                    let r = tokio::task::spawn_blocking(move || {
                         c.seek(&topic, p, Offset::Offset(off), Duration::from_secs(10))
-                    });
+                    })
+                    .await
+                    .unwrap_or(Err(KafkaError::Canceled));
                     if let Err(e) = r {
                         self.fail(PipelineError::Kafka {
                             what: "rewinding a partition",
@@ -657,7 +663,7 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         policy: inputs.policy.clone(),
         keys: inputs.keys.clone(),
         store: inputs.store.clone(),
-        sink,
+        sink: Arc::new(sink),
         consumer: OnceLock::new(),
         slots: Mutex::new(BTreeMap::new()),
         commit_lock: tokio::sync::Mutex::new(()),
