@@ -25,7 +25,7 @@ use super::config::RunConfig;
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
 use crate::codec::{self, Format, binary, json};
-use crate::core::process::{Outcome, process};
+use crate::core::process::process;
 use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
 use crate::core::record::Record;
@@ -469,6 +469,7 @@ impl Shared {
             queue.set_nonempty_callback(move || s.wake.notify_one());
         }
         let mut scratch = Scratch::default();
+        let throttle = super::Throttle::default();
         loop {
             let more = {
                 let mut st = slot.state.lock().await;
@@ -507,7 +508,9 @@ impl Shared {
                             }
                         }
                         Some(Err(e)) => {
-                            tracing::warn!(partition = slot.partition, error = %e, "consumer error");
+                            if let Some(held) = throttle.ready() {
+                                tracing::warn!(partition = slot.partition, error = %e, held_back = held, "consumer error");
+                            }
                         }
                     }
                     n += 1;
@@ -604,12 +607,6 @@ impl Shared {
                 if !fresh {
                     self.stats.fail_closed.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = d
-                    .outcomes
-                    .iter()
-                    .flatten()
-                    .filter(|o| **o == Outcome::Copied)
-                    .count();
                 self.stats.records.fetch_add(1, Ordering::Relaxed);
             }
         }
