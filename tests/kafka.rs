@@ -16,29 +16,26 @@ use util::*;
 fn routes_every_purpose_of_two_policies_exactly_once() {
     let b = broker();
     for policy_name in ["excedo", "alleato"] {
-        let dir = scratch(&format!("e2e-{policy_name}"));
-        let prefix = unique(&format!("e2e-{policy_name}"));
-        let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, policy_name, "");
-        let (policy, keys) = load(&cfg);
-        create_topics(&cfg, &policy, 3);
-        let t = traffic(3_000, 300, 11);
-        produce(
+        let s = Scenario::new(
             &b.bootstrap,
-            &cfg.control_topic,
-            &control_messages(&t.controls),
+            &format!("e2e-{policy_name}"),
+            policy_name,
+            3,
+            3_000,
+            300,
+            11,
         );
-        produce(&b.bootstrap, &cfg.input_topic, &t.messages);
-        let want = expected(&t, &policy, &keys);
+        let (cfg, policy, t) = (&s.cfg, &s.policy, &s.traffic);
         for r in policy.declared() {
             assert!(
-                !want[r.purpose as usize].is_empty(),
+                !s.want[r.purpose as usize].is_empty(),
                 "{policy_name}: the traffic must exercise route {}",
                 r.purpose.id()
             );
         }
 
-        let run = InProcess::start(&cfg);
-        assert_exactly_once(&b.bootstrap, &cfg, &policy, &want);
+        let run = InProcess::start(cfg);
+        s.assert_exactly_once();
         let dead = read_all(
             &b.bootstrap,
             &cfg.dead_letter_topic,
@@ -254,46 +251,23 @@ fn consent_withdrawal_and_objection_mid_stream() {
 /// every expected copy is present exactly once (read_committed), none missing.
 #[test]
 fn kill_9_mid_run_then_restart_loses_and_repeats_nothing() {
-    let b = broker();
-    let dir = scratch("kill9");
-    let prefix = unique("kill9");
-    let (path, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", "");
-    let (policy, keys) = load(&cfg);
-    create_topics(&cfg, &policy, 4);
-    let t = traffic(100_000, 5_000, 21);
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &control_messages(&t.controls),
+    let s = Scenario::new(
+        &broker().bootstrap,
+        "kill9",
+        "excedo",
+        4,
+        100_000,
+        5_000,
+        21,
     );
-    produce(&b.bootstrap, &cfg.input_topic, &t.messages);
-    let want = expected(&t, &policy, &keys);
-    let total: usize = want[Purpose::Billing as usize].values().sum();
-
-    let log = dir.join("cdrguard.log");
-    let p = Processor::start(&path, &log, &[]);
-    let billing = cfg.routes[Purpose::Billing as usize].clone().unwrap();
-    // Interrupt once a good part, but not all, has been written.
-    wait_for("a third of the run", Duration::from_secs(300), || {
-        count_uncommitted(&b.bootstrap, &billing) as usize > total / 3
-    });
+    let log = s.dir.join("cdrguard.log");
+    let p = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(1.0 / 3.0);
     p.kill9();
-    let written = count_uncommitted(&b.bootstrap, &billing) as usize;
-    assert!(
-        written < total,
-        "the run finished before the kill; nothing was tested"
-    );
     note(&log, "---- killed with SIGKILL; restarting ----");
-    let p = Processor::start(&path, &log, &[]);
-    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want);
-    let dead = read_all(
-        &b.bootstrap,
-        &cfg.dead_letter_topic,
-        t.malformed,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    );
-    assert_eq!(dead.len(), t.malformed, "dead letters exactly once");
+    let p = Processor::start(&s.path, &log, &[]);
+    s.assert_exactly_once();
+    s.assert_dead_letters();
     assert!(
         p.terminate().success(),
         "clean exit on SIGTERM (log: {})",
@@ -305,45 +279,29 @@ fn kill_9_mid_run_then_restart_loses_and_repeats_nothing() {
 /// exactly once.
 #[test]
 fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
-    let b = broker();
-    let dir = scratch("scale");
-    let prefix = unique("scale");
-    let (path, cfg) = run_config(&dir, &b.bootstrap, &prefix, "alleato", "");
-    let (policy, keys) = load(&cfg);
-    create_topics(&cfg, &policy, 6);
-    let t = traffic(60_000, 3_000, 31);
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &control_messages(&t.controls),
+    let s = Scenario::new(
+        &broker().bootstrap,
+        "scale",
+        "alleato",
+        6,
+        60_000,
+        3_000,
+        31,
     );
-    produce(&b.bootstrap, &cfg.input_topic, &t.messages);
-    let want = expected(&t, &policy, &keys);
-    let total: usize = want[Purpose::Billing as usize].values().sum();
-    let billing = cfg.routes[Purpose::Billing as usize].clone().unwrap();
-    let progress = || count_uncommitted(&b.bootstrap, &billing) as usize;
-
-    let a = Processor::start(&path, &dir.join("a.log"), &[]);
-    wait_for("a fifth of the run", Duration::from_secs(300), || {
-        progress() > total / 5
-    });
-    let txn_b = format!("{prefix}.txn-b");
-    let bb = Processor::start(
-        &path,
-        &dir.join("b.log"),
+    let a = Processor::start(&s.path, &s.dir.join("a.log"), &[]);
+    s.wait_progress(0.2);
+    let txn_b = format!("{}.txn-b", s.cfg.group_id);
+    let b = Processor::start(
+        &s.path,
+        &s.dir.join("b.log"),
         &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", txn_b.as_str())],
     );
-    wait_for("half of the run", Duration::from_secs(300), || {
-        progress() > total / 2
-    });
-    assert!(
-        progress() < total,
-        "the run finished before A left; nothing was tested"
-    );
+    s.wait_progress(0.5);
     assert!(a.terminate().success(), "A leaves cleanly");
-    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want);
-    assert!(bb.terminate().success());
-    let log_b = std::fs::read_to_string(dir.join("b.log")).unwrap();
+    s.assert_exactly_once();
+    s.assert_dead_letters();
+    assert!(b.terminate().success());
+    let log_b = std::fs::read_to_string(s.dir.join("b.log")).unwrap();
     assert!(
         log_b.contains("partitions assigned"),
         "B took part in the run"
@@ -354,27 +312,18 @@ fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
 #[test]
 fn broker_restart_mid_run_loses_nothing() {
     let own = Broker::start(&scratch("restart-broker"), None);
-    let dir = scratch("restart");
-    let prefix = unique("restart");
-    let (path, cfg) = run_config(&dir, &own.bootstrap, &prefix, "partnersec", "");
-    let (policy, keys) = load(&cfg);
-    create_topics(&cfg, &policy, 3);
-    let t = traffic(60_000, 3_000, 41);
-    produce(
+    let s = Scenario::new(
         &own.bootstrap,
-        &cfg.control_topic,
-        &control_messages(&t.controls),
+        "restart",
+        "partnersec",
+        3,
+        60_000,
+        3_000,
+        41,
     );
-    produce(&own.bootstrap, &cfg.input_topic, &t.messages);
-    let want = expected(&t, &policy, &keys);
-    let total: usize = want[Purpose::Billing as usize].values().sum();
-    let billing = cfg.routes[Purpose::Billing as usize].clone().unwrap();
-
-    let log = dir.join("cdrguard.log");
-    let p = Processor::start(&path, &log, &[]);
-    wait_for("a fifth of the run", Duration::from_secs(300), || {
-        count_uncommitted(&own.bootstrap, &billing) as usize > total / 5
-    });
+    let log = s.dir.join("cdrguard.log");
+    let p = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(0.2);
     own.stop();
     note(&log, "---- broker stopped ----");
     std::thread::sleep(Duration::from_secs(5));
@@ -384,7 +333,8 @@ fn broker_restart_mid_run_loses_nothing() {
         "the broker comes back on its port"
     );
     note(&log, "---- broker started again ----");
-    assert_exactly_once(&own.bootstrap, &cfg, &policy, &want);
+    s.assert_exactly_once();
+    s.assert_dead_letters();
     assert!(
         p.terminate().success(),
         "clean exit (log: {})",
@@ -397,45 +347,37 @@ fn broker_restart_mid_run_loses_nothing() {
 /// copy is present; repeats are allowed, losses are not.
 #[test]
 fn at_least_once_mode_loses_nothing_across_a_kill() {
-    let b = broker();
-    let dir = scratch("alo");
-    let prefix = unique("alo");
-    let (path, cfg) = run_config(&dir, &b.bootstrap, &prefix, "hektor-mobil", "");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text = text.replace("[kafka]\n", "[kafka]\nguarantee = \"at_least_once\"\n");
-    std::fs::write(&path, text).unwrap();
-    let (policy, keys) = load(&cfg);
-    create_topics(&cfg, &policy, 3);
-    let t = traffic(40_000, 2_000, 51);
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &control_messages(&t.controls),
+    let s = Scenario::new(
+        &broker().bootstrap,
+        "alo",
+        "hektor-mobil",
+        3,
+        40_000,
+        2_000,
+        51,
     );
-    produce(&b.bootstrap, &cfg.input_topic, &t.messages);
-    let want = expected(&t, &policy, &keys);
-    let total: usize = want[Purpose::Billing as usize].values().sum();
-    let billing = cfg.routes[Purpose::Billing as usize].clone().unwrap();
-
-    let log = dir.join("cdrguard.log");
-    let p = Processor::start(&path, &log, &[]);
-    wait_for("a third of the run", Duration::from_secs(300), || {
-        count_uncommitted(&b.bootstrap, &billing) as usize > total / 3
-    });
+    let text = std::fs::read_to_string(&s.path).unwrap();
+    std::fs::write(
+        &s.path,
+        text.replace("[kafka]\n", "[kafka]\nguarantee = \"at_least_once\"\n"),
+    )
+    .unwrap();
+    let log = s.dir.join("cdrguard.log");
+    let p = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(1.0 / 3.0);
     p.kill9();
-    let p = Processor::start(&path, &log, &[]);
-    for r in policy.declared() {
-        let topic = cfg.routes[r.purpose as usize].as_deref().unwrap();
-        let w = &want[r.purpose as usize];
+    let p = Processor::start(&s.path, &log, &[]);
+    for r in s.policy.declared() {
+        let topic = s.cfg.routes[r.purpose as usize].as_deref().unwrap();
+        let w = &s.want[r.purpose as usize];
         let n: usize = w.values().sum();
         // Wait until every expected id is there (repeats make the count larger).
-        let mut got = Default::default();
         wait_for(
             &format!("every {} copy", r.purpose.id()),
             Duration::from_secs(180),
             || {
-                got = util::got(&read_all(
-                    &b.bootstrap,
+                let got = util::got(&read_all(
+                    &s.bootstrap,
                     topic,
                     n,
                     Duration::from_secs(1),

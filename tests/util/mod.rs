@@ -618,3 +618,107 @@ impl InProcess {
         self.rt.block_on(j).expect("run task panicked")
     }
 }
+
+/// A run's worth of setup: a configuration with its own topics, traffic on the input
+/// and control topics, and the copies the run must make.
+pub struct Scenario {
+    /// Scratch folder (config, key file, logs).
+    pub dir: PathBuf,
+    /// The configuration file.
+    pub path: PathBuf,
+    /// The configuration.
+    pub cfg: RunConfig,
+    /// Its policy.
+    pub policy: Policy,
+    /// The traffic produced.
+    pub traffic: Traffic,
+    /// The copies expected.
+    pub want: Expected,
+    /// bootstrap.servers.
+    pub bootstrap: String,
+}
+
+impl Scenario {
+    /// Creates topics (`partitions` each), produces `records` records of `subscribers`
+    /// subscribers (control events first) and computes the expected copies.
+    pub fn new(
+        bootstrap: &str,
+        name: &str,
+        policy: &str,
+        partitions: i32,
+        records: u64,
+        subscribers: u32,
+        seed: u64,
+    ) -> Scenario {
+        let dir = scratch(name);
+        let (path, cfg) = run_config(&dir, bootstrap, &unique(name), policy, "");
+        let (policy, keys) = load(&cfg);
+        create_topics(&cfg, &policy, partitions);
+        let traffic = traffic(records, subscribers, seed);
+        produce(
+            bootstrap,
+            &cfg.control_topic,
+            &control_messages(&traffic.controls),
+        );
+        produce(bootstrap, &cfg.input_topic, &traffic.messages);
+        let want = expected(&traffic, &policy, &keys);
+        Scenario {
+            dir,
+            path,
+            cfg,
+            policy,
+            traffic,
+            want,
+            bootstrap: bootstrap.to_string(),
+        }
+    }
+
+    /// Billing copies expected (one per valid record).
+    pub fn total(&self) -> usize {
+        self.want[Purpose::Billing as usize].values().sum()
+    }
+
+    /// Billing copies written so far, committed or not.
+    pub fn progress(&self) -> usize {
+        let billing = self.cfg.routes[Purpose::Billing as usize]
+            .as_deref()
+            .unwrap();
+        count_uncommitted(&self.bootstrap, billing) as usize
+    }
+
+    /// Waits until more than `share` of the billing copies have been written, and checks
+    /// the run has not already finished (else the interruption would test nothing).
+    pub fn wait_progress(&self, share: f64) {
+        let total = self.total();
+        wait_for(
+            &format!("{share} of the run"),
+            Duration::from_secs(300),
+            || self.progress() as f64 > total as f64 * share,
+        );
+        assert!(
+            self.progress() < total,
+            "the run finished before the interruption; nothing was tested"
+        );
+    }
+
+    /// Checks every route holds exactly the expected copies, once each.
+    pub fn assert_exactly_once(&self) {
+        assert_exactly_once(&self.bootstrap, &self.cfg, &self.policy, &self.want);
+    }
+
+    /// Checks the dead-letter topic holds each malformed record exactly once.
+    pub fn assert_dead_letters(&self) {
+        let dead = read_all(
+            &self.bootstrap,
+            &self.cfg.dead_letter_topic,
+            self.traffic.malformed,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            dead.len(),
+            self.traffic.malformed,
+            "dead letters exactly once"
+        );
+    }
+}
