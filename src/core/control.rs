@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use super::purpose::{Purpose, PurposeSet};
-use super::time::Millis;
+use super::time::{HOUR_MS, Millis};
 
 /// What a control event sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +127,12 @@ impl RawControl<'_> {
             "erasure" if !extra([false; 5]) => Change::Erasure,
             "contract_ended" if !extra([false; 5]) => Change::ContractEnded,
             "invoice_settled" => match (self.period_start, self.period_end) {
+                // Invoice-anchored windows are hour buckets: a period edge inside an hour
+                // would cut a window in two, so such a period is refused, not guessed at.
+                (Some(s), Some(e)) if s < e && (s.0 % HOUR_MS != 0 || e.0 % HOUR_MS != 0) => {
+                    return err("needs `period_start` and `period_end` on whole UTC hours \
+                         (invoice retention windows are hour buckets)");
+                }
                 (Some(s), Some(e)) if s < e && !extra([false, false, false, true, true]) => {
                     Change::InvoiceSettled {
                         period_start: s,
@@ -220,19 +226,70 @@ pub struct SubscriberState {
     pub restricted: bool,
     /// When the contract ended, if it has.
     pub contract_ended: Option<Millis>,
+    /// When the latest erasure request took effect, if there was one. Purposes whose
+    /// erasure effect is `expire` get no copy from then on (see [`Self::erased`]).
+    pub erased_at: Option<Millis>,
+    /// Consent purposes granted again after that erasure: a new consent, given after the
+    /// request, lifts it for the purposes it grants.
+    pub regranted: PurposeSet,
+    /// The latest invoice settlement, so a record arriving after its retention already
+    /// ran out is not copied.
+    pub settled: Option<Settled>,
+}
+
+/// How far a subscriber's invoices are settled: every record before `through` belongs to
+/// a settled period, settled at or before `at`.
+///
+/// That holds when a subscriber's invoices are settled in period order (the README's
+/// assumption): the latest settlement then bounds every earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// The end of the latest settled period (exclusive).
+    pub through: Millis,
+    /// The latest settlement time.
+    pub at: Millis,
 }
 
 impl SubscriberState {
-    /// Applies an event's routing effect. Erasure and invoice settlement change no routing
-    /// (they act on the retention schedule); the rest take effect from the next record.
+    /// Applies an event's routing effect, from the next record on. Invoice settlement
+    /// changes no routing; it only lets a late record be recognised as already expired.
     pub fn apply(&mut self, change: &Change, at: Millis) {
         match change {
-            Change::Consent { purpose, granted } => self.consented.set(*purpose, *granted),
+            Change::Consent { purpose, granted } => {
+                self.consented.set(*purpose, *granted);
+                // Only a consent dated after the erasure lifts it; events may reach a
+                // Kafka consumer out of `at` order, and an older grant must not.
+                if self.erased_at.is_some_and(|e| at > e) {
+                    self.regranted.set(*purpose, *granted);
+                }
+            }
             Change::Objection { purpose } => self.objected.set(*purpose, true),
             Change::Restriction { active } => self.restricted = *active,
             Change::ContractEnded => self.contract_ended = Some(at),
-            Change::Erasure | Change::InvoiceSettled { .. } => {}
+            Change::Erasure => {
+                if self.erased_at.is_none_or(|e| at >= e) {
+                    if self.erased_at != Some(at) {
+                        self.regranted = PurposeSet::EMPTY;
+                    }
+                    self.erased_at = Some(at);
+                }
+            }
+            Change::InvoiceSettled { period_end, .. } => {
+                let s = self.settled.get_or_insert(Settled {
+                    through: *period_end,
+                    at,
+                });
+                s.through = s.through.max(*period_end);
+                s.at = s.at.max(at);
+            }
         }
+    }
+
+    /// Whether an erasure stops copies for a purpose whose erasure effect is `expire`
+    /// and whose consent (if any) is `consent_key`: from the request on, until that
+    /// consent is granted again after it. A purpose without consent stays stopped.
+    pub fn erased(&self, consent_key: Option<Purpose>) -> bool {
+        self.erased_at.is_some() && !consent_key.is_some_and(|k| self.regranted.contains(k))
     }
 }
 

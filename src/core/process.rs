@@ -53,11 +53,14 @@ pub enum Outcome {
     Restricted,
     /// No copy: its retention had already run out when the record arrived.
     Expired,
+    /// No copy: the subscriber asked for erasure and the purpose is not held through it
+    /// (and, for a consent-based purpose, no consent was given after the request).
+    Erased,
 }
 
 impl Outcome {
     /// Every outcome, for fixed-size counters.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::NotDeclared,
         Outcome::Copied,
         Outcome::Anonymised,
@@ -65,6 +68,7 @@ impl Outcome {
         Outcome::Objected,
         Outcome::Restricted,
         Outcome::Expired,
+        Outcome::Erased,
     ];
     /// The label value.
     pub const fn id(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Outcome {
             Outcome::Objected => "objected",
             Outcome::Restricted => "restricted",
             Outcome::Expired => "expired",
+            Outcome::Erased => "erased",
         }
     }
 }
@@ -214,9 +219,11 @@ fn expired_on_arrival(
         // only when its window would already have expired.
         Anchor::EventTime => super::retention::event_time_deadline(ret, r.start_time) <= now,
         Anchor::ContractEnd => s.contract_ended.is_some_and(|t| ret.period.after(t) <= now),
-        // The invoice for the record's period cannot have been settled before the record
-        // was billed: the clock has not started.
-        Anchor::InvoiceSettled => false,
+        // A record arriving after its period was settled: with settlements in period
+        // order, the latest one bounds its deadline.
+        Anchor::InvoiceSettled => s
+            .settled
+            .is_some_and(|st| r.start_time < st.through && ret.period.after(st.at) <= now),
     }
 }
 
@@ -238,10 +245,15 @@ pub fn process<'a>(
             d.outcomes[p as usize] = Some(Outcome::NotDeclared);
             continue;
         };
+        // An erasure voids the consent given before it; a purpose without consent stays
+        // stopped. Anonymised copies hold no personal data, so the fallback remains.
+        let erased = rule.erasure.stops && state.erased(rule.consent_key);
         let stopped = if state.restricted && rule.restriction.stops {
             Some(Outcome::Restricted)
         } else if state.objected.contains(p) && rule.objection.stops {
             Some(Outcome::Objected)
+        } else if erased && rule.consent_key.is_none() {
+            Some(Outcome::Erased)
         } else if expired_on_arrival(rule, r, state, now) {
             Some(Outcome::Expired)
         } else {
@@ -254,10 +266,14 @@ pub fn process<'a>(
         let consented = rule.consent_key.map(|k| state.consented.contains(k));
         let (map, consent, anonymised) = match (consented, rule.anonymised.as_ref()) {
             (None, _) => (&rule.fields, ConsentTag::NotRequired, false),
-            (Some(true), _) => (&rule.fields, ConsentTag::Granted, false),
-            (Some(false), Some(anon)) => (anon, ConsentTag::Absent, true),
-            (Some(false), None) => {
-                d.outcomes[p as usize] = Some(Outcome::NoConsent);
+            (Some(true), _) if !erased => (&rule.fields, ConsentTag::Granted, false),
+            (Some(_), Some(anon)) => (anon, ConsentTag::Absent, true),
+            (Some(given), None) => {
+                d.outcomes[p as usize] = Some(if given {
+                    Outcome::Erased
+                } else {
+                    Outcome::NoConsent
+                });
                 continue;
             }
         };

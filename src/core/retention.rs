@@ -31,6 +31,10 @@ pub enum Reason {
 }
 
 /// A retention-expiry event (DESIGN.md): downstream deletes the window's copies.
+///
+/// Its window bounds are bucket bounds (a UTC day or an hour), never a record's own time:
+/// a pseudonymised route's copies carry the hour at most, and an exact time here would let
+/// anyone holding both routes link the pseudonym to a billing record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Expiry {
     /// Always `retention_expired`.
@@ -42,9 +46,9 @@ pub struct Expiry {
     pub purpose: Purpose,
     /// The subscriber as that route's copies carry it; `None` for anonymised copies.
     pub subscriber: Option<String>,
-    /// First record time covered.
+    /// Start of the window's first bucket.
     pub window_start: Millis,
-    /// Last record time covered (inclusive).
+    /// Last instant of the window's last bucket (inclusive), e.g. `23:59:59.999`.
     pub window_end: Millis,
     /// When the copies had to be deleted by.
     pub deadline: Millis,
@@ -58,24 +62,50 @@ pub struct Expiry {
 /// per event instant, so a later right never relabels or re-times an earlier one.
 const ENDED_BASE: i64 = i64::MIN / 2;
 
+/// Whether a bucket key is a window still running under its rule (not one a right ended).
+fn is_rule_bucket(b: i64) -> bool {
+    b >= ENDED_BASE / 2
+}
+
 #[derive(Clone, Debug)]
 struct Window {
+    /// Start of the first bucket covered.
     from: Millis,
+    /// Last instant of the last bucket covered.
     to: Millis,
     deadline: Option<Millis>,
     reason: Reason,
 }
 
+impl Window {
+    fn widen(&mut self, from: Millis, to: Millis) {
+        self.from = self.from.min(from);
+        self.to = self.to.max(to);
+    }
+}
+
 /// All windows of one route and subscriber, by bucket: the day of the record time for
-/// event-time rules, the hour for invoice rules (so an invoice period's edge does not cut
-/// a window), one bucket for contract-anchored rules.
+/// event-time rules, the hour for invoice rules until the invoice is settled (then the
+/// period's first hour holds the merged window), one bucket for contract-anchored rules.
 type Buckets = BTreeMap<i64, Window>;
+
+/// A settled invoice period of one route and subscriber, remembered until its deadline
+/// so a record arriving after the settlement gets the settled deadline at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Settlement {
+    start: Millis,
+    end: Millis,
+    deadline: Millis,
+}
 
 /// The retention schedule of one policy.
 #[derive(Debug, Default)]
 pub struct Schedule {
     subjects: [HashMap<Box<str>, Buckets>; Purpose::COUNT],
     due: BTreeSet<(Millis, u8, Box<str>, i64)>,
+    /// Settled periods per route and subject, and when each may be forgotten.
+    settled: [HashMap<Box<str>, Vec<Settlement>>; Purpose::COUNT],
+    forget: BTreeSet<(Millis, u8, Box<str>)>,
     policy: String,
 }
 
@@ -85,6 +115,19 @@ fn bucket_of(anchor: Anchor, t: Millis) -> i64 {
         Anchor::EventTime => t.0.div_euclid(DAY_MS),
         Anchor::InvoiceSettled => t.0.div_euclid(HOUR_MS),
     }
+}
+
+/// The record times a copy's window stands for: the UTC day holding `t` (event-time and
+/// contract rules) or its hour (invoice rules), as first and last instant. Expiries and
+/// schedule entries carry only these, never the record's own time, so they reveal no
+/// finer time than any route's copies (generalised copies carry the hour).
+pub fn span_of(anchor: Anchor, t: Millis) -> (Millis, Millis) {
+    let unit = match anchor {
+        Anchor::InvoiceSettled => HOUR_MS,
+        Anchor::EventTime | Anchor::ContractEnd => DAY_MS,
+    };
+    let start = t.0.div_euclid(unit) * unit;
+    (Millis(start), Millis(start + (unit - 1)))
 }
 
 /// The deadline of the event-time window holding `t`: the period after the end of its
@@ -122,9 +165,11 @@ pub struct WindowUpdate<'p> {
     pub subscriber: Option<String>,
     /// Bucket of the window: UTC day (event time), hour (invoice) or 0 (contract).
     pub bucket: i64,
-    /// Earliest record time seen in this batch.
+    /// Start of the bucket (for contract rules: of the first UTC day with a copy in this
+    /// batch). Never a record's own time (see [`span_of`]).
     pub window_start: Millis,
-    /// Latest record time seen in this batch.
+    /// Last instant of the bucket (for contract rules: of the last UTC day with a copy in
+    /// this batch), inclusive.
     pub window_end: Millis,
     /// The clock's anchor.
     pub anchor: &'static str,
@@ -172,6 +217,7 @@ impl WindowBatch {
     /// Notes a copy's window.
     pub fn add(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
         let (bucket, deadline) = window_of(e, contract_ended);
+        let (from, to) = span_of(e.rule.anchor, e.record_time);
         let subject = e.subscriber.unwrap_or("");
         let list = match self.windows.get_mut(subject) {
             Some(l) => l,
@@ -179,19 +225,11 @@ impl WindowBatch {
         };
         let p = e.purpose as u8;
         if let Some((_, _, w)) = list.iter_mut().find(|(q, b, _)| *q == p && *b == bucket) {
-            w.from = w.from.min(e.record_time);
-            w.to = w.to.max(e.record_time);
+            w.from = w.from.min(from);
+            w.to = w.to.max(to);
             return;
         }
-        list.push((
-            p,
-            bucket,
-            Pending {
-                from: e.record_time,
-                to: e.record_time,
-                deadline,
-            },
-        ));
+        list.push((p, bucket, Pending { from, to, deadline }));
         self.count += 1;
     }
 
@@ -268,28 +306,53 @@ impl Schedule {
         }
     }
 
+    /// The bucket and deadline of an invoice-anchored copy at `t`. Inside a remembered
+    /// settled period it joins the period's merged window (or opens one) with the settled
+    /// deadline. Before a remembered period, its own period was settled earlier and is
+    /// already forgotten (settlements come in period order, see the README), so the
+    /// earliest later settlement's deadline bounds it. Otherwise it waits.
+    fn invoice_window(&self, p: Purpose, subject: &str, t: Millis) -> (i64, Option<Millis>) {
+        let hour = bucket_of(Anchor::InvoiceSettled, t);
+        let Some(list) = self.settled[p as usize].get(subject) else {
+            return (hour, None);
+        };
+        if let Some(s) = list.iter().find(|s| s.start <= t && t < s.end) {
+            return (bucket_of(Anchor::InvoiceSettled, s.start), Some(s.deadline));
+        }
+        let later = list
+            .iter()
+            .filter(|s| t < s.start)
+            .map(|s| s.deadline)
+            .min();
+        (hour, later)
+    }
+
     /// Records that a copy exists. `contract_ended` is the subscriber's contract end, if
-    /// known, so a late record on a contract-anchored route gets its deadline at once.
+    /// known, so a late record on a contract-anchored route gets its deadline at once; a
+    /// late record on an invoice-anchored route gets its settled deadline the same way.
     pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
         let rule: &Retention = e.rule;
         let subject = e.subscriber.unwrap_or("");
-        let (bucket, deadline) = window_of(e, contract_ended);
         let p = e.purpose;
+        let (bucket, deadline) = match rule.anchor {
+            Anchor::InvoiceSettled => self.invoice_window(p, subject, e.record_time),
+            _ => window_of(e, contract_ended),
+        };
+        let (from, to) = span_of(rule.anchor, e.record_time);
         let buckets = match self.subjects[p as usize].get_mut(subject) {
             Some(b) => b,
             None => self.subjects[p as usize].entry(subject.into()).or_default(),
         };
         match buckets.get_mut(&bucket) {
-            Some(w) => {
-                w.from = w.from.min(e.record_time);
-                w.to = w.to.max(e.record_time);
-            }
+            // An open window keeps its deadline: it is never earlier than the copy's own
+            // (same day, same contract end, or the same settlement).
+            Some(w) => w.widen(from, to),
             None => {
                 buckets.insert(
                     bucket,
                     Window {
-                        from: e.record_time,
-                        to: e.record_time,
+                        from,
+                        to,
                         deadline,
                         reason: Reason::Rule(rule.rule_id.clone()),
                     },
@@ -317,10 +380,7 @@ impl Schedule {
                 Change::Erasure if rule.erasure.stops => Some(Reason::Erasure),
                 _ => None,
             };
-            let starts = match (&ev.change, rule.retention.anchor) {
-                (Change::ContractEnded, Anchor::ContractEnd) => {
-                    Some((Millis(i64::MIN), Millis(i64::MAX)))
-                }
+            let settles = match (&ev.change, rule.retention.anchor) {
                 (
                     Change::InvoiceSettled {
                         period_start,
@@ -330,85 +390,175 @@ impl Schedule {
                 ) => Some((*period_start, *period_end)),
                 _ => None,
             };
-            if ends.is_none() && starts.is_none() {
+            let contract = matches!(
+                (&ev.change, rule.retention.anchor),
+                (Change::ContractEnded, Anchor::ContractEnd)
+            );
+            if ends.is_none() && settles.is_none() && !contract {
                 continue;
             }
             let Some(subject) = subscriber_ref(rule, keys, &ev.msisdn) else {
                 continue;
             };
             let subject = subject.as_str();
-            let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
+            if let Some(reason) = ends {
+                self.end(p, subject, reason, ev.at);
+            } else if let Some((start, end)) = settles {
+                let deadline = rule.retention.period.after(ev.at);
+                self.settle(p, subject, start, end, deadline);
+            } else {
+                // The contract's clock: every window still waiting gets its deadline.
+                let deadline = rule.retention.period.after(ev.at);
+                self.start_waiting(p, subject, deadline, |_| true);
+            }
+        }
+    }
+
+    /// Gives every waiting window of a route and subject that `within` accepts a deadline.
+    fn start_waiting(
+        &mut self,
+        p: Purpose,
+        subject: &str,
+        deadline: Millis,
+        within: impl Fn(&Window) -> bool,
+    ) {
+        let Some(buckets) = self.subjects[p as usize].get_mut(subject) else {
+            return;
+        };
+        let mut armed = Vec::new();
+        for (b, w) in buckets.iter_mut() {
+            if is_rule_bucket(*b) && w.deadline.is_none() && within(w) {
+                w.deadline = Some(deadline);
+                armed.push(*b);
+            }
+        }
+        for b in armed {
+            self.arm(p, subject, b, deadline);
+        }
+    }
+
+    /// Ends everything a route holds on a subject in one window, due at `at`. A window
+    /// whose own deadline is at or before `at` is left to its rule: it ran out first.
+    fn end(&mut self, p: Purpose, subject: &str, reason: Reason, at: Millis) {
+        let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
+            return;
+        };
+        let open: Vec<i64> = buckets
+            .iter()
+            .filter(|(b, w)| {
+                is_rule_bucket(**b)
+                    && matches!(w.reason, Reason::Rule(_))
+                    && w.deadline.is_none_or(|d| d > at)
+            })
+            .map(|(b, _)| *b)
+            .collect();
+        let mut merged: Option<Window> = None;
+        for b in open {
+            let Some(w) = buckets.remove(&b) else {
                 continue;
             };
-            if let Some(reason) = ends {
-                // One expiry for everything the route holds on the subscriber.
-                let mut merged: Option<Window> = None;
-                let open: Vec<i64> = buckets
-                    .iter()
-                    .filter(|(b, w)| **b >= ENDED_BASE / 2 && matches!(w.reason, Reason::Rule(_)))
-                    .map(|(b, _)| *b)
-                    .collect();
-                for b in open {
-                    let Some(w) = buckets.remove(&b) else {
-                        continue;
-                    };
-                    self.disarm(p, subject, b, &w);
-                    merged = Some(match merged {
-                        None => w,
-                        Some(m) => Window {
-                            from: m.from.min(w.from),
-                            to: m.to.max(w.to),
-                            ..m
-                        },
-                    });
-                }
-                if let Some(mut m) = merged {
-                    // A window whose own deadline came first keeps that deadline.
-                    let deadline = m.deadline.map_or(ev.at, |d| d.min(ev.at));
-                    m.deadline = Some(deadline);
-                    m.reason = reason;
-                    let key = ENDED_BASE + ev.at.0;
-                    match buckets.get_mut(&key) {
-                        // Two rights at the same instant end the same copies once.
-                        Some(w) => {
-                            w.from = w.from.min(m.from);
-                            w.to = w.to.max(m.to);
-                        }
-                        None => {
-                            self.arm(p, subject, key, deadline);
-                            buckets.insert(key, m);
-                        }
-                    }
-                }
-            } else if let Some((ps, pe)) = starts {
-                let deadline = rule.retention.period.after(ev.at);
-                let pending: Vec<i64> = buckets
-                    .iter()
-                    // Hour windows inside the invoiced period. Periods are hour-aligned in
-                    // practice; a window straddling an unaligned boundary settles with the
-                    // invoice that covers its end (documented in the README).
-                    .filter(|(_, w)| w.deadline.is_none() && w.to < pe && w.to >= ps)
-                    .map(|(b, _)| *b)
-                    .collect();
-                for b in pending {
-                    if let Some(w) = buckets.get_mut(&b) {
-                        w.deadline = Some(deadline);
-                    }
-                    self.arm(p, subject, b, deadline);
+            self.disarm(p, subject, b, &w);
+            match merged.as_mut() {
+                None => merged = Some(w),
+                Some(m) => m.widen(w.from, w.to),
+            }
+        }
+        if let Some(mut m) = merged {
+            m.deadline = Some(at);
+            m.reason = reason;
+            let key = ENDED_BASE + at.0;
+            match buckets.get_mut(&key) {
+                // Two rights at the same instant end the same copies once.
+                Some(w) => w.widen(m.from, m.to),
+                None => {
+                    self.arm(p, subject, key, at);
+                    buckets.insert(key, m);
                 }
             }
+        }
+        if !buckets.is_empty() {
+            self.subjects[p as usize].insert(subject.into(), buckets);
+        }
+    }
+
+    /// Settles an invoice period: its hour windows still waiting become one window, due
+    /// at `deadline`, and the period is remembered until then for late records.
+    fn settle(&mut self, p: Purpose, subject: &str, start: Millis, end: Millis, deadline: Millis) {
+        let list = self.settled[p as usize].entry(subject.into()).or_default();
+        // A repeated settlement of the same period does not restart its clock.
+        let deadline = match list.iter_mut().find(|s| s.start == start && s.end == end) {
+            Some(s) => {
+                s.deadline = s.deadline.min(deadline);
+                s.deadline
+            }
+            None => {
+                list.push(Settlement {
+                    start,
+                    end,
+                    deadline,
+                });
+                deadline
+            }
+        };
+        self.forget.insert((deadline, p as u8, subject.into()));
+        let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
+            return;
+        };
+        // Periods are hour-aligned (control events refuse others), so an hour window is
+        // either inside the period or outside it.
+        let inside: Vec<i64> = buckets
+            .iter()
+            .filter(|(b, w)| {
+                is_rule_bucket(**b) && w.deadline.is_none() && w.from >= start && w.to < end
+            })
+            .map(|(b, _)| *b)
+            .collect();
+        let mut merged: Option<Window> = None;
+        for b in inside {
+            if let Some(w) = buckets.remove(&b) {
+                match merged.as_mut() {
+                    None => merged = Some(w),
+                    Some(m) => m.widen(w.from, w.to),
+                }
+            }
+        }
+        if let Some(mut m) = merged {
+            let key = bucket_of(Anchor::InvoiceSettled, start);
+            let rearm = match buckets.get_mut(&key) {
+                // The period's first hour already holds a window with a deadline (an
+                // earlier settlement of the period, or a late record bounded by a later
+                // one): the earlier deadline holds for both.
+                Some(w) => {
+                    w.widen(m.from, m.to);
+                    let old = w.deadline;
+                    w.deadline = Some(old.map_or(deadline, |d| d.min(deadline)));
+                    (old != w.deadline).then_some(old)
+                }
+                None => {
+                    m.deadline = Some(deadline);
+                    buckets.insert(key, m);
+                    Some(None)
+                }
+            };
+            if let Some(old) = rearm {
+                if let Some(d) = old {
+                    self.due
+                        .remove(&(d, p as u8, Box::<str>::from(subject), key));
+                }
+                self.arm(p, subject, key, deadline);
+            }
+        }
+        if !buckets.is_empty() {
             self.subjects[p as usize].insert(subject.into(), buckets);
         }
     }
 
     /// Removes and returns every window whose deadline is at or before `now`, deadline
-    /// first. Each window yields exactly one expiry.
+    /// first. Each window yields exactly one expiry. Settlements whose deadline passed
+    /// are forgotten: a record of theirs arriving now is refused by `process`.
     pub fn due(&mut self, now: Millis) -> Vec<Expiry> {
         let mut out = Vec::new();
-        while let Some(first) = self.due.first() {
-            if first.0 > now {
-                break;
-            }
+        while self.due.first().is_some_and(|f| f.0 <= now) {
             let Some((deadline, p, subject, bucket)) = self.due.pop_first() else {
                 break;
             };
@@ -434,6 +584,18 @@ impl Schedule {
                 reason: w.reason,
                 policy: self.policy.clone(),
             });
+        }
+        while self.forget.first().is_some_and(|f| f.0 <= now) {
+            let Some((_, p, subject)) = self.forget.pop_first() else {
+                break;
+            };
+            let map = &mut self.settled[p as usize];
+            if let Some(list) = map.get_mut(&subject) {
+                list.retain(|s| s.deadline > now);
+                if list.is_empty() {
+                    map.remove(&subject);
+                }
+            }
         }
         out
     }
