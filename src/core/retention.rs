@@ -600,3 +600,660 @@ impl Schedule {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pseudonym::MasterKey;
+
+    const M: &str = "+46701234567";
+    const OTHER: &str = "+46701112233";
+
+    fn policy(name: &str) -> Policy {
+        let text = crate::policy::shipped(name).expect("shipped policy");
+        crate::policy::parse_policy(text, name).expect("policy loads")
+    }
+
+    fn keys() -> Keyring {
+        Keyring::new(&[MasterKey::new("t", &[9u8; 32]).expect("key")]).expect("keyring")
+    }
+
+    fn t(s: &str) -> Millis {
+        Millis::parse(s).expect("time")
+    }
+
+    /// The schedule under test with the policy and keys its control events need.
+    struct Fixture {
+        policy: Policy,
+        keys: Keyring,
+        s: Schedule,
+    }
+
+    impl Fixture {
+        fn new(name: &str) -> Fixture {
+            let policy = policy(name);
+            let s = Schedule::new(&policy);
+            Fixture {
+                policy,
+                keys: keys(),
+                s,
+            }
+        }
+
+        /// How the route's copies (and expiries) name `msisdn`.
+        fn subject(&self, p: Purpose, msisdn: &str) -> String {
+            let rule = self.policy.rule(p).expect("declared");
+            subscriber_ref(rule, &self.keys, msisdn)
+                .expect("the route names its subscriber")
+                .as_str()
+                .to_string()
+        }
+
+        fn copy(&mut self, p: Purpose, msisdn: &str, at: &str, contract_ended: Option<Millis>) {
+            let subject = self.subject(p, msisdn);
+            let rule = &self.policy.rule(p).expect("declared").retention;
+            let e = ScheduleEntry {
+                purpose: p,
+                subscriber: Some(&subject),
+                record_time: t(at),
+                rule,
+            };
+            self.s.track(&e, contract_ended);
+        }
+
+        fn control(&mut self, msisdn: &str, at: &str, change: Change) {
+            let ev = ControlEvent {
+                msisdn: msisdn.into(),
+                at: t(at),
+                change,
+            };
+            self.s.control(&self.policy, &self.keys, &ev);
+        }
+
+        fn settle(&mut self, msisdn: &str, at: &str, start: &str, end: &str) {
+            let change = Change::InvoiceSettled {
+                period_start: t(start),
+                period_end: t(end),
+            };
+            self.control(msisdn, at, change);
+        }
+
+        fn due(&mut self, now: &str) -> Vec<Expiry> {
+            self.s.due(t(now))
+        }
+    }
+
+    /// `(route, window_start, window_end, deadline, reason)` of each expiry, as text.
+    fn brief(es: &[Expiry]) -> Vec<(&'static str, String, String, String, String)> {
+        es.iter()
+            .map(|e| {
+                let reason = match &e.reason {
+                    Reason::Rule(r) => r.clone(),
+                    other => serde_json::to_value(other)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                };
+                (
+                    e.route,
+                    e.window_start.to_string(),
+                    e.window_end.to_string(),
+                    e.deadline.to_string(),
+                    reason,
+                )
+            })
+            .collect()
+    }
+
+    fn row(
+        route: &'static str,
+        from: &str,
+        to: &str,
+        deadline: &str,
+        reason: &str,
+    ) -> (&'static str, String, String, String, String) {
+        (
+            route,
+            from.into(),
+            to.into(),
+            deadline.into(),
+            reason.into(),
+        )
+    }
+
+    #[test]
+    fn spans_are_whole_utc_days_or_hours() {
+        let (a, b) = span_of(Anchor::EventTime, t("2026-03-02T10:15:30.250Z"));
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            (
+                "2026-03-02T00:00:00.000Z".into(),
+                "2026-03-02T23:59:59.999Z".into()
+            )
+        );
+        let (a, b) = span_of(Anchor::InvoiceSettled, t("2026-03-02T10:15:30.250Z"));
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            (
+                "2026-03-02T10:00:00.000Z".into(),
+                "2026-03-02T10:59:59.999Z".into()
+            )
+        );
+        // Contract windows are one bucket, but their bounds are still whole days.
+        assert_eq!(
+            span_of(Anchor::ContractEnd, t("2026-03-02T10:15:30.250Z")),
+            span_of(Anchor::EventTime, t("2026-03-02T00:00:00.000Z"))
+        );
+        // Before the epoch too.
+        let (a, _) = span_of(Anchor::EventTime, t("1969-12-31T23:00:00.000Z"));
+        assert_eq!(a.to_string(), "1969-12-31T00:00:00.000Z");
+    }
+
+    #[test]
+    fn expiries_carry_bucket_bounds_never_record_times() {
+        let mut f = Fixture::new("excedo");
+        f.copy(Purpose::Fraud, M, "2026-03-02T10:15:30.250Z", None);
+        f.copy(Purpose::Fraud, M, "2026-03-02T17:42:01.999Z", None);
+        f.copy(Purpose::Billing, M, "2026-03-02T10:15:30.250Z", None);
+        f.settle(
+            M,
+            "2026-04-15T08:00:00.000Z",
+            "2026-03-01T00:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+        );
+        let got = f.due("2027-01-01T00:00:00.000Z");
+        assert_eq!(
+            brief(&got),
+            vec![
+                row(
+                    "fraud",
+                    "2026-03-02T00:00:00.000Z",
+                    "2026-03-02T23:59:59.999Z",
+                    "2026-09-03T00:00:00.000Z",
+                    "excedo.fraud"
+                ),
+                row(
+                    "billing",
+                    "2026-03-02T10:00:00.000Z",
+                    "2026-03-02T10:59:59.999Z",
+                    "2026-10-15T08:00:00.000Z",
+                    "excedo.billing"
+                ),
+            ]
+        );
+        for e in &got {
+            assert_eq!(e.window_start.0 % HOUR_MS, 0, "{e:?}");
+            assert_eq!((e.window_end.0 + 1) % HOUR_MS, 0, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_right_ends_every_open_window_of_the_route_in_one_expiry_at_the_event() {
+        let mut f = Fixture::new("excedo");
+        f.copy(Purpose::Analytics, M, "2026-03-02T09:00:00.000Z", None);
+        f.copy(Purpose::Analytics, M, "2026-03-04T21:30:00.000Z", None);
+        f.copy(Purpose::Analytics, OTHER, "2026-03-02T09:00:00.000Z", None);
+        f.copy(Purpose::Fraud, M, "2026-03-02T09:00:00.000Z", None);
+        let withdraw = Change::Consent {
+            purpose: Purpose::Analytics,
+            granted: false,
+        };
+        f.control(M, "2026-03-05T12:00:00.000Z", withdraw.clone());
+        let got = f.due("2026-03-05T12:00:00.000Z");
+        assert_eq!(
+            brief(&got),
+            vec![row(
+                "analytics",
+                "2026-03-02T00:00:00.000Z",
+                "2026-03-04T23:59:59.999Z",
+                "2026-03-05T12:00:00.000Z",
+                "consent_withdrawn"
+            )]
+        );
+        assert_eq!(
+            got[0].subscriber.as_deref(),
+            Some(f.subject(Purpose::Analytics, M).as_str())
+        );
+        // Nothing before the deadline, and each window once.
+        assert!(f.due("2026-03-05T12:00:00.000Z").is_empty());
+        // The other subscriber's window and the fraud window run on.
+        assert_eq!(f.s.open_windows(), 2);
+    }
+
+    #[test]
+    fn rights_keep_their_own_expiries_and_the_same_instant_merges() {
+        let mut f = Fixture::new("excedo");
+        f.copy(Purpose::Marketing, M, "2026-03-02T09:00:00.000Z", None);
+        // Objection and withdrawal at the same instant: one expiry, not two.
+        f.control(
+            M,
+            "2026-03-03T12:00:00.000Z",
+            Change::Objection {
+                purpose: Purpose::Marketing,
+            },
+        );
+        f.control(
+            M,
+            "2026-03-03T12:00:00.000Z",
+            Change::Consent {
+                purpose: Purpose::Marketing,
+                granted: false,
+            },
+        );
+        // A later record (consent given again) and a later erasure: its own expiry; the
+        // erasure does not relabel or re-time the objection's window (ENDED_BASE bucket).
+        f.copy(Purpose::Marketing, M, "2026-03-06T09:00:00.000Z", None);
+        f.control(M, "2026-03-07T00:00:00.000Z", Change::Erasure);
+        assert_eq!(
+            brief(&f.due("2026-04-01T00:00:00.000Z")),
+            vec![
+                row(
+                    "marketing",
+                    "2026-03-02T00:00:00.000Z",
+                    "2026-03-02T23:59:59.999Z",
+                    "2026-03-03T12:00:00.000Z",
+                    "objection"
+                ),
+                row(
+                    "marketing",
+                    "2026-03-06T00:00:00.000Z",
+                    "2026-03-06T23:59:59.999Z",
+                    "2026-03-07T00:00:00.000Z",
+                    "erasure"
+                ),
+            ]
+        );
+        assert_eq!(f.s.open_windows(), 0);
+    }
+
+    #[test]
+    fn a_right_leaves_a_window_already_past_its_own_deadline_to_its_rule() {
+        let mut f = Fixture::new("excedo");
+        // Analytics: 12 months after the day's end, so due 2027-03-03.
+        f.copy(Purpose::Analytics, M, "2026-03-02T09:00:00.000Z", None);
+        f.copy(Purpose::Analytics, M, "2027-03-10T09:00:00.000Z", None);
+        f.control(M, "2027-03-20T00:00:00.000Z", Change::Erasure);
+        assert_eq!(
+            brief(&f.due("2027-03-20T00:00:00.000Z")),
+            vec![
+                row(
+                    "analytics",
+                    "2026-03-02T00:00:00.000Z",
+                    "2026-03-02T23:59:59.999Z",
+                    "2027-03-03T00:00:00.000Z",
+                    "excedo.analytics"
+                ),
+                row(
+                    "analytics",
+                    "2027-03-10T00:00:00.000Z",
+                    "2027-03-10T23:59:59.999Z",
+                    "2027-03-20T00:00:00.000Z",
+                    "erasure"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn erasure_spares_routes_held_by_legal_obligation() {
+        let mut f = Fixture::new("excedo");
+        f.copy(Purpose::Fraud, M, "2026-03-02T09:00:00.000Z", None);
+        f.copy(Purpose::Billing, M, "2026-03-02T09:00:00.000Z", None);
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-03-02T09:00:00.000Z",
+            None,
+        );
+        f.control(M, "2026-03-03T00:00:00.000Z", Change::Erasure);
+        assert_eq!(
+            brief(&f.due("2026-03-03T00:00:00.000Z")),
+            vec![row(
+                "troubleshooting",
+                "2026-03-02T00:00:00.000Z",
+                "2026-03-02T23:59:59.999Z",
+                "2026-03-03T00:00:00.000Z",
+                "erasure"
+            )]
+        );
+        assert_eq!(f.s.open_windows(), 2);
+    }
+
+    #[test]
+    fn settlement_merges_the_periods_hour_windows_into_one_and_nothing_else() {
+        let mut f = Fixture::new("excedo");
+        for at in [
+            "2026-02-28T23:30:00.000Z", // previous period
+            "2026-03-02T10:15:00.000Z",
+            "2026-03-02T10:45:00.000Z",
+            "2026-03-17T23:00:00.000Z",
+            "2026-03-31T23:59:59.999Z",
+            "2026-04-01T00:00:00.000Z", // next period
+        ] {
+            f.copy(Purpose::Billing, M, at, None);
+        }
+        f.copy(Purpose::Billing, OTHER, "2026-03-02T10:20:00.000Z", None);
+        assert_eq!(f.s.open_windows(), 6);
+        f.settle(
+            M,
+            "2026-04-15T08:00:00.000Z",
+            "2026-03-01T00:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+        );
+        // One March window for M; February, April and the other subscriber still wait.
+        assert_eq!(f.s.open_windows(), 4);
+        assert_eq!(
+            brief(&f.due("2030-01-01T00:00:00.000Z")),
+            vec![row(
+                "billing",
+                "2026-03-02T10:00:00.000Z",
+                "2026-03-31T23:59:59.999Z",
+                "2026-10-15T08:00:00.000Z",
+                "excedo.billing"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_record_after_its_settlement_gets_the_settled_deadline_at_once() {
+        let mut f = Fixture::new("excedo");
+        f.copy(Purpose::Billing, M, "2026-03-02T10:15:00.000Z", None);
+        f.settle(
+            M,
+            "2026-04-15T08:00:00.000Z",
+            "2026-03-01T00:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+        );
+        // Late: joins the period's window, which keeps its deadline.
+        f.copy(Purpose::Billing, M, "2026-03-20T08:00:00.000Z", None);
+        assert_eq!(f.s.open_windows(), 1);
+        // A period settled before any of its copies arrived: the late copy's window is due
+        // at that settlement's deadline, not left waiting.
+        f.settle(
+            OTHER,
+            "2026-04-16T00:00:00.000Z",
+            "2026-03-01T00:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+        );
+        f.copy(Purpose::Billing, OTHER, "2026-03-05T10:00:00.000Z", None);
+        assert!(f.due("2026-10-15T07:59:59.999Z").is_empty());
+        assert_eq!(
+            brief(&f.due("2026-10-16T00:00:00.000Z")),
+            vec![
+                row(
+                    "billing",
+                    "2026-03-02T10:00:00.000Z",
+                    "2026-03-20T08:59:59.999Z",
+                    "2026-10-15T08:00:00.000Z",
+                    "excedo.billing"
+                ),
+                row(
+                    "billing",
+                    "2026-03-05T10:00:00.000Z",
+                    "2026-03-05T10:59:59.999Z",
+                    "2026-10-16T00:00:00.000Z",
+                    "excedo.billing"
+                ),
+            ]
+        );
+        // Past their deadlines the settlements are forgotten: memory stays bounded.
+        assert!(f.s.settled.iter().all(HashMap::is_empty));
+        assert!(f.s.forget.is_empty());
+    }
+
+    #[test]
+    fn a_settlement_is_remembered_only_until_its_deadline() {
+        let mut f = Fixture::new("excedo");
+        f.settle(
+            M,
+            "2026-04-15T08:00:00.000Z",
+            "2026-03-01T00:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+        );
+        assert!(f.due("2026-10-15T07:59:59.999Z").is_empty());
+        assert_eq!(f.s.settled[Purpose::Billing as usize].len(), 1);
+        assert!(f.due("2026-10-15T08:00:00.000Z").is_empty());
+        assert!(f.s.settled[Purpose::Billing as usize].is_empty());
+    }
+
+    #[test]
+    fn a_late_record_before_a_remembered_period_is_bounded_by_it() {
+        let mut f = Fixture::new("excedo");
+        f.settle(
+            M,
+            "2026-05-15T08:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+            "2026-05-01T00:00:00.000Z",
+        );
+        // March was settled before April (in order) and is no longer remembered: April's
+        // deadline bounds it, so it never waits for ever.
+        f.copy(Purpose::Billing, M, "2026-03-10T10:00:00.000Z", None);
+        // After every remembered period: its own settlement is still to come.
+        f.copy(Purpose::Billing, M, "2026-05-10T10:00:00.000Z", None);
+        assert_eq!(
+            brief(&f.due("2030-01-01T00:00:00.000Z")),
+            vec![row(
+                "billing",
+                "2026-03-10T10:00:00.000Z",
+                "2026-03-10T10:59:59.999Z",
+                "2026-11-15T08:00:00.000Z",
+                "excedo.billing"
+            )]
+        );
+        assert_eq!(f.s.open_windows(), 1);
+    }
+
+    #[test]
+    fn settling_a_period_again_does_not_restart_its_clock() {
+        let mut f = Fixture::new("excedo");
+        f.copy(Purpose::Billing, M, "2026-03-02T10:15:00.000Z", None);
+        let settle = |f: &mut Fixture, at| {
+            f.settle(
+                M,
+                at,
+                "2026-03-01T00:00:00.000Z",
+                "2026-04-01T00:00:00.000Z",
+            )
+        };
+        settle(&mut f, "2026-04-15T08:00:00.000Z");
+        f.copy(Purpose::Billing, M, "2026-03-03T10:15:00.000Z", None);
+        settle(&mut f, "2026-05-20T00:00:00.000Z");
+        let got = f.due("2030-01-01T00:00:00.000Z");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].deadline, t("2026-10-15T08:00:00.000Z"));
+        assert_eq!(got[0].window_end, t("2026-03-03T10:59:59.999Z"));
+    }
+
+    #[test]
+    fn contract_end_starts_the_waiting_window_and_dates_late_records() {
+        let mut f = Fixture::new("excedo");
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-03-02T09:00:00.000Z",
+            None,
+        );
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-05-20T18:00:00.000Z",
+            None,
+        );
+        // No clock before the contract ends.
+        assert!(f.due("2100-01-01T00:00:00.000Z").is_empty());
+        f.control(M, "2026-06-30T00:00:00.000Z", Change::ContractEnded);
+        // A late record joins the one contract window.
+        let ended = Some(t("2026-06-30T00:00:00.000Z"));
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-06-29T23:00:00.000Z",
+            ended,
+        );
+        assert!(f.due("2027-06-29T23:59:59.999Z").is_empty());
+        assert_eq!(
+            brief(&f.due("2027-06-30T00:00:00.000Z")),
+            vec![row(
+                "troubleshooting",
+                "2026-03-02T00:00:00.000Z",
+                "2026-06-29T23:59:59.999Z",
+                "2027-06-30T00:00:00.000Z",
+                "excedo.troubleshooting"
+            )]
+        );
+        // A record arriving after that expiry opens a new window with the deadline at once.
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-06-29T23:30:00.000Z",
+            ended,
+        );
+        assert_eq!(
+            brief(&f.due("2027-07-01T00:00:00.000Z")),
+            vec![row(
+                "troubleshooting",
+                "2026-06-29T00:00:00.000Z",
+                "2026-06-29T23:59:59.999Z",
+                "2027-06-30T00:00:00.000Z",
+                "excedo.troubleshooting"
+            )]
+        );
+    }
+
+    #[test]
+    fn due_is_deadline_ordered_never_early_and_emits_each_window_once() {
+        let mut f = Fixture::new("hektor-mobil");
+        // Troubleshooting: 180 days after the day's end; fraud: 6 months.
+        f.copy(Purpose::Fraud, M, "2026-03-05T09:00:00.000Z", None);
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-03-02T09:00:00.000Z",
+            None,
+        );
+        f.copy(
+            Purpose::Troubleshooting,
+            M,
+            "2026-03-01T09:00:00.000Z",
+            None,
+        );
+        let deadlines = |es: &[Expiry]| es.iter().map(|e| e.deadline).collect::<Vec<_>>();
+        // One millisecond before the first deadline: nothing.
+        assert!(f.due("2026-08-28T23:59:59.999Z").is_empty());
+        let first = f.due("2026-08-29T00:00:00.000Z");
+        assert_eq!(deadlines(&first), vec![t("2026-08-29T00:00:00.000Z")]);
+        let rest = f.due("2027-01-01T00:00:00.000Z");
+        assert_eq!(
+            deadlines(&rest),
+            vec![t("2026-08-30T00:00:00.000Z"), t("2026-09-06T00:00:00.000Z")]
+        );
+        assert!(f.due("2030-01-01T00:00:00.000Z").is_empty());
+        assert_eq!(f.s.open_windows(), 0);
+        for e in first.iter().chain(&rest) {
+            assert!(e.window_end < e.deadline, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn window_batch_has_one_update_per_route_subject_and_bucket_with_bucket_bounds() {
+        let policy = policy("excedo");
+        let rule = |p| &policy.rule(p).expect("declared").retention;
+        let entry = |p, s, at| ScheduleEntry {
+            purpose: p,
+            subscriber: s,
+            record_time: t(at),
+            rule: rule(p),
+        };
+        let mut b = WindowBatch::default();
+        assert!(b.is_empty());
+        b.add(
+            &entry(Purpose::Fraud, Some(M), "2026-03-02T10:15:30.250Z"),
+            None,
+        );
+        b.add(
+            &entry(Purpose::Fraud, Some(M), "2026-03-02T19:00:00.001Z"),
+            None,
+        );
+        b.add(
+            &entry(Purpose::Fraud, Some(M), "2026-03-03T01:00:00.000Z"),
+            None,
+        );
+        b.add(
+            &entry(Purpose::Fraud, Some(OTHER), "2026-03-02T10:00:00.000Z"),
+            None,
+        );
+        b.add(
+            &entry(Purpose::Billing, Some(M), "2026-03-02T10:15:30.250Z"),
+            None,
+        );
+        b.add(
+            &entry(Purpose::Billing, Some(M), "2026-03-02T10:59:00.000Z"),
+            None,
+        );
+        let ended = Some(t("2026-06-30T00:00:00.000Z"));
+        let ts = Purpose::Troubleshooting;
+        b.add(&entry(ts, Some(M), "2026-03-02T10:15:30.250Z"), ended);
+        b.add(&entry(ts, Some(M), "2026-03-09T08:00:00.000Z"), ended);
+        assert_eq!(b.len(), 5);
+        let mut got: Vec<(String, String, String, Option<String>)> = b
+            .drain(&policy)
+            .map(|u| {
+                (
+                    u.key(),
+                    u.window_start.to_string(),
+                    u.window_end.to_string(),
+                    u.deadline.map(|d| d.to_string()),
+                )
+            })
+            .collect();
+        got.sort();
+        let day = t("2026-03-02T00:00:00.000Z").0 / DAY_MS;
+        let hour = t("2026-03-02T10:00:00.000Z").0 / HOUR_MS;
+        let want = |k: String, a: &str, z: &str, d: Option<&str>| {
+            (k, a.to_string(), z.to_string(), d.map(str::to_string))
+        };
+        let mut expected = vec![
+            want(
+                format!("billing/{M}/{hour}"),
+                "2026-03-02T10:00:00.000Z",
+                "2026-03-02T10:59:59.999Z",
+                None,
+            ),
+            want(
+                format!("fraud/{M}/{day}"),
+                "2026-03-02T00:00:00.000Z",
+                "2026-03-02T23:59:59.999Z",
+                Some("2026-09-03T00:00:00.000Z"),
+            ),
+            want(
+                format!("fraud/{M}/{}", day + 1),
+                "2026-03-03T00:00:00.000Z",
+                "2026-03-03T23:59:59.999Z",
+                Some("2026-09-04T00:00:00.000Z"),
+            ),
+            want(
+                format!("fraud/{OTHER}/{day}"),
+                "2026-03-02T00:00:00.000Z",
+                "2026-03-02T23:59:59.999Z",
+                Some("2026-09-03T00:00:00.000Z"),
+            ),
+            want(
+                format!("troubleshooting/{M}/0"),
+                "2026-03-02T00:00:00.000Z",
+                "2026-03-09T23:59:59.999Z",
+                Some("2027-06-30T00:00:00.000Z"),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(got, expected);
+        assert!(b.is_empty());
+        assert_eq!(b.drain(&policy).count(), 0);
+        b.add(
+            &entry(Purpose::Fraud, Some(M), "2026-03-02T10:15:30.250Z"),
+            None,
+        );
+        b.clear();
+        assert!(b.is_empty());
+        assert_eq!(b.drain(&policy).count(), 0);
+    }
+}
