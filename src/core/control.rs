@@ -360,4 +360,110 @@ mod tests {
         s.apply(&Change::Restriction { active: true }, at);
         assert!(s.restricted);
     }
+    fn grant(p: Purpose, granted: bool) -> Change {
+        Change::Consent {
+            purpose: p,
+            granted,
+        }
+    }
+
+    #[test]
+    fn erasure_holds_until_consent_is_granted_after_it() {
+        let mut s = SubscriberState::default();
+        let a = Some(Purpose::Analytics);
+        let m = Some(Purpose::Marketing);
+        assert!(!s.erased(a));
+        s.apply(&grant(Purpose::Analytics, true), Millis(10));
+        s.apply(&Change::Erasure, Millis(20));
+        assert!(s.erased(a) && s.erased(m) && s.erased(None));
+        // The consent given before the erasure stays recorded but no longer lifts it.
+        assert!(s.consented.contains(Purpose::Analytics));
+        // A grant dated at the erasure, or before it (arriving late), does not lift it.
+        s.apply(&grant(Purpose::Analytics, true), Millis(20));
+        s.apply(&grant(Purpose::Analytics, true), Millis(15));
+        assert!(s.erased(a));
+        // A grant after it does, for that purpose only; a purpose without consent stays.
+        s.apply(&grant(Purpose::Analytics, true), Millis(30));
+        assert!(!s.erased(a) && s.erased(m) && s.erased(None));
+        // Withdrawn again, then a newer erasure: erased again until a newer grant.
+        s.apply(&grant(Purpose::Analytics, false), Millis(40));
+        assert!(s.erased(a));
+        s.apply(&grant(Purpose::Analytics, true), Millis(50));
+        s.apply(&Change::Erasure, Millis(60));
+        assert!(s.erased(a));
+        // An older erasure arriving late changes nothing.
+        s.apply(&grant(Purpose::Analytics, true), Millis(70));
+        s.apply(&Change::Erasure, Millis(55));
+        assert!(!s.erased(a));
+        assert_eq!(s.erased_at, Some(Millis(60)));
+    }
+
+    #[test]
+    fn settlements_keep_the_latest_period_end_and_time() {
+        let mut s = SubscriberState::default();
+        let settle = |s: &mut SubscriberState, start, end, at| {
+            s.apply(
+                &Change::InvoiceSettled {
+                    period_start: Millis(start),
+                    period_end: Millis(end),
+                },
+                Millis(at),
+            )
+        };
+        settle(&mut s, 100, 200, 250);
+        assert_eq!(
+            s.settled,
+            Some(Settled {
+                through: Millis(200),
+                at: Millis(250)
+            })
+        );
+        // An older period arriving late neither moves the end back nor the time.
+        settle(&mut s, 0, 100, 150);
+        assert_eq!(
+            s.settled,
+            Some(Settled {
+                through: Millis(200),
+                at: Millis(250)
+            })
+        );
+        settle(&mut s, 200, 300, 320);
+        assert_eq!(
+            s.settled,
+            Some(Settled {
+                through: Millis(300),
+                at: Millis(320)
+            })
+        );
+    }
+
+    #[test]
+    fn state_stays_small_and_copy() {
+        fn copy<T: Copy>() {}
+        copy::<SubscriberState>();
+        assert!(std::mem::size_of::<SubscriberState>() <= 64);
+    }
+
+    #[test]
+    fn invoice_periods_off_the_hour_are_refused() {
+        let at = r#""at":"2026-04-05T00:00:00.000Z""#;
+        let ev = |s: &str, e: &str| {
+            parse(&format!(
+                r#"{{"type":"invoice_settled","msisdn":"+46701234567",{at},"period_start":"{s}","period_end":"{e}"}}"#
+            ))
+        };
+        assert!(ev("2026-03-01T00:00:00.000Z", "2026-04-01T00:00:00.000Z").is_ok());
+        for (s, e) in [
+            ("2026-03-01T00:30:00.000Z", "2026-04-01T00:00:00.000Z"),
+            ("2026-03-01T00:00:00.000Z", "2026-04-01T00:00:00.001Z"),
+        ] {
+            let err = ev(s, e).unwrap_err();
+            assert!(err.contains("whole UTC hours"), "{err}");
+        }
+        assert!(
+            ev("2026-04-01T00:00:00.000Z", "2026-03-01T00:00:00.000Z")
+                .unwrap_err()
+                .contains("before `period_end`")
+        );
+    }
 }
