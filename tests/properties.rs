@@ -95,10 +95,19 @@ proptest! {
         consented in any::<u8>(),
         objected in any::<u8>(),
         restricted in any::<bool>(),
+        erased in any::<bool>(),
+        regranted in any::<u8>(),
     ) {
         prop_assert!(r.validate().is_ok());
         let keys = keys(3);
-        let state = SubscriberState { consented: set(consented), objected: set(objected), restricted, contract_ended: None };
+        let state = SubscriberState {
+            consented: set(consented),
+            objected: set(objected),
+            restricted,
+            erased_at: erased.then_some(Millis(0)),
+            regranted: set(regranted),
+            ..SubscriberState::default()
+        };
         let raw: Vec<(Field, String)> = Field::ALL.iter().filter(|f| f.is_personal_identifier()).filter_map(|f| {
             let v = match f {
                 Field::Msisdn => Some(r.msisdn.to_string()),
@@ -129,6 +138,11 @@ proptest! {
                 }
                 if gated_without_consent {
                     prop_assert_eq!(c.envelope.consent, ConsentTag::Absent);
+                }
+                // After an erasure, a purpose not held through it gets only anonymised
+                // copies unless consent was given again after the request.
+                if rule.erasure.stops && state.erased(rule.consent_key) {
+                    prop_assert_eq!(c.envelope.legal_basis, "anonymous", "{}: {} copy after erasure", policy.id, p.id());
                 }
                 if p == Purpose::Marketing {
                     let token = c.record.msisdn.as_ref().map(|t| t.as_str().to_string()).unwrap_or_default();

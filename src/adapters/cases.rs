@@ -9,11 +9,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::engine::Engine;
-use crate::codec::json as codec_json;
-use crate::core::control::RawControl;
-use crate::core::process::subscriber_ref;
+use super::replay::{Bytes, Sink, replay_bytes};
+use crate::codec::{DeadLetter, Format, json as codec_json};
+use crate::core::process::{Decision, subscriber_ref};
 use crate::core::pseudonym::{Keyring, MasterKey};
 use crate::core::purpose::{Field, Purpose};
+use crate::core::record::Record;
+use crate::core::retention::Expiry;
 use crate::core::time::Millis;
 use crate::policy::Policy;
 
@@ -108,7 +110,12 @@ struct ExpectExpiry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExpectDead {
-    record: String,
+    /// A record, by `record_id`.
+    #[serde(default)]
+    record: Option<String>,
+    /// Or a control event, by its 0-based index in the case.
+    #[serde(default)]
+    control: Option<usize>,
     reason_contains: String,
 }
 
@@ -234,81 +241,148 @@ fn field_of(v: &Value, f: &str) -> Option<Value> {
     v.get("record").and_then(|r| r.get(f)).cloned()
 }
 
-/// Runs one case against a policy with a fresh random key (tests derive every expected
-/// pseudonym from the same keyring, so no key is written down anywhere).
-fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
-    let mut fails = Vec::new();
-    let mut controls = Vec::new();
-    for (i, c) in case.control.iter().enumerate() {
-        let bytes = match serde_json::to_vec(c) {
-            Ok(b) => b,
-            Err(e) => {
-                fails.push(format!("control[{i}]: {e}"));
-                continue;
-            }
-        };
-        match serde_json::from_slice::<RawControl<'_>>(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.into_event().map_err(|e| e.to_string()))
-        {
-            Ok(e) => controls.push(e),
-            Err(e) => fails.push(format!("control[{i}] refused: {e}")),
-        }
-    }
-    controls.sort_by_key(|c| c.at);
-    let mut raw = Vec::new();
-    for (i, t) in case.record.iter().enumerate() {
-        match build_record(t) {
-            Ok(b) => raw.push((
-                i,
-                b,
-                t.get("record_id")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-                    .to_string(),
-            )),
-            Err(e) => fails.push(format!("record[{i}]: {e}")),
-        }
-    }
-    let mut engine = Engine::new(policy, keys);
-    let mut decoded = Vec::new();
-    let mut dead: Vec<(String, String)> = Vec::new();
-    for (i, bytes, id) in &raw {
-        match codec_json::decode_record(bytes) {
-            Ok(r) => decoded.push((*i, r)),
-            Err(e) => dead.push((id.clone(), e.to_string())),
-        }
-    }
-    decoded.sort_by_key(|(i, r)| (r.start_time, *i));
-    let mut next = 0;
-    let mut copies: Vec<(String, Purpose, Value)> = Vec::new();
-    let mut outcomes: Vec<(String, Purpose, &'static str)> = Vec::new();
-    let mut inputs: Vec<(String, Value)> = Vec::new();
-    for (_, r) in &decoded {
-        while let Some(c) = controls.get(next).filter(|c| c.at <= r.start_time) {
-            engine.control(c);
-            next += 1;
-        }
-        inputs.push((
-            r.record_id.to_string(),
-            serde_json::to_value(r).unwrap_or_default(),
+/// What a case's replay produced, kept in memory for the checks.
+#[derive(Default)]
+struct Collected {
+    /// Every copy as `cdrguard replay` writes it: record id, purpose, JSON.
+    copies: Vec<(String, Purpose, Value)>,
+    /// Every purpose's outcome per record.
+    outcomes: Vec<(String, Purpose, &'static str)>,
+    /// Every decoded record, as JSON.
+    inputs: Vec<(String, Value)>,
+    /// Expiries due at the case's `now`, as JSON.
+    expiries: Vec<Value>,
+    /// Refused records and control events.
+    dead: Vec<DeadLetter>,
+    line: Vec<u8>,
+}
+
+impl Sink for Collected {
+    fn decision(&mut self, r: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()> {
+        let id = r.record_id.to_string();
+        self.inputs.push((
+            id.clone(),
+            serde_json::to_value(r).map_err(std::io::Error::other)?,
         ));
-        let d = engine.record(r, r.start_time);
         for c in &d.copies {
-            copies.push((
-                r.record_id.to_string(),
-                c.envelope.purpose,
-                serde_json::to_value(c).unwrap_or_default(),
-            ));
+            // The same encoder the replay's route files use.
+            self.line.clear();
+            codec_json::encode_copy(c, &mut self.line);
+            let v = serde_json::from_slice(&self.line).map_err(std::io::Error::other)?;
+            self.copies.push((id.clone(), c.envelope.purpose, v));
         }
         for (p, o) in d.outcomes.iter().enumerate() {
             if let Some(o) = o {
-                outcomes.push((r.record_id.to_string(), Purpose::ALL[p], o.id()));
+                self.outcomes.push((id.clone(), Purpose::ALL[p], o.id()));
+            }
+        }
+        Ok(())
+    }
+    fn expiry(&mut self, e: &Expiry) -> std::io::Result<()> {
+        self.expiries
+            .push(serde_json::to_value(e).map_err(std::io::Error::other)?);
+        Ok(())
+    }
+    fn dead_letter(&mut self, d: &DeadLetter) -> std::io::Result<()> {
+        self.dead.push(d.clone());
+        Ok(())
+    }
+}
+
+/// The 0-based line of a dead letter from the named input (`name:line`, 1-based).
+fn line_of(position: &str, name: &str) -> Option<usize> {
+    let (n, line) = position.rsplit_once(':')?;
+    (n == name).then(|| line.parse::<usize>().ok()?.checked_sub(1))?
+}
+
+/// Runs one case against a policy with a fresh random key (tests derive every expected
+/// pseudonym from the same keyring, so no key is written down anywhere). The case's
+/// records and control events go through [`replay_bytes`], the loop of `cdrguard replay`.
+fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
+    let mut fails = Vec::new();
+    let mut control_lines = Vec::new();
+    for (i, c) in case.control.iter().enumerate() {
+        match serde_json::to_vec(c) {
+            Ok(b) => {
+                control_lines.extend_from_slice(&b);
+                control_lines.push(b'\n');
+            }
+            Err(e) => {
+                fails.push(format!("control[{i}]: {e}"));
+                // Keep line numbers equal to indices.
+                control_lines.extend_from_slice(b"{}\n");
             }
         }
     }
-    for c in &controls[next..] {
-        engine.control(c);
+    // Record ids by input line, so dead letters (which carry positions) find their record.
+    let mut record_lines = Vec::new();
+    let mut line_ids: Vec<String> = Vec::new();
+    for (i, t) in case.record.iter().enumerate() {
+        match build_record(t) {
+            Ok(b) if b.contains(&b'\n') || b.iter().all(u8::is_ascii_whitespace) => {
+                fails.push(format!("record[{i}]: must be one non-blank line"));
+            }
+            Ok(b) => {
+                record_lines.extend_from_slice(&b);
+                record_lines.push(b'\n');
+                line_ids.push(
+                    t.get("record_id")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                );
+            }
+            Err(e) => fails.push(format!("record[{i}]: {e}")),
+        }
+    }
+    let now = match case.now.as_deref().map(Millis::parse) {
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => {
+            fails.push(format!("now: {e}"));
+            return fails;
+        }
+        None => None,
+    };
+    let mut engine = Engine::new(policy, keys);
+    let mut got = Collected::default();
+    let run = replay_bytes(
+        Bytes {
+            bytes: &record_lines,
+            name: "record",
+        },
+        Format::Json,
+        Some(Bytes {
+            bytes: &control_lines,
+            name: "control",
+        }),
+        // Without `now` the case checks no expiries: none is taken.
+        now.unwrap_or(Millis(i64::MIN)),
+        false,
+        &mut engine,
+        &mut got,
+    );
+    if let Err(e) = run {
+        fails.push(format!("replay failed: {e}"));
+        return fails;
+    }
+    let Collected {
+        copies,
+        outcomes,
+        inputs,
+        expiries,
+        dead,
+        ..
+    } = got;
+    let mut dead_records: Vec<(String, String)> = Vec::new();
+    let mut dead_controls: Vec<(usize, String)> = Vec::new();
+    for d in dead {
+        if let Some(i) = line_of(&d.position, "control") {
+            dead_controls.push((i, d.reason));
+        } else if let Some(id) = line_of(&d.position, "record").and_then(|i| line_ids.get(i)) {
+            dead_records.push((id.clone(), d.reason));
+        } else {
+            fails.push(format!("dead letter at unknown position {}", d.position));
+        }
     }
 
     // Copies: exactly the expected set.
@@ -429,37 +503,58 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
         }
     }
     for d in &case.dead_letter {
-        match dead.iter().find(|(id, _)| *id == d.record) {
-            Some((_, reason)) if reason.contains(&d.reason_contains) => {}
-            Some((_, reason)) => fails.push(format!(
-                "dead letter {}: reason {reason:?} lacks {:?}",
-                d.record, d.reason_contains
+        let (what, found) = match (&d.record, d.control) {
+            (Some(r), None) => (
+                format!("record {r}"),
+                dead_records
+                    .iter()
+                    .find(|(id, _)| id == r)
+                    .map(|(_, why)| why),
+            ),
+            (None, Some(i)) => (
+                format!("control[{i}]"),
+                dead_controls
+                    .iter()
+                    .find(|(c, _)| *c == i)
+                    .map(|(_, why)| why),
+            ),
+            _ => {
+                fails.push("a dead_letter names exactly one of `record` or `control`".into());
+                continue;
+            }
+        };
+        match found {
+            Some(reason) if reason.contains(&d.reason_contains) => {}
+            Some(reason) => fails.push(format!(
+                "dead letter {what}: reason {reason:?} lacks {:?}",
+                d.reason_contains
             )),
-            None => fails.push(format!("record {} should go to the dead letter", d.record)),
+            None => fails.push(format!("{what} should go to the dead letter")),
         }
     }
-    for (id, reason) in &dead {
-        if !case.dead_letter.iter().any(|d| d.record == *id) {
+    for (id, reason) in &dead_records {
+        if !case
+            .dead_letter
+            .iter()
+            .any(|d| d.record.as_ref() == Some(id))
+        {
             fails.push(format!(
                 "record {id} unexpectedly went to the dead letter: {reason}"
             ));
         }
     }
+    for (i, reason) in &dead_controls {
+        if !case.dead_letter.iter().any(|d| d.control == Some(*i)) {
+            fails.push(format!("control[{i}] refused: {reason}"));
+        }
+    }
 
     // Expiries due at `now`: exactly the expected ones.
-    if let Some(now) = &case.now {
-        let now = match Millis::parse(now) {
-            Ok(n) => n,
-            Err(e) => {
-                fails.push(format!("now: {e}"));
-                return fails;
-            }
-        };
-        let mut got: Vec<Value> = engine
-            .due(now)
-            .iter()
-            .map(|e| serde_json::to_value(e).unwrap_or_default())
-            .collect();
+    if now.is_none() && !case.expiry.is_empty() {
+        fails.push("expiries are listed but the case has no `now` to check them at".into());
+    }
+    if now.is_some() {
+        let mut got = expiries;
         for want in &case.expiry {
             let Some(p) = Purpose::from_id(&want.purpose) else {
                 fails.push(format!("expiry: unknown purpose {}", want.purpose));
@@ -567,4 +662,130 @@ pub fn run_paths<E: std::fmt::Display>(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(text: &str) -> Vec<Vec<String>> {
+        let policy = crate::policy::parse_policy(
+            crate::policy::shipped("excedo").expect("shipped"),
+            "excedo.toml",
+        )
+        .expect("policy loads");
+        let keys = Keyring::new(&[MasterKey::new("t", &[7u8; 32]).expect("key")]).expect("keys");
+        let cf: CaseFile = toml::from_str(text).expect("case file parses");
+        cf.cases
+            .iter()
+            .map(|c| run_case(&policy, &keys, c))
+            .collect()
+    }
+
+    const SETTLED: &str = r#"
+policy = "excedo"
+[[case]]
+name = "one billing window"
+now = "2026-10-20T00:00:00.000Z"
+[[case.control]]
+type = "invoice_settled"
+msisdn = "+46701234567"
+at = "2026-04-15T08:00:00.000Z"
+period_start = "2026-03-01T00:00:00.000Z"
+period_end = "2026-04-01T00:00:00.000Z"
+[[case.record]]
+template = "sms_mo"
+record_id = "s1"
+start_time = "2026-03-02T10:15:00.000Z"
+[[case.expect]]
+record = "s1"
+purpose = "billing"
+[[case.expect]]
+record = "s1"
+purpose = "fraud"
+[[case.expect]]
+record = "s1"
+purpose = "troubleshooting"
+[[case.expiry]]
+purpose = "fraud"
+subscriber = "+46701234567"
+reason = "excedo.fraud"
+[[case.expiry]]
+purpose = "billing"
+subscriber = "+46701234567"
+reason = "excedo.billing"
+deadline = "2026-10-15T08:00:00.000Z"
+window_start = "WINDOW_START"
+window_end = "2026-03-02T10:59:59.999Z"
+"#;
+
+    #[test]
+    fn a_case_passes_only_with_the_replays_exact_expiry() {
+        let ok = SETTLED.replace("WINDOW_START", "2026-03-02T10:00:00.000Z");
+        assert_eq!(run(&ok), vec![Vec::<String>::new()]);
+        // The record's own time is what the expiry must not carry.
+        let leaky = SETTLED.replace("WINDOW_START", "2026-03-02T10:15:00.000Z");
+        let fails = &run(&leaky)[0];
+        assert!(
+            fails.iter().any(|f| f.contains("missing expiry: billing")),
+            "{fails:?}"
+        );
+        assert!(
+            fails.iter().any(|f| f.contains("unexpected expiry")),
+            "{fails:?}"
+        );
+    }
+
+    #[test]
+    fn dead_letters_are_traced_to_their_record_or_control_event() {
+        let text = r#"
+policy = "excedo"
+[[case]]
+name = "bad inputs"
+[[case.control]]
+type = "invoice_settled"
+msisdn = "+46701234567"
+at = "2026-04-15T08:00:00.000Z"
+period_start = "2026-03-01T00:30:00.000Z"
+period_end = "2026-04-01T00:00:00.000Z"
+[[case.record]]
+template = "moc"
+record_id = "bad1"
+omit = ["other_party"]
+"#;
+        let fails = &run(text)[0];
+        assert!(
+            fails
+                .iter()
+                .any(|f| f.starts_with("record bad1 unexpectedly went to the dead letter")),
+            "{fails:?}"
+        );
+        assert!(
+            fails
+                .iter()
+                .any(|f| f.starts_with("control[0] refused") && f.contains("whole UTC hours")),
+            "{fails:?}"
+        );
+        let expected = format!(
+            "{text}{}",
+            r#"
+[[case.dead_letter]]
+record = "bad1"
+reason_contains = "other_party"
+[[case.dead_letter]]
+control = 0
+reason_contains = "whole UTC hours"
+"#
+        );
+        assert_eq!(run(&expected), vec![Vec::<String>::new()]);
+    }
+
+    #[test]
+    fn expiries_without_now_are_a_failure_not_ignored() {
+        let text = SETTLED
+            .replace("WINDOW_START", "2026-03-02T10:00:00.000Z")
+            .replace("now = \"2026-10-20T00:00:00.000Z\"\n", "");
+        let fails = &run(&text)[0];
+        assert!(fails.iter().any(|f| f.contains("no `now`")), "{fails:?}");
+    }
 }

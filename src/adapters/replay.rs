@@ -1,5 +1,8 @@
 //! File replay: records and control events from files through the same core, every route
 //! to a JSON-lines file, expiries due at `now`, bad input to the dead letter.
+//!
+//! The loop itself ([`replay_bytes`]) works on bytes and a [`Sink`], so behaviour cases
+//! run through exactly the code `cdrguard replay` and the demo run.
 
 use std::path::{Path, PathBuf};
 
@@ -7,8 +10,45 @@ use super::engine::Engine;
 use super::files::Outputs;
 use crate::codec::{DeadLetter, DecodeError, Format, binary, json};
 use crate::core::control::ControlEvent;
+use crate::core::process::Decision;
 use crate::core::record::Record;
+use crate::core::retention::Expiry;
 use crate::core::time::Millis;
+
+/// Where a replay's results go: files for `cdrguard replay`, memory for behaviour cases.
+pub trait Sink {
+    /// A processed record and everything `process` decided for it (its copies and the
+    /// outcome for every purpose).
+    fn decision(&mut self, r: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()>;
+    /// An expiry due at the replay's `now`.
+    fn expiry(&mut self, e: &Expiry) -> std::io::Result<()>;
+    /// A refused record or control event.
+    fn dead_letter(&mut self, d: &DeadLetter) -> std::io::Result<()>;
+}
+
+impl Sink for Outputs {
+    fn decision(&mut self, _: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()> {
+        for c in &d.copies {
+            self.copy(c)?;
+        }
+        Ok(())
+    }
+    fn expiry(&mut self, e: &Expiry) -> std::io::Result<()> {
+        Outputs::expiry(self, e)
+    }
+    fn dead_letter(&mut self, d: &DeadLetter) -> std::io::Result<()> {
+        Outputs::dead_letter(self, d)
+    }
+}
+
+/// One input held in memory, with the name its dead letters' positions use.
+#[derive(Clone, Copy, Debug)]
+pub struct Bytes<'b> {
+    /// The contents.
+    pub bytes: &'b [u8],
+    /// The name in positions (`name:line`, `name@offset`), usually the file's path.
+    pub name: &'b str,
+}
 
 /// What to replay.
 #[derive(Clone, Debug)]
@@ -103,11 +143,25 @@ fn original(bytes: &[u8], format: Format) -> String {
 }
 
 /// Reads and sorts control events; bad ones go to the dead letter with their line.
-pub fn read_controls(path: &Path, out: &mut Outputs) -> Result<Vec<ControlEvent>, ReplayError> {
+pub fn read_controls(path: &Path, out: &mut impl Sink) -> Result<Vec<ControlEvent>, ReplayError> {
     let buf = read(path)?;
     let name = path.display().to_string();
+    parse_controls(
+        Bytes {
+            bytes: &buf,
+            name: &name,
+        },
+        out,
+    )
+}
+
+/// Parses and sorts control events (JSON lines); bad ones go to the dead letter.
+pub fn parse_controls(
+    input: Bytes<'_>,
+    out: &mut impl Sink,
+) -> Result<Vec<ControlEvent>, ReplayError> {
     let mut events = Vec::new();
-    for item in split(&buf, Format::Json, &name) {
+    for item in split(input.bytes, Format::Json, input.name) {
         match json::decode_control(item.bytes) {
             Ok(e) => events.push(e),
             Err(reason) => out.dead_letter(&DeadLetter {
@@ -130,50 +184,76 @@ pub fn replay(
     engine: &mut Engine<'_>,
     out: &mut Outputs,
 ) -> Result<(), ReplayError> {
-    let controls = match &input.control {
-        Some(p) => read_controls(p, out)?,
-        None => Vec::new(),
+    let control = match &input.control {
+        Some(p) => Some((read(p)?, p.display().to_string())),
+        None => None,
     };
     let buf = read(&input.records)?;
     let name = input.records.display().to_string();
-    let items = split(&buf, input.format, &name);
+    replay_bytes(
+        Bytes {
+            bytes: &buf,
+            name: &name,
+        },
+        input.format,
+        control.as_ref().map(|(bytes, name)| Bytes { bytes, name }),
+        input.now,
+        input.progress,
+        engine,
+        out,
+    )
+}
 
-    let mut records: Vec<(usize, Record<'_>)> = Vec::with_capacity(items.len());
+/// [`replay`] on inputs already in memory, into any [`Sink`].
+pub fn replay_bytes(
+    records: Bytes<'_>,
+    format: Format,
+    control: Option<Bytes<'_>>,
+    now: Millis,
+    progress: bool,
+    engine: &mut Engine<'_>,
+    out: &mut impl Sink,
+) -> Result<(), ReplayError> {
+    let controls = match control {
+        Some(c) => parse_controls(c, out)?,
+        None => Vec::new(),
+    };
+    let items = split(records.bytes, format, records.name);
+
+    let mut decoded: Vec<(usize, Record<'_>)> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let decoded: Result<Record<'_>, DecodeError> = match input.format {
+        let r: Result<Record<'_>, DecodeError> = match format {
             Format::Json => json::decode_record(item.bytes),
             Format::Binary => binary::decode_record(item.bytes),
         };
-        match decoded {
-            Ok(r) => records.push((i, r)),
+        match r {
+            Ok(r) => decoded.push((i, r)),
             Err(e) => {
                 engine.stats.dead_letters += 1;
                 out.dead_letter(&DeadLetter {
                     reason: e.to_string(),
                     position: item.position.clone(),
-                    original: original(item.bytes, input.format),
+                    original: original(item.bytes, format),
                 })?;
             }
         }
     }
     // Stable by start time, then by position, so equal instants keep file order.
-    records.sort_by_key(|(i, r)| (r.start_time, *i));
+    decoded.sort_by_key(|(i, r)| (r.start_time, *i));
 
-    let bar = if input.progress {
-        indicatif::ProgressBar::new(records.len() as u64)
+    let bar = if progress {
+        indicatif::ProgressBar::new(decoded.len() as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
     let mut next = 0;
-    for (n, (_, r)) in records.iter().enumerate() {
+    for (n, (_, r)) in decoded.iter().enumerate() {
         while let Some(c) = controls.get(next).filter(|c| c.at <= r.start_time) {
             engine.control(c);
             next += 1;
         }
         let d = engine.record(r, r.start_time);
-        for c in &d.copies {
-            out.copy(c)?;
-        }
+        out.decision(r, &d)?;
         if n % 4096 == 0 {
             bar.set_position(n as u64);
         }
@@ -182,7 +262,7 @@ pub fn replay(
     for c in &controls[next..] {
         engine.control(c);
     }
-    for e in engine.due(input.now) {
+    for e in engine.due(now) {
         out.expiry(&e)?;
     }
     Ok(())

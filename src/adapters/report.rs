@@ -16,13 +16,14 @@ pub fn summary(policy: &Policy, stats: &Stats, open_windows: usize) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<16} {:>9} {:>10} {:>10} {:>8} {:>10} {:>8} {:>9}",
+        "{:<16} {:>9} {:>10} {:>10} {:>8} {:>10} {:>7} {:>8} {:>9}",
         "route",
         "copies",
         "anonymised",
         "no_consent",
         "objected",
         "restricted",
+        "erased",
         "expired",
         "expiries"
     );
@@ -31,13 +32,14 @@ pub fn summary(policy: &Policy, stats: &Stats, open_windows: usize) -> String {
         let c = |o| stats.count(p, o);
         let _ = writeln!(
             o,
-            "{:<16} {:>9} {:>10} {:>10} {:>8} {:>10} {:>8} {:>9}",
+            "{:<16} {:>9} {:>10} {:>10} {:>8} {:>10} {:>7} {:>8} {:>9}",
             p.id(),
             c(Outcome::Copied),
             c(Outcome::Anonymised),
             c(Outcome::NoConsent),
             c(Outcome::Objected),
             c(Outcome::Restricted),
+            c(Outcome::Erased),
             c(Outcome::Expired),
             stats.expiries[p as usize]
         );

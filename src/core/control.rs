@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use super::purpose::{Purpose, PurposeSet};
-use super::time::Millis;
+use super::time::{HOUR_MS, Millis};
 
 /// What a control event sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +127,12 @@ impl RawControl<'_> {
             "erasure" if !extra([false; 5]) => Change::Erasure,
             "contract_ended" if !extra([false; 5]) => Change::ContractEnded,
             "invoice_settled" => match (self.period_start, self.period_end) {
+                // Invoice-anchored windows are hour buckets: a period edge inside an hour
+                // would cut a window in two, so such a period is refused, not guessed at.
+                (Some(s), Some(e)) if s < e && (s.0 % HOUR_MS != 0 || e.0 % HOUR_MS != 0) => {
+                    return err("needs `period_start` and `period_end` on whole UTC hours \
+                         (invoice retention windows are hour buckets)");
+                }
                 (Some(s), Some(e)) if s < e && !extra([false, false, false, true, true]) => {
                     Change::InvoiceSettled {
                         period_start: s,
@@ -220,19 +226,70 @@ pub struct SubscriberState {
     pub restricted: bool,
     /// When the contract ended, if it has.
     pub contract_ended: Option<Millis>,
+    /// When the latest erasure request took effect, if there was one. Purposes whose
+    /// erasure effect is `expire` get no copy from then on (see [`Self::erased`]).
+    pub erased_at: Option<Millis>,
+    /// Consent purposes granted again after that erasure: a new consent, given after the
+    /// request, lifts it for the purposes it grants.
+    pub regranted: PurposeSet,
+    /// The latest invoice settlement, so a record arriving after its retention already
+    /// ran out is not copied.
+    pub settled: Option<Settled>,
+}
+
+/// How far a subscriber's invoices are settled: every record before `through` belongs to
+/// a settled period, settled at or before `at`.
+///
+/// That holds when a subscriber's invoices are settled in period order (the README's
+/// assumption): the latest settlement then bounds every earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// The end of the latest settled period (exclusive).
+    pub through: Millis,
+    /// The latest settlement time.
+    pub at: Millis,
 }
 
 impl SubscriberState {
-    /// Applies an event's routing effect. Erasure and invoice settlement change no routing
-    /// (they act on the retention schedule); the rest take effect from the next record.
+    /// Applies an event's routing effect, from the next record on. Invoice settlement
+    /// changes no routing; it only lets a late record be recognised as already expired.
     pub fn apply(&mut self, change: &Change, at: Millis) {
         match change {
-            Change::Consent { purpose, granted } => self.consented.set(*purpose, *granted),
+            Change::Consent { purpose, granted } => {
+                self.consented.set(*purpose, *granted);
+                // Only a consent dated after the erasure lifts it; events may reach a
+                // Kafka consumer out of `at` order, and an older grant must not.
+                if self.erased_at.is_some_and(|e| at > e) {
+                    self.regranted.set(*purpose, *granted);
+                }
+            }
             Change::Objection { purpose } => self.objected.set(*purpose, true),
             Change::Restriction { active } => self.restricted = *active,
             Change::ContractEnded => self.contract_ended = Some(at),
-            Change::Erasure | Change::InvoiceSettled { .. } => {}
+            Change::Erasure => {
+                if self.erased_at.is_none_or(|e| at >= e) {
+                    if self.erased_at != Some(at) {
+                        self.regranted = PurposeSet::EMPTY;
+                    }
+                    self.erased_at = Some(at);
+                }
+            }
+            Change::InvoiceSettled { period_end, .. } => {
+                let s = self.settled.get_or_insert(Settled {
+                    through: *period_end,
+                    at,
+                });
+                s.through = s.through.max(*period_end);
+                s.at = s.at.max(at);
+            }
         }
+    }
+
+    /// Whether an erasure stops copies for a purpose whose erasure effect is `expire`
+    /// and whose consent (if any) is `consent_key`: from the request on, until that
+    /// consent is granted again after it. A purpose without consent stays stopped.
+    pub fn erased(&self, consent_key: Option<Purpose>) -> bool {
+        self.erased_at.is_some() && !consent_key.is_some_and(|k| self.regranted.contains(k))
     }
 }
 
@@ -302,5 +359,111 @@ mod tests {
         assert!(!s.consented.contains(Purpose::Marketing));
         s.apply(&Change::Restriction { active: true }, at);
         assert!(s.restricted);
+    }
+    fn grant(p: Purpose, granted: bool) -> Change {
+        Change::Consent {
+            purpose: p,
+            granted,
+        }
+    }
+
+    #[test]
+    fn erasure_holds_until_consent_is_granted_after_it() {
+        let mut s = SubscriberState::default();
+        let a = Some(Purpose::Analytics);
+        let m = Some(Purpose::Marketing);
+        assert!(!s.erased(a));
+        s.apply(&grant(Purpose::Analytics, true), Millis(10));
+        s.apply(&Change::Erasure, Millis(20));
+        assert!(s.erased(a) && s.erased(m) && s.erased(None));
+        // The consent given before the erasure stays recorded but no longer lifts it.
+        assert!(s.consented.contains(Purpose::Analytics));
+        // A grant dated at the erasure, or before it (arriving late), does not lift it.
+        s.apply(&grant(Purpose::Analytics, true), Millis(20));
+        s.apply(&grant(Purpose::Analytics, true), Millis(15));
+        assert!(s.erased(a));
+        // A grant after it does, for that purpose only; a purpose without consent stays.
+        s.apply(&grant(Purpose::Analytics, true), Millis(30));
+        assert!(!s.erased(a) && s.erased(m) && s.erased(None));
+        // Withdrawn again, then a newer erasure: erased again until a newer grant.
+        s.apply(&grant(Purpose::Analytics, false), Millis(40));
+        assert!(s.erased(a));
+        s.apply(&grant(Purpose::Analytics, true), Millis(50));
+        s.apply(&Change::Erasure, Millis(60));
+        assert!(s.erased(a));
+        // An older erasure arriving late changes nothing.
+        s.apply(&grant(Purpose::Analytics, true), Millis(70));
+        s.apply(&Change::Erasure, Millis(55));
+        assert!(!s.erased(a));
+        assert_eq!(s.erased_at, Some(Millis(60)));
+    }
+
+    #[test]
+    fn settlements_keep_the_latest_period_end_and_time() {
+        let mut s = SubscriberState::default();
+        let settle = |s: &mut SubscriberState, start, end, at| {
+            s.apply(
+                &Change::InvoiceSettled {
+                    period_start: Millis(start),
+                    period_end: Millis(end),
+                },
+                Millis(at),
+            )
+        };
+        settle(&mut s, 100, 200, 250);
+        assert_eq!(
+            s.settled,
+            Some(Settled {
+                through: Millis(200),
+                at: Millis(250)
+            })
+        );
+        // An older period arriving late neither moves the end back nor the time.
+        settle(&mut s, 0, 100, 150);
+        assert_eq!(
+            s.settled,
+            Some(Settled {
+                through: Millis(200),
+                at: Millis(250)
+            })
+        );
+        settle(&mut s, 200, 300, 320);
+        assert_eq!(
+            s.settled,
+            Some(Settled {
+                through: Millis(300),
+                at: Millis(320)
+            })
+        );
+    }
+
+    #[test]
+    fn state_stays_small_and_copy() {
+        fn copy<T: Copy>() {}
+        copy::<SubscriberState>();
+        assert!(std::mem::size_of::<SubscriberState>() <= 64);
+    }
+
+    #[test]
+    fn invoice_periods_off_the_hour_are_refused() {
+        let at = r#""at":"2026-04-05T00:00:00.000Z""#;
+        let ev = |s: &str, e: &str| {
+            parse(&format!(
+                r#"{{"type":"invoice_settled","msisdn":"+46701234567",{at},"period_start":"{s}","period_end":"{e}"}}"#
+            ))
+        };
+        assert!(ev("2026-03-01T00:00:00.000Z", "2026-04-01T00:00:00.000Z").is_ok());
+        for (s, e) in [
+            ("2026-03-01T00:30:00.000Z", "2026-04-01T00:00:00.000Z"),
+            ("2026-03-01T00:00:00.000Z", "2026-04-01T00:00:00.001Z"),
+        ] {
+            let err = ev(s, e).unwrap_err();
+            assert!(err.contains("whole UTC hours"), "{err}");
+        }
+        assert!(
+            ev("2026-04-01T00:00:00.000Z", "2026-03-01T00:00:00.000Z")
+                .unwrap_err()
+                .contains("before `period_end`")
+        );
     }
 }

@@ -53,11 +53,14 @@ pub enum Outcome {
     Restricted,
     /// No copy: its retention had already run out when the record arrived.
     Expired,
+    /// No copy: the subscriber asked for erasure and the purpose is not held through it
+    /// (and, for a consent-based purpose, no consent was given after the request).
+    Erased,
 }
 
 impl Outcome {
     /// Every outcome, for fixed-size counters.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::NotDeclared,
         Outcome::Copied,
         Outcome::Anonymised,
@@ -65,6 +68,7 @@ impl Outcome {
         Outcome::Objected,
         Outcome::Restricted,
         Outcome::Expired,
+        Outcome::Erased,
     ];
     /// The label value.
     pub const fn id(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Outcome {
             Outcome::Objected => "objected",
             Outcome::Restricted => "restricted",
             Outcome::Expired => "expired",
+            Outcome::Erased => "erased",
         }
     }
 }
@@ -214,9 +219,11 @@ fn expired_on_arrival(
         // only when its window would already have expired.
         Anchor::EventTime => super::retention::event_time_deadline(ret, r.start_time) <= now,
         Anchor::ContractEnd => s.contract_ended.is_some_and(|t| ret.period.after(t) <= now),
-        // The invoice for the record's period cannot have been settled before the record
-        // was billed: the clock has not started.
-        Anchor::InvoiceSettled => false,
+        // A record arriving after its period was settled: with settlements in period
+        // order, the latest one bounds its deadline.
+        Anchor::InvoiceSettled => s
+            .settled
+            .is_some_and(|st| r.start_time < st.through && ret.period.after(st.at) <= now),
     }
 }
 
@@ -238,10 +245,15 @@ pub fn process<'a>(
             d.outcomes[p as usize] = Some(Outcome::NotDeclared);
             continue;
         };
+        // An erasure voids the consent given before it; a purpose without consent stays
+        // stopped. Anonymised copies hold no personal data, so the fallback remains.
+        let erased = rule.erasure.stops && state.erased(rule.consent_key);
         let stopped = if state.restricted && rule.restriction.stops {
             Some(Outcome::Restricted)
         } else if state.objected.contains(p) && rule.objection.stops {
             Some(Outcome::Objected)
+        } else if erased && rule.consent_key.is_none() {
+            Some(Outcome::Erased)
         } else if expired_on_arrival(rule, r, state, now) {
             Some(Outcome::Expired)
         } else {
@@ -254,10 +266,14 @@ pub fn process<'a>(
         let consented = rule.consent_key.map(|k| state.consented.contains(k));
         let (map, consent, anonymised) = match (consented, rule.anonymised.as_ref()) {
             (None, _) => (&rule.fields, ConsentTag::NotRequired, false),
-            (Some(true), _) => (&rule.fields, ConsentTag::Granted, false),
-            (Some(false), Some(anon)) => (anon, ConsentTag::Absent, true),
-            (Some(false), None) => {
-                d.outcomes[p as usize] = Some(Outcome::NoConsent);
+            (Some(true), _) if !erased => (&rule.fields, ConsentTag::Granted, false),
+            (Some(_), Some(anon)) => (anon, ConsentTag::Absent, true),
+            (Some(given), None) => {
+                d.outcomes[p as usize] = Some(if given {
+                    Outcome::Erased
+                } else {
+                    Outcome::NoConsent
+                });
                 continue;
             }
         };
@@ -321,4 +337,318 @@ pub fn subscriber_ref<'m>(rule: &PurposeRule, keys: &Keyring, msisdn: &'m str) -
         keys,
     };
     treat::text(&cx, f, rule.treatment(f), msisdn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::control::{Change, Settled};
+    use crate::core::pseudonym::MasterKey;
+
+    const CALL: &str = r#"{"record_id":"r-1","kind":"moc","msisdn":"+46701234567","imsi":"240011234567890","imei":"356938035643809","other_party":"+46709876543","start_time":"2026-03-02T10:15:30.250Z","duration_s":125,"close_cause":"normal","cell":{"mcc":"240","mnc":"01","lac_or_tac":1201,"cell_id":987654},"serving_plmn":"24001","rat":"lte","recording_entity":"msc-sto-1","local_seq_no":1}"#;
+
+    fn policy(name: &str) -> Policy {
+        let text = crate::policy::shipped(name).expect("shipped policy");
+        crate::policy::parse_policy(text, name).expect("policy loads")
+    }
+
+    fn keys() -> Keyring {
+        Keyring::new(&[MasterKey::new("t", &[5u8; 32]).expect("key")]).expect("keyring")
+    }
+
+    fn record() -> Record<'static> {
+        let r: Record<'static> = serde_json::from_str(CALL).expect("record");
+        r.validate().expect("valid");
+        r
+    }
+
+    fn t(s: &str) -> Millis {
+        Millis::parse(s).expect("time")
+    }
+
+    /// The record's start time: the stream as it happened.
+    fn now() -> Millis {
+        t("2026-03-02T10:15:30.250Z")
+    }
+
+    fn state(changes: &[(Change, &str)]) -> SubscriberState {
+        let mut s = SubscriberState::default();
+        for (c, at) in changes {
+            s.apply(c, t(at));
+        }
+        s
+    }
+
+    fn grant(p: Purpose) -> (Change, &'static str) {
+        (
+            Change::Consent {
+                purpose: p,
+                granted: true,
+            },
+            "2026-01-01T00:00:00.000Z",
+        )
+    }
+
+    fn outcome(policy: &Policy, s: &SubscriberState, now: Millis, p: Purpose) -> Outcome {
+        let r = record();
+        let k = keys();
+        let d = process(&r, policy, s, &k, now);
+        d.outcomes[p as usize].expect("every purpose has an outcome")
+    }
+
+    #[test]
+    fn consent_decides_consent_based_purposes_only() {
+        let p = policy("excedo");
+        let none = SubscriberState::default();
+        assert_eq!(
+            outcome(&p, &none, now(), Purpose::Analytics),
+            Outcome::NoConsent
+        );
+        assert_eq!(
+            outcome(&p, &none, now(), Purpose::Marketing),
+            Outcome::NoConsent
+        );
+        assert_eq!(outcome(&p, &none, now(), Purpose::Billing), Outcome::Copied);
+        assert_eq!(
+            outcome(&p, &none, now(), Purpose::CustomerCare),
+            Outcome::NotDeclared
+        );
+        let s = state(&[grant(Purpose::Analytics)]);
+        assert_eq!(outcome(&p, &s, now(), Purpose::Analytics), Outcome::Copied);
+        assert_eq!(
+            outcome(&p, &s, now(), Purpose::Marketing),
+            Outcome::NoConsent
+        );
+    }
+
+    #[test]
+    fn restriction_then_objection_then_erasure_then_expiry_then_consent() {
+        let p = policy("excedo");
+        let a = Purpose::Analytics;
+        let objection = (Change::Objection { purpose: a }, "2026-02-01T00:00:00.000Z");
+        let restriction = (
+            Change::Restriction { active: true },
+            "2026-02-01T00:00:00.000Z",
+        );
+        let erasure = (Change::Erasure, "2026-02-01T00:00:00.000Z");
+        let all = state(&[grant(a), objection.clone(), restriction, erasure.clone()]);
+        assert_eq!(outcome(&p, &all, now(), a), Outcome::Restricted);
+        let s = state(&[grant(a), objection, erasure.clone()]);
+        assert_eq!(outcome(&p, &s, now(), a), Outcome::Objected);
+        // Erased outranks an expired record, which outranks missing consent.
+        let late = t("2028-01-01T00:00:00.000Z");
+        let s = state(&[grant(a), erasure]);
+        assert_eq!(outcome(&p, &s, now(), a), Outcome::Erased);
+        assert_eq!(
+            outcome(&p, &s, late, Purpose::Troubleshooting),
+            Outcome::Erased
+        );
+        let s = state(&[grant(a)]);
+        assert_eq!(outcome(&p, &s, late, a), Outcome::Expired);
+        assert_eq!(
+            outcome(&p, &SubscriberState::default(), late, a),
+            Outcome::Expired
+        );
+        // Billing and fraud continue under restriction and through an erasure (Excedo).
+        let s = state(&[
+            (
+                Change::Restriction { active: true },
+                "2026-02-01T00:00:00.000Z",
+            ),
+            (Change::Erasure, "2026-02-01T00:00:00.000Z"),
+        ]);
+        for q in [Purpose::Billing, Purpose::Fraud] {
+            assert_eq!(outcome(&p, &s, now(), q), Outcome::Copied, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn erasure_stops_routing_until_consent_is_granted_after_it() {
+        let p = policy("excedo");
+        let erased = state(&[
+            grant(Purpose::Analytics),
+            grant(Purpose::Marketing),
+            (Change::Erasure, "2026-02-01T00:00:00.000Z"),
+        ]);
+        let r = record();
+        let k = keys();
+        let d = process(&r, &p, &erased, &k, now());
+        let routed: Vec<Purpose> = d.copies.iter().map(|c| c.envelope.purpose).collect();
+        // Troubleshooting rests on contract but is not held through an erasure.
+        assert_eq!(routed, vec![Purpose::Billing, Purpose::Fraud]);
+        for q in [
+            Purpose::Analytics,
+            Purpose::Marketing,
+            Purpose::Troubleshooting,
+        ] {
+            assert_eq!(d.outcomes[q as usize], Some(Outcome::Erased), "{q:?}");
+        }
+        let mut again = erased;
+        again.apply(
+            &Change::Consent {
+                purpose: Purpose::Marketing,
+                granted: true,
+            },
+            t("2026-02-02T00:00:00.000Z"),
+        );
+        assert_eq!(
+            outcome(&p, &again, now(), Purpose::Marketing),
+            Outcome::Copied
+        );
+        assert_eq!(
+            outcome(&p, &again, now(), Purpose::Analytics),
+            Outcome::Erased
+        );
+        // Without consent the label stays no_consent: the erasure stopped nothing.
+        let s = state(&[(Change::Erasure, "2026-02-01T00:00:00.000Z")]);
+        assert_eq!(
+            outcome(&p, &s, now(), Purpose::Analytics),
+            Outcome::NoConsent
+        );
+    }
+
+    #[test]
+    fn after_an_erasure_an_anonymising_purpose_falls_back_to_its_anonymised_copy() {
+        let p = policy("alleato");
+        let s = state(&[
+            grant(Purpose::Analytics),
+            (Change::Erasure, "2026-02-01T00:00:00.000Z"),
+        ]);
+        let r = record();
+        let k = keys();
+        let d = process(&r, &p, &s, &k, now());
+        let c = d
+            .copies
+            .iter()
+            .find(|c| c.envelope.purpose == Purpose::Analytics)
+            .expect("anonymised analytics copy");
+        assert_eq!(c.envelope.consent, ConsentTag::Absent);
+        assert_eq!(c.envelope.legal_basis, "anonymous");
+        assert!(c.envelope.record_id.is_none() && c.envelope.key_id.is_none());
+        assert!(!c.names_subscriber);
+        assert_eq!(
+            d.outcomes[Purpose::Analytics as usize],
+            Some(Outcome::Anonymised)
+        );
+    }
+
+    #[test]
+    fn expired_on_arrival_uses_the_schedules_deadlines() {
+        let p = policy("excedo");
+        let none = SubscriberState::default();
+        // Fraud: 6 months after the record's day ends (2026-03-03) = 2026-09-03.
+        let f = Purpose::Fraud;
+        assert_eq!(
+            outcome(&p, &none, t("2026-09-02T23:59:59.999Z"), f),
+            Outcome::Copied
+        );
+        assert_eq!(
+            outcome(&p, &none, t("2026-09-03T00:00:00.000Z"), f),
+            Outcome::Expired
+        );
+        // Troubleshooting: 12 months after the contract ended.
+        let ts = Purpose::Troubleshooting;
+        let ended = state(&[(Change::ContractEnded, "2026-03-01T00:00:00.000Z")]);
+        assert_eq!(
+            outcome(&p, &ended, t("2027-02-28T23:59:59.999Z"), ts),
+            Outcome::Copied
+        );
+        assert_eq!(
+            outcome(&p, &ended, t("2027-03-01T00:00:00.000Z"), ts),
+            Outcome::Expired
+        );
+    }
+
+    #[test]
+    fn a_record_from_a_settled_period_past_its_deadline_is_not_copied() {
+        let p = policy("excedo");
+        let b = Purpose::Billing;
+        let settled = |through: &str, at: &str| SubscriberState {
+            settled: Some(Settled {
+                through: t(through),
+                at: t(at),
+            }),
+            ..SubscriberState::default()
+        };
+        // March settled 2026-04-15T08:00: due 6 months later.
+        let s = settled("2026-04-01T00:00:00.000Z", "2026-04-15T08:00:00.000Z");
+        assert_eq!(
+            outcome(&p, &s, t("2026-10-15T07:59:59.999Z"), b),
+            Outcome::Copied
+        );
+        assert_eq!(
+            outcome(&p, &s, t("2026-10-15T08:00:00.000Z"), b),
+            Outcome::Expired
+        );
+        // A record after the settled period is not covered by it.
+        let s = settled("2026-03-01T00:00:00.000Z", "2026-03-15T08:00:00.000Z");
+        assert_eq!(
+            outcome(&p, &s, t("2027-01-01T00:00:00.000Z"), b),
+            Outcome::Copied
+        );
+        // Unsettled: the clock has not started, however late.
+        assert_eq!(
+            outcome(
+                &p,
+                &SubscriberState::default(),
+                t("2030-01-01T00:00:00.000Z"),
+                b
+            ),
+            Outcome::Copied
+        );
+    }
+
+    #[test]
+    fn record_ids_and_key_ids_follow_the_copys_treatment() {
+        let p = policy("excedo");
+        let s = state(&[grant(Purpose::Analytics), grant(Purpose::Marketing)]);
+        let r = record();
+        let k = keys();
+        let d = process(&r, &p, &s, &k, now());
+        let copy = |q: Purpose| {
+            d.copies
+                .iter()
+                .find(|c| c.envelope.purpose == q)
+                .expect("copy")
+        };
+        let id = |q: Purpose| {
+            copy(q)
+                .envelope
+                .record_id
+                .as_ref()
+                .map(|t| t.as_str().to_string())
+        };
+        // Billing keeps the raw id and needs no key.
+        assert_eq!(id(Purpose::Billing).as_deref(), Some("r-1"));
+        assert_eq!(copy(Purpose::Billing).envelope.key_id, None);
+        // Analytics drops it for this purpose's pseudonym of it, and names its key.
+        let want = k.pseudonym(Purpose::Analytics, "record_id", "r-1");
+        assert_eq!(id(Purpose::Analytics).as_deref(), Some(want.as_str()));
+        assert_ne!(
+            Some(want.as_str()),
+            Some(k.pseudonym(Purpose::Marketing, "record_id", "r-1").as_str())
+        );
+        assert_eq!(
+            copy(Purpose::Analytics).envelope.key_id,
+            Some(k.key_id(Purpose::Analytics))
+        );
+        assert_eq!(
+            copy(Purpose::Marketing).envelope.key_id,
+            Some(k.key_id(Purpose::Marketing))
+        );
+        // Every copy names its record; the schedule entry names the route's subscriber.
+        for c in &d.copies {
+            assert!(c.envelope.record_id.is_some());
+            assert!(c.names_subscriber);
+            assert_eq!(c.schedule_entry().record_time, r.start_time);
+        }
+        let analytics = copy(Purpose::Analytics).schedule_entry();
+        let rule = p.rule(Purpose::Analytics).expect("declared");
+        assert_eq!(
+            analytics.subscriber,
+            subscriber_ref(rule, &k, "+46701234567")
+                .as_ref()
+                .map(Text::as_str)
+        );
+    }
 }
