@@ -94,9 +94,13 @@ pub struct ConsentStore {
 /// every purpose, restriction in force. Only purposes that need none of these (billing
 /// and fraud under contract or legal obligation) still get copies.
 pub fn fail_closed(known: SubscriberState) -> SubscriberState {
+    // What is known only ever stops more copies (a contract end, an erasure, a settled
+    // invoice that makes late records expired), so it is kept.
     let mut s = SubscriberState {
         restricted: true,
         contract_ended: known.contract_ended,
+        erased_at: known.erased_at,
+        settled: known.settled,
         ..SubscriberState::default()
     };
     for p in Purpose::ALL {
@@ -185,7 +189,13 @@ impl ConsentStore {
                         ("objection", Some(Some(p))) => s.objected.set(p, false),
                         ("restriction", None) => s.restricted = false,
                         ("contract_ended", None) => s.contract_ended = None,
-                        ("erasure" | "invoice_settled", _) => {}
+                        ("erasure", None) => {
+                            s.erased_at = None;
+                            s.regranted = Default::default();
+                        }
+                        // Settlements only ever move forward; forgetting one would let
+                        // late records of a settled period live again.
+                        ("invoice_settled", _) => {}
                         _ => return Err("tombstone key names no known setting".into()),
                     }
                 }
@@ -452,6 +462,16 @@ mod tests {
         assert!(Purpose::ALL.iter().all(|p| v.objected.contains(*p)));
         s.mark_caught_up_for_test();
         assert!(!s.fresh(Instant::now() + Duration::from_secs(11)));
+        // What can only stop copies survives the fail-closed view.
+        s.apply_message(
+            None,
+            Some(br#"{"type":"erasure","msisdn":"+46701234567","at":"2026-02-01T00:00:00.000Z"}"#),
+        )
+        .unwrap();
+        assert!(s.view("+46701234567", false).erased_at.is_some());
+        s.apply_message(Some(b"+46701234567/erasure"), None)
+            .unwrap();
+        assert!(s.view("+46701234567", true).erased_at.is_none());
     }
 
     #[test]
