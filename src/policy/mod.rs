@@ -1,8 +1,10 @@
 //! Operator policies: the compiled decision table the core consults for every record.
 //!
 //! `load` turns a policy file into a [`Policy`] (refusing a bad one with every problem
-//! listed), `explain` renders it as the GDPR Art. 30 record of processing.
+//! listed), `citation` fixes the shape of a citation of the operator's text, `explain`
+//! renders a policy as the GDPR Art. 30 record of processing.
 
+pub mod citation;
 pub mod explain;
 pub mod load;
 
@@ -99,7 +101,8 @@ pub enum Treatment {
     Keep,
     /// Absent from the copy.
     Drop,
-    /// Reduced: time to the hour, cell to its area, IP to its network, IMEI to its TAC.
+    /// Reduced: time to the hour, cell to its area, IP to its network, IMEI to its TAC,
+    /// a duration to its class, volumes to their order of magnitude (see `core::treat`).
     Generalise,
     /// Only the first and last characters kept, the rest replaced by `*`.
     Mask {
@@ -229,6 +232,9 @@ pub struct PurposeRule {
     pub purpose: Purpose,
     /// What it is for, in the operator's terms.
     pub description: String,
+    /// The route's default topic (`topic` in the file, else `cdr.<purpose id>`); a
+    /// deployment may still map the route elsewhere.
+    pub topic: String,
     /// Legal bases per data category, primary first; empty when the category is not used.
     pub basis: [Vec<Basis>; 2],
     /// Where the bases are stated.
@@ -237,10 +243,20 @@ pub struct PurposeRule {
     pub consent_key: Option<Purpose>,
     /// Without that consent.
     pub without_consent: WithoutConsent,
+    /// Why consent is keyed and handled so (`[purposes.X.consent]`), when it is needed.
+    pub consent_cite: Option<Cite>,
     /// Treatment per field, indexed by `Field as usize`.
     pub fields: [Treatment; Field::COUNT],
+    /// Why the copy holds these fields (the table-level cite of `fields`).
+    pub fields_cite: Cite,
+    /// Per-field source or assumption, where the file gives one.
+    pub field_notes: [Option<Cite>; Field::COUNT],
     /// Treatment per field of the anonymised copy, when `without_consent` is anonymised.
     pub anonymised: Option<[Treatment; Field::COUNT]>,
+    /// Why the anonymised copy holds these fields, when there is one.
+    pub anonymised_cite: Option<Cite>,
+    /// Per-field source or assumption of the anonymised copy.
+    pub anonymised_notes: [Option<Cite>; Field::COUNT],
     /// Under restriction (Art. 18).
     pub restriction: RightRule,
     /// On objection (Art. 21).
@@ -304,7 +320,11 @@ pub struct Policy {
     pub file: String,
     /// Rules per purpose, indexed by `Purpose as usize`; `None` = not declared, never routed.
     pub purposes: [Option<PurposeRule>; Purpose::COUNT],
-    /// Statements shown in the record of processing.
+    /// Recipients and categories of recipients (Art. 30(1)(d), third countries (e)).
+    pub recipients: Vec<Note>,
+    /// Organisational and technical security measures the source states (Art. 30(1)(g)).
+    pub measures: Vec<Note>,
+    /// Other statements shown in the record of processing.
     pub notes: Vec<Note>,
 }
 
