@@ -368,3 +368,98 @@ fn the_seed_check_catches_a_misquote() {
     assert_eq!(line_before("see l.7@1474: "), Some((7, 7, Some(1474))));
     assert_eq!(line_before("as said (l.82) "), None);
 }
+
+fn cdrguard(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("CDRGUARD_KEY_FILE")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// Regression: `policy check` said "1 purposes", and a problem without a key path printed
+/// `: :`.
+#[test]
+fn policy_check_reports_in_plain_words() {
+    let ok = cdrguard(&[
+        "policy",
+        "check",
+        "policies/select-telecom.toml",
+        "policies/excedo.toml",
+    ]);
+    let text = String::from_utf8(ok.stdout).unwrap();
+    assert!(ok.status.success(), "{text}");
+    assert!(
+        text.contains("(select-telecom@2026-11-23.1, 1 purpose)"),
+        "{text}"
+    );
+    assert!(text.contains("(excedo@2018-05-25, 5 purposes)"), "{text}");
+    let missing = cdrguard(&["policy", "check", "policies/nowhere.toml"]);
+    let err = String::from_utf8(missing.stderr).unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        err.contains("  policies/nowhere.toml: cannot read"),
+        "{err}"
+    );
+    assert!(!err.contains(": :") && !err.contains(":0:"), "{err}");
+}
+
+/// Regression: piping output into `head` panicked with a broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+        .args(["policy", "explain", "alleato"])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end at once: the command is still starting up, so its write
+    // meets a closed pipe (EPIPE; Rust ignores SIGPIPE).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn replay_without_keys_is_refused_unless_a_throwaway_key_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let out = dir.path().join("out");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "replay",
+            "--policy",
+            "excedo",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--now",
+            "2026-01-01T00:00:00.000Z",
+        ];
+        a.extend_from_slice(extra);
+        cdrguard(&a)
+    };
+    let refused = args(&[]);
+    let err = String::from_utf8(refused.stderr).unwrap();
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("--ephemeral-keys"), "{err}");
+    assert!(!out.exists(), "nothing written without keys");
+    let ok = args(&["--ephemeral-keys"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.join("billing.jsonl").exists());
+}

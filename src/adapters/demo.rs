@@ -136,7 +136,7 @@ pub fn run(
     write_traffic_with(&cfg, &records, &control, Format::Json, progress)?;
     let mut engine = Engine::new(policy, keys);
     let mut outputs = Outputs::create(out, policy)?;
-    replay(
+    let counts = replay(
         &ReplayInput {
             records,
             format: Format::Json,
@@ -152,5 +152,6 @@ pub fn run(
         policy,
         &engine.stats,
         engine.open_windows(),
+        counts.control_dead_letters,
     ))
 }

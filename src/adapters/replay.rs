@@ -102,19 +102,35 @@ fn original(bytes: &[u8], format: Format) -> String {
     }
 }
 
-/// Reads and sorts control events; bad ones go to the dead letter with their line.
-pub fn read_controls(path: &Path, out: &mut Outputs) -> Result<Vec<ControlEvent>, ReplayError> {
+/// What a replay counted that the engine's statistics do not hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayCounts {
+    /// Control lines refused and sent to the dead letter (record dead letters are in the
+    /// engine's `Stats::dead_letters`).
+    pub control_dead_letters: u64,
+}
+
+/// Reads and sorts control events; bad ones go to the dead letter with their line, and
+/// are counted in `counts`.
+pub fn read_controls(
+    path: &Path,
+    out: &mut Outputs,
+    counts: &mut ReplayCounts,
+) -> Result<Vec<ControlEvent>, ReplayError> {
     let buf = read(path)?;
     let name = path.display().to_string();
     let mut events = Vec::new();
     for item in split(&buf, Format::Json, &name) {
         match json::decode_control(item.bytes) {
             Ok(e) => events.push(e),
-            Err(reason) => out.dead_letter(&DeadLetter {
-                reason,
-                position: item.position,
-                original: original(item.bytes, Format::Json),
-            })?,
+            Err(reason) => {
+                counts.control_dead_letters += 1;
+                out.dead_letter(&DeadLetter {
+                    reason,
+                    position: item.position,
+                    original: original(item.bytes, Format::Json),
+                })?
+            }
         }
     }
     // Stable: events with the same instant keep their file order.
@@ -129,9 +145,10 @@ pub fn replay(
     input: &ReplayInput,
     engine: &mut Engine<'_>,
     out: &mut Outputs,
-) -> Result<(), ReplayError> {
+) -> Result<ReplayCounts, ReplayError> {
+    let mut counts = ReplayCounts::default();
     let controls = match &input.control {
-        Some(p) => read_controls(p, out)?,
+        Some(p) => read_controls(p, out, &mut counts)?,
         None => Vec::new(),
     };
     let buf = read(&input.records)?;
@@ -185,5 +202,5 @@ pub fn replay(
     for e in engine.due(input.now) {
         out.expiry(&e)?;
     }
-    Ok(())
+    Ok(counts)
 }
