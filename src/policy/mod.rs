@@ -358,3 +358,68 @@ pub const SHIPPED: [(&str, &str); 5] = [
 pub fn shipped(name: &str) -> Option<&'static str> {
     SHIPPED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::time::Millis;
+
+    fn t(s: &str) -> Millis {
+        Millis::parse(s).unwrap()
+    }
+
+    #[test]
+    fn periods_add_calendar_days_and_months() {
+        let jan31 = t("2026-01-31T12:00:00.000Z");
+        assert_eq!(Period::Days(0).after(jan31), jan31);
+        assert_eq!(Period::Days(1).after(jan31), t("2026-02-01T12:00:00.000Z"));
+        assert_eq!(
+            Period::Days(180).after(jan31),
+            t("2026-07-30T12:00:00.000Z")
+        );
+        // A month after 31 January is the end of February (the day is clamped).
+        assert_eq!(
+            Period::Months(1).after(jan31),
+            t("2026-02-28T12:00:00.000Z")
+        );
+        assert_eq!(
+            Period::Months(1).after(t("2028-01-31T00:00:00.000Z")),
+            t("2028-02-29T00:00:00.000Z")
+        );
+        assert_eq!(
+            Period::Months(24).after(jan31),
+            t("2028-01-31T12:00:00.000Z")
+        );
+        // Never before the instant, never overflowing.
+        assert_eq!(
+            Period::Days(u32::MAX).after(Millis(i64::MAX - 1)),
+            Millis(i64::MAX)
+        );
+    }
+
+    #[test]
+    fn periods_describe_themselves_as_policy_files_write_them() {
+        for (p, s) in [
+            (Period::Days(0), "0 days"),
+            (Period::Days(1), "1 day"),
+            (Period::Days(180), "180 days"),
+            (Period::Months(1), "1 month"),
+            (Period::Months(6), "6 months"),
+            (Period::Months(12), "1 year"),
+            (Period::Months(24), "2 years"),
+            (Period::Months(18), "18 months"),
+        ] {
+            assert_eq!(p.describe(), s);
+            assert_eq!(load::parse_period(s), Some(p), "{s} reads back");
+        }
+    }
+
+    #[test]
+    fn bases_carry_their_article() {
+        for b in Basis::ALL {
+            assert_eq!(Basis::from_id(b.id()), Some(b));
+        }
+        assert_eq!(Basis::LegalObligation.article(), "6(1)(c)");
+        assert_eq!(Basis::from_id("intresseavvägning"), None);
+    }
+}
