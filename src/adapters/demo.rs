@@ -155,3 +155,81 @@ pub fn run(
         counts.control_dead_letters,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pseudonym::tests::test_keyring;
+
+    /// Generated binary traffic ends in a truncated frame, and every malformed line (records
+    /// and control events alike) reaches the dead letter and the counts.
+    #[test]
+    fn malformed_input_of_both_kinds_reaches_the_dead_letter_and_the_counts() {
+        let dir = std::env::temp_dir().join(format!("cdrguard-demo-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (records, control) = (dir.join("r.bin"), dir.join("c.jsonl"));
+        let cfg = GenConfig {
+            records: 2_000,
+            subscribers: 100,
+            malformed_rate: 0.05,
+            ..GenConfig::default()
+        };
+        let w = write_traffic_with(&cfg, &records, &control, Format::Binary, false).unwrap();
+        assert_eq!(
+            w.records, 2_001,
+            "every record plus the truncated last frame"
+        );
+        assert!(
+            w.malformed_records > 50 && w.malformed_controls > 5,
+            "{w:?}"
+        );
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "x").unwrap();
+        let keys = test_keyring();
+        let mut engine = Engine::new(&policy, &keys);
+        let out = dir.join("out");
+        let mut outputs = Outputs::create(&out, &policy).unwrap();
+        let counts = replay(
+            &ReplayInput {
+                records: records.clone(),
+                format: Format::Binary,
+                control: Some(control),
+                now: Millis(0),
+                progress: false,
+            },
+            &mut engine,
+            &mut outputs,
+        )
+        .unwrap();
+        outputs.finish().unwrap();
+        assert_eq!(engine.stats.dead_letters, w.malformed_records);
+        assert_eq!(counts.control_dead_letters, w.malformed_controls);
+        assert_eq!(engine.stats.records, w.records - w.malformed_records);
+        let dead = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+        let last_frame = dead
+            .lines()
+            .rfind(|l| l.contains("r.bin@"))
+            .unwrap()
+            .to_string();
+        let size = std::fs::metadata(&records).unwrap().len();
+        let at: u64 = last_frame
+            .split("r.bin@")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        assert!(
+            size - at < 200,
+            "the last dead letter is the cut-off frame: {last_frame}"
+        );
+        // Settings out of range are refused before anything is generated.
+        let bad = GenConfig {
+            malformed_rate: 2.0,
+            ..cfg
+        };
+        let e =
+            write_traffic_with(&bad, &records, &dir.join("c2"), Format::Json, false).unwrap_err();
+        assert!(e.to_string().contains("--malformed-rate is 2"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
