@@ -51,7 +51,7 @@ enum Command {
     /// Process record and control-event files with the same core as Kafka mode.
     ///
     /// Example: cdrguard replay --policy policies/excedo.toml --input cdrs.jsonl
-    ///   --control events.jsonl --now 2027-01-01T00:00:00.000Z --out out/
+    ///   --control events.jsonl --now 2027-01-01T00:00:00.000Z --out out/ --keys keys.toml
     Replay(ReplayArgs),
     /// Validate, explain or test policy files.
     #[command(subcommand)]
