@@ -463,3 +463,38 @@ fn replay_without_keys_is_refused_unless_a_throwaway_key_is_asked_for() {
     );
     assert!(out.join("billing.jsonl").exists());
 }
+
+/// Regression: problems were reported at the purpose's header line (billing msisdn on
+/// line 56 reported at 28), not at the key that breaks the rule.
+#[test]
+fn problems_in_a_shipped_file_point_at_the_offending_line() {
+    let text = cdrguard::policy::shipped("alleato").unwrap();
+    let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    let header = line_of("[purposes.marketing]");
+    let msisdn = header
+        + text
+            .lines()
+            .skip(header)
+            .position(|l| l.starts_with("msisdn = "))
+            .unwrap()
+        + 1;
+    let objection = line_of("[purposes.marketing.objection]");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[msisdn - 1] = r#"msisdn = "pseudonymise""#.into();
+    lines[objection] = r#"effect = "not_applicable""#.into();
+    let e = cdrguard::policy::parse_policy(&lines.join("\n"), "alleato.toml").unwrap_err();
+    let got: Vec<(usize, &str)> = e
+        .problems
+        .iter()
+        .map(|p| (p.line, p.path.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (objection, "purposes.marketing.objection"),
+            (msisdn, "purposes.marketing.fields.msisdn"),
+        ],
+        "{e}"
+    );
+    assert!(header < objection && objection < msisdn);
+}
