@@ -5,7 +5,8 @@
 //! - [`codec`]: decodes records and control events from JSON or the bincode-compatible
 //!   binary form, and encodes copies and expiry events.
 //! - [`policy`]: loads an operator policy file into the decision table the core consults,
-//!   and renders it as the Art. 30 record of processing.
+//!   checks that its citations have the shape of a citation of the operator's text, and
+//!   renders it as the Art. 30 record of processing.
 //! - [`core`]: the pure per-record core: record and control models, subscriber state,
 //!   field treatments, pseudonyms, `process` (one record in, copies out) and the
 //!   retention schedule. No async, no Kafka, no clock, no logging.

@@ -35,9 +35,48 @@ pub enum CaseError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CaseFile {
-    policy: String,
+    /// A policy file, relative to the case file's folder.
+    #[serde(default)]
+    policy_file: Option<PathBuf>,
+    /// A policy compiled into the binary, by name.
+    #[serde(default)]
+    shipped_policy: Option<String>,
     #[serde(rename = "case")]
     cases: Vec<Case>,
+}
+
+/// Which policy a case file runs against: a file on disk, or a shipped one by name. A case
+/// file says which explicitly, so `policy test` never tests the compiled-in copy of a file
+/// that was edited on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyRef<'a> {
+    /// A policy file (already resolved against the case file's folder).
+    File(&'a Path),
+    /// A shipped policy.
+    Shipped(&'a str),
+}
+
+impl std::fmt::Display for PolicyRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyRef::File(p) => write!(f, "file {}", p.display()),
+            PolicyRef::Shipped(n) => write!(f, "shipped policy {n}"),
+        }
+    }
+}
+
+impl CaseFile {
+    /// The policy file resolved against `dir` (the case file's folder), or the shipped name.
+    fn policy_ref(&self, dir: &Path) -> Result<Result<PathBuf, &str>, String> {
+        match (&self.policy_file, &self.shipped_policy) {
+            (Some(f), None) => Ok(Ok(dir.join(f))),
+            (None, Some(n)) => Ok(Err(n.as_str())),
+            _ => Err(
+                "name the policy with exactly one of `policy_file = \"<path relative to this file>\"` or `shipped_policy = \"<name>\"`"
+                    .into(),
+            ),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -612,11 +651,11 @@ fn files_under(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs every case file under `paths`; `load` resolves a file's `policy` (a shipped name
-/// or a path).
+/// Runs every case file under `paths`; `load` loads the policy a case file names (a file,
+/// its path resolved against the case file's folder, or a shipped policy).
 pub fn run_paths<E: std::fmt::Display>(
     paths: &[PathBuf],
-    load: &dyn Fn(&str) -> Result<Policy, E>,
+    load: &dyn Fn(PolicyRef<'_>) -> Result<Policy, E>,
 ) -> Result<Report, CaseError> {
     let mut files = Vec::new();
     for p in paths {
@@ -652,7 +691,13 @@ pub fn run_paths<E: std::fmt::Display>(
         };
         let text = std::fs::read_to_string(&f).map_err(|e| err(e.to_string()))?;
         let cf: CaseFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        let policy = load(&cf.policy).map_err(|e| err(format!("policy {}: {e}", cf.policy)))?;
+        let dir = f.parent().unwrap_or(Path::new("."));
+        let named = cf.policy_ref(dir).map_err(err)?;
+        let which = match &named {
+            Ok(path) => PolicyRef::File(path),
+            Err(name) => PolicyRef::Shipped(name),
+        };
+        let policy = load(which).map_err(|e| err(format!("{which}: {e}")))?;
         for case in &cf.cases {
             report.results.push(CaseResult {
                 file: name.clone(),
@@ -683,7 +728,7 @@ mod tests {
     }
 
     const SETTLED: &str = r#"
-policy = "excedo"
+shipped_policy = "excedo"
 [[case]]
 name = "one billing window"
 now = "2026-10-20T00:00:00.000Z"
@@ -739,7 +784,7 @@ window_end = "2026-03-02T10:59:59.999Z"
     #[test]
     fn dead_letters_are_traced_to_their_record_or_control_event() {
         let text = r#"
-policy = "excedo"
+shipped_policy = "excedo"
 [[case]]
 name = "bad inputs"
 [[case.control]]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::engine::Engine;
 use super::files::Outputs;
-use super::generate::{GenConfig, Line, generate};
+use super::generate::{GenConfig, Line, generate_with};
 use super::replay::{ReplayError, ReplayInput, replay};
 use crate::codec::Format;
 use crate::core::pseudonym::Keyring;
@@ -15,15 +15,51 @@ use crate::policy::Policy;
 /// Days of traffic the demo generates.
 pub const DEMO_DAYS: u32 = 365;
 
-/// Writes generated traffic as JSON lines (records) and control events.
+/// What [`write_traffic`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Record lines (or frames), malformed ones included.
+    pub records: u64,
+    /// Of those, malformed (a truncated last frame in binary output included).
+    pub malformed_records: u64,
+    /// Control lines, malformed ones included.
+    pub controls: u64,
+    /// Of those, malformed.
+    pub malformed_controls: u64,
+}
+
+/// Writes generated traffic: records (JSON lines or length-prefixed binary frames) and
+/// control events (JSON lines), malformed ones among them.
 pub fn write_traffic(
     cfg: &GenConfig,
     records: &Path,
     control: &Path,
     format: Format,
 ) -> std::io::Result<u64> {
+    write_traffic_with(cfg, records, control, format, false).map(|w| w.records)
+}
+
+/// [`write_traffic`] with a progress bar on stderr when `progress` is set (a terminal).
+pub fn write_traffic_with(
+    cfg: &GenConfig,
+    records: &Path,
+    control: &Path,
+    format: Format,
+    progress: bool,
+) -> std::io::Result<Written> {
     use std::io::Write;
-    let s = generate(cfg);
+    cfg.validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(cfg.records);
+        b.set_message("generating");
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let s = generate_with(cfg, &|n| bar.set_position(n));
+    bar.set_message("writing");
+    let mut written = Written::default();
     let mut w = std::io::BufWriter::new(std::fs::File::create(records)?);
     let mut buf = Vec::new();
     for l in &s.lines {
@@ -45,15 +81,40 @@ pub fn write_traffic(
                 w.write_all(m.as_bytes())?;
             }
         }
+        written.records += 1;
+        written.malformed_records += u64::from(matches!(l, Line::Malformed(_)));
+    }
+    // A feed cut off mid-frame: the last frame's length promises more than follows.
+    if format == Format::Binary
+        && cfg.malformed_rate > 0.0
+        && let Some(Line::Record(r)) = s.lines.iter().find(|l| matches!(l, Line::Record(_)))
+    {
+        buf.clear();
+        crate::codec::binary::encode_record(r, &mut buf);
+        w.write_all(&(buf.len() as u32).to_le_bytes())?;
+        w.write_all(&buf[..buf.len() / 2])?;
+        written.records += 1;
+        written.malformed_records += 1;
     }
     w.flush()?;
     let mut c = std::io::BufWriter::new(std::fs::File::create(control)?);
-    for e in &s.controls {
+    let mut bad = s.malformed_controls.iter().peekable();
+    for (i, e) in s.controls.iter().enumerate() {
+        while let Some((_, m)) = bad.next_if(|(at, _)| *at <= i) {
+            writeln!(c, "{m}")?;
+            written.malformed_controls += 1;
+        }
         serde_json::to_writer(&mut c, &e.to_raw())?;
         c.write_all(b"\n")?;
     }
+    for (_, m) in bad {
+        writeln!(c, "{m}")?;
+        written.malformed_controls += 1;
+    }
     c.flush()?;
-    Ok(s.lines.len() as u64)
+    written.controls = s.controls.len() as u64 + written.malformed_controls;
+    bar.finish_and_clear();
+    Ok(written)
 }
 
 /// Runs the demo: a year of traffic before `now`, replayed, with the expiries due at
@@ -72,10 +133,10 @@ pub fn run(
     std::fs::create_dir_all(&input_dir)?;
     let records = input_dir.join("records.jsonl");
     let control = input_dir.join("control.jsonl");
-    write_traffic(&cfg, &records, &control, Format::Json)?;
+    write_traffic_with(&cfg, &records, &control, Format::Json, progress)?;
     let mut engine = Engine::new(policy, keys);
     let mut outputs = Outputs::create(out, policy)?;
-    replay(
+    let counts = replay(
         &ReplayInput {
             records,
             format: Format::Json,
@@ -91,5 +152,84 @@ pub fn run(
         policy,
         &engine.stats,
         engine.open_windows(),
+        counts.control_dead_letters,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pseudonym::tests::test_keyring;
+
+    /// Generated binary traffic ends in a truncated frame, and every malformed line (records
+    /// and control events alike) reaches the dead letter and the counts.
+    #[test]
+    fn malformed_input_of_both_kinds_reaches_the_dead_letter_and_the_counts() {
+        let dir = std::env::temp_dir().join(format!("cdrguard-demo-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (records, control) = (dir.join("r.bin"), dir.join("c.jsonl"));
+        let cfg = GenConfig {
+            records: 2_000,
+            subscribers: 100,
+            malformed_rate: 0.05,
+            ..GenConfig::default()
+        };
+        let w = write_traffic_with(&cfg, &records, &control, Format::Binary, false).unwrap();
+        assert_eq!(
+            w.records, 2_001,
+            "every record plus the truncated last frame"
+        );
+        assert!(
+            w.malformed_records > 50 && w.malformed_controls > 5,
+            "{w:?}"
+        );
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "x").unwrap();
+        let keys = test_keyring();
+        let mut engine = Engine::new(&policy, &keys);
+        let out = dir.join("out");
+        let mut outputs = Outputs::create(&out, &policy).unwrap();
+        let counts = replay(
+            &ReplayInput {
+                records: records.clone(),
+                format: Format::Binary,
+                control: Some(control),
+                now: Millis(0),
+                progress: false,
+            },
+            &mut engine,
+            &mut outputs,
+        )
+        .unwrap();
+        outputs.finish().unwrap();
+        assert_eq!(engine.stats.dead_letters, w.malformed_records);
+        assert_eq!(counts.control_dead_letters, w.malformed_controls);
+        assert_eq!(engine.stats.records, w.records - w.malformed_records);
+        let dead = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+        let last_frame = dead
+            .lines()
+            .rfind(|l| l.contains("r.bin@"))
+            .unwrap()
+            .to_string();
+        let size = std::fs::metadata(&records).unwrap().len();
+        let at: u64 = last_frame
+            .split("r.bin@")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        assert!(
+            size - at < 200,
+            "the last dead letter is the cut-off frame: {last_frame}"
+        );
+        // Settings out of range are refused before anything is generated.
+        let bad = GenConfig {
+            malformed_rate: 2.0,
+            ..cfg
+        };
+        let e =
+            write_traffic_with(&bad, &records, &dir.join("c2"), Format::Json, false).unwrap_err();
+        assert!(e.to_string().contains("--malformed-rate is 2"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

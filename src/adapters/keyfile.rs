@@ -17,7 +17,7 @@ pub struct KeyFileError {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    keys: Vec<RawKey>,
+    keys: Vec<toml::Spanned<RawKey>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -27,8 +27,18 @@ struct RawKey {
     secret_hex: String,
 }
 
+/// The 1-based line holding byte `offset` of `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
 /// Parses key-file text: `[[keys]]` tables with `id` and `secret_hex` (32+ bytes); the
-/// first key is active, later ones only reverse older tokens.
+/// first key is active, later ones only reverse older tokens. Ids must be unique: a token
+/// names its key by id, so two keys with one id would make reversal ambiguous.
 pub fn parse(text: &str, file: &str) -> Result<Keyring, KeyFileError> {
     let fail = |problems| KeyFileError {
         file: file.to_string(),
@@ -36,10 +46,7 @@ pub fn parse(text: &str, file: &str) -> Result<Keyring, KeyFileError> {
     };
     // The parser's message may quote the offending line, which could hold a secret.
     let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let at = e
-            .span()
-            .map(|s| text[..s.start].lines().count())
-            .unwrap_or(0);
+        let at = e.span().map_or(0, |s| line_of(text, s.start));
         fail(vec![format!(
             "line {at}: not a key file (expected [[keys]] with id and secret_hex)"
         )])
@@ -47,12 +54,25 @@ pub fn parse(text: &str, file: &str) -> Result<Keyring, KeyFileError> {
     let mut problems = Vec::new();
     let mut keys = Vec::new();
     for (i, k) in raw.keys.iter().enumerate() {
+        let line = line_of(text, k.span().start);
+        let k = k.get_ref();
+        if let Some(j) = raw.keys[..i].iter().position(|o| o.get_ref().id == k.id) {
+            let first = line_of(text, raw.keys[j].span().start);
+            problems.push(format!(
+                "line {line}: keys[{i}]: key id {:?} is already used by keys[{j}] (line {first})",
+                k.id
+            ));
+            continue;
+        }
         match hex::decode(k.secret_hex.trim()) {
             Ok(secret) => match MasterKey::new(&k.id, &secret) {
                 Ok(m) => keys.push(m),
-                Err(e) => problems.push(format!("keys[{i}]: {e}")),
+                Err(e) => problems.push(format!("line {line}: keys[{i}]: {e}")),
             },
-            Err(_) => problems.push(format!("keys[{i}] ({}): secret_hex is not hex", k.id)),
+            Err(_) => problems.push(format!(
+                "line {line}: keys[{i}] ({}): secret_hex is not hex",
+                k.id
+            )),
         }
     }
     if raw.keys.is_empty() {
@@ -124,5 +144,49 @@ mod tests {
         let e = parse(bad, "bad.toml").unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         assert!(!e.to_string().contains("zz"));
+        assert!(e.problems[0].starts_with("line 1: keys[0]"), "{e}");
+        assert!(e.problems[1].starts_with("line 4: keys[1] (k2)"), "{e}");
+    }
+
+    /// Regression: an error at the start of line 3 was reported on line 2 (the text before
+    /// it was counted in lines, and it ends with a newline).
+    #[test]
+    fn syntax_errors_name_their_own_line_without_the_secret() {
+        let secret = "ab".repeat(32);
+        for (text, line) in [
+            (
+                format!("[[keys]]\nid = \"k1\"\ncolour = \"red\"\nsecret_hex = \"{secret}\"\n"),
+                3,
+            ),
+            (format!("[[keys]]\nid = \"k1\"\nsecret_hex = {secret}\n"), 3),
+            (
+                format!("\n\n\n\n[keys]\nid = \"k1\"\nsecret_hex = \"{secret}\"\n"),
+                5,
+            ),
+        ] {
+            let e = parse(&text, "k.toml").unwrap_err();
+            assert!(
+                e.problems[0].starts_with(&format!("line {line}:")),
+                "{e}\n{text}"
+            );
+            assert!(!e.to_string().contains(&secret));
+        }
+    }
+
+    /// Regression: two keys with one id were accepted; a token names its key by id.
+    #[test]
+    fn duplicate_key_ids_are_refused() {
+        let one = generate("k1");
+        let text = format!(
+            "{one}{}",
+            one.lines().skip(2).collect::<Vec<_>>().join("\n")
+        );
+        let e = parse(&text, "k.toml").unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0].contains("key id \"k1\" is already used by keys[0] (line 3)"),
+            "{e}"
+        );
+        assert!(e.problems[0].starts_with("line 6: keys[1]"), "{e}");
     }
 }

@@ -142,8 +142,21 @@ fn original(bytes: &[u8], format: Format) -> String {
     }
 }
 
-/// Reads and sorts control events; bad ones go to the dead letter with their line.
-pub fn read_controls(path: &Path, out: &mut impl Sink) -> Result<Vec<ControlEvent>, ReplayError> {
+/// What a replay counted that the engine's statistics do not hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayCounts {
+    /// Control lines refused and sent to the dead letter (record dead letters are in the
+    /// engine's `Stats::dead_letters`).
+    pub control_dead_letters: u64,
+}
+
+/// Reads and sorts control events; bad ones go to the dead letter with their line, and
+/// are counted in `counts`.
+pub fn read_controls(
+    path: &Path,
+    out: &mut impl Sink,
+    counts: &mut ReplayCounts,
+) -> Result<Vec<ControlEvent>, ReplayError> {
     let buf = read(path)?;
     let name = path.display().to_string();
     parse_controls(
@@ -152,23 +165,29 @@ pub fn read_controls(path: &Path, out: &mut impl Sink) -> Result<Vec<ControlEven
             name: &name,
         },
         out,
+        counts,
     )
 }
 
-/// Parses and sorts control events (JSON lines); bad ones go to the dead letter.
+/// Parses and sorts control events (JSON lines); bad ones go to the dead letter and are
+/// counted in `counts`.
 pub fn parse_controls(
     input: Bytes<'_>,
     out: &mut impl Sink,
+    counts: &mut ReplayCounts,
 ) -> Result<Vec<ControlEvent>, ReplayError> {
     let mut events = Vec::new();
     for item in split(input.bytes, Format::Json, input.name) {
         match json::decode_control(item.bytes) {
             Ok(e) => events.push(e),
-            Err(reason) => out.dead_letter(&DeadLetter {
-                reason,
-                position: item.position,
-                original: original(item.bytes, Format::Json),
-            })?,
+            Err(reason) => {
+                counts.control_dead_letters += 1;
+                out.dead_letter(&DeadLetter {
+                    reason,
+                    position: item.position,
+                    original: original(item.bytes, Format::Json),
+                })?
+            }
         }
     }
     // Stable: events with the same instant keep their file order.
@@ -183,7 +202,7 @@ pub fn replay(
     input: &ReplayInput,
     engine: &mut Engine<'_>,
     out: &mut Outputs,
-) -> Result<(), ReplayError> {
+) -> Result<ReplayCounts, ReplayError> {
     let control = match &input.control {
         Some(p) => Some((read(p)?, p.display().to_string())),
         None => None,
@@ -213,9 +232,10 @@ pub fn replay_bytes(
     progress: bool,
     engine: &mut Engine<'_>,
     out: &mut impl Sink,
-) -> Result<(), ReplayError> {
+) -> Result<ReplayCounts, ReplayError> {
+    let mut counts = ReplayCounts::default();
     let controls = match control {
-        Some(c) => parse_controls(c, out)?,
+        Some(c) => parse_controls(c, out, &mut counts)?,
         None => Vec::new(),
     };
     let items = split(records.bytes, format, records.name);
@@ -265,5 +285,5 @@ pub fn replay_bytes(
     for e in engine.due(now) {
         out.expiry(&e)?;
     }
-    Ok(())
+    Ok(counts)
 }

@@ -6,13 +6,24 @@ use super::engine::Stats;
 use crate::core::process::Outcome;
 use crate::policy::Policy;
 
-/// Renders the summary table.
-pub fn summary(policy: &Policy, stats: &Stats, open_windows: usize) -> String {
+/// Renders the summary table. `control_dead_letters` counts refused control lines, which
+/// the engine never sees.
+pub fn summary(
+    policy: &Policy,
+    stats: &Stats,
+    open_windows: usize,
+    control_dead_letters: u64,
+) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "policy {}: {} records, {} dead letters, {} control events",
-        policy.tag, stats.records, stats.dead_letters, stats.controls
+        "policy {}: {} records, {} control events, {} dead letters ({} records, {} control events)",
+        policy.tag,
+        stats.records,
+        stats.controls,
+        stats.dead_letters + control_dead_letters,
+        stats.dead_letters,
+        control_dead_letters
     );
     let _ = writeln!(
         o,
@@ -58,4 +69,29 @@ pub fn summary(policy: &Policy, stats: &Stats, open_windows: usize) -> String {
     }
     let _ = writeln!(o, "retention windows still open: {open_windows}");
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: refused control lines went to the dead letter but not into the count.
+    #[test]
+    fn the_summary_counts_record_and_control_dead_letters() {
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "x").unwrap();
+        let stats = Stats {
+            records: 10,
+            dead_letters: 2,
+            controls: 5,
+            ..Stats::default()
+        };
+        let s = summary(&policy, &stats, 0, 3);
+        assert!(
+            s.starts_with(
+                "policy excedo@2018-05-25: 10 records, 5 control events, 5 dead letters (2 records, 3 control events)"
+            ),
+            "{s}"
+        );
+    }
 }

@@ -1,12 +1,13 @@
 //! The command line: parses arguments, loads policy, keys and files, runs an adapter.
 //! The only place `anyhow` is used.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::adapters::cases::PolicyRef;
 use crate::adapters::engine::Engine;
 use crate::adapters::files::Outputs;
 use crate::adapters::generate::GenConfig;
@@ -15,6 +16,20 @@ use crate::codec::Format;
 use crate::core::pseudonym::{Keyring, MasterKey};
 use crate::core::time::Millis;
 use crate::policy::{self, Policy};
+
+/// Writes to stdout, returning the error instead of panicking, so that a closed pipe
+/// (`cdrguard policy explain x | head`) ends the command quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout().lock(), $($arg)*)
+    };
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    };
+}
 
 /// cdrguard: tags telecom usage records with purpose and legal basis under an operator's
 /// privacy policy, strips or pseudonymises what each purpose may not see, routes the
@@ -36,7 +51,7 @@ enum Command {
     /// Process record and control-event files with the same core as Kafka mode.
     ///
     /// Example: cdrguard replay --policy policies/excedo.toml --input cdrs.jsonl
-    ///   --control events.jsonl --now 2027-01-01T00:00:00.000Z --out out/
+    ///   --control events.jsonl --now 2027-01-01T00:00:00.000Z --out out/ --keys keys.toml
     Replay(ReplayArgs),
     /// Validate, explain or test policy files.
     #[command(subcommand)]
@@ -102,8 +117,8 @@ enum LogFormat {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// A shipped policy (hektor-mobil, excedo, alleato, partnersec, select-telecom) or a
-    /// policy file.
+    /// A policy file, or a shipped policy (hektor-mobil, excedo, alleato, partnersec,
+    /// select-telecom) when no such file exists.
     #[arg(long, default_value = "excedo")]
     policy: String,
     /// Output directory.
@@ -125,7 +140,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// Policy file (or a shipped policy's name).
+    /// Policy file (or a shipped policy's name when no such file exists).
     #[arg(long)]
     policy: String,
     /// Records: JSON lines, or length-prefixed binary with --input-format binary.
@@ -143,10 +158,14 @@ struct ReplayArgs {
     /// Output directory: one file per route, retention.jsonl, dead-letter.jsonl.
     #[arg(long)]
     out: PathBuf,
-    /// Pseudonym key file (or set CDRGUARD_KEY_FILE). Without one, a throwaway key is
-    /// used and pseudonyms differ from run to run.
+    /// Pseudonym key file (or set CDRGUARD_KEY_FILE); make one with `cdrguard keys
+    /// generate`. Required unless --ephemeral-keys is given.
     #[arg(long, env = "CDRGUARD_KEY_FILE")]
     keys: Option<PathBuf>,
+    /// Use a throwaway key for this run instead of a key file: pseudonyms and tokens differ
+    /// from run to run and no token can be reversed afterwards.
+    #[arg(long, conflicts_with = "keys")]
+    ephemeral_keys: bool,
 }
 
 #[derive(Subcommand)]
@@ -163,13 +182,15 @@ enum PolicyCmd {
     ///
     /// Example: cdrguard policy explain policies/alleato.toml --format json
     Explain {
-        /// Policy file (or a shipped policy's name).
+        /// Policy file (or a shipped policy's name when no such file exists).
         file: String,
-        /// markdown or json.
-        #[arg(long, default_value = "markdown")]
-        format: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: ExplainFormat,
     },
     /// Run behaviour cases: records and control events in, expected copies and expiries.
+    /// Each case file names its policy: `policy_file` (relative to the case file, read from
+    /// disk) or `shipped_policy` (compiled in).
     ///
     /// Example: cdrguard policy test tests/behaviour
     Test {
@@ -177,6 +198,16 @@ enum PolicyCmd {
         #[arg(default_value = "tests/behaviour")]
         paths: Vec<PathBuf>,
     },
+}
+
+/// Formats of `policy explain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ExplainFormat {
+    /// The record of processing as Markdown.
+    #[value(alias = "md")]
+    Markdown,
+    /// The same record as JSON, for tooling.
+    Json,
 }
 
 #[derive(Args)]
@@ -214,7 +245,7 @@ struct GenerateArgs {
     /// Share objecting to marketing.
     #[arg(long, default_value_t = 0.02)]
     objection_rate: f64,
-    /// Share of malformed records.
+    /// Share of malformed records (and of malformed control lines).
     #[arg(long, default_value_t = 0.005)]
     malformed_rate: f64,
 }
@@ -245,9 +276,23 @@ enum KeysCmd {
     },
 }
 
-/// Runs the command line.
+/// Runs the command line. A closed stdout (the output piped into `head`) ends it quietly.
 pub fn main() -> Result<()> {
-    let cli = Cli::parse();
+    match run_cli(Cli::parse()) {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        r => r,
+    }
+}
+
+/// Whether an error is stdout going away under us.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     match cli.command {
         Command::Demo(a) => {
@@ -260,28 +305,21 @@ pub fn main() -> Result<()> {
                 seed: a.seed,
                 ..GenConfig::default()
             };
+            cfg.validate()?;
             let summary = demo::run(&policy, &keys, &a.out, cfg, now, progress)?;
-            print!("{summary}");
-            println!(
+            out!("{summary}")?;
+            outln!(
                 "wrote every route to {}/ (input in {}/input/); pseudonym key: a throwaway key for this run",
                 a.out.display(),
                 a.out.display()
-            );
+            )?;
         }
         Command::Replay(a) => {
             let policy = load_policy(&a.policy)?;
             let now = parse_now(a.now.as_deref())?;
-            let keys = match &a.keys {
-                Some(p) => keyfile::load(p)?,
-                None => {
-                    eprintln!(
-                        "warning: no --keys file; using a throwaway key (pseudonyms will not be stable across runs)"
-                    );
-                    ephemeral_keys()
-                }
-            };
+            let keys = replay_keys(a.keys.as_deref(), a.ephemeral_keys)?;
             let mut engine = Engine::new(&policy, &keys);
-            let mut out = Outputs::create(&a.out, &policy)
+            let mut outputs = Outputs::create(&a.out, &policy)
                 .with_context(|| format!("creating {}", a.out.display()))?;
             let input = replay::ReplayInput {
                 records: a.input,
@@ -290,24 +328,32 @@ pub fn main() -> Result<()> {
                 now,
                 progress,
             };
-            replay::replay(&input, &mut engine, &mut out)?;
-            out.finish()?;
-            print!(
+            let counts = replay::replay(&input, &mut engine, &mut outputs)?;
+            outputs.finish()?;
+            out!(
                 "{}",
-                report::summary(&policy, &engine.stats, engine.open_windows())
-            );
-            println!("wrote {}/", a.out.display());
+                report::summary(
+                    &policy,
+                    &engine.stats,
+                    engine.open_windows(),
+                    counts.control_dead_letters
+                )
+            )?;
+            outln!("wrote {}/", a.out.display())?;
         }
         Command::Policy(PolicyCmd::Check { files }) => {
             let mut failed = 0;
             for f in &files {
                 match policy::load_file(f) {
-                    Ok(p) => println!(
-                        "{}: ok ({}, {} purposes)",
-                        f.display(),
-                        p.tag,
-                        p.declared().count()
-                    ),
+                    Ok(p) => {
+                        let n = p.declared().count();
+                        outln!(
+                            "{}: ok ({}, {n} {})",
+                            f.display(),
+                            p.tag,
+                            if n == 1 { "purpose" } else { "purposes" }
+                        )?;
+                    }
                     Err(e) => {
                         failed += 1;
                         eprint!("{e}");
@@ -320,18 +366,17 @@ pub fn main() -> Result<()> {
         }
         Command::Policy(PolicyCmd::Explain { file, format }) => {
             let p = load_policy(&file)?;
-            match format.as_str() {
-                "markdown" | "md" => print!("{}", policy::explain::markdown(&p)),
-                "json" => println!(
+            match format {
+                ExplainFormat::Markdown => out!("{}", policy::explain::markdown(&p))?,
+                ExplainFormat::Json => outln!(
                     "{}",
                     serde_json::to_string_pretty(&policy::explain::json(&p))?
-                ),
-                other => bail!("unknown format {other:?}: use markdown or json"),
+                )?,
             }
         }
         Command::Policy(PolicyCmd::Test { paths }) => {
-            let report = cases::run_paths(&paths, &|name| load_policy(name))?;
-            print!("{}", report.render());
+            let report = cases::run_paths(&paths, &load_policy_ref)?;
+            out!("{}", report.render())?;
             if report.failed() > 0 {
                 bail!("{} behaviour case(s) failed", report.failed());
             }
@@ -349,28 +394,52 @@ pub fn main() -> Result<()> {
                 malformed_rate: a.malformed_rate,
                 ..GenConfig::default()
             };
-            let n = demo::write_traffic(&cfg, &a.out_records, &a.out_control, a.format)?;
-            println!(
-                "wrote {n} records to {} and control events to {}",
+            cfg.validate()?;
+            let w =
+                demo::write_traffic_with(&cfg, &a.out_records, &a.out_control, a.format, progress)?;
+            outln!(
+                "wrote {} records ({} malformed) to {} and {} control events ({} malformed) to {}",
+                w.records,
+                w.malformed_records,
                 a.out_records.display(),
+                w.controls,
+                w.malformed_controls,
                 a.out_control.display()
-            );
+            )?;
         }
         Command::Keys(KeysCmd::Generate { out, id }) => {
             MasterKey::new(&id, &[0; 32]).map_err(anyhow::Error::from)?;
             keyfile::write_new(&out, &id).with_context(|| format!("writing {}", out.display()))?;
-            println!("wrote key {id} to {} (mode 600)", out.display());
+            outln!("wrote key {id} to {} (mode 600)", out.display())?;
         }
         Command::Run(a) => run(a)?,
         Command::Topics(a) => topics(a)?,
         Command::Keys(KeysCmd::Reverse { keys, tokens }) => {
             let ring = keyfile::load(&keys)?;
             for t in tokens {
-                println!("{}", ring.reverse(&t)?);
+                outln!("{}", ring.reverse(&t)?)?;
             }
         }
     }
     Ok(())
+}
+
+/// The keys a replay uses: the key file, or a throwaway key only when asked for by name.
+/// Pseudonyms under a throwaway key match nothing written before or after, and its tokens
+/// can never be reversed, so it is never chosen silently.
+fn replay_keys(file: Option<&Path>, ephemeral: bool) -> Result<Keyring> {
+    match (file, ephemeral) {
+        (Some(p), _) => Ok(keyfile::load(p)?),
+        (None, true) => {
+            eprintln!(
+                "note: --ephemeral-keys: a throwaway key for this run; pseudonyms differ from run to run and tokens cannot be reversed later"
+            );
+            Ok(ephemeral_keys())
+        }
+        (None, false) => bail!(
+            "replay needs pseudonym keys: give --keys FILE (or set CDRGUARD_KEY_FILE; make one with `cdrguard keys generate --out FILE`), or --ephemeral-keys for a throwaway key whose pseudonyms differ from run to run"
+        ),
+    }
 }
 
 fn topics(a: TopicsArgs) -> Result<()> {
@@ -378,16 +447,17 @@ fn topics(a: TopicsArgs) -> Result<()> {
 
     let cfg = config::load(&a.config, std::env::vars())?;
     let policy = policy::load_file(&cfg.policy)?;
+    let cfg = cfg.with_policy(&policy)?;
     let specs = topics::specs(&cfg, &policy, a.partitions);
     for t in &specs {
         let settings: Vec<String> = t.configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
+        outln!(
             "{:<28} {:<26} partitions={} {}",
             t.name,
             t.role,
             t.partitions,
             settings.join(" ")
-        );
+        )?;
     }
     if a.dry_run {
         return Ok(());
@@ -396,7 +466,7 @@ fn topics(a: TopicsArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let created = rt.block_on(topics::create(&kafka::common(&cfg), &specs, a.replication))?;
-    println!("created {} topic(s); the rest existed", created.len());
+    outln!("created {} topic(s); the rest existed", created.len())?;
     Ok(())
 }
 
@@ -407,16 +477,17 @@ fn run(a: RunArgs) -> Result<()> {
 
     let cfg = config::load(&a.config, std::env::vars())?;
     let policy = Arc::new(policy::load_file(&cfg.policy)?);
+    let cfg = cfg.with_policy(&policy)?;
     let keys = Arc::new(keyfile::load(&cfg.key_file)?);
     if a.check {
-        println!(
+        outln!(
             "{}: ok (policy {}, {} routes, guarantee {:?}, input {})",
             a.config.display(),
             policy.tag,
             policy.declared().count(),
             cfg.guarantee,
             cfg.input_topic
-        );
+        )?;
         return Ok(());
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -462,15 +533,37 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads a policy by path, or one of the shipped policies by name.
+/// Loads a policy file, or a shipped policy by name when no file of that name exists: a
+/// file on disk always wins, so an edited policy is never shadowed by its compiled-in copy.
 pub fn load_policy(name: &str) -> Result<Policy> {
-    if let Some(text) = policy::shipped(name) {
-        return Ok(policy::parse_policy(
-            text,
-            &format!("policies/{name}.toml"),
-        )?);
+    let path = Path::new(name);
+    if path.is_file() {
+        return Ok(policy::load_file(path)?);
     }
-    Ok(policy::load_file(Path::new(name))?)
+    match policy::shipped(name) {
+        Some(text) => Ok(policy::parse_policy(
+            text,
+            &format!("policies/{name}.toml (shipped)"),
+        )?),
+        None => Ok(policy::load_file(path)?),
+    }
+}
+
+/// Loads the policy a behaviour-case file names: its file from disk, or a shipped one.
+pub fn load_policy_ref(which: PolicyRef<'_>) -> Result<Policy> {
+    match which {
+        PolicyRef::File(path) => Ok(policy::load_file(path)?),
+        PolicyRef::Shipped(name) => match policy::shipped(name) {
+            Some(text) => Ok(policy::parse_policy(
+                text,
+                &format!("policies/{name}.toml (shipped)"),
+            )?),
+            None => bail!(
+                "no shipped policy {name:?}; shipped are {}",
+                policy::SHIPPED.map(|(n, _)| n).join(", ")
+            ),
+        },
+    }
 }
 
 fn parse_now(s: Option<&str>) -> Result<Millis> {
@@ -489,4 +582,78 @@ fn ephemeral_keys() -> Keyring {
     rand::rng().fill_bytes(&mut secret);
     let key = MasterKey::new("ephemeral", &secret).expect("a 32-byte secret and a valid id");
     Keyring::new(&[key]).expect("one key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cdrguard").chain(args.iter().copied()))
+    }
+
+    /// Regression: without --keys, replay warned and went on with a throwaway key.
+    #[test]
+    fn replay_refuses_to_pick_a_throwaway_key_by_itself() {
+        let e = replay_keys(None, false).unwrap_err().to_string();
+        assert!(
+            e.contains("--keys") && e.contains("--ephemeral-keys"),
+            "{e}"
+        );
+        assert!(replay_keys(None, true).is_ok());
+        let both = [
+            "replay",
+            "--policy",
+            "excedo",
+            "--input",
+            "i",
+            "--out",
+            "o",
+            "--keys",
+            "k",
+            "--ephemeral-keys",
+        ];
+        assert!(
+            parse(&both).is_err(),
+            "a key file and a throwaway key conflict"
+        );
+    }
+
+    #[test]
+    fn explain_formats_are_a_closed_set() {
+        for (arg, want) in [
+            ("markdown", ExplainFormat::Markdown),
+            ("md", ExplainFormat::Markdown),
+            ("json", ExplainFormat::Json),
+        ] {
+            match parse(&["policy", "explain", "excedo", "--format", arg])
+                .unwrap()
+                .command
+            {
+                Command::Policy(PolicyCmd::Explain { format, .. }) => assert_eq!(format, want),
+                _ => panic!("not explain"),
+            }
+        }
+        let Err(e) = parse(&["policy", "explain", "excedo", "--format", "xml"]) else {
+            panic!("xml accepted");
+        };
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn a_closed_stdout_is_recognised_through_the_error_chain() {
+        let e = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("writing the summary");
+        assert!(is_broken_pipe(&e));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("policy refused")));
+    }
+
+    #[test]
+    fn shipped_names_load_when_no_file_has_that_name() {
+        let p = load_policy("alleato").unwrap();
+        assert_eq!(p.id, "alleato");
+        assert!(p.file.ends_with("(shipped)"), "{}", p.file);
+        assert!(load_policy("no-such-policy").is_err());
+        assert!(load_policy_ref(PolicyRef::Shipped("no-such-policy")).is_err());
+    }
 }

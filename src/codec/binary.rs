@@ -208,7 +208,7 @@ pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
         charging_id: r.charging_id,
         rat: r.rat,
         ue_ip: s(&r.ue_ip),
-        usage: r.usage,
+        usage: r.usage.as_ref().map(|u| u.as_slice()),
         recording_entity: s(&r.recording_entity),
         local_seq_no: r.local_seq_no,
         env_record_id: e.record_id.as_ref().map(|t| t.as_str()),

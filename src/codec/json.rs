@@ -12,7 +12,7 @@ use crate::core::record::Record;
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let r: Record<'_> = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed {
         format: "json",
-        detail: e.to_string(),
+        detail: describe(bytes, &e),
     })?;
     r.validate()?;
     Ok(r)
@@ -20,8 +20,126 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
 
 /// Decodes and checks one control event.
 pub fn decode_control(bytes: &[u8]) -> Result<ControlEvent, String> {
-    let raw: RawControl<'_> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let raw: RawControl<'_> = serde_json::from_slice(bytes).map_err(|e| describe(bytes, &e))?;
     raw.into_event().map_err(|e| e.to_string())
+}
+
+/// Names a record or control event may use, nested ones included: the only words of the
+/// input an error message may repeat.
+const KNOWN_KEYS: [&str; 14] = [
+    "mcc",
+    "mnc",
+    "lac_or_tac",
+    "cell_id",
+    "rating_group",
+    "ul_bytes",
+    "dl_bytes",
+    "type",
+    "at",
+    "purpose",
+    "granted",
+    "active",
+    "period_start",
+    "period_end",
+];
+
+fn known_key(k: &str) -> bool {
+    KNOWN_KEYS.contains(&k) || crate::core::purpose::Field::from_name(k).is_some()
+}
+
+/// The key whose value ends at `offset`: the last `"key":` before it, if it is a name the
+/// contract knows (a value that happens to look like a key is never repeated).
+fn key_before(bytes: &[u8], offset: usize) -> Option<&str> {
+    let head = bytes.get(..offset.min(bytes.len()))?;
+    let colon = head.windows(2).rposition(|w| w == b"\":")?;
+    let start = head[..colon].iter().rposition(|b| *b == b'"')? + 1;
+    let key = std::str::from_utf8(&head[start..colon]).ok()?;
+    known_key(key).then_some(key)
+}
+
+/// The parser's account of a bad line, without any value from it: serde echoes values
+/// (`invalid type: integer `46701234567``), and a value may be a phone number. Keeps the
+/// field, what is wrong and the position.
+fn describe(bytes: &[u8], e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let full = e.to_string();
+    // serde_json appends " at line L column C"; the position is given again below.
+    let msg = full
+        .rsplit_once(" at line ")
+        .map_or(full.as_str(), |(m, _)| m);
+    let problem = match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => msg.to_string(),
+        Category::Data => {
+            let named = |prefix: &str| {
+                msg.strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix('`'))
+                    .and_then(|r| r.split_once('`'))
+                    .filter(|(k, _)| known_key(k))
+                    .map(|(k, rest)| format!("{prefix}`{k}`{rest}"))
+            };
+            if let Some(m) = named("missing field ").or_else(|| named("duplicate field ")) {
+                m
+            } else if let Some(rest) = msg.strip_prefix("unknown field `") {
+                // An unknown key is input too: repeated only when it looks like a name, not
+                // like a number someone used as a key.
+                let name = rest.split('`').next().unwrap_or("");
+                let looks_like_a_name = (1..=40).contains(&name.len())
+                    && name.starts_with(|c: char| c.is_ascii_lowercase())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if looks_like_a_name {
+                    format!("unknown field `{name}`, not in the contract")
+                } else {
+                    "unknown field (its name is not repeated), not in the contract".to_string()
+                }
+            } else if let Some(rest) = msg.strip_prefix("unknown variant ") {
+                let expected = rest.split_once(", expected").map_or("", |(_, e)| e);
+                format!("unknown variant, expected{expected}")
+            } else if let Some((kind, rest)) = ["invalid type: ", "invalid value: "]
+                .iter()
+                .find_map(|p| msg.strip_prefix(p).map(|r| (&p[..p.len() - 2], r)))
+            {
+                // "integer `4670...`, expected a string": keep what it was, not its value.
+                let what = rest
+                    .split([' ', ','])
+                    .next()
+                    .filter(|w| w.bytes().all(|b| b.is_ascii_alphabetic()))
+                    .unwrap_or("value");
+                let expected = rest.split_once(", expected").map_or("", |(_, e)| e);
+                format!("{kind}: {what}, expected{expected}")
+            } else if msg.starts_with("not an RFC 3339 timestamp") {
+                // Our own time parser's message; it quotes the value after the colon.
+                "invalid value, expected an RFC 3339 timestamp".to_string()
+            } else if let Some((_, expected)) = msg.split_once(", expected") {
+                format!("invalid value, expected{expected}")
+            } else {
+                "invalid value".to_string()
+            }
+        }
+    };
+    let offset = line_column_offset(bytes, e.line(), e.column());
+    let about_a_value = ["invalid type", "invalid value", "unknown variant"]
+        .iter()
+        .any(|p| problem.starts_with(p));
+    match (about_a_value, key_before(bytes, offset)) {
+        (true, Some(k)) => format!(
+            "field {k}: {problem} (line {}, column {})",
+            e.line(),
+            e.column()
+        ),
+        _ => format!("{problem} (line {}, column {})", e.line(), e.column()),
+    }
+}
+
+/// The byte offset of a 1-based line and column as serde_json counts them.
+fn line_column_offset(bytes: &[u8], line: usize, column: usize) -> usize {
+    let start: usize = bytes
+        .split(|b| *b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    start + column
 }
 
 struct Treatments<'a>(&'a Envelope<'a>);
@@ -79,4 +197,254 @@ impl Serialize for Copy<'_> {
 pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
     // Serialising borrowed strings and numbers into a Vec cannot fail.
     let _ = serde_json::to_writer(out, c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::control::SubscriberState;
+    use crate::core::process::process;
+    use crate::core::pseudonym::tests::test_keyring;
+    use crate::core::purpose::{Purpose, PurposeSet};
+    use crate::core::record::tests::data_record;
+    use crate::core::time::Millis;
+    use crate::policy::{parse_policy, shipped};
+
+    #[test]
+    fn a_record_survives_a_json_round_trip() {
+        let r = data_record();
+        let text = serde_json::to_vec(&r).unwrap();
+        assert_eq!(decode_record(&text).unwrap(), r);
+        // Field names are the contract's.
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        for n in names {
+            assert!(crate::core::purpose::Field::from_name(n).is_some(), "{n}");
+        }
+    }
+
+    fn copies_of(
+        policy: &str,
+        consented: &[Purpose],
+    ) -> (crate::policy::Policy, Vec<serde_json::Value>) {
+        let p = parse_policy(shipped(policy).unwrap(), policy).unwrap();
+        let keys = test_keyring();
+        let mut state = SubscriberState::default();
+        let mut set = PurposeSet::EMPTY;
+        for c in consented {
+            set.set(*c, true);
+        }
+        state.consented = set;
+        let r = data_record();
+        let out = process(&r, &p, &state, &keys, Millis(0))
+            .copies
+            .iter()
+            .map(|c| {
+                let mut line = Vec::new();
+                encode_copy(c, &mut line);
+                serde_json::from_slice(&line).unwrap()
+            })
+            .collect();
+        (p, out)
+    }
+
+    #[test]
+    fn envelopes_carry_every_tag_in_order_and_only_changed_treatments() {
+        let (_, copies) = copies_of("excedo", &[Purpose::Analytics]);
+        let billing = copies
+            .iter()
+            .find(|c| c["envelope"]["purpose"] == "billing")
+            .unwrap();
+        let keys: Vec<&str> = billing["envelope"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        let mut want = vec![
+            "record_id",
+            "purpose",
+            "legal_basis",
+            "gdpr_article",
+            "policy",
+            "consent",
+            "treatments",
+            "key_id",
+            "retention",
+        ];
+        want.sort_unstable();
+        assert_eq!(sorted, want);
+        let e = &billing["envelope"];
+        assert_eq!(e["record_id"], "r-1");
+        assert_eq!(e["legal_basis"], "contract");
+        assert_eq!(e["gdpr_article"], "6(1)(b)");
+        assert_eq!(e["policy"], "excedo@2018-05-25");
+        assert_eq!(e["consent"], "not_required");
+        assert!(e["key_id"].is_null());
+        // Billing drops what a data record has and it does not need; kept fields are not
+        // listed.
+        assert_eq!(
+            e["treatments"],
+            serde_json::json!({"imei": "drop", "cell": "drop", "ue_ip": "drop"})
+        );
+        assert_eq!(
+            e["retention"],
+            serde_json::json!({"rule": "excedo.billing", "anchor": "invoice_settled", "after": "6 months", "assumption": false})
+        );
+        let analytics = copies
+            .iter()
+            .find(|c| c["envelope"]["purpose"] == "analytics")
+            .unwrap();
+        let e = &analytics["envelope"];
+        assert_eq!(
+            (e["consent"].as_str(), e["legal_basis"].as_str()),
+            (Some("granted"), Some("consent"))
+        );
+        assert_eq!(e["key_id"], "test1.analytics");
+        assert_eq!(e["treatments"]["msisdn"], "pseudonymise");
+        assert_eq!(e["treatments"]["start_time"], "generalise");
+        assert_eq!(e["retention"]["assumption"], true);
+        assert!(
+            analytics["record"]["msisdn"]
+                .as_str()
+                .unwrap()
+                .starts_with("test1.analytics:")
+        );
+    }
+
+    #[test]
+    fn anonymised_copies_serialise_with_no_link_back() {
+        let (_, copies) = copies_of("alleato", &[]);
+        let a = copies
+            .iter()
+            .find(|c| c["envelope"]["purpose"] == "analytics")
+            .unwrap();
+        assert!(a["envelope"]["record_id"].is_null() && a["envelope"]["key_id"].is_null());
+        assert_eq!(a["envelope"]["legal_basis"], "anonymous");
+        assert_eq!(a["envelope"]["gdpr_article"], "recital 26");
+        assert_eq!(
+            a["record"],
+            serde_json::json!({"kind": "data", "duration_s": 3600, "usage": [{"rating_group": 0, "ul_bytes": 1000, "dl_bytes": 1000}]})
+        );
+    }
+
+    #[test]
+    fn headers_repeat_the_envelope_in_design_order() {
+        let p = parse_policy(shipped("excedo").unwrap(), "excedo").unwrap();
+        let keys = test_keyring();
+        let mut state = SubscriberState::default();
+        state.consented.set(Purpose::Marketing, true);
+        let r = data_record();
+        let d = process(&r, &p, &state, &keys, Millis(0));
+        let marketing = d
+            .copies
+            .iter()
+            .find(|c| c.envelope.purpose == Purpose::Marketing)
+            .unwrap();
+        let mut scratch = String::new();
+        let h = crate::codec::headers(marketing, &mut scratch);
+        let names: Vec<&str> = h.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "record_id",
+                "purpose",
+                "legal_basis",
+                "gdpr_article",
+                "policy",
+                "consent",
+                "treatments",
+                "key_id",
+                "retention"
+            ]
+        );
+        let get = |k: &str| h.iter().find(|(n, _)| *n == k).unwrap().1;
+        assert_eq!(get("purpose"), "marketing");
+        assert_eq!(get("consent"), "granted");
+        assert_eq!(get("key_id"), "test1.marketing");
+        assert_eq!(get("retention"), "excedo.marketing");
+        assert!(
+            get("record_id").starts_with("test1.marketing:"),
+            "a pseudonym, not r-1"
+        );
+        let t = get("treatments");
+        assert!(t.starts_with("record_id=drop,msisdn=tokenise,"), "{t}");
+        assert!(
+            !t.contains("kind=") && !t.contains("usage="),
+            "kept fields are not listed: {t}"
+        );
+    }
+
+    /// Regression: dead-letter reasons repeated the offending value
+    /// (`invalid type: integer `46701234567``), which may be a phone number.
+    #[test]
+    fn decode_errors_name_the_field_and_problem_but_never_the_value() {
+        let good = serde_json::to_value(data_record()).unwrap();
+        let with = |k: &str, v: serde_json::Value| {
+            let mut o = good.clone();
+            o[k] = v;
+            o.to_string()
+        };
+        let cases = [
+            (
+                with("msisdn", 46701234567u64.into()),
+                "field msisdn: invalid type: integer, expected",
+            ),
+            (
+                with("kind", "46701234567".into()),
+                "field kind: unknown variant, expected one of `moc`",
+            ),
+            (
+                with("local_seq_no", "46701234567".into()),
+                "field local_seq_no: invalid type: string, expected u64",
+            ),
+            (
+                with("start_time", "46701234567".into()),
+                "field start_time: invalid value, expected",
+            ),
+            (
+                with("46701234567", 1.into()),
+                "unknown field (its name is not repeated)",
+            ),
+            (
+                with("colour", "46701234567".into()),
+                "unknown field `colour`, not in the contract",
+            ),
+            (
+                {
+                    let mut o = good.clone();
+                    o.as_object_mut().unwrap().remove("imsi");
+                    o.to_string()
+                },
+                "missing field `imsi`",
+            ),
+            (
+                r#"{"msisdn": "46701234567""#.to_string(),
+                "EOF while parsing",
+            ),
+        ];
+        for (line, want) in cases {
+            let e = decode_record(line.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+            assert!(!e.contains("46701234567"), "{e:?} repeats the value");
+            assert!(e.contains("(line 1, column "), "{e:?} lacks the position");
+        }
+        let e = decode_control(
+            br#"{"type":"consent","msisdn":46701234567,"at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("field msisdn: invalid type: integer") && !e.contains("46701234567"),
+            "{e}"
+        );
+        let e =
+            decode_control(br#"{"type":"consent","msisdn":"+46701234567","at":"+46701234567"}"#)
+                .unwrap_err();
+        assert!(
+            e.starts_with("field at: invalid value") && !e.contains("4670"),
+            "{e}"
+        );
+    }
 }

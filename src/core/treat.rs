@@ -52,6 +52,69 @@ pub struct CellOut<'a> {
     pub cell_id: Option<u64>,
 }
 
+/// Data volumes as a copy carries them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageOut<'a> {
+    /// The input's entries, as they are.
+    Raw(&'a [Usage]),
+    /// Generalised: one entry for all rating groups (`rating_group` 0), each direction's
+    /// total floored to a power of 1000 (0, 1 kB, 1 MB, 1 GB, ...).
+    Total(Usage),
+}
+
+impl UsageOut<'_> {
+    /// The entries.
+    pub fn as_slice(&self) -> &[Usage] {
+        match self {
+            UsageOut::Raw(u) => u,
+            UsageOut::Total(u) => std::slice::from_ref(u),
+        }
+    }
+}
+
+impl Serialize for UsageOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+/// A duration reduced to the lower bound of its class: under a minute (0), 1 to 5
+/// minutes (60), 5 to 60 minutes (300), an hour or more (3600). Coarse on purpose: an
+/// exact duration joins a copy to the billing copy of the same call.
+pub fn duration_class(s: u32) -> u32 {
+    match s {
+        0..60 => 0,
+        60..300 => 60,
+        300..3600 => 300,
+        _ => 3600,
+    }
+}
+
+/// A volume floored to a power of 1000: its order of magnitude (bytes, kB, MB, GB, ...).
+pub fn volume_class(bytes: u64) -> u64 {
+    let mut class = 1u64;
+    if bytes == 0 {
+        return 0;
+    }
+    while let Some(next) = class.checked_mul(1000).filter(|n| *n <= bytes) {
+        class = next;
+    }
+    if class == 1 { 0 } else { class }
+}
+
+/// Every rating group's volumes summed per direction, then classed: how much, not which
+/// tariff or the exact byte count that would join the copy to its billing copy.
+fn usage_total(u: &[Usage]) -> Usage {
+    let (ul, dl) = u.iter().fold((0u64, 0u64), |(ul, dl), e| {
+        (ul.saturating_add(e.ul_bytes), dl.saturating_add(e.dl_bytes))
+    });
+    Usage {
+        rating_group: 0,
+        ul_bytes: volume_class(ul),
+        dl_bytes: volume_class(dl),
+    }
+}
+
 /// The record as one purpose sees it: the input's field names, dropped fields absent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Treated<'a> {
@@ -88,7 +151,7 @@ pub struct Treated<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ue_ip: Option<Text<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<&'a [Usage]>,
+    pub usage: Option<UsageOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recording_entity: Option<Text<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -191,7 +254,11 @@ pub fn treat<'a>(cx: &Ctx<'_>, map: &[Treatment; Field::COUNT], r: &'a Record<'_
             Treatment::Generalise => Some(r.start_time.floor_hour()),
             _ => None,
         },
-        duration_s: r.duration_s.and_then(|d| plain(t(Field::DurationS), d)),
+        duration_s: r.duration_s.and_then(|d| match t(Field::DurationS) {
+            Treatment::Keep => Some(d),
+            Treatment::Generalise => Some(duration_class(d)),
+            _ => None,
+        }),
         close_cause: plain(t(Field::CloseCause), r.close_cause),
         cell: r.cell.as_ref().and_then(|c: &'a Cell<'_>| {
             let area = |cell_id| CellOut {
@@ -212,7 +279,11 @@ pub fn treat<'a>(cx: &Ctx<'_>, map: &[Treatment; Field::COUNT], r: &'a Record<'_
         charging_id: r.charging_id.and_then(|c| plain(t(Field::ChargingId), c)),
         rat: plain(t(Field::Rat), r.rat),
         ue_ip: opt(Field::UeIp, &r.ue_ip),
-        usage: r.usage.as_deref().and_then(|u| plain(t(Field::Usage), u)),
+        usage: r.usage.as_deref().and_then(|u| match t(Field::Usage) {
+            Treatment::Keep => Some(UsageOut::Raw(u)),
+            Treatment::Generalise => Some(UsageOut::Total(usage_total(u))),
+            _ => None,
+        }),
         recording_entity: txt(Field::RecordingEntity, &r.recording_entity),
         local_seq_no: plain(t(Field::LocalSeqNo), r.local_seq_no),
     }
@@ -256,6 +327,63 @@ mod tests {
         assert_eq!(t.cell.unwrap().cell_id, None);
         assert_eq!(t.imsi.unwrap().as_str(), "24001**********");
         assert!(t.record_id.is_none() && t.usage.is_none() && t.kind.is_none());
+    }
+
+    #[test]
+    fn durations_and_volumes_generalise_to_coarse_classes() {
+        assert_eq!(
+            [0, 59, 60, 299, 300, 3599, 3600, 86_400].map(duration_class),
+            [0, 0, 60, 60, 300, 300, 3600, 3600]
+        );
+        assert_eq!(
+            [0, 1, 999, 1000, 999_999, 1_000_000, 7_654_321_000, u64::MAX].map(volume_class),
+            [
+                0,
+                0,
+                0,
+                1000,
+                1000,
+                1_000_000,
+                1_000_000_000,
+                1_000_000_000_000_000_000
+            ]
+        );
+        let keys = test_keyring();
+        let cx = Ctx {
+            purpose: Purpose::Analytics,
+            keys: &keys,
+        };
+        let mut map = [Treatment::Drop; Field::COUNT];
+        map[Field::DurationS as usize] = Treatment::Generalise;
+        map[Field::Usage as usize] = Treatment::Generalise;
+        let mut r = data_record();
+        r.duration_s = Some(1234);
+        r.usage = Some(vec![
+            Usage {
+                rating_group: 10,
+                ul_bytes: 400_000,
+                dl_bytes: 2_500_000,
+            },
+            Usage {
+                rating_group: 20,
+                ul_bytes: 700_000,
+                dl_bytes: 1,
+            },
+        ]);
+        let t = treat(&cx, &map, &r);
+        assert_eq!(t.duration_s, Some(300));
+        assert_eq!(
+            t.usage.as_ref().unwrap().as_slice(),
+            [Usage {
+                rating_group: 0,
+                ul_bytes: 1_000_000,
+                dl_bytes: 1_000_000,
+            }]
+        );
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#"{"duration_s":300,"usage":[{"rating_group":0,"ul_bytes":1000000,"dl_bytes":1000000}]}"#
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     Anchor, Basis, Cite, Note, Period, Policy, PurposeRule, Retention, RightRule, Treatment,
-    WithoutConsent,
+    WithoutConsent, citation,
 };
 use crate::core::purpose::{Category, Field, Purpose};
 
@@ -45,7 +45,12 @@ impl fmt::Display for PolicyError {
             self.problems.len()
         )?;
         for p in &self.problems {
-            writeln!(f, "  {}:{}: {}: {}", self.file, p.line, p.path, p.message)?;
+            match (p.line, p.path.is_empty()) {
+                (0, true) => writeln!(f, "  {}: {}", self.file, p.message)?,
+                (0, false) => writeln!(f, "  {}: {}: {}", self.file, p.path, p.message)?,
+                (l, true) => writeln!(f, "  {}:{l}: {}", self.file, p.message)?,
+                (l, false) => writeln!(f, "  {}:{l}: {}: {}", self.file, p.path, p.message)?,
+            }
         }
         Ok(())
     }
@@ -70,6 +75,7 @@ pub fn parse_policy(text: &str, file: &str) -> Result<Policy, PolicyError> {
     let mut cx = Cx {
         lines: LineIndex::new(text),
         problems: Vec::new(),
+        seed: None,
     };
     let root = match DeTable::parse(text) {
         Ok(t) => t,
@@ -112,6 +118,8 @@ impl LineIndex {
 struct Cx {
     lines: LineIndex,
     problems: Vec<Problem>,
+    /// The policy's seed file, which every `source` must cite.
+    seed: Option<String>,
 }
 
 impl Cx {
@@ -157,6 +165,11 @@ impl<'a, 'i> Tbl<'a, 'i> {
         let k: &'a Spanned<Cow<'i, str>> = k;
         self.used.push(k.get_ref().as_ref());
         Some(v)
+    }
+
+    /// Where a key is, without marking it used.
+    fn at_of(&self, key: &str) -> Option<usize> {
+        self.t.get(key).map(|v| v.span().start)
     }
 
     fn str(&mut self, cx: &mut Cx, key: &str, required: bool) -> Option<(String, usize)> {
@@ -231,6 +244,8 @@ fn compile(cx: &mut Cx, root: &Spanned<DeTable<'_>>, file: &str) -> Option<Polic
         }
         h.finish(cx);
     }
+    // Every `source` below must cite this seed.
+    cx.seed = source.as_ref().map(|(s, _)| s.clone());
     let policy_id = id.as_ref().map(|(s, _)| s.clone()).unwrap_or_default();
 
     let mut purposes: [Option<PurposeRule>; Purpose::COUNT] = Default::default();
@@ -261,33 +276,9 @@ fn compile(cx: &mut Cx, root: &Spanned<DeTable<'_>>, file: &str) -> Option<Polic
         ps.finish(cx);
     }
 
-    let mut notes = Vec::new();
-    if let Some(v) = top.get("notes") {
-        match v.get_ref().as_array() {
-            Some(arr) => {
-                for (i, item) in arr.iter().enumerate() {
-                    let path = format!("notes[{i}]");
-                    let Some(t) = item.get_ref().as_table() else {
-                        cx.err(item.span().start, &path, "must be a table");
-                        continue;
-                    };
-                    let mut t = Tbl::new(t, path, item.span().start);
-                    let topic = t.str(cx, "topic", true);
-                    let text = t.str(cx, "text", true);
-                    let cite = cite(cx, &mut t);
-                    t.finish(cx);
-                    if let (Some(topic), Some(text), Some(cite)) = (topic, text, cite) {
-                        notes.push(Note {
-                            topic: topic.0,
-                            text: text.0,
-                            cite,
-                        });
-                    }
-                }
-            }
-            None => cx.err(v.span().start, "notes", "must be an array of tables"),
-        }
-    }
+    let recipients = statements(cx, &mut top, "recipients");
+    let measures = statements(cx, &mut top, "measures");
+    let notes = statements(cx, &mut top, "notes");
     top.finish(cx);
 
     let (id, version) = (id?.0, version?.0);
@@ -300,16 +291,79 @@ fn compile(cx: &mut Cx, root: &Spanned<DeTable<'_>>, file: &str) -> Option<Polic
         source: source?.0,
         file: file.to_string(),
         purposes,
+        recipients,
+        measures,
         notes,
     })
 }
 
-/// Reads `source = "..."` or `assumption = "..."`: exactly one.
+/// Reads an array of `{ topic, text, source | assumption }` tables (notes, recipients,
+/// security measures).
+fn statements(cx: &mut Cx, top: &mut Tbl<'_, '_>, key: &str) -> Vec<Note> {
+    let mut out = Vec::new();
+    let Some(v) = top.get(key) else {
+        return out;
+    };
+    let Some(arr) = v.get_ref().as_array() else {
+        cx.err(v.span().start, key, "must be an array of tables");
+        return out;
+    };
+    for (i, item) in arr.iter().enumerate() {
+        let path = format!("{key}[{i}]");
+        let Some(t) = item.get_ref().as_table() else {
+            cx.err(item.span().start, &path, "must be a table");
+            continue;
+        };
+        let mut t = Tbl::new(t, path, item.span().start);
+        let topic = t.str(cx, "topic", true);
+        let text = t.str(cx, "text", true);
+        let cite = cite(cx, &mut t);
+        t.finish(cx);
+        if let (Some(topic), Some(text), Some(cite)) = (topic, text, cite) {
+            out.push(Note {
+                topic: topic.0,
+                text: text.0,
+                cite,
+            });
+        }
+    }
+    out
+}
+
+/// Reads `source = "..."` or `assumption = "..."`: exactly one. A source must have the
+/// citation shape (see [`super::citation`]) and cite the policy's own seed.
 fn cite(cx: &mut Cx, t: &mut Tbl<'_, '_>) -> Option<Cite> {
     let s = t.str(cx, "source", false);
     let a = t.str(cx, "assumption", false);
     match (s, a) {
-        (Some((s, _)), None) => Some(Cite::Source(s)),
+        (Some((s, at)), None) => {
+            let path = t.sub("source");
+            match citation::parse(&s) {
+                Ok(cites) => {
+                    if let Some(seed) = &cx.seed
+                        && let Some(c) = cites.iter().find(|c| c.seed != *seed)
+                    {
+                        let m = format!(
+                            "cites {}, but this policy's source is {seed}; another text is not the operator's statement (use an `assumption` that names it)",
+                            c.seed
+                        );
+                        cx.err(at, &path, m);
+                        return None;
+                    }
+                    Some(Cite::Source(s))
+                }
+                Err(why) => {
+                    cx.err(
+                        at,
+                        &path,
+                        format!(
+                            "not a citation ({why}); write '<seed file>, \"<heading>\", l.<line>: \"<verbatim quote>\"', or mark an `assumption`"
+                        ),
+                    );
+                    None
+                }
+            }
+        }
         (None, Some((a, _))) => Some(Cite::Assumption(a)),
         (Some(_), Some((_, at))) => {
             cx.err(
@@ -323,11 +377,106 @@ fn cite(cx: &mut Cx, t: &mut Tbl<'_, '_>) -> Option<Cite> {
             cx.err(
                 t.at,
                 &t.path,
-                "cite the source (`source = \"seed file, section\"`) or mark an explicit `assumption` with its reason",
+                "cite the source (`source = '<seed file>, \"<heading>\", l.<line>: \"<quote>\"'`) or mark an explicit `assumption` with its reason",
             );
             None
         }
     }
+}
+
+/// Where the parts of one purpose are in the file, so each problem is reported at the
+/// key that causes it rather than at the purpose's header.
+#[derive(Clone, Copy)]
+struct Spans {
+    purpose: usize,
+    consent: Option<usize>,
+    fields: Option<usize>,
+    field: [Option<usize>; Field::COUNT],
+    anonymised: Option<usize>,
+    anonymised_field: [Option<usize>; Field::COUNT],
+    objection: Option<usize>,
+    erasure: Option<usize>,
+}
+
+impl Spans {
+    /// The field's own line, else its table's header, else the purpose's.
+    fn field(&self, f: Field) -> usize {
+        self.field[f as usize]
+            .or(self.fields)
+            .unwrap_or(self.purpose)
+    }
+    fn anonymised_field(&self, f: Field) -> usize {
+        self.anonymised_field[f as usize]
+            .or(self.anonymised)
+            .unwrap_or(self.purpose)
+    }
+}
+
+/// A field table as read: treatments, each field's line, per-field cites, the table's cite.
+struct FieldMap {
+    treatments: [Treatment; Field::COUNT],
+    at: [Option<usize>; Field::COUNT],
+    notes: [Option<Cite>; Field::COUNT],
+    cite: Option<Cite>,
+}
+
+/// Reads the optional `[purposes.X.consent]` table: `without`, `key` and a cite.
+struct ConsentPart {
+    without: Option<(WithoutConsent, usize)>,
+    key: Option<(Purpose, usize)>,
+    cite: Option<Cite>,
+    at: usize,
+}
+
+fn consent_part(cx: &mut Cx, t: &mut Tbl<'_, '_>) -> Option<ConsentPart> {
+    for old in ["without_consent", "consent_key"] {
+        if let Some(v) = t.get(old) {
+            cx.err(
+                v.span().start,
+                &t.sub(old),
+                format!(
+                    "moved: write a `[{}.consent]` table with `without` (no_copy | anonymised), optional `key`, and a `source` or `assumption`",
+                    t.path
+                ),
+            );
+        }
+    }
+    let mut c = t.table(cx, "consent", false)?;
+    let without = c
+        .str(cx, "without", true)
+        .and_then(|(s, at)| match s.as_str() {
+            "no_copy" => Some((WithoutConsent::NoCopy, at)),
+            "anonymised" => Some((WithoutConsent::Anonymised, at)),
+            _ => {
+                cx.err(at, &c.sub("without"), "must be `no_copy` or `anonymised`");
+                None
+            }
+        });
+    let key = c.str(cx, "key", false).and_then(|(s, at)| {
+        let p = Purpose::from_id(&s);
+        if p.is_none() {
+            cx.err(at, &c.sub("key"), "not a purpose id");
+        }
+        p.map(|p| (p, at))
+    });
+    let cite = cite(cx, &mut c);
+    let at = c.at;
+    c.finish(cx);
+    Some(ConsentPart {
+        without,
+        key,
+        cite,
+        at,
+    })
+}
+
+/// A Kafka topic name: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn valid_topic(s: &str) -> bool {
+    (1..=249).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn purpose_rule(
@@ -337,32 +486,25 @@ fn purpose_rule(
     policy_id: &str,
 ) -> Option<PurposeRule> {
     let description = t.str(cx, "description", true);
+    let topic = match t.str(cx, "topic", false) {
+        Some((s, at)) => {
+            if !valid_topic(&s) {
+                cx.err(
+                    at,
+                    &t.sub("topic"),
+                    "not a Kafka topic name: 1 to 249 of letters, digits, '.', '_' and '-'",
+                );
+            }
+            s
+        }
+        None => format!("cdr.{}", purpose.id()),
+    };
     let basis = t.table(cx, "basis", true).and_then(|mut b| {
         let r = bases(cx, &mut b);
         b.finish(cx);
         r
     });
-    let consent_key = t.str(cx, "consent_key", false).and_then(|(s, at)| {
-        let p = Purpose::from_id(&s);
-        if p.is_none() {
-            cx.err(at, &t.sub("consent_key"), "not a purpose id");
-        }
-        p.map(|p| (p, at))
-    });
-    let without = t
-        .str(cx, "without_consent", false)
-        .and_then(|(s, at)| match s.as_str() {
-            "no_copy" => Some((WithoutConsent::NoCopy, at)),
-            "anonymised" => Some((WithoutConsent::Anonymised, at)),
-            _ => {
-                cx.err(
-                    at,
-                    &t.sub("without_consent"),
-                    "must be `no_copy` or `anonymised`",
-                );
-                None
-            }
-        });
+    let consent = consent_part(cx, t);
     let restriction = right(cx, t, "restriction", ("continue", "stop"));
     let objection = right(cx, t, "objection", ("not_applicable", "stop"));
     let erasure = right(cx, t, "erasure", ("retain", "expire"));
@@ -371,49 +513,47 @@ fn purpose_rule(
         r.finish(cx);
         out
     });
-    let fields = t.table(cx, "fields", true).map(|mut f| {
-        let at = f.at;
-        let r = field_map(cx, &mut f);
-        f.finish(cx);
-        (r, at)
-    });
-    let anonymised = t.table(cx, "anonymised", false).map(|mut f| {
-        let at = f.at;
-        let r = field_map(cx, &mut f);
-        f.finish(cx);
-        (r, at)
-    });
+    let fields = read_map(cx, t, "fields", true);
+    let anonymised = read_map(cx, t, "anonymised", false);
+    let spans = Spans {
+        purpose: t.at,
+        consent: consent.as_ref().map(|c| c.at),
+        fields: fields.as_ref().map(|f| f.1),
+        field: fields.as_ref().map(|f| f.0.at).unwrap_or_default(),
+        anonymised: anonymised.as_ref().map(|f| f.1),
+        anonymised_field: anonymised.as_ref().map(|f| f.0.at).unwrap_or_default(),
+        objection: t.at_of("objection"),
+        erasure: t.at_of("erasure"),
+    };
 
     let (basis, basis_cite) = basis?;
     let uses_consent = basis.iter().flatten().any(|b| *b == Basis::Consent);
     let path = t.path.clone();
-    let without_consent = match (uses_consent, without) {
-        (true, Some((w, _))) => w,
+    let (without_consent, consent_key, consent_cite) = match (uses_consent, consent) {
+        // A missing `without` was reported already; no copy is the safe reading.
+        (true, Some(c)) => (
+            c.without.map_or(WithoutConsent::NoCopy, |w| w.0),
+            Some(c.key.map_or(purpose, |k| k.0)),
+            c.cite,
+        ),
         (true, None) => {
             cx.err(
                 t.at,
                 &path,
-                "a category rests on consent: say what happens without it (`without_consent`)",
+                "a category rests on consent: say what happens without it in a `[.consent]` table (`without = \"no_copy\"` or `\"anonymised\"`, with a `source` or `assumption`)",
             );
-            WithoutConsent::NoCopy
+            (WithoutConsent::NoCopy, Some(purpose), None)
         }
-        (false, Some((_, at))) => {
+        (false, Some(c)) => {
             cx.err(
-                at,
-                &path,
-                "`without_consent` given, but no category rests on consent",
+                c.at,
+                &format!("{path}.consent"),
+                "given, but no category rests on consent",
             );
-            WithoutConsent::NoCopy
+            (WithoutConsent::NoCopy, None, None)
         }
-        (false, None) => WithoutConsent::NoCopy,
+        (false, None) => (WithoutConsent::NoCopy, None, None),
     };
-    if let (false, Some((_, at))) = (uses_consent, consent_key) {
-        cx.err(
-            at,
-            &path,
-            "`consent_key` given, but no category rests on consent",
-        );
-    }
     let (fields, _) = fields?;
     // Missing parts were reported already; placeholders let the cross-checks below run so
     // one pass lists everything. A policy with any problem is never returned.
@@ -424,12 +564,24 @@ fn purpose_rule(
     let rule = PurposeRule {
         purpose,
         description: description?.0,
+        topic,
         basis,
         basis_cite,
-        consent_key: uses_consent.then(|| consent_key.map(|c| c.0).unwrap_or(purpose)),
+        consent_key,
         without_consent,
-        fields,
-        anonymised: anonymised.as_ref().map(|a| a.0),
+        consent_cite,
+        fields: fields.treatments,
+        fields_cite: fields
+            .cite
+            .clone()
+            .unwrap_or(Cite::Assumption(String::new())),
+        field_notes: fields.notes.clone(),
+        anonymised: anonymised.as_ref().map(|a| a.0.treatments),
+        anonymised_cite: anonymised.as_ref().and_then(|a| a.0.cite.clone()),
+        anonymised_notes: anonymised
+            .as_ref()
+            .map(|a| a.0.notes.clone())
+            .unwrap_or_default(),
         restriction: restriction.unwrap_or_else(placeholder),
         objection: objection.unwrap_or_else(placeholder),
         erasure: erasure.unwrap_or_else(placeholder),
@@ -441,12 +593,12 @@ fn purpose_rule(
             cite: Cite::Assumption(String::new()),
         }),
         subscriber_field: matches!(
-            fields[Field::Msisdn as usize],
+            fields.treatments[Field::Msisdn as usize],
             Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise
         )
         .then_some(Field::Msisdn),
     };
-    check_rule(cx, &rule, &path, t.at, anonymised.map(|a| a.1));
+    check_rule(cx, &rule, &path, &spans);
     Some(rule)
 }
 
@@ -503,6 +655,7 @@ fn right(
     let mut r = t.table(cx, key, true)?;
     let effect = r.str(cx, "effect", true);
     let c = cite(cx, &mut r);
+    let effect_path = r.sub("effect");
     r.finish(cx);
     let (effect, at) = effect?;
     let stops = if effect == stop {
@@ -512,7 +665,7 @@ fn right(
     } else {
         cx.err(
             at,
-            &t.sub(key),
+            &effect_path,
             format!("effect must be `{go}` or `{stop}`"),
         );
         return None;
@@ -559,7 +712,7 @@ fn retention(cx: &mut Cx, r: &mut Tbl<'_, '_>, rule_id: String) -> Option<Retent
     })
 }
 
-/// Parses `N days|months|years` (singular too).
+/// Parses `N day(s)|month(s)|year(s)`.
 pub fn parse_period(s: &str) -> Option<Period> {
     let mut it = s.split_whitespace();
     let n: u32 = it.next()?.parse().ok()?;
@@ -567,39 +720,77 @@ pub fn parse_period(s: &str) -> Option<Period> {
     if it.next().is_some() {
         return None;
     }
-    match unit.trim_end_matches('s') {
-        "day" => Some(Period::Days(n)),
-        "month" => Some(Period::Months(n)),
-        "year" => Some(Period::Months(n.checked_mul(12)?)),
+    match unit {
+        "day" | "days" => Some(Period::Days(n)),
+        "month" | "months" => Some(Period::Months(n)),
+        "year" | "years" => Some(Period::Months(n.checked_mul(12)?)),
         _ => None,
     }
 }
 
-fn field_map(cx: &mut Cx, f: &mut Tbl<'_, '_>) -> [Treatment; Field::COUNT] {
-    let mut out = [Treatment::Drop; Field::COUNT];
+fn read_map(
+    cx: &mut Cx,
+    t: &mut Tbl<'_, '_>,
+    key: &str,
+    required: bool,
+) -> Option<(FieldMap, usize)> {
+    let mut f = t.table(cx, key, required)?;
+    let at = f.at;
+    let r = field_map(cx, &mut f);
+    f.finish(cx);
+    Some((r, at))
+}
+
+/// Reads a field table: `field = "treatment"` or `field = { treatment = "...", source |
+/// assumption = "..." }`, plus the table's own `source` or `assumption`.
+fn field_map(cx: &mut Cx, f: &mut Tbl<'_, '_>) -> FieldMap {
+    let mut out = FieldMap {
+        treatments: [Treatment::Drop; Field::COUNT],
+        at: [None; Field::COUNT],
+        notes: Default::default(),
+        cite: None,
+    };
     let keys: Vec<_> =
         f.t.iter()
-            .map(|(k, v)| (k.get_ref().to_string(), v))
+            .map(|(k, v)| (k.get_ref().to_string(), k.span().start, v))
             .collect();
-    for (name, v) in keys {
+    for (name, key_at, v) in keys {
+        if name == "source" || name == "assumption" {
+            continue;
+        }
         let path = f.sub(&name);
-        let Some(field) = Field::from_name(&name) else {
-            f.get(&name);
-            cx.err(v.span().start, &path, "not a record field");
-            continue;
-        };
         f.get(&name);
-        let at = v.span().start;
-        let Some(s) = v.get_ref().as_str() else {
-            cx.err(at, &path, "must be a treatment string");
+        let Some(field) = Field::from_name(&name) else {
+            cx.err(key_at, &path, "not a record field");
             continue;
         };
-        match parse_treatment(s) {
+        out.at[field as usize] = Some(key_at);
+        let at = v.span().start;
+        let s = match v.get_ref() {
+            DeValue::String(s) => Some(s.to_string()),
+            DeValue::Table(t) => {
+                let mut t = Tbl::new(t, path.clone(), at);
+                let s = t.str(cx, "treatment", true).map(|s| s.0);
+                out.notes[field as usize] = cite(cx, &mut t);
+                t.finish(cx);
+                s
+            }
+            _ => {
+                cx.err(
+                    at,
+                    &path,
+                    "must be a treatment, or a table with `treatment` and a `source` or `assumption`",
+                );
+                None
+            }
+        };
+        let Some(s) = s else { continue };
+        match parse_treatment(&s) {
             Some(t) => {
                 if let Err(m) = treatment_fits(field, t) {
                     cx.err(at, &path, m);
                 }
-                out[field as usize] = t;
+                out.treatments[field as usize] = t;
             }
             None => cx.err(
                 at,
@@ -610,6 +801,7 @@ fn field_map(cx: &mut Cx, f: &mut Tbl<'_, '_>) -> [Treatment; Field::COUNT] {
             ),
         }
     }
+    out.cite = cite(cx, f);
     out
 }
 
@@ -651,7 +843,10 @@ fn treatment_fits(f: Field, t: Treatment) -> Result<(), String> {
     );
     let ok = match t {
         Treatment::Keep | Treatment::Drop => true,
-        Treatment::Generalise => matches!(f, F::StartTime | F::Cell | F::UeIp | F::Imei),
+        Treatment::Generalise => matches!(
+            f,
+            F::StartTime | F::Cell | F::UeIp | F::Imei | F::DurationS | F::Usage
+        ),
         Treatment::Mask { .. } | Treatment::Pseudonymise => text,
         Treatment::Tokenise => {
             matches!(
@@ -671,20 +866,68 @@ fn treatment_fits(f: Field, t: Treatment) -> Result<(), String> {
     }
 }
 
+/// Ids that exist once per record or session. Kept in a copy, they join it to the billing
+/// copy of the same record, and through it to the raw msisdn.
+const PER_RECORD_IDS: [Field; 3] = [Field::RecordId, Field::ChargingId, Field::LocalSeqNo];
+
+/// What an anonymised copy may hold. An allow-list, so a field nobody thought about is
+/// refused: only small enumerations pass as they are; time, place, duration and volume
+/// only generalised; everything else (identifiers, per-record ids, network nodes,
+/// roaming networks, APNs, SMS centres) is dropped.
+fn anonymised_allows(f: Field, t: Treatment) -> Result<(), &'static str> {
+    use Field as F;
+    match (f, t) {
+        (_, Treatment::Drop)
+        | (F::Kind | F::CloseCause | F::Rat, Treatment::Keep)
+        | (F::StartTime | F::Cell | F::DurationS | F::Usage, Treatment::Generalise) => Ok(()),
+        _ if f.is_personal_identifier() => {
+            Err("an anonymised copy never holds an identifier, not even a derived one: drop it")
+        }
+        _ if PER_RECORD_IDS.contains(&f) => {
+            Err("a per-record id links an anonymised copy back to its record: drop it")
+        }
+        (F::StartTime | F::Cell | F::DurationS | F::Usage, _) => Err(
+            "an exact time, cell, duration or volume singles a record out when joined with the copies that keep it (billing, fraud): generalise or drop it",
+        ),
+        _ => Err(
+            "a quasi-identifier (network node, roaming network, APN, SMS centre) can single a subscriber out: drop it",
+        ),
+    }
+}
+
 /// The rules that tie fields, bases, consent and rights together.
-fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Option<usize>) {
+fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, sp: &Spans) {
     let p = r.purpose;
+    let field_path = |f: Field| format!("{path}.fields.{}", f.name());
     for f in Field::ALL {
         let t = r.treatment(f);
         if t.passes_data() && r.bases(f.category()).is_empty() {
             cx.err(
-                at,
-                &format!("{path}.fields.{}", f.name()),
+                sp.field(f),
+                &field_path(f),
                 format!(
                     "routes {} to {} without a legal basis for {} data",
                     f.name(),
                     p.id(),
                     f.category().id()
+                ),
+            );
+        }
+        let gated_or_analytics = r.consent_key.is_some() || p == Purpose::Analytics;
+        if gated_or_analytics
+            && PER_RECORD_IDS.contains(&f)
+            && matches!(t, Treatment::Keep | Treatment::Mask { .. })
+        {
+            let fix = if f == Field::RecordId {
+                "pseudonymise or drop it"
+            } else {
+                "drop it"
+            };
+            cx.err(
+                sp.field(f),
+                &field_path(f),
+                format!(
+                    "a per-record id in a consent-based or analytics copy joins it to the billing copy of the same record and its raw msisdn: {fix}"
                 ),
             );
         }
@@ -694,28 +937,28 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
         let raw = matches!(t, Treatment::Keep | Treatment::Mask { .. });
         if p == Purpose::Analytics && (raw || t == Treatment::Tokenise) {
             cx.err(
-                at,
-                &format!("{path}.fields.{}", f.name()),
+                sp.field(f),
+                &field_path(f),
                 "analytics copies never carry a raw or reversible identifier: use drop, generalise or pseudonymise",
             );
         } else if r.consent_key.is_some() && raw {
             cx.err(
-                at,
-                &format!("{path}.fields.{}", f.name()),
+                sp.field(f),
+                &field_path(f),
                 "a consent-based purpose may not carry a raw identifier",
             );
         }
         if f == Field::Msisdn && matches!(t, Treatment::Mask { .. } | Treatment::Generalise) {
             cx.err(
-                at,
-                &format!("{path}.fields.msisdn"),
+                sp.field(f),
+                &field_path(f),
                 "a masked msisdn is still personal data but names no one rights can find: keep, pseudonymise, tokenise or drop it",
             );
         }
         if p == Purpose::Marketing && f == Field::Msisdn && t != Treatment::Tokenise {
             cx.err(
-                at,
-                &format!("{path}.fields.msisdn"),
+                sp.field(f),
+                &field_path(f),
                 "marketing copies carry the subscriber only as a reversible token: use tokenise",
             );
         }
@@ -735,8 +978,8 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
         });
     if names_subscriber && r.subscriber_field.is_none() {
         cx.err(
-            at,
-            &format!("{path}.fields.msisdn"),
+            sp.field(Field::Msisdn),
+            &field_path(Field::Msisdn),
             "copies carry a subscriber identifier, so msisdn must be kept, pseudonymised or tokenised for rights to reach them",
         );
     }
@@ -747,7 +990,7 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
         .any(|b| *b == Basis::LegitimateInterest);
     if (li || p == Purpose::Marketing) && !r.objection.stops {
         cx.err(
-            at,
+            sp.objection.unwrap_or(sp.purpose),
             &format!("{path}.objection"),
             "rests on legitimate interest (or is direct marketing): an objection must stop it (Art. 21)",
         );
@@ -761,39 +1004,29 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
             .any(|b| *b == Basis::LegalObligation)
     {
         cx.err(
-            at,
+            sp.erasure.unwrap_or(sp.purpose),
             &format!("{path}.erasure"),
             "only a legal obligation (Art. 17(3)(b)) or legal claims (17(3)(e), billing) can hold copies through an erasure",
         );
     }
-    match (r.without_consent, r.anonymised, anon_at) {
+    match (r.without_consent, r.anonymised, sp.anonymised) {
         (WithoutConsent::Anonymised, None, _) => cx.err(
-            at,
-            path,
-            "`without_consent = \"anonymised\"` needs an `anonymised` field table",
+            sp.consent.unwrap_or(sp.purpose),
+            &format!("{path}.consent.without"),
+            "`without = \"anonymised\"` needs an `anonymised` field table",
         ),
         (WithoutConsent::NoCopy, Some(_), Some(a)) => cx.err(
             a,
             &format!("{path}.anonymised"),
-            "given, but `without_consent` is not `anonymised`",
+            "given, but the copy without consent is not `anonymised`",
         ),
-        (WithoutConsent::Anonymised, Some(map), Some(a)) => {
+        (WithoutConsent::Anonymised, Some(map), Some(_)) => {
             for f in Field::ALL {
-                let t = map[f as usize];
-                let linkable = f.is_personal_identifier()
-                    || matches!(f, Field::RecordId | Field::ChargingId | Field::LocalSeqNo);
-                let bad = match f {
-                    _ if linkable => t != Treatment::Drop,
-                    Field::StartTime | Field::Cell => {
-                        !matches!(t, Treatment::Generalise | Treatment::Drop)
-                    }
-                    _ => matches!(t, Treatment::Pseudonymise | Treatment::Tokenise),
-                };
-                if bad {
+                if let Err(m) = anonymised_allows(f, map[f as usize]) {
                     cx.err(
-                        a,
+                        sp.anonymised_field(f),
                         &format!("{path}.anonymised.{}", f.name()),
-                        "an anonymised copy must drop identifiers and per-record ids, and generalise or drop time and cell",
+                        m,
                     );
                 }
             }
@@ -806,38 +1039,95 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, at: usize, anon_at: Opti
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    const S: &str = r#"'000_test.txt, "Rubrik", l.3: "citat"'"#;
+
+    /// A small valid policy; `{S}` stands for a well-formed source.
+    fn good() -> String {
+        r#"
 [policy]
 id = "test"
 version = "1"
 controller = "Test AB"
 covers = "testers"
-source = "none"
+source = "000_test.txt"
 
 [purposes.billing]
 description = "billing"
-basis = { traffic = "contract", subscriber = "contract", source = "s1" }
+basis = { traffic = "contract", subscriber = "contract", source = {S} }
 restriction = { effect = "continue", assumption = "legal claims" }
-objection = { effect = "not_applicable", source = "s2" }
-erasure = { effect = "retain", source = "s3" }
-retention = { anchor = "invoice_settled", after = "6 months", source = "s4" }
-fields = { msisdn = "keep", start_time = "keep" }
-"#;
+objection = { effect = "not_applicable", source = {S} }
+erasure = { effect = "retain", source = {S} }
+retention = { anchor = "invoice_settled", after = "6 months", source = {S} }
+fields = { assumption = "minimal", msisdn = "keep", start_time = "keep" }
+"#
+        .replace("{S}", S)
+    }
+
+    /// An analytics purpose with `fields` and `anonymised` tables to edit.
+    fn with_analytics(fields: &str, without: &str, anonymised: &str) -> String {
+        good()
+            + &r#"
+[purposes.analytics]
+description = "stats"
+basis = { traffic = "consent", subscriber = "legitimate_interest", source = {S} }
+consent = { without = "{W}", source = {S} }
+restriction = { effect = "stop", source = {S} }
+objection = { effect = "stop", source = {S} }
+erasure = { effect = "expire", source = {S} }
+retention = { anchor = "event_time", after = "24 months", source = {S} }
+
+[purposes.analytics.fields]
+assumption = "what statistics need"
+{F}
+{A}"#
+                .replace("{S}", S)
+                .replace("{W}", without)
+                .replace("{F}", fields)
+                .replace("{A}", anonymised)
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse_policy(text, "x.toml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems
+                .iter()
+                .map(|p| format!("{}:{}: {}", p.line, p.path, p.message))
+                .collect(),
+        }
+    }
+
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    /// The 1-based number of the last line that is exactly `line`.
+    fn last_line(text: &str, line: &str) -> usize {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| *l == line)
+            .last()
+            .unwrap()
+            .0
+            + 1
+    }
 
     #[test]
     fn a_good_policy_compiles() {
-        let p = parse_policy(GOOD, "good.toml").unwrap();
+        let p = parse_policy(&good(), "good.toml").unwrap();
         let b = p.rule(Purpose::Billing).unwrap();
         assert_eq!(b.treatment(Field::Msisdn), Treatment::Keep);
         assert_eq!(b.treatment(Field::Imsi), Treatment::Drop);
         assert_eq!(b.retention.period, Period::Months(6));
         assert_eq!(b.subscriber_field, Some(Field::Msisdn));
+        assert_eq!(b.topic, "cdr.billing");
+        assert_eq!(b.fields_cite, Cite::Assumption("minimal".into()));
         assert!(p.rule(Purpose::Marketing).is_none());
     }
 
     #[test]
     fn every_problem_is_listed_with_its_line() {
-        let bad = GOOD
+        let bad = good()
             .replace("after = \"6 months\"", "after = \"forever\"")
             .replace(
                 "traffic = \"contract\", subscriber = \"contract\"",
@@ -848,14 +1138,11 @@ fields = { msisdn = "keep", start_time = "keep" }
                 "description = \"billing\"\ncolour = \"red\"",
             );
         let e = parse_policy(&bad, "bad.toml").unwrap_err();
-        let msgs: Vec<String> = e
-            .problems
-            .iter()
-            .map(|p| format!("{}:{}", p.line, p.message))
-            .collect();
+        let msgs = problems(&bad);
         assert_eq!(e.problems.len(), 3, "{msgs:?}");
         assert!(
-            msgs.iter().any(|m| m.starts_with("11:unknown key")),
+            msgs.iter()
+                .any(|m| m.starts_with("11:") && m.contains("unknown key")),
             "{msgs:?}"
         );
         assert!(
@@ -870,51 +1157,306 @@ fields = { msisdn = "keep", start_time = "keep" }
         assert!(e.to_string().contains("bad.toml:11:"));
     }
 
+    /// Regression: rule violations were reported at the purpose's header line (the offset
+    /// check_rule was given), not at the key that breaks the rule.
+    #[test]
+    fn rule_violations_are_reported_at_the_offending_key() {
+        let text = with_analytics(
+            "msisdn = \"keep\"\nkind = \"keep\"\nrecord_id = \"keep\"",
+            "no_copy",
+            "",
+        )
+        .replace(
+            "objection = { effect = \"stop\", source = {S} }"
+                .replace("{S}", S)
+                .as_str(),
+            &format!("objection = {{ effect = \"not_applicable\", source = {S} }}"),
+        );
+        let msgs = problems(&text);
+        // The analytics table lists msisdn on line 29 (its purpose header is on 18).
+        assert_eq!(last_line(&text, "msisdn = \"keep\""), 29, "{text}");
+        assert_eq!(line_of(&text, "[purposes.analytics]"), 18);
+        assert!(text.lines().nth(22).unwrap().starts_with("objection ="));
+        let want = [
+            (29, "purposes.analytics.fields.msisdn"),
+            (
+                last_line(&text, "record_id = \"keep\""),
+                "purposes.analytics.fields.record_id",
+            ),
+            (23, "purposes.analytics.objection"),
+        ];
+        for (line, path) in want {
+            let prefix = format!("{line}:{path}:");
+            assert!(
+                msgs.iter().any(|m| m.starts_with(&prefix)),
+                "want {prefix} in {msgs:#?}"
+            );
+        }
+        // And none at the purpose header.
+        let header = line_of(&text, "[purposes.analytics]");
+        assert!(
+            !msgs.iter().any(|m| m.starts_with(&format!("{header}:"))),
+            "{msgs:#?}"
+        );
+    }
+
     #[test]
     fn analytics_may_not_carry_raw_identifiers_and_marketing_must_tokenise() {
-        let text = GOOD.to_string()
-            + r#"
-[purposes.analytics]
-description = "stats"
-basis = { traffic = "consent", subscriber = "legitimate_interest", source = "s" }
-without_consent = "no_copy"
-restriction = { effect = "stop", source = "s" }
-objection = { effect = "stop", source = "s" }
-erasure = { effect = "expire", source = "s" }
-retention = { anchor = "event_time", after = "24 months", source = "s" }
-fields = { msisdn = "keep", imsi = "mask:0:4" }
-
+        let text = with_analytics("msisdn = \"keep\"\nimsi = \"mask:0:4\"", "no_copy", "")
+            + &r#"
 [purposes.marketing]
 description = "offers"
-basis = { traffic = "consent", subscriber = "legitimate_interest", source = "s" }
-without_consent = "no_copy"
-restriction = { effect = "stop", source = "s" }
-objection = { effect = "not_applicable", source = "s" }
-erasure = { effect = "expire", source = "s" }
-retention = { anchor = "event_time", after = "24 months", source = "s" }
-fields = { msisdn = "pseudonymise" }
-"#;
+basis = { traffic = "consent", subscriber = "legitimate_interest", source = {S} }
+consent = { without = "no_copy", source = {S} }
+restriction = { effect = "stop", source = {S} }
+objection = { effect = "not_applicable", source = {S} }
+erasure = { effect = "expire", source = {S} }
+retention = { anchor = "event_time", after = "24 months", source = {S} }
+fields = { msisdn = "pseudonymise", source = {S} }
+"#
+            .replace("{S}", S);
         let e = parse_policy(&text, "x.toml").unwrap_err();
         let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "purposes.analytics.fields.msisdn",
+            "purposes.analytics.fields.imsi",
+            "purposes.marketing.fields.msisdn",
+            "purposes.marketing.objection",
+        ] {
+            assert!(paths.contains(&want), "{want}: {paths:?}");
+        }
+    }
+
+    #[test]
+    fn consent_based_and_analytics_copies_may_not_keep_per_record_ids() {
+        for (field, keep) in [
+            ("record_id", "keep"),
+            ("record_id", "mask:2:2"),
+            ("charging_id", "keep"),
+            ("local_seq_no", "keep"),
+        ] {
+            let text = with_analytics(
+                &format!("msisdn = \"pseudonymise\"\n{field} = \"{keep}\""),
+                "no_copy",
+                "",
+            );
+            let msgs = problems(&text);
+            let line = line_of(&text, &format!("{field} = \"{keep}\""));
+            assert!(
+                msgs.iter().any(|m| m.starts_with(&format!(
+                    "{line}:purposes.analytics.fields.{field}: a per-record id"
+                ))),
+                "{field} = {keep}: {msgs:#?}"
+            );
+        }
+        // Pseudonymised or dropped, they pass.
+        let ok = with_analytics(
+            "msisdn = \"pseudonymise\"\nrecord_id = \"pseudonymise\"\ncharging_id = \"drop\"",
+            "no_copy",
+            "",
+        );
+        assert_eq!(problems(&ok), Vec::<String>::new());
+        // Billing (contract, no consent) may keep them.
         assert!(
-            paths.contains(&"purposes.analytics.fields.msisdn"),
-            "{paths:?}"
+            parse_policy(
+                &good().replace(
+                    "msisdn = \"keep\"",
+                    "msisdn = \"keep\", record_id = \"keep\", local_seq_no = \"keep\""
+                ),
+                "g"
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn anonymised_copies_keep_only_coarse_values() {
+        let anon = |body: &str| {
+            format!("\n[purposes.analytics.anonymised]\nassumption = \"coarse\"\n{body}\n")
+        };
+        let fields = "msisdn = \"pseudonymise\"";
+        let ok = with_analytics(
+            fields,
+            "anonymised",
+            &anon(
+                "kind = \"keep\"\nrat = \"keep\"\nduration_s = \"generalise\"\nusage = \"generalise\"\ncell = \"generalise\"\nstart_time = \"generalise\"",
+            ),
+        );
+        assert_eq!(problems(&ok), Vec::<String>::new());
+        for (field, t) in [
+            ("usage", "keep"),
+            ("duration_s", "keep"),
+            ("start_time", "keep"),
+            ("cell", "keep"),
+            ("recording_entity", "keep"),
+            ("serving_plmn", "keep"),
+            ("apn", "keep"),
+            ("local_seq_no", "keep"),
+            ("charging_id", "keep"),
+            ("record_id", "pseudonymise"),
+            ("imei", "generalise"),
+            ("msisdn", "pseudonymise"),
+        ] {
+            let text = with_analytics(fields, "anonymised", &anon(&format!("{field} = \"{t}\"")));
+            let line = last_line(&text, &format!("{field} = \"{t}\""));
+            let msgs = problems(&text);
+            assert!(
+                msgs.iter()
+                    .any(|m| m
+                        .starts_with(&format!("{line}:purposes.analytics.anonymised.{field}:"))),
+                "{field} = {t}: {msgs:#?}"
+            );
+        }
+        // An anonymised table needs its own source or assumption.
+        let bare = with_analytics(
+            fields,
+            "anonymised",
+            "\n[purposes.analytics.anonymised]\nkind = \"keep\"\n",
         );
         assert!(
-            paths.contains(&"purposes.analytics.fields.imsi"),
-            "{paths:?}"
+            problems(&bare)
+                .iter()
+                .any(|m| m.contains("anonymised: cite")),
+            "{:?}",
+            problems(&bare)
+        );
+    }
+
+    #[test]
+    fn sources_must_cite_the_policys_seed_in_shape() {
+        for (bad, why) in [
+            ("s4", "not a citation"),
+            ("000_test.txt, section 2", "not a citation"),
+            (r#"000_test.txt, l.3 "no colon""#, "not a citation"),
+            (
+                r#"001_other.txt, "Rubrik", l.3: "citat""#,
+                "this policy's source is 000_test.txt",
+            ),
+        ] {
+            let text = good().replace(
+                &format!("after = \"6 months\", source = {S}"),
+                &format!("after = \"6 months\", source = '{bad}'"),
+            );
+            let msgs = problems(&text);
+            let line = line_of(&text, "retention =");
+            assert!(
+                msgs.iter().any(|m| m
+                    .starts_with(&format!("{line}:purposes.billing.retention.source:"))
+                    && m.contains(why)),
+                "{bad}: {msgs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn consent_needs_its_table_and_old_keys_say_where_they_went() {
+        let text = with_analytics("msisdn = \"pseudonymise\"", "no_copy", "").replace(
+            &format!("consent = {{ without = \"no_copy\", source = {S} }}"),
+            "without_consent = \"no_copy\"",
+        );
+        let msgs = problems(&text);
+        assert!(
+            msgs.iter().any(|m| m.contains("without_consent: moved")),
+            "{msgs:#?}"
         );
         assert!(
-            paths.contains(&"purposes.marketing.fields.msisdn"),
-            "{paths:?}"
+            msgs.iter()
+                .any(|m| m.contains("say what happens without it")),
+            "{msgs:#?}"
         );
-        assert!(paths.contains(&"purposes.marketing.objection"), "{paths:?}");
+        let uncited = with_analytics("msisdn = \"pseudonymise\"", "no_copy", "").replace(
+            &format!("consent = {{ without = \"no_copy\", source = {S} }}"),
+            "consent = { without = \"no_copy\" }",
+        );
+        assert!(
+            problems(&uncited)
+                .iter()
+                .any(|m| m.contains("consent: cite")),
+            "{:?}",
+            problems(&uncited)
+        );
+    }
+
+    #[test]
+    fn field_notes_are_kept_per_field() {
+        let text = good().replace(
+            "msisdn = \"keep\"",
+            &format!("msisdn = {{ treatment = \"keep\", source = {S} }}"),
+        );
+        let p = parse_policy(&text, "x").unwrap();
+        let b = p.rule(Purpose::Billing).unwrap();
+        assert_eq!(b.treatment(Field::Msisdn), Treatment::Keep);
+        assert!(matches!(
+            b.field_notes[Field::Msisdn as usize],
+            Some(Cite::Source(_))
+        ));
+        assert!(b.field_notes[Field::StartTime as usize].is_none());
+        let bad = good().replace("msisdn = \"keep\"", "msisdn = { treatment = \"keep\" }");
+        assert!(
+            problems(&bad)
+                .iter()
+                .any(|m| m.contains("fields.msisdn: cite")),
+            "{:?}",
+            problems(&bad)
+        );
+    }
+
+    #[test]
+    fn topics_default_to_the_route_and_must_be_kafka_names() {
+        let text = good().replace(
+            "description = \"billing\"",
+            "description = \"billing\"\ntopic = \"ops.billing-v2\"",
+        );
+        let p = parse_policy(&text, "x").unwrap();
+        assert_eq!(p.rule(Purpose::Billing).unwrap().topic, "ops.billing-v2");
+        let bad = good().replace(
+            "description = \"billing\"",
+            "description = \"billing\"\ntopic = \"a b\"",
+        );
+        assert!(
+            problems(&bad)
+                .iter()
+                .any(|m| m.starts_with("11:purposes.billing.topic:")),
+            "{:?}",
+            problems(&bad)
+        );
+    }
+
+    #[test]
+    fn periods_are_a_number_and_a_known_unit() {
+        assert_eq!(parse_period("6 days"), Some(Period::Days(6)));
+        assert_eq!(parse_period("1 day"), Some(Period::Days(1)));
+        assert_eq!(parse_period("12 months"), Some(Period::Months(12)));
+        assert_eq!(parse_period("2 years"), Some(Period::Months(24)));
+        for bad in [
+            "6 dayss",
+            "6 day s",
+            "6",
+            "days",
+            "-1 days",
+            "6 weeks",
+            "6 monthss",
+            "4294967295 years",
+        ] {
+            assert_eq!(parse_period(bad), None, "{bad}");
+        }
     }
 
     #[test]
     fn silence_must_be_an_explicit_assumption() {
-        let bad = GOOD.replace(", source = \"s4\"", "");
+        let bad = good().replace(
+            &format!(", after = \"6 months\", source = {S}"),
+            ", after = \"6 months\"",
+        );
         let e = parse_policy(&bad, "x.toml").unwrap_err();
         assert!(e.problems[0].message.contains("assumption"), "{e}");
+    }
+
+    #[test]
+    fn errors_without_a_line_or_path_print_no_empty_parts() {
+        let e = load_file(Path::new("/nonexistent/p.toml")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("  /nonexistent/p.toml: cannot read"), "{s}");
+        assert!(!s.contains(": :") && !s.contains(":0:"), "{s}");
     }
 }

@@ -1,8 +1,10 @@
 //! Operator policies: the compiled decision table the core consults for every record.
 //!
 //! `load` turns a policy file into a [`Policy`] (refusing a bad one with every problem
-//! listed), `explain` renders it as the GDPR Art. 30 record of processing.
+//! listed), `citation` fixes the shape of a citation of the operator's text, `explain`
+//! renders a policy as the GDPR Art. 30 record of processing.
 
+pub mod citation;
 pub mod explain;
 pub mod load;
 
@@ -99,7 +101,8 @@ pub enum Treatment {
     Keep,
     /// Absent from the copy.
     Drop,
-    /// Reduced: time to the hour, cell to its area, IP to its network, IMEI to its TAC.
+    /// Reduced: time to the hour, cell to its area, IP to its network, IMEI to its TAC,
+    /// a duration to its class, volumes to their order of magnitude (see `core::treat`).
     Generalise,
     /// Only the first and last characters kept, the rest replaced by `*`.
     Mask {
@@ -229,6 +232,9 @@ pub struct PurposeRule {
     pub purpose: Purpose,
     /// What it is for, in the operator's terms.
     pub description: String,
+    /// The route's default topic (`topic` in the file, else `cdr.<purpose id>`); a
+    /// deployment may still map the route elsewhere.
+    pub topic: String,
     /// Legal bases per data category, primary first; empty when the category is not used.
     pub basis: [Vec<Basis>; 2],
     /// Where the bases are stated.
@@ -237,10 +243,20 @@ pub struct PurposeRule {
     pub consent_key: Option<Purpose>,
     /// Without that consent.
     pub without_consent: WithoutConsent,
+    /// Why consent is keyed and handled so (`[purposes.X.consent]`), when it is needed.
+    pub consent_cite: Option<Cite>,
     /// Treatment per field, indexed by `Field as usize`.
     pub fields: [Treatment; Field::COUNT],
+    /// Why the copy holds these fields (the table-level cite of `fields`).
+    pub fields_cite: Cite,
+    /// Per-field source or assumption, where the file gives one.
+    pub field_notes: [Option<Cite>; Field::COUNT],
     /// Treatment per field of the anonymised copy, when `without_consent` is anonymised.
     pub anonymised: Option<[Treatment; Field::COUNT]>,
+    /// Why the anonymised copy holds these fields, when there is one.
+    pub anonymised_cite: Option<Cite>,
+    /// Per-field source or assumption of the anonymised copy.
+    pub anonymised_notes: [Option<Cite>; Field::COUNT],
     /// Under restriction (Art. 18).
     pub restriction: RightRule,
     /// On objection (Art. 21).
@@ -304,7 +320,11 @@ pub struct Policy {
     pub file: String,
     /// Rules per purpose, indexed by `Purpose as usize`; `None` = not declared, never routed.
     pub purposes: [Option<PurposeRule>; Purpose::COUNT],
-    /// Statements shown in the record of processing.
+    /// Recipients and categories of recipients (Art. 30(1)(d), third countries (e)).
+    pub recipients: Vec<Note>,
+    /// Organisational and technical security measures the source states (Art. 30(1)(g)).
+    pub measures: Vec<Note>,
+    /// Other statements shown in the record of processing.
     pub notes: Vec<Note>,
 }
 
@@ -337,4 +357,69 @@ pub const SHIPPED: [(&str, &str); 5] = [
 /// The text of a shipped policy by name.
 pub fn shipped(name: &str) -> Option<&'static str> {
     SHIPPED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::time::Millis;
+
+    fn t(s: &str) -> Millis {
+        Millis::parse(s).unwrap()
+    }
+
+    #[test]
+    fn periods_add_calendar_days_and_months() {
+        let jan31 = t("2026-01-31T12:00:00.000Z");
+        assert_eq!(Period::Days(0).after(jan31), jan31);
+        assert_eq!(Period::Days(1).after(jan31), t("2026-02-01T12:00:00.000Z"));
+        assert_eq!(
+            Period::Days(180).after(jan31),
+            t("2026-07-30T12:00:00.000Z")
+        );
+        // A month after 31 January is the end of February (the day is clamped).
+        assert_eq!(
+            Period::Months(1).after(jan31),
+            t("2026-02-28T12:00:00.000Z")
+        );
+        assert_eq!(
+            Period::Months(1).after(t("2028-01-31T00:00:00.000Z")),
+            t("2028-02-29T00:00:00.000Z")
+        );
+        assert_eq!(
+            Period::Months(24).after(jan31),
+            t("2028-01-31T12:00:00.000Z")
+        );
+        // Never before the instant, never overflowing.
+        assert_eq!(
+            Period::Days(u32::MAX).after(Millis(i64::MAX - 1)),
+            Millis(i64::MAX)
+        );
+    }
+
+    #[test]
+    fn periods_describe_themselves_as_policy_files_write_them() {
+        for (p, s) in [
+            (Period::Days(0), "0 days"),
+            (Period::Days(1), "1 day"),
+            (Period::Days(180), "180 days"),
+            (Period::Months(1), "1 month"),
+            (Period::Months(6), "6 months"),
+            (Period::Months(12), "1 year"),
+            (Period::Months(24), "2 years"),
+            (Period::Months(18), "18 months"),
+        ] {
+            assert_eq!(p.describe(), s);
+            assert_eq!(load::parse_period(s), Some(p), "{s} reads back");
+        }
+    }
+
+    #[test]
+    fn bases_carry_their_article() {
+        for b in Basis::ALL {
+            assert_eq!(Basis::from_id(b.id()), Some(b));
+        }
+        assert_eq!(Basis::LegalObligation.article(), "6(1)(c)");
+        assert_eq!(Basis::from_id("intresseavvägning"), None);
+    }
 }

@@ -14,6 +14,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::codec::Format;
 use crate::core::purpose::Purpose;
+use crate::policy::Policy;
 
 /// The environment prefix; `__` separates key levels (`CDRGUARD_KAFKA__GROUP_ID`).
 pub const ENV_PREFIX: &str = "CDRGUARD_";
@@ -104,7 +105,8 @@ pub struct RunConfig {
     pub dead_letter_topic: String,
     /// Retention windows opened or extended by routed copies.
     pub schedule_topic: String,
-    /// Topic of each route the policy declares.
+    /// Topic of each route: as configured, else (after [`RunConfig::with_policy`]) the
+    /// topic the policy declares for it.
     pub routes: [Option<String>; Purpose::COUNT],
     /// Policy file.
     pub policy: PathBuf,
@@ -141,9 +143,42 @@ impl fmt::Debug for RunConfig {
     }
 }
 
-/// Default topic of each route.
-pub fn default_route(p: Purpose) -> String {
-    format!("cdr.{}", p.id())
+impl RunConfig {
+    /// Fills the routes the configuration does not name with the topics the policy
+    /// declares, and refuses a policy topic that collides with another topic.
+    pub fn with_policy(mut self, policy: &Policy) -> Result<RunConfig, ConfigError> {
+        let mut problems = Vec::new();
+        for r in policy.declared() {
+            let slot = &mut self.routes[r.purpose as usize];
+            if slot.is_none() {
+                let used = [
+                    &self.input_topic,
+                    &self.control_topic,
+                    &self.dead_letter_topic,
+                    &self.schedule_topic,
+                ];
+                if used.contains(&&r.topic) {
+                    problems.push(ConfigProblem {
+                        origin: Origin::Default,
+                        key: format!("topics.routes.{}", r.purpose.id()),
+                        message: format!(
+                            "the policy's topic {:?} for this route is also an input or service topic",
+                            r.topic
+                        ),
+                    });
+                }
+                *slot = Some(r.topic.clone());
+            }
+        }
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError {
+                file: policy.file.clone(),
+                problems,
+            })
+        }
+    }
 }
 
 /// librdkafka properties cdrguard sets itself because its guarantees depend on them.
@@ -464,11 +499,15 @@ pub fn parse(
     let control = s.string("topics.control", Some("subscriber.control"));
     let dead_letter = s.string("topics.dead_letter", Some("cdr.dead-letter"));
     let schedule = s.string("topics.retention_schedule", Some("cdr.retention.schedule"));
+    // A route not named here takes the topic its policy declares (see `with_policy`).
     let mut routes: [Option<String>; Purpose::COUNT] = Default::default();
     let mut named: Vec<(String, Origin, String)> = Vec::new();
     for p in Purpose::ALL {
         let key = format!("topics.routes.{}", p.id());
-        if let Some((t, o)) = s.string(&key, Some(&default_route(p))) {
+        if let Some((t, o)) = s
+            .string(&key, Some(""))
+            .filter(|(_, o)| *o != Origin::Default)
+        {
             named.push((t.clone(), o, key));
             routes[p as usize] = Some(t);
         }
@@ -630,10 +669,22 @@ commit_interval_ms = 250
             c.routes[Purpose::Marketing as usize].as_deref(),
             Some("mkt")
         );
+        // Unnamed routes wait for the policy's topics.
+        assert_eq!(c.routes[Purpose::Billing as usize], None);
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "excedo.toml")
+                .unwrap();
+        let c = c.with_policy(&policy).unwrap();
         assert_eq!(
             c.routes[Purpose::Billing as usize].as_deref(),
             Some("cdr.billing")
         );
+        assert_eq!(
+            c.routes[Purpose::Marketing as usize].as_deref(),
+            Some("mkt")
+        );
+        // customer_care is not declared by Excedo: it stays unrouted.
+        assert_eq!(c.routes[Purpose::CustomerCare as usize], None);
         assert_eq!(c.input_topic, "cdr.raw");
         assert_eq!(c.policy, Path::new("/srv/policies/excedo.toml"));
         assert_eq!(c.properties["sasl.username"], "svc");
@@ -654,7 +705,8 @@ grup_id = "typo"
 "enable.auto.commit" = true
 
 [topics]
-input = "cdr.billing"
+input = "cdr.raw"
+dead_letter = "cdr.raw"
 
 [processing]
 policy = "p.toml"
@@ -673,8 +725,8 @@ commit_interval_ms = 5
             "c.toml:4: kafka.guarantee: \"maybe_once\" is not one of",
             "c.toml:5: kafka.grup_id: unknown key",
             "c.toml:8: kafka.properties.\"enable.auto.commit\": cdrguard sets this property",
-            "c.toml:11: topics.input: topic \"cdr.billing\" is also used by topics.routes.billing",
-            "c.toml:16: processing.commit_interval_ms: 5 is out of range",
+            "c.toml:12: topics.dead_letter: topic \"cdr.raw\" is also used by topics.input",
+            "c.toml:17: processing.commit_interval_ms: 5 is out of range",
             "env CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES: processing.queued_max_kbytes: must be an integer",
         ] {
             assert!(shown.contains(want), "missing {want:?} in:\n{shown}");

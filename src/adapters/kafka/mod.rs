@@ -34,6 +34,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The policy's route topics do not fit the configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     /// The control topic could not be followed.
     #[error(transparent)]
     Control(#[from] FollowError),
@@ -187,6 +190,7 @@ pub async fn run(
     handles: RunHandles,
 ) -> Result<(), RunError> {
     let RunHandles { store, stats } = handles;
+    let cfg = cfg.with_policy(&policy)?;
     let follower_stop = Arc::new(AtomicBool::new(false));
     let follower = spawn_follower(
         FollowerConfig {
