@@ -181,6 +181,10 @@ impl RunConfig {
     }
 }
 
+/// The producer's transaction timeout unless a property sets another: short, because a
+/// crashed instance's open transaction blocks read_committed readers until it expires.
+pub const DEFAULT_TXN_TIMEOUT_MS: i64 = 10_000;
+
 /// librdkafka properties cdrguard sets itself because its guarantees depend on them.
 const RESERVED: &[&str] = &[
     "bootstrap.servers",
@@ -459,13 +463,20 @@ pub fn parse(
         }
     }
     let mut key_file_fallback = None;
+    let mut hostname = None;
     for (var, value) in env {
         if var == "CDRGUARD_KEY_FILE" {
             // The variable `replay` reads too; the config's own key wins over it.
             key_file_fallback = Some((value, Origin::Env(var)));
             continue;
         }
-        if !var.starts_with(ENV_PREFIX) {
+        if var == "HOSTNAME" {
+            hostname = Some(value);
+            continue;
+        }
+        // Settings always have a level separator; other CDRGUARD_ variables belong to
+        // other tools (the test harness, the broker script) and are not ours to refuse.
+        if !var.starts_with(ENV_PREFIX) || !var.contains("__") {
             continue;
         }
         match env_key(&var) {
@@ -552,8 +563,12 @@ pub fn parse(
     let formats = [("json", Format::Json), ("binary", Format::Binary)];
     let input_format = s.choice("processing.input_format", Format::Json, &formats);
     let output_format = s.choice("processing.output_format", Format::Json, &formats);
+    let commit_origin = s
+        .leaves
+        .get("processing.commit_interval_ms")
+        .map_or(Origin::Default, |(_, o)| o.clone());
     let commit_ms = s.integer("processing.commit_interval_ms", 100, (10, 60_000));
-    let commit_max = s.integer("processing.commit_max_records", 20_000, (1, 10_000_000));
+    let commit_max = s.integer("processing.commit_max_records", 5_000, (1, 10_000_000));
     let staleness = s.integer(
         "processing.control_max_staleness_ms",
         10_000,
@@ -573,15 +588,49 @@ pub fn parse(
         (Guarantee::ExactlyOnce, Some((t, Origin::Default))) if t.is_empty() => {
             // Stable across restarts of the same host, which is what fencing needs; two
             // instances on one host must set their own.
-            let host = std::fs::read_to_string("/etc/hostname")
+            let host = hostname
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
                 .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "local".into());
-            let group = group_id.as_ref().map_or("cdrguard", |g| g.0.as_str());
-            format!("{group}-{host}")
+                .filter(|h| !h.is_empty());
+            match host {
+                Some(h) => {
+                    let group = group_id.as_ref().map_or("cdrguard", |g| g.0.as_str());
+                    format!("{group}-{h}")
+                }
+                None => {
+                    s.problem(
+                        Origin::Default,
+                        "kafka.transactional_id",
+                        "missing, and no host name to derive one from: set one unique per instance",
+                    );
+                    String::new()
+                }
+            }
         }
         (_, Some((t, _))) => t,
         (_, None) => String::new(),
     };
+    // The broker aborts a transaction open longer than transaction.timeout.ms; a commit
+    // interval near it would have every transaction fenced before it commits.
+    let txn_timeout = producer_properties
+        .get("transaction.timeout.ms")
+        .or_else(|| properties.get("transaction.timeout.ms"))
+        .map_or(Ok(DEFAULT_TXN_TIMEOUT_MS), |v| v.parse::<i64>());
+    match txn_timeout {
+        Ok(t) if guarantee == Guarantee::ExactlyOnce && commit_ms * 3 > t => s.problem(
+            commit_origin.clone(),
+            "processing.commit_interval_ms",
+            format!(
+                "{commit_ms} ms is more than a third of transaction.timeout.ms ({t} ms): transactions would time out before they commit"
+            ),
+        ),
+        Ok(_) => {}
+        Err(_) => s.problem(
+            Origin::Default,
+            "kafka.producer_properties.\"transaction.timeout.ms\"",
+            "must be an integer",
+        ),
+    }
 
     s.problems.sort_by_key(|p| match p.origin {
         Origin::Line(l) => (0, l),
@@ -595,7 +644,7 @@ pub fn parse(
         });
     }
     let get = |v: Option<(String, Origin)>| v.map(|(s, _)| s).unwrap_or_default();
-    Ok(RunConfig {
+    let cfg = RunConfig {
         brokers: get(brokers),
         group_id: get(group_id),
         transactional_id,
@@ -616,7 +665,49 @@ pub fn parse(
         commit_max_records: commit_max as usize,
         control_max_staleness: Duration::from_millis(staleness as u64),
         queued_max_kbytes: queued_kb as u32,
-    })
+    };
+    // librdkafka checks each property's name and value when it is set: do that now, so a
+    // typo is refused at load instead of failing every start.
+    let mut problems = Vec::new();
+    for (client, c) in [
+        ("consumer", super::consumer_config(&cfg)),
+        ("producer", super::producer_config(&cfg)),
+    ] {
+        if let Err(e) = c.create_native_config() {
+            problems.push(ConfigProblem {
+                origin: Origin::Default,
+                key: format!("kafka properties ({client})"),
+                message: redact(&e.to_string(), &cfg),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError {
+            file: file.to_string(),
+            problems,
+        })
+    }
+}
+
+/// librdkafka's messages may quote a value; a secret's value never reaches the output.
+fn redact(message: &str, cfg: &RunConfig) -> String {
+    let mut out = message.to_string();
+    for (k, v) in cfg
+        .properties
+        .iter()
+        .chain(&cfg.consumer_properties)
+        .chain(&cfg.producer_properties)
+    {
+        let secret = ["password", "secret", "key", "token", "jaas"]
+            .iter()
+            .any(|w| k.contains(w));
+        if secret && !v.is_empty() {
+            out = out.replace(v.as_str(), "***");
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -750,6 +841,35 @@ commit_interval_ms = 5
         .unwrap();
         assert_eq!(c.key_file, Path::new("/k/keys.toml"));
         assert!(!c.transactional_id.is_empty());
+    }
+
+    #[test]
+    fn commit_interval_must_fit_the_transaction_timeout_and_properties_must_exist() {
+        let text = GOOD.replace("commit_interval_ms = 250", "commit_interval_ms = 5000");
+        let e = parse(&text, "c.toml", Path::new("."), env(&[])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("c.toml:17: processing.commit_interval_ms: 5000 ms is more than a third of transaction.timeout.ms (10000 ms)"),
+            "{e}"
+        );
+        let ok = text.replace(
+            "[kafka.properties]",
+            "[kafka.producer_properties]\n\"transaction.timeout.ms\" = 60000\n\n[kafka.properties]",
+        );
+        assert!(parse(&ok, "c.toml", Path::new("."), env(&[])).is_ok());
+        let typo = GOOD.replace("\"security.protocol\"", "\"security.protocl\"");
+        let e = parse(&typo, "c.toml", Path::new("."), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("security.protocl"), "{e}");
+        // Variables of other tools (no level separator) are none of our business.
+        assert!(
+            parse(
+                GOOD,
+                "c.toml",
+                Path::new("."),
+                env(&[("CDRGUARD_TEST_BROKERS", "x:1")])
+            )
+            .is_ok()
+        );
     }
 
     #[test]

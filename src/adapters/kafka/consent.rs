@@ -312,6 +312,15 @@ pub fn spawn_follower(
         })
 }
 
+/// What the follower knows about one control partition.
+struct PartitionEnd {
+    id: i32,
+    /// The high watermark librdkafka had cached when it last reported this partition's
+    /// end, until the next message arrives. The end is reported past transaction
+    /// markers, which the consumed position alone would not show.
+    end_high: Option<i64>,
+}
+
 fn follow(
     consumer: BaseConsumer<ControlContext>,
     topic: &str,
@@ -319,18 +328,19 @@ fn follow(
     store: &ConsentStore,
     stop: &AtomicBool,
 ) {
-    // A partition is at its end from an end-of-partition event until its next message.
-    // librdkafka reports that event past transaction markers too, which the consumed
-    // position alone would not show.
-    let mut at_end = vec![false; partitions.len()];
+    let mut parts: Vec<PartitionEnd> = partitions
+        .iter()
+        .map(|&id| PartitionEnd { id, end_high: None })
+        .collect();
     let mut last_check = Instant::now();
+    let mut last_metadata = Instant::now();
     let throttle = super::Throttle::default();
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(m)) => {
-                if let Some(i) = partitions.iter().position(|p| *p == m.partition()) {
-                    at_end[i] = false;
+                if let Some(pe) = parts.iter_mut().find(|pe| pe.id == m.partition()) {
+                    pe.end_high = None;
                 }
                 match store.apply_message(m.key(), m.payload()) {
                     Ok(()) => {
@@ -360,10 +370,11 @@ fn follow(
                 }
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                if let Some(i) = partitions.iter().position(|q| *q == p) {
-                    at_end[i] = true;
+                let high = cached_high(&consumer, topic, p);
+                if let Some(pe) = parts.iter_mut().find(|pe| pe.id == p) {
+                    pe.end_high = Some(high.unwrap_or(0));
                 }
-                if at_end.iter().all(|e| *e) && !store.caught_up() {
+                if parts.iter().all(|pe| pe.end_high.is_some()) && !store.caught_up() {
                     store.confirm(Instant::now());
                     store.caught_up.store(true, Ordering::Release);
                     tracing::info!(
@@ -379,9 +390,13 @@ fn follow(
                 }
             }
         }
+        if last_metadata.elapsed() >= METADATA_EVERY {
+            follow_new_partitions(&consumer, topic, &mut parts);
+            last_metadata = Instant::now();
+        }
         if store.caught_up() && last_check.elapsed() >= CHECK_EVERY {
             let started = Instant::now();
-            if is_current(&consumer, topic, partitions, &at_end) {
+            if is_current(&consumer, topic, &parts) {
                 store.confirm(started);
             }
             last_check = Instant::now();
@@ -391,27 +406,109 @@ fn follow(
 
 /// How often the follower proves the table current while following live.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often it looks for partitions added to the control topic.
+const METADATA_EVERY: Duration = Duration::from_secs(5);
 
-/// Whether every partition is consumed to its end, proven by asking the broker: a
-/// partition counts if it is at its end or its position has reached the high watermark.
-/// A broker that does not answer proves nothing, so an outage makes the table stale.
+/// The high watermark librdkafka cached from its last fetch of a partition (no request).
+fn cached_high(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the topic is a
+    // NUL-terminated string that outlives the call; librdkafka only writes the two
+    // out-parameters, which are valid i64s on this stack frame.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
+/// Partitions added to the control topic are read from their beginning; until they have
+/// been read to their end the table is not current (see [`is_current`]).
+fn follow_new_partitions(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    parts: &mut Vec<PartitionEnd>,
+) {
+    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
+        return;
+    };
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            if !parts.iter().any(|pe| pe.id == p.id())
+                && tpl
+                    .add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .is_ok()
+            {
+                parts.push(PartitionEnd {
+                    id: p.id(),
+                    end_high: None,
+                });
+            }
+        }
+    }
+    if tpl.count() > 0 {
+        tracing::info!(
+            topic,
+            added = tpl.count(),
+            "control topic has new partitions; reading them"
+        );
+        if let Err(e) = consumer.incremental_assign(&tpl) {
+            tracing::warn!(topic, error = %e, "cannot read the new control partitions");
+        }
+    }
+}
+
+/// Whether every partition is consumed to its end, proven by asking the broker for the
+/// latest offsets (one request for all partitions; under read_committed the broker
+/// answers with the last stable offset). A partition counts when its position, or the
+/// high watermark cached when it last reached its end, is at least that. A broker that
+/// does not answer proves nothing, so an outage makes the table stale.
 fn is_current(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
-    partitions: &[i32],
-    at_end: &[bool],
+    parts: &[PartitionEnd],
 ) -> bool {
     let Ok(pos) = consumer.position() else {
         return false;
     };
-    partitions.iter().zip(at_end).all(|(p, end)| {
-        let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(2)) else {
+    let mut query = TopicPartitionList::new();
+    for pe in parts {
+        // A timestamp of -1 asks for the latest offset.
+        if query
+            .add_partition_offset(topic, pe.id, Offset::End)
+            .is_err()
+        {
+            return false;
+        }
+    }
+    let Ok(latest) = consumer.offsets_for_times(query, Duration::from_secs(2)) else {
+        return false;
+    };
+    parts.iter().all(|pe| {
+        let Some(Offset::Offset(end)) = latest
+            .find_partition(topic, pe.id)
+            .filter(|e| e.error().is_ok())
+            .map(|e| e.offset())
+        else {
             return false;
         };
-        *end || matches!(
-            pos.find_partition(topic, *p).map(|e| e.offset()),
-            Some(Offset::Offset(o)) if o >= high
-        )
+        let consumed = match pos.find_partition(topic, pe.id).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        };
+        consumed.max(pe.end_high.unwrap_or(-1)) >= end
     })
 }
 

@@ -30,6 +30,11 @@ use crate::policy::Policy;
 
 /// The longest wait before rebuilding a failed pipeline.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Fencing this often within [`FENCING_WINDOW`] means two live instances share a
+/// transactional id; rebuilding would only fence the other one back.
+const MAX_FENCED: usize = 3;
+/// See [`MAX_FENCED`].
+const FENCING_WINDOW: Duration = Duration::from_secs(300);
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,9 @@ pub enum RunError {
     /// The pipeline failed and could not be rebuilt.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// A task of our own failed.
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 /// Lets a repeated warning through once per period, so a broker outage does not flood
@@ -121,15 +129,16 @@ pub fn consumer_config(cfg: &RunConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("auto.offset.reset", "earliest")
-        // Bounded prefetch per partition, so lag does not become memory.
-        .set(
-            "queued.max.messages.kbytes",
-            cfg.queued_max_kbytes.to_string(),
-        )
         .set("queued.min.messages", "10000");
     for (k, v) in cfg.properties.iter().chain(&cfg.consumer_properties) {
         c.set(k, v);
     }
+    // Bounded prefetch per partition, so lag does not become memory; its own setting
+    // (processing.queued_max_kbytes) wins over a property.
+    c.set(
+        "queued.max.messages.kbytes",
+        cfg.queued_max_kbytes.to_string(),
+    );
     c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -148,8 +157,12 @@ pub fn producer_config(cfg: &RunConfig) -> ClientConfig {
         .set("partitioner", "murmur2_random")
         // A crashed instance's open transaction blocks read_committed readers until it
         // times out: keep that short.
-        .set("transaction.timeout.ms", "10000")
-        .set("queue.buffering.max.kbytes", "65536");
+        .set(
+            "transaction.timeout.ms",
+            config::DEFAULT_TXN_TIMEOUT_MS.to_string(),
+        )
+        // A commit flushes everything queued: a smaller queue keeps commits short.
+        .set("queue.buffering.max.kbytes", "16384");
     for (k, v) in cfg.properties.iter().chain(&cfg.producer_properties) {
         c.set(k, v);
     }
@@ -192,21 +205,24 @@ pub async fn run(
     let RunHandles { store, stats } = handles;
     let cfg = cfg.with_policy(&policy)?;
     let follower_stop = Arc::new(AtomicBool::new(false));
-    let follower = spawn_follower(
-        FollowerConfig {
-            client: {
-                let mut c = common(&cfg);
-                for (k, v) in &cfg.consumer_properties {
-                    c.set(k, v);
-                }
-                c.set("group.id", format!("{}.control-reader", cfg.group_id));
-                c
-            },
-            topic: cfg.control_topic.clone(),
+    let follower_cfg = FollowerConfig {
+        client: {
+            let mut c = common(&cfg);
+            for (k, v) in &cfg.consumer_properties {
+                c.set(k, v);
+            }
+            c.set("group.id", format!("{}.control-reader", cfg.group_id));
+            c
         },
-        store.clone(),
-        follower_stop.clone(),
-    )?;
+        topic: cfg.control_topic.clone(),
+    };
+    // Asking for the control topic's partitions blocks: not on a worker.
+    let follower = {
+        let (store, follower_stop) = (store.clone(), follower_stop.clone());
+        tokio::task::spawn_blocking(move || spawn_follower(follower_cfg, store, follower_stop))
+            .await
+            .map_err(|e| RunError::Internal(e.to_string()))??
+    };
     let stopping = Arc::new(AtomicBool::new(false));
     let watcher = {
         let stop = stop.clone();
@@ -265,19 +281,35 @@ pub async fn run(
         // overcome (a broker outage, a timed-out or fenced transaction), with a backoff
         // that grows while failures repeat and resets after a healthy minute.
         let mut backoff = Duration::from_millis(500);
+        let mut fenced: Vec<std::time::Instant> = Vec::new();
         let out = loop {
             let started = std::time::Instant::now();
             match run_pipeline(&inputs, &watcher).await {
                 Ok(()) => break Ok(()),
+                // A stop that could not commit its last transaction: nothing is lost (the
+                // transaction is aborted and its records are read again by whoever owns
+                // them next), but the operator should know.
+                Err(e) if stopping.load(Ordering::Acquire) => break Err(e),
                 Err(e) if e.restartable() => {
-                    if stopping.load(Ordering::Acquire) {
-                        break Ok(());
+                    if e.fenced() {
+                        fenced.retain(|t| t.elapsed() < FENCING_WINDOW);
+                        fenced.push(std::time::Instant::now());
+                        if fenced.len() >= MAX_FENCED {
+                            tracing::error!(
+                                transactional_id = %cfg.transactional_id,
+                                "fenced {MAX_FENCED} times within {FENCING_WINDOW:?}: another instance uses this transactional id"
+                            );
+                            break Err(e);
+                        }
                     }
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_millis(500);
                     }
                     tracing::warn!(error = %e, ?backoff, "rebuilding the pipeline");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = watcher.notified() => break Ok(()),
+                    }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => break Err(e),

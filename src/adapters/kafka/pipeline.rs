@@ -36,6 +36,9 @@ use crate::policy::Policy;
 /// Records a partition task processes before it lets others (and commits) in.
 const BATCH: usize = 512;
 
+/// The largest input record routed; larger ones go to the dead letter, truncated.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
 /// Counters of a run, readable while it goes.
 #[derive(Debug, Default)]
 pub struct RunStats {
@@ -102,16 +105,32 @@ pub enum PipelineError {
     /// pipeline restarts so its order is kept.
     #[error("a message of partition {0} bypassed its partition queue")]
     Stray(i32),
+    /// Something of our own failed (a thread, a task, a partition queue); a fresh
+    /// pipeline may not hit it again.
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl PipelineError {
     /// Whether a fresh pipeline (new consumer and producer) may succeed where this failed.
-    /// Missing topics are an operator's mistake and stop the run; a fenced producer
-    /// usually means the broker timed out a transaction during an outage, so it is
-    /// rebuilt (two live instances sharing a transactional id show up as repeated
-    /// fencing in the log).
+    /// Missing topics and refused client settings are an operator's mistake and stop the
+    /// run; a fenced producer usually means the broker timed out a transaction during an
+    /// outage, so it is rebuilt (`run` gives up when fencing keeps repeating).
     pub fn restartable(&self) -> bool {
-        !matches!(self, PipelineError::Topics(_))
+        !matches!(
+            self,
+            PipelineError::Topics(_)
+                | PipelineError::Sink(SinkError::Client(_))
+                | PipelineError::Kafka {
+                    source: KafkaError::ClientCreation(_),
+                    ..
+                }
+        )
+    }
+
+    /// Whether the producer was fenced.
+    pub fn fenced(&self) -> bool {
+        matches!(self, PipelineError::Sink(SinkError::Fenced(_)))
     }
 }
 
@@ -167,11 +186,16 @@ pub struct Shared {
     store: Arc<ConsentStore>,
     sink: Arc<Sink>,
     consumer: OnceLock<Arc<BaseConsumer<GroupContext>>>,
+    /// Partition queues split while partitions are being assigned, until their slots
+    /// take them.
+    queues: Mutex<BTreeMap<i32, PartitionQueue<GroupContext>>>,
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
     /// Serialises commits (coordinator, rebalances, shutdown) and slot registration.
     commit_lock: tokio::sync::Mutex<()>,
     uncommitted: AtomicUsize,
     commit_now: Notify,
+    /// A send failed in the open transaction: the next commit aborts instead.
+    poisoned: AtomicBool,
     failed: Mutex<Option<PipelineError>>,
     fail_notify: Notify,
     closing: AtomicBool,
@@ -199,6 +223,17 @@ impl ConsumerContext for GroupContext {
         let Some(shared) = self.shared.get().and_then(Weak::upgrade) else {
             return;
         };
+        if let Rebalance::Assign(tpl) = r {
+            // Split before librdkafka starts fetching, so no message of these partitions
+            // ever reaches the group's main queue. No lock: a commit may be running.
+            let consumer = shared.consumer();
+            let mut stash = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+            for e in tpl.elements() {
+                if let Some(q) = consumer.split_partition_queue(e.topic(), e.partition()) {
+                    stash.insert(e.partition(), q);
+                }
+            }
+        }
         if let Rebalance::Revoke(tpl) = r {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let lost = consumer.assignment_lost();
@@ -266,7 +301,6 @@ impl Shared {
     /// Registers newly assigned partitions and starts their tasks.
     async fn assign(self: &Arc<Self>, parts: &[i32]) {
         let _g = self.commit_lock.lock().await;
-        let consumer = self.consumer().clone();
         for &p in parts {
             let old = self
                 .slots
@@ -279,9 +313,14 @@ impl Shared {
                 old.request_stop();
                 old.join().await;
             }
-            let Some(queue) = consumer.split_partition_queue(&self.cfg.input_topic, p) else {
-                self.fail(PipelineError::Topics(format!(
-                    "cannot read partition {p} of {}",
+            let stashed = self
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&p);
+            let Some(queue) = stashed else {
+                self.fail(PipelineError::Internal(format!(
+                    "no queue for partition {p} of {}",
                     self.cfg.input_topic
                 )));
                 continue;
@@ -329,13 +368,21 @@ impl Shared {
                 // Another member may already own them: nothing of this transaction may
                 // commit.
                 Err(SinkError::AssignmentLost)
+            } else if self.poisoned.swap(false, Ordering::AcqRel) {
+                Err(SinkError::SendFailed)
             } else {
                 self.commit_locked(&slots, &mut guards).await
             };
-            if let Err(e) = outcome
-                && let Err(fatal) = self.abort_locked(&slots, &mut guards, &e).await
-            {
-                self.fail(fatal.into());
+            match outcome {
+                Ok(()) | Err(SinkError::Abandoned) => {}
+                Err(e @ (SinkError::Fatal(_) | SinkError::Fenced(_) | SinkError::Client(_))) => {
+                    self.fail(e.into())
+                }
+                Err(e) => {
+                    if let Err(fatal) = self.abort_locked(&slots, &mut guards, &e).await {
+                        self.fail(fatal.into());
+                    }
+                }
             }
         }
         let mut gone = Vec::new();
@@ -365,13 +412,21 @@ impl Shared {
         for s in &slots {
             guards.push(s.state.lock().await);
         }
-        if let Err(e) = self.commit_locked(&slots, &mut guards).await {
-            if matches!(e, SinkError::Fatal(_) | SinkError::Fenced(_)) {
-                return Err(e.into());
+        // Checked with every partition locked: a send that failed in this transaction
+        // means some record's copies are incomplete, so nothing of it may commit.
+        let outcome = if self.poisoned.swap(false, Ordering::AcqRel) {
+            Err(SinkError::SendFailed)
+        } else {
+            self.commit_locked(&slots, &mut guards).await
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e @ (SinkError::Fatal(_) | SinkError::Fenced(_) | SinkError::Client(_))) => {
+                Err(e.into())
             }
-            self.abort_locked(&slots, &mut guards, &e).await?;
+            Err(SinkError::Abandoned) => Ok(()),
+            Err(e) => Ok(self.abort_locked(&slots, &mut guards, &e).await?),
         }
-        Ok(())
     }
 
     async fn commit_locked(
@@ -501,10 +556,23 @@ impl Shared {
                     match queue.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
-                            if let Err(e) = self.handle(&m, &mut st, now, fresh, &mut scratch).await
-                            {
-                                self.fail(e.into());
-                                return;
+                            match self.handle(&m, &mut st, now, fresh, &mut scratch).await {
+                                Ok(()) => {}
+                                // The transaction cannot commit any more: stop here, the
+                                // coordinator aborts it and rewinds this partition.
+                                Err(SinkError::Abortable(e)) => {
+                                    if let Some(held) = throttle.ready() {
+                                        tracing::warn!(partition = slot.partition, error = %e, held_back = held, "send failed; the transaction will be aborted");
+                                    }
+                                    self.poisoned.store(true, Ordering::Release);
+                                    self.commit_now.notify_one();
+                                    break;
+                                }
+                                Err(SinkError::Abandoned) => return,
+                                Err(e) => {
+                                    self.fail(e.into());
+                                    return;
+                                }
                             }
                         }
                         Some(Err(e)) => {
@@ -536,17 +604,35 @@ impl Shared {
         fresh: bool,
         scratch: &mut Scratch,
     ) -> Result<(), SinkError> {
-        let payload = m.payload().unwrap_or(&[]);
-        let decoded: Result<Record<'_>, codec::DecodeError> = match self.cfg.input_format {
-            Format::Json => json::decode_record(payload),
-            Format::Binary => binary::decode_record(payload),
+        // Before anything is sent: an abort must rewind to this record at the latest.
+        st.txn_first.get_or_insert(m.offset());
+        let full = m.payload().unwrap_or(&[]);
+        // A record this large is no CDR; refusing it here keeps every copy and dead
+        // letter far below the broker's message size, so one record cannot wedge a
+        // partition.
+        let (payload, decoded): (&[u8], Result<Record<'_>, String>) = if full.len()
+            > MAX_RECORD_BYTES
+        {
+            (
+                &full[..MAX_RECORD_BYTES],
+                Err(format!(
+                    "record of {} bytes is larger than {MAX_RECORD_BYTES}; the dead letter holds its first {MAX_RECORD_BYTES} bytes",
+                    full.len()
+                )),
+            )
+        } else {
+            let d = match self.cfg.input_format {
+                Format::Json => json::decode_record(full),
+                Format::Binary => binary::decode_record(full),
+            };
+            (full, d.map_err(|e| e.to_string()))
         };
         match decoded {
-            Err(e) => {
+            Err(reason) => {
                 let headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header {
                         key: "dlq.reason",
-                        value: Some(&e.to_string()),
+                        value: Some(&reason),
                     })
                     .insert(Header {
                         key: "dlq.topic",
@@ -611,7 +697,6 @@ impl Shared {
             }
         }
         st.next = Some(m.offset() + 1);
-        st.txn_first.get_or_insert(m.offset());
         st.records += 1;
         if self.uncommitted.fetch_add(1, Ordering::Relaxed) + 1 >= self.cfg.commit_max_records {
             self.commit_now.notify_one();
@@ -653,7 +738,7 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     let guarantee = cfg.guarantee;
     let sink = tokio::task::spawn_blocking(move || Sink::create(&producer_config, guarantee))
         .await
-        .map_err(|e| PipelineError::Topics(format!("producer start-up panicked: {e}")))??;
+        .map_err(|e| PipelineError::Internal(format!("producer start-up: {e}")))??;
 
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -662,10 +747,12 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         store: inputs.store.clone(),
         sink: Arc::new(sink),
         consumer: OnceLock::new(),
+        queues: Mutex::new(BTreeMap::new()),
         slots: Mutex::new(BTreeMap::new()),
         commit_lock: tokio::sync::Mutex::new(()),
         uncommitted: AtomicUsize::new(0),
         commit_now: Notify::new(),
+        poisoned: AtomicBool::new(false),
         failed: Mutex::new(None),
         fail_notify: Notify::new(),
         closing: AtomicBool::new(false),
@@ -677,16 +764,26 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         throttle: super::Throttle::default(),
     };
     let _ = ctx.shared.set(Arc::downgrade(&shared));
-    let consumer: BaseConsumer<GroupContext> = inputs
-        .consumer_config
-        .create_with_context(ctx)
-        .map_err(|source| PipelineError::Kafka {
-            what: "creating the group consumer",
-            source,
-        })?;
-    let consumer = Arc::new(consumer);
+    // Creating the consumer and asking for metadata block: keep them off the workers.
+    let consumer = {
+        let config = inputs.consumer_config.clone();
+        let cfg = cfg.clone();
+        let policy = inputs.policy.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer<GroupContext> =
+                config
+                    .create_with_context(ctx)
+                    .map_err(|source| PipelineError::Kafka {
+                        what: "creating the group consumer",
+                        source,
+                    })?;
+            check_topics(&consumer, &cfg, &policy)?;
+            Ok::<_, PipelineError>(Arc::new(consumer))
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(format!("consumer start-up: {e}")))??
+    };
     let _ = shared.consumer.set(consumer.clone());
-    check_topics(&consumer, cfg, &inputs.policy)?;
     consumer
         .subscribe(&[&cfg.input_topic])
         .map_err(|source| PipelineError::Kafka {
@@ -704,22 +801,34 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         std::thread::Builder::new()
             .name("cdrguard-group".into())
             .spawn(move || group_thread(&shared, &consumer, &group_stop))
-            .map_err(|e| PipelineError::Topics(format!("cannot start the group thread: {e}")))?
+            .map_err(|e| PipelineError::Internal(format!("cannot start the group thread: {e}")))?
     };
 
+    // The coordinator commits on its interval, early when a batch is full, and a last
+    // time when the pipeline stops; it is the only place a commit starts outside a
+    // rebalance, so the final commit cannot overlap another.
+    let shutdown = Arc::new(Notify::new());
     let coordinator = {
         let shared = shared.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(shared.cfg.commit_interval) => {}
                     _ = shared.commit_now.notified() => {}
+                    _ = shutdown.notified() => {}
                 }
-                if shared.closing.load(Ordering::Acquire) {
+                if shared.has_failed() {
                     return;
                 }
+                // Partition tasks stop at their next batch once `closing` is set, so the
+                // last commit holds everything they processed.
+                let last = shared.closing.load(Ordering::Acquire);
                 if let Err(e) = shared.commit_cycle().await {
                     shared.fail(e);
+                    return;
+                }
+                if last {
                     return;
                 }
             }
@@ -731,14 +840,15 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         _ = shared.fail_notify.notified() => {}
     }
     shared.closing.store(true, Ordering::Release);
-    coordinator.abort();
+    shutdown.notify_one();
+    let _ = coordinator.await;
     let failed = shared
         .failed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
     let result = match failed {
-        None => shared.commit_cycle().await,
+        None => Ok(()),
         Some(e) => {
             // Nothing more is sent or committed; the open transaction is aborted by the
             // next producer with this transactional id (or times out on the broker).
@@ -746,9 +856,6 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
             Err(e)
         }
     };
-    if result.is_err() {
-        shared.sink.abandon();
-    }
     let slots = shared.snapshot();
     for s in &slots {
         s.request_stop();
@@ -761,6 +868,8 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     drop(consumer);
     let _ = tokio::task::spawn_blocking(move || group.join()).await;
     tracing::info!(stats = %shared.stats.line(), "pipeline stopped");
+    // Closing the consumer and the producer blocks (leaving the group, joining threads).
+    let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
     result
 }
 

@@ -3,7 +3,6 @@
 //! transaction (exactly once) or by flushing before the offsets are committed (at least
 //! once).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -19,8 +18,10 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 
 use super::config::Guarantee;
 
-/// How long a transaction commit or abort, or a flush, may block.
+/// How long one transactional call or flush may block.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a retriable transactional call is repeated before the pipeline gives up.
+const RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// Counts deliveries the broker refused after librdkafka's own retries: in at-least-once
 /// mode any such failure keeps the offsets from being committed.
@@ -63,9 +64,15 @@ pub enum SinkError {
     /// The producer can no longer be used: build a new pipeline.
     #[error("fatal: {0}")]
     Fatal(KafkaError),
+    /// A send of the open transaction failed: it must be aborted.
+    #[error("a send of the open transaction failed")]
+    SendFailed,
     /// The partitions were taken away before they could be committed.
     #[error("the partition assignment was lost")]
     AssignmentLost,
+    /// The producer could not be made: its configuration is refused (not retried).
+    #[error("producer: {0}")]
+    Client(KafkaError),
     /// The pipeline is being torn down: nothing more may be sent.
     #[error("the producer was abandoned by a failed pipeline")]
     Abandoned,
@@ -89,8 +96,29 @@ fn classify(e: KafkaError) -> SinkError {
     match &e {
         _ if fenced => SinkError::Fenced(e),
         KafkaError::Transaction(t) if t.is_fatal() => SinkError::Fatal(e),
-        KafkaError::Transaction(_) => SinkError::Abortable(e),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => SinkError::Abortable(e),
+        // Neither retriable (retried by `retry`), nor abortable: the transaction's state
+        // is unknown, so only a new producer is safe.
+        KafkaError::Transaction(_) => SinkError::Fatal(e),
+        // A produce call refused (e.g. the transaction already failed): abort it.
         _ => SinkError::Abortable(e),
+    }
+}
+
+/// Repeats a transactional call while librdkafka says the same call may be retried
+/// (e.g. a commit that timed out: aborting then would be refused as a conflict).
+fn retry(mut op: impl FnMut() -> Result<(), KafkaError>) -> Result<(), SinkError> {
+    let deadline = std::time::Instant::now() + RETRY_FOR;
+    loop {
+        match op() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(t))
+                if t.is_retriable() && std::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %t, "transactional call failed; retrying it");
+            }
+            Err(e) => return Err(classify(e)),
+        }
     }
 }
 
@@ -126,9 +154,9 @@ impl Sink {
     pub fn create(client: &ClientConfig, guarantee: Guarantee) -> Result<Sink, SinkError> {
         let producer: ThreadedProducer<SinkContext> = client
             .create_with_context(SinkContext::default())
-            .map_err(SinkError::Fatal)?;
+            .map_err(SinkError::Client)?;
         if guarantee == Guarantee::ExactlyOnce {
-            producer.init_transactions(TXN_TIMEOUT).map_err(classify)?;
+            retry(|| producer.init_transactions(TXN_TIMEOUT))?;
             producer.begin_transaction().map_err(classify)?;
         }
         Ok(Sink {
@@ -174,18 +202,20 @@ impl Sink {
         offsets: &TopicPartitionList,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), SinkError> {
+        if self.abandoned() {
+            return Err(SinkError::Abandoned);
+        }
         match self.guarantee {
             Guarantee::ExactlyOnce => {
                 if offsets.count() > 0 {
                     let cgm: ConsumerGroupMetadata =
                         consumer.group_metadata().ok_or(SinkError::NotInGroup)?;
-                    self.producer
-                        .send_offsets_to_transaction(offsets, &cgm, TXN_TIMEOUT)
-                        .map_err(classify)?;
+                    retry(|| {
+                        self.producer
+                            .send_offsets_to_transaction(offsets, &cgm, TXN_TIMEOUT)
+                    })?;
                 }
-                self.producer
-                    .commit_transaction(TXN_TIMEOUT)
-                    .map_err(classify)?;
+                retry(|| self.producer.commit_transaction(TXN_TIMEOUT))?;
                 self.producer.begin_transaction().map_err(classify)
             }
             Guarantee::AtLeastOnce => {
@@ -215,9 +245,7 @@ impl Sink {
     pub fn abort(&self) -> Result<(), SinkError> {
         match self.guarantee {
             Guarantee::ExactlyOnce => {
-                self.producer
-                    .abort_transaction(TXN_TIMEOUT)
-                    .map_err(classify)?;
+                retry(|| self.producer.abort_transaction(TXN_TIMEOUT))?;
                 self.producer.begin_transaction().map_err(classify)
             }
             // Already sent copies stay sent: at least once allows repeats.
@@ -230,11 +258,6 @@ impl Sink {
         }
     }
 
-    /// The delivery guarantee.
-    pub fn guarantee(&self) -> Guarantee {
-        self.guarantee
-    }
-
     /// Stops every send from now on.
     pub fn abandon(&self) {
         self.abandoned.store(true, Ordering::Release);
@@ -245,6 +268,3 @@ impl Sink {
         self.abandoned.load(Ordering::Acquire)
     }
 }
-
-/// A shared sink.
-pub type SharedSink = Arc<Sink>;
