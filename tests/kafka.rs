@@ -1,5 +1,10 @@
 //! cdrguard against a real Apache Kafka broker (started by the harness in tests/util, or
 //! named by CDRGUARD_TEST_BROKERS). Every test uses its own uniquely named topics.
+//!
+//! A run is checked only once it is over: its group has committed the end of the input,
+//! it has been stopped, and the offsets stayed at the end. Output topics are then read
+//! with read_committed until every partition reports its end, so a late duplicate cannot
+//! slip past a quiet period.
 
 mod util;
 
@@ -11,21 +16,25 @@ use rdkafka::message::Message;
 use util::*;
 
 /// Every route of two policies, end to end: each expected copy arrives exactly once with
-/// its tags as headers, and malformed records reach the dead-letter topic with theirs.
+/// its tags as headers, and malformed records reach the dead-letter topic with headers
+/// that point at the original record.
 #[test]
 fn routes_every_purpose_of_two_policies_exactly_once() {
     let b = broker();
     for policy_name in ["excedo", "alleato"] {
         let s = Scenario::new(
             &b.bootstrap,
-            &format!("e2e-{policy_name}"),
-            policy_name,
-            3,
-            3_000,
-            300,
-            11,
+            Setup {
+                name: &format!("e2e-{policy_name}"),
+                policy: policy_name,
+                partitions: 3,
+                records: 3_000,
+                subscribers: 300,
+                seed: 11,
+                tweaks: Tweaks::default(),
+            },
         );
-        let (cfg, policy, t) = (&s.cfg, &s.policy, &s.traffic);
+        let (cfg, policy) = (&s.cfg, &s.policy);
         for r in policy.declared() {
             assert!(
                 !s.want[r.purpose as usize].is_empty(),
@@ -34,58 +43,25 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
             );
         }
 
-        let run = InProcess::start(cfg);
-        s.assert_exactly_once();
-        let dead = read_all(
-            &b.bootstrap,
-            &cfg.dead_letter_topic,
-            t.malformed,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        );
-        assert_eq!(dead.len(), t.malformed, "{policy_name}: dead letters");
-        for d in &dead {
-            assert!(header(d, "dlq.reason").is_some_and(|r| !r.is_empty()));
-            assert_eq!(header(d, "dlq.topic"), Some(cfg.input_topic.as_str()));
-            let p: i32 = header(d, "dlq.partition").unwrap().parse().unwrap();
-            let o: i64 = header(d, "dlq.offset").unwrap().parse().unwrap();
-            assert!((0..3).contains(&p) && o >= 0);
-            // The original bytes, untouched.
-            assert!(
-                t.messages
-                    .iter()
-                    .any(|(_, v)| v.as_slice() == d.payload().unwrap())
-            );
+        let done = s.finish([InProcess::start(cfg).into()]);
+        let routes = s.assert_exactly_once(&done);
+        s.assert_dead_letters(&done);
+        // Tags as headers, equal to the envelope, on every copy of every route.
+        for (purpose, msgs) in &routes {
+            for m in msgs {
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                let env = &v["envelope"];
+                assert_eq!(header(m, "purpose"), Some(purpose.id()));
+                assert_eq!(header(m, "legal_basis"), env["legal_basis"].as_str());
+                assert_eq!(header(m, "gdpr_article"), env["gdpr_article"].as_str());
+                assert_eq!(header(m, "consent"), env["consent"].as_str());
+                assert_eq!(header(m, "policy"), Some(policy.tag.as_str()));
+                assert_eq!(header(m, "retention"), env["retention"]["rule"].as_str());
+            }
         }
-        // Tags as headers, equal to the envelope, on every route.
-        for r in policy.declared() {
-            let topic = cfg.routes[r.purpose as usize].as_deref().unwrap();
-            let msgs = read_all(
-                &b.bootstrap,
-                topic,
-                1,
-                Duration::ZERO,
-                Duration::from_secs(30),
-            );
-            let m = &msgs[0];
-            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            let env = &v["envelope"];
-            assert_eq!(header(m, "purpose"), Some(r.purpose.id()));
-            assert_eq!(header(m, "legal_basis"), env["legal_basis"].as_str());
-            assert_eq!(header(m, "gdpr_article"), env["gdpr_article"].as_str());
-            assert_eq!(header(m, "consent"), env["consent"].as_str());
-            assert_eq!(header(m, "policy"), Some(policy.tag.as_str()));
-            assert_eq!(header(m, "retention"), env["retention"]["rule"].as_str());
-        }
-        // Schedule entries: one per window, in the input's partitions, never a raw
-        // identifier for a route whose copies hide it.
-        let windows = read_all(
-            &b.bootstrap,
-            &cfg.schedule_topic,
-            1,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        );
+        // Schedule entries: in the input's partitions, valid, never a raw identifier for
+        // a route whose copies hide it.
+        let windows = read_to_end(&b.bootstrap, &cfg.schedule_topic);
         assert!(!windows.is_empty());
         let schema: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(root().join("schemas/retention-window.schema.json")).unwrap(),
@@ -105,7 +81,6 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
                 assert!(!s.starts_with('+'), "raw msisdn in a {} window", v["route"]);
             }
         }
-        run.stop().expect("clean stop");
     }
 }
 
@@ -147,85 +122,68 @@ fn objection(msisdn: &str, purpose: &str) -> (Option<Vec<u8>>, Vec<u8>) {
 
 /// A consent withdrawal and an objection arriving in the middle of a stream change
 /// routing from the next record on; and the delay from a control event's timestamp to
-/// its effect on routing, measured over a burst of events.
+/// its effect on routing, measured over a burst of events on a control topic of three
+/// partitions (printed, not asserted: it depends on the machine).
 #[test]
 fn consent_withdrawal_and_objection_mid_stream() {
     let b = broker();
     let dir = scratch("midstream");
     let prefix = unique("midstream");
-    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", "");
+    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
     let (policy, _) = load(&cfg);
-    create_topics(&cfg, &policy, 2);
+    // Events of one key stay in one partition, in order; other keys interleave.
+    create_topics(&cfg, &policy, 2, 3);
+    let (policy, keys) = load(&cfg);
     let s = "+46709990001";
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &[consent(s, "analytics", true), consent(s, "marketing", true)],
+    let grants = [consent(s, "analytics", true), consent(s, "marketing", true)];
+    let change = [consent(s, "analytics", false), objection(s, "marketing")];
+    let n = 40;
+    let (before, after) = (records_of(s, "before", n), records_of(s, "after", n));
+    // What the core makes of each half, in the state each is routed with.
+    let granted = state_after(&grants);
+    let mut want = copies_of(&before, &policy, &keys, &granted);
+    add(
+        &mut want,
+        copies_of(
+            &after,
+            &policy,
+            &keys,
+            &state_after(&[grants.clone(), change.clone()].concat()),
+        ),
     );
+    let count = |p: Purpose| want[p as usize].values().sum::<usize>();
+    assert_eq!(count(Purpose::Billing), 2 * n, "billing keeps every record");
+    assert_eq!(
+        count(Purpose::Analytics),
+        n,
+        "analytics stops at the withdrawal"
+    );
+    assert_eq!(
+        count(Purpose::Marketing),
+        n,
+        "marketing stops at the objection"
+    );
+
+    produce(&b.bootstrap, &cfg.control_topic, &grants);
     let run = InProcess::start(&cfg);
     let applied = || run.handles.store.applied.load(Ordering::Relaxed);
     wait_for("the grants", Duration::from_secs(60), || applied() == 2);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
 
-    let n = 40;
-    produce(&b.bootstrap, &cfg.input_topic, &records_of(s, "before", n));
-    let billing = cfg.routes[Purpose::Billing as usize].clone().unwrap();
-    wait_for("the first records", Duration::from_secs(60), || {
-        read_all(
-            &b.bootstrap,
-            &billing,
-            n,
-            Duration::ZERO,
-            Duration::from_secs(5),
-        )
-        .len()
-            >= n
-    });
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &[consent(s, "analytics", false), objection(s, "marketing")],
-    );
+    produce(&b.bootstrap, &cfg.input_topic, &before);
+    offsets.wait_at_end(&b.bootstrap, "the records before the change");
+    produce(&b.bootstrap, &cfg.control_topic, &change);
     wait_for(
         "the withdrawal and objection",
         Duration::from_secs(60),
         || applied() == 4,
     );
-    produce(&b.bootstrap, &cfg.input_topic, &records_of(s, "after", n));
-
-    let read = |p: Purpose, want: usize| {
-        read_all(
-            &b.bootstrap,
-            cfg.routes[p as usize].as_deref().unwrap(),
-            want,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-    };
-    let billing = read(Purpose::Billing, 2 * n);
-    assert_eq!(billing.len(), 2 * n, "billing keeps every record");
-    let ids: Vec<String> = billing
-        .iter()
-        .map(|m| {
-            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            v["envelope"]["record_id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(ids.iter().filter(|i| i.starts_with("after-")).count(), n);
-    // Consent-based routes got the records before the change and none after.
-    assert_eq!(
-        read(Purpose::Analytics, n).len(),
-        n,
-        "analytics: only before the withdrawal"
-    );
-    assert_eq!(
-        read(Purpose::Marketing, n).len(),
-        n,
-        "marketing: only before the objection"
-    );
+    produce(&b.bootstrap, &cfg.input_topic, &after);
+    offsets.wait_at_end(&b.bootstrap, "the records after the change");
 
     // The delay from a control event's timestamp to the consent table (the routing
     // state every next record reads): a burst of 300 events, 10 ms apart.
-    let before = applied();
+    let burst_start = applied();
     let feeder = Feeder::new(&b.bootstrap);
     for i in 0..300 {
         let m = format!("+4670888{:04}", i);
@@ -234,59 +192,73 @@ fn consent_withdrawal_and_objection_mid_stream() {
     }
     feeder.flush();
     wait_for("the burst", Duration::from_secs(60), || {
-        applied() == before + 300
+        applied() == burst_start + 300
     });
     let d = &run.handles.store.delays;
     println!(
-        "control-event delay to routing over {} events: p50 <= {} ms, p99 <= {} ms, max {} ms",
+        "control-event delay to routing over {} events on 3 partitions: p50 <= {} ms, p99 <= {} ms, max {} ms",
         d.count(),
         d.quantile_upper_ms(0.5).unwrap(),
         d.quantile_upper_ms(0.99).unwrap(),
         d.max_ms()
     );
-    run.stop().expect("clean stop");
+
+    let done = finish(&b.bootstrap, &cfg, [run.into()]);
+    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
 }
 
-/// `kill -9` of the processor in the middle of a 100,000-record run, then a restart:
-/// every expected copy is present exactly once (read_committed), none missing.
+/// `kill -9` of the processor in the middle of a 100,000-record run, then a restart
+/// under the same transactional id (which fences the dead instance and aborts its open
+/// transaction at once): every expected copy is present exactly once, none missing. The
+/// group uses the default, eager, rebalance protocol.
 #[test]
 fn kill_9_mid_run_then_restart_loses_and_repeats_nothing() {
     let s = Scenario::new(
         &broker().bootstrap,
-        "kill9",
-        "excedo",
-        4,
-        100_000,
-        5_000,
-        21,
+        Setup {
+            name: "kill9",
+            policy: "excedo",
+            partitions: 4,
+            records: 100_000,
+            subscribers: 5_000,
+            seed: 21,
+            tweaks: Tweaks::default(),
+        },
     );
     let log = s.dir.join("cdrguard.log");
     let p = Processor::start(&s.path, &log, &[]);
     s.wait_progress(1.0 / 3.0);
+    let protocol = group_protocol(&s.bootstrap, &s.cfg.group_id);
+    assert!(
+        matches!(protocol.as_str(), "range" | "roundrobin"),
+        "the default protocol is eager, got {protocol}"
+    );
     p.kill9();
     note(&log, "---- killed with SIGKILL; restarting ----");
     let p = Processor::start(&s.path, &log, &[]);
-    s.assert_exactly_once();
-    s.assert_dead_letters();
-    assert!(
-        p.terminate().success(),
-        "clean exit on SIGTERM (log: {})",
-        log.display()
-    );
+    let done = s.finish([p.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
 }
 
-/// Two instances in one group, one joining and one leaving mid-run: every expected copy
-/// exactly once.
+/// Two instances in one group, one joining and one leaving mid-run, with the cooperative
+/// (incremental) rebalance protocol: every expected copy exactly once.
 #[test]
 fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
     let s = Scenario::new(
         &broker().bootstrap,
-        "scale",
-        "alleato",
-        6,
-        60_000,
-        3_000,
-        31,
+        Setup {
+            name: "scale",
+            policy: "alleato",
+            partitions: 6,
+            records: 60_000,
+            subscribers: 3_000,
+            seed: 31,
+            tweaks: Tweaks {
+                consumer_properties: r#""partition.assignment.strategy" = "cooperative-sticky""#,
+                ..Tweaks::default()
+            },
+        },
     );
     let a = Processor::start(&s.path, &s.dir.join("a.log"), &[]);
     s.wait_progress(0.2);
@@ -296,16 +268,28 @@ fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
         &s.dir.join("b.log"),
         &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", txn_b.as_str())],
     );
-    s.wait_progress(0.5);
-    assert!(a.terminate().success(), "A leaves cleanly");
-    s.assert_exactly_once();
-    s.assert_dead_letters();
-    assert!(b.terminate().success());
-    let log_b = std::fs::read_to_string(s.dir.join("b.log")).unwrap();
-    assert!(
-        log_b.contains("partitions assigned"),
-        "B took part in the run"
+    // B's log names the partitions it was given (an empty list does not count).
+    let took_part = || {
+        log_lines(&s.dir.join("b.log"))
+            .iter()
+            .any(|l| l.contains("partitions assigned parts=[") && !l.contains("parts=[]"))
+    };
+    wait_for("B to get partitions", Duration::from_secs(120), took_part);
+    assert_eq!(
+        group_protocol(&s.bootstrap, &s.cfg.group_id),
+        "cooperative-sticky"
     );
+    s.wait_progress(0.5);
+    let log_a = s.dir.join("a.log");
+    let status = a.terminate();
+    assert!(
+        status.success(),
+        "A leaves cleanly (log: {})",
+        log_a.display()
+    );
+    let done = s.finish([b.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
 }
 
 /// The broker stops in the middle of a run and comes back: nothing is lost or repeated.
@@ -314,18 +298,22 @@ fn broker_restart_mid_run_loses_nothing() {
     let own = Broker::start(&scratch("restart-broker"), None);
     let s = Scenario::new(
         &own.bootstrap,
-        "restart",
-        "partnersec",
-        3,
-        60_000,
-        3_000,
-        41,
+        Setup {
+            name: "restart",
+            policy: "partnersec",
+            partitions: 3,
+            records: 60_000,
+            subscribers: 3_000,
+            seed: 41,
+            tweaks: Tweaks::default(),
+        },
     );
     let log = s.dir.join("cdrguard.log");
     let p = Processor::start(&s.path, &log, &[]);
     s.wait_progress(0.2);
     own.stop();
     note(&log, "---- broker stopped ----");
+    // The length of the outage, not a check: the run must ride it out either way.
     std::thread::sleep(Duration::from_secs(5));
     let again = Broker::start(own.dir.as_ref().unwrap(), None);
     assert_eq!(
@@ -333,65 +321,40 @@ fn broker_restart_mid_run_loses_nothing() {
         "the broker comes back on its port"
     );
     note(&log, "---- broker started again ----");
-    s.assert_exactly_once();
-    s.assert_dead_letters();
-    assert!(
-        p.terminate().success(),
-        "clean exit (log: {})",
-        log.display()
-    );
+    let done = s.finish([p.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
     again.stop();
 }
 
 /// At-least-once mode (no transactions): after a `kill -9` and a restart every expected
-/// copy is present; repeats are allowed, losses are not.
+/// copy is present; repeats are allowed, losses and strangers are not.
 #[test]
 fn at_least_once_mode_loses_nothing_across_a_kill() {
     let s = Scenario::new(
         &broker().bootstrap,
-        "alo",
-        "hektor-mobil",
-        3,
-        40_000,
-        2_000,
-        51,
+        Setup {
+            name: "alo",
+            policy: "hektor-mobil",
+            partitions: 3,
+            records: 40_000,
+            subscribers: 2_000,
+            seed: 51,
+            tweaks: Tweaks {
+                kafka: r#"guarantee = "at_least_once""#,
+                ..Tweaks::default()
+            },
+        },
     );
-    let text = std::fs::read_to_string(&s.path).unwrap();
-    std::fs::write(
-        &s.path,
-        text.replace("[kafka]\n", "[kafka]\nguarantee = \"at_least_once\"\n"),
-    )
-    .unwrap();
     let log = s.dir.join("cdrguard.log");
     let p = Processor::start(&s.path, &log, &[]);
     s.wait_progress(1.0 / 3.0);
     p.kill9();
+    note(&log, "---- killed with SIGKILL; restarting ----");
     let p = Processor::start(&s.path, &log, &[]);
-    for r in s.policy.declared() {
-        let topic = s.cfg.routes[r.purpose as usize].as_deref().unwrap();
-        let w = &s.want[r.purpose as usize];
-        let n: usize = w.values().sum();
-        // Wait until every expected id is there (repeats make the count larger).
-        wait_for(
-            &format!("every {} copy", r.purpose.id()),
-            Duration::from_secs(180),
-            || {
-                let got = util::got(&read_all(
-                    &s.bootstrap,
-                    topic,
-                    n,
-                    Duration::from_secs(1),
-                    Duration::from_secs(30),
-                ));
-                w.iter().all(|(k, v)| got.get(k).is_some_and(|g| g >= v))
-            },
-        );
-    }
-    assert!(
-        p.terminate().success(),
-        "clean exit (log: {})",
-        log.display()
-    );
+    let done = s.finish([p.into()]);
+    let repeats = s.assert_at_least_once(&done);
+    println!("at least once: {repeats} copies repeated after the kill");
 }
 
 /// `run --check` validates a configuration, its policy and key file without a broker; a
@@ -399,8 +362,14 @@ fn at_least_once_mode_loses_nothing_across_a_kill() {
 #[test]
 fn run_check_validates_and_lists_every_problem() {
     let dir = scratch("check");
-    let (path, _) = run_config(&dir, "127.0.0.1:1", &unique("check"), "excedo", "");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+    let (path, _) = run_config(
+        &dir,
+        "127.0.0.1:1",
+        &unique("check"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let out = cdrguard_command(&[])
         .args(["run", "--check", "--config"])
         .arg(&path)
         .output()
@@ -418,11 +387,9 @@ fn run_check_validates_and_lists_every_problem() {
         "[kafka]\nbrokers = \"b:9092\"\ngroup = \"typo\"\n\n[processing]\npolicy = \"p.toml\"\ncommit_interval_ms = \"fast\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+    let out = cdrguard_command(&[("CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES", "0")])
         .args(["run", "--config"])
         .arg(&bad)
-        .env("CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES", "0")
-        .env_remove("CDRGUARD_KEY_FILE")
         .output()
         .unwrap();
     assert!(!out.status.success());
