@@ -8,9 +8,11 @@
 
 mod util;
 
+use std::ffi::OsString;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use cdrguard::adapters::kafka::consent;
 use cdrguard::core::purpose::Purpose;
 use rdkafka::message::Message;
 use util::*;
@@ -207,6 +209,80 @@ fn consent_withdrawal_and_objection_mid_stream() {
     assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
 }
 
+/// Fail closed: once the consent table can no longer be confirmed current, a subscriber
+/// who granted consent is routed as if every consent were withdrawn: billing and fraud
+/// only, and those records are counted as `fail_closed`. On one broker, a control topic
+/// whose partition has no leader cannot be arranged; deleting the topic is what makes it
+/// unreadable here.
+#[test]
+fn an_unreadable_control_topic_fails_closed() {
+    let b = broker();
+    let dir = scratch("failclosed");
+    let prefix = unique("failclosed");
+    let (_, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            processing: "control_max_staleness_ms = 1000",
+            ..Tweaks::default()
+        },
+    );
+    let (policy, keys) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let s = "+46709990002";
+    let grants = [consent(s, "analytics", true), consent(s, "marketing", true)];
+    let n = 40;
+    let (fresh, stale) = (records_of(s, "fresh", n), records_of(s, "stale", n));
+    let granted = state_after(&grants);
+    let mut want = copies_of(&fresh, &policy, &keys, &granted);
+    add(
+        &mut want,
+        copies_of(&stale, &policy, &keys, &consent::fail_closed(granted)),
+    );
+    let count = |p: Purpose| want[p as usize].values().sum::<usize>();
+    assert_eq!(count(Purpose::Billing), 2 * n, "billing keeps every record");
+    assert_eq!(count(Purpose::Fraud), 2 * n, "fraud keeps every record");
+    assert_eq!(count(Purpose::Analytics), n, "analytics only while current");
+    assert_eq!(count(Purpose::Marketing), n, "marketing only while current");
+
+    produce(&b.bootstrap, &cfg.control_topic, &grants);
+    let run = InProcess::start(&cfg);
+    let stats = run.handles.stats.clone();
+    let store = run.handles.store.clone();
+    wait_for("the grants", Duration::from_secs(60), || {
+        store.applied.load(Ordering::Relaxed) == 2
+    });
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+
+    produce(&b.bootstrap, &cfg.input_topic, &fresh);
+    offsets.wait_at_end(&b.bootstrap, "the records while the table is current");
+    assert_eq!(
+        stats.fail_closed.load(Ordering::Relaxed),
+        0,
+        "a current table routes normally"
+    );
+
+    delete_topic(&b.bootstrap, &cfg.control_topic);
+    wait_for(
+        "the consent table to count as stale",
+        Duration::from_secs(60),
+        || !store.fresh(Instant::now()),
+    );
+    produce(&b.bootstrap, &cfg.input_topic, &stale);
+    offsets.wait_at_end(&b.bootstrap, "the records while the table is stale");
+    let fail_closed = stats.fail_closed.load(Ordering::Relaxed);
+
+    let done = finish(&b.bootstrap, &cfg, [run.into()]);
+    // Counted per record processed: a rewound transaction would count its records again.
+    assert!(
+        fail_closed >= n as u64,
+        "{fail_closed} records counted as fail_closed, {n} routed while stale"
+    );
+    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
+}
+
 /// `kill -9` of the processor in the middle of a 100,000-record run, then a restart
 /// under the same transactional id (which fences the dead instance and aborts its open
 /// transaction at once): every expected copy is present exactly once, none missing. The
@@ -239,6 +315,85 @@ fn kill_9_mid_run_then_restart_loses_and_repeats_nothing() {
     let done = s.finish([p.into()]);
     s.assert_exactly_once(&done);
     s.assert_dead_letters(&done);
+}
+
+/// `kill -9` at a moment when the instance's open transaction holds input offsets, then
+/// a restart under another transactional id. Nothing fences the dead instance: its
+/// transaction stays open until the broker aborts it on timeout, and the new instance's
+/// read_committed offset fetch must wait for that instead of starting from offsets the
+/// transaction may still commit or drop. Every expected copy exactly once.
+#[test]
+fn restart_under_another_transactional_id_after_kill_9_keeps_exactly_once() {
+    let s = Scenario::new(
+        &broker().bootstrap,
+        Setup {
+            name: "kill9-newid",
+            policy: "hektor-mobil",
+            partitions: 3,
+            records: 40_000,
+            subscribers: 2_000,
+            seed: 61,
+            tweaks: Tweaks::default(),
+        },
+    );
+    let log = s.dir.join("cdrguard.log");
+    let a = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(0.1);
+
+    // Freeze A until it is caught between sending offsets to its transaction and
+    // committing it: the group's stable offsets are then unknown. A transaction already
+    // committing completes without its producer within moments, so the offsets must stay
+    // unknown for a whole second of the freeze.
+    let offsets = s.offsets();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(
+            s.progress() < s.total() * 9 / 10,
+            "A was never caught with offsets in an open transaction ({tries} tries); nothing was tested"
+        );
+        a.pause();
+        let frozen = Instant::now();
+        let mut open = false;
+        while offsets.pending() {
+            if frozen.elapsed() > Duration::from_secs(1) {
+                open = true;
+                break;
+            }
+        }
+        if open {
+            break;
+        }
+        a.resume();
+        // Land on a different phase of the commit cycle next time.
+        std::thread::sleep(Duration::from_millis(10 + (tries * 17) % 60));
+    }
+    a.kill9();
+    note(
+        &log,
+        &format!(
+            "---- killed with SIGKILL, offsets pending (try {tries}); restarting as txn-b ----"
+        ),
+    );
+    let txn_b = format!("{}.txn-b", s.cfg.group_id);
+    let b = Processor::start(
+        &s.path,
+        &log,
+        &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", txn_b.as_str())],
+    );
+    let done = s.finish([b.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
+    if let Some(broker_log) = broker().log() {
+        let rollback = format!(
+            "Completed rollback of ongoing transaction for transactionalId {} due to timeout",
+            s.cfg.transactional_id
+        );
+        assert!(
+            broker_log.contains(&rollback),
+            "the broker never timed out A's transaction: the path was not exercised"
+        );
+    }
 }
 
 /// Two instances in one group, one joining and one leaving mid-run, with the cooperative
@@ -402,4 +557,74 @@ fn run_check_validates_and_lists_every_problem() {
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
+}
+
+/// Regression: processors inherited the test's environment, so the harness's own
+/// `CDRGUARD_TEST_BROKERS` (and any `CDRGUARD_` override in the developer's shell)
+/// reached `cdrguard run`, which reads its configuration from `CDRGUARD_` variables.
+#[test]
+fn processors_see_only_the_cdrguard_variables_a_test_sets() {
+    let dir = scratch("env");
+    let (path, _) = run_config(
+        &dir,
+        "127.0.0.1:1",
+        &unique("env"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let inherited: Vec<(OsString, OsString)> = [
+        ("CDRGUARD_TEST_BROKERS", "127.0.0.1:9"),
+        ("CDRGUARD_KAFKA__GROUP_ID", "leaked"),
+        ("CDRGUARD_PROCESSING__COMMIT_INTERVAL_MS", "fast"),
+        ("PATH", "/usr/bin:/bin"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.into(), v.into()))
+    .collect();
+    // The child starts with the variables (as if inherited), then the harness clears them.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"));
+    cmd.envs(inherited.iter().filter(|(k, _)| k != "PATH").cloned());
+    scrub_env(
+        &mut cmd,
+        inherited.clone(),
+        &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", "set-by-test")],
+    );
+    let envs: Vec<(String, Option<String>)> = cmd
+        .get_envs()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.map(|v| v.to_string_lossy().into_owned()),
+            )
+        })
+        .collect();
+    for k in [
+        "CDRGUARD_TEST_BROKERS",
+        "CDRGUARD_KAFKA__GROUP_ID",
+        "CDRGUARD_PROCESSING__COMMIT_INTERVAL_MS",
+    ] {
+        assert!(
+            envs.contains(&(k.to_string(), None)),
+            "{k} must be removed: {envs:?}"
+        );
+    }
+    assert!(envs.contains(&(
+        "CDRGUARD_KAFKA__TRANSACTIONAL_ID".to_string(),
+        Some("set-by-test".to_string())
+    )));
+    assert!(
+        !envs.iter().any(|(k, _)| k == "PATH"),
+        "other variables are left alone"
+    );
+    // The binary agrees: a leaked `fast` commit interval would fail the check.
+    let out = cmd
+        .args(["run", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
