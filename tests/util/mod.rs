@@ -428,38 +428,35 @@ pub fn read_to_end(bootstrap: &str, topic: &str) -> Vec<OwnedMessage> {
 /// The offsets a consumer group has committed, as a restarted instance would fetch them.
 pub struct GroupOffsets {
     stable: BaseConsumer,
+    any: BaseConsumer,
     topic: String,
     parts: Vec<i32>,
     group: String,
 }
 
 impl GroupOffsets {
-    /// Watches what `group` has committed on `topic`. The consumer carries the group's id
-    /// but never subscribes or commits; with read_committed, librdkafka asks for stable
-    /// offsets, so offsets a transaction holds count only once it has committed.
+    /// Watches what `group` has committed on `topic`. The consumers carry the group's id
+    /// but never subscribe or commit. With read_committed, librdkafka asks for stable
+    /// offsets: while a transaction holds an offset, it retries until its timeout.
     pub fn new(bootstrap: &str, group: &str, topic: &str) -> GroupOffsets {
         let stable = client(bootstrap, group, "read_committed");
+        let any = client(bootstrap, group, "read_uncommitted");
         let parts = partitions(&stable, topic);
         GroupOffsets {
             stable,
+            any,
             topic: topic.to_string(),
             parts,
             group: group.to_string(),
         }
     }
 
-    /// Committed offset per partition (0 where nothing was ever committed), or `None`
-    /// while some partition's offset is not known to be stable: an open transaction
-    /// holds an offset for it, or the broker did not answer.
-    pub fn committed(&self) -> Option<BTreeMap<i32, i64>> {
+    fn fetch(&self, c: &BaseConsumer, timeout: Duration) -> Option<BTreeMap<i32, i64>> {
         let mut tpl = TopicPartitionList::new();
         for p in &self.parts {
             tpl.add_partition(&self.topic, *p);
         }
-        let got = self
-            .stable
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .ok()?;
+        let got = c.committed_offsets(tpl, timeout).ok()?;
         let mut out = BTreeMap::new();
         for e in got.elements() {
             if e.error().is_err() {
@@ -478,9 +475,18 @@ impl GroupOffsets {
         Some(out)
     }
 
-    /// Whether some partition's committed offset is held by an open transaction.
+    /// Committed offset per partition (0 where nothing was ever committed), or `None`
+    /// while some partition's offset is not known to be stable (an open transaction
+    /// holds an offset for it) or the broker did not answer.
+    pub fn committed(&self) -> Option<BTreeMap<i32, i64>> {
+        self.fetch(&self.stable, Duration::from_secs(5))
+    }
+
+    /// Whether an open transaction holds some partition's next offset: the stable
+    /// offsets stay unknown for two seconds while the broker answers plain fetches.
     pub fn pending(&self) -> bool {
-        self.committed().is_none()
+        self.fetch(&self.stable, Duration::from_secs(2)).is_none()
+            && self.fetch(&self.any, Duration::from_secs(5)).is_some()
     }
 
     /// Waits until the group has committed the end of every partition of its topic.
