@@ -1,31 +1,42 @@
 //! cdrguard against a real Apache Kafka broker (started by the harness in tests/util, or
 //! named by CDRGUARD_TEST_BROKERS). Every test uses its own uniquely named topics.
+//!
+//! A run is checked only once it is over: its group has committed the end of the input,
+//! it has been stopped, and the offsets stayed at the end. Output topics are then read
+//! with read_committed until every partition reports its end, so a late duplicate cannot
+//! slip past a quiet period.
 
 mod util;
 
+use std::ffi::OsString;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use cdrguard::adapters::kafka::consent;
 use cdrguard::core::purpose::Purpose;
 use rdkafka::message::Message;
 use util::*;
 
 /// Every route of two policies, end to end: each expected copy arrives exactly once with
-/// its tags as headers, and malformed records reach the dead-letter topic with theirs.
+/// its tags as headers, and malformed records reach the dead-letter topic with headers
+/// that point at the original record.
 #[test]
 fn routes_every_purpose_of_two_policies_exactly_once() {
     let b = broker();
     for policy_name in ["excedo", "alleato"] {
         let s = Scenario::new(
             &b.bootstrap,
-            &format!("e2e-{policy_name}"),
-            policy_name,
-            3,
-            3_000,
-            300,
-            11,
+            Setup {
+                name: &format!("e2e-{policy_name}"),
+                policy: policy_name,
+                partitions: 3,
+                records: 3_000,
+                subscribers: 300,
+                seed: 11,
+                tweaks: Tweaks::default(),
+            },
         );
-        let (cfg, policy, t) = (&s.cfg, &s.policy, &s.traffic);
+        let (cfg, policy) = (&s.cfg, &s.policy);
         for r in policy.declared() {
             assert!(
                 !s.want[r.purpose as usize].is_empty(),
@@ -34,58 +45,25 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
             );
         }
 
-        let run = InProcess::start(cfg);
-        s.assert_exactly_once();
-        let dead = read_all(
-            &b.bootstrap,
-            &cfg.dead_letter_topic,
-            t.malformed,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        );
-        assert_eq!(dead.len(), t.malformed, "{policy_name}: dead letters");
-        for d in &dead {
-            assert!(header(d, "dlq.reason").is_some_and(|r| !r.is_empty()));
-            assert_eq!(header(d, "dlq.topic"), Some(cfg.input_topic.as_str()));
-            let p: i32 = header(d, "dlq.partition").unwrap().parse().unwrap();
-            let o: i64 = header(d, "dlq.offset").unwrap().parse().unwrap();
-            assert!((0..3).contains(&p) && o >= 0);
-            // The original bytes, untouched.
-            assert!(
-                t.messages
-                    .iter()
-                    .any(|(_, v)| v.as_slice() == d.payload().unwrap())
-            );
+        let done = s.finish([InProcess::start(cfg).into()]);
+        let routes = s.assert_exactly_once(&done);
+        s.assert_dead_letters(&done);
+        // Tags as headers, equal to the envelope, on every copy of every route.
+        for (purpose, msgs) in &routes {
+            for m in msgs {
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                let env = &v["envelope"];
+                assert_eq!(header(m, "purpose"), Some(purpose.id()));
+                assert_eq!(header(m, "legal_basis"), env["legal_basis"].as_str());
+                assert_eq!(header(m, "gdpr_article"), env["gdpr_article"].as_str());
+                assert_eq!(header(m, "consent"), env["consent"].as_str());
+                assert_eq!(header(m, "policy"), Some(policy.tag.as_str()));
+                assert_eq!(header(m, "retention"), env["retention"]["rule"].as_str());
+            }
         }
-        // Tags as headers, equal to the envelope, on every route.
-        for r in policy.declared() {
-            let topic = cfg.routes[r.purpose as usize].as_deref().unwrap();
-            let msgs = read_all(
-                &b.bootstrap,
-                topic,
-                1,
-                Duration::ZERO,
-                Duration::from_secs(30),
-            );
-            let m = &msgs[0];
-            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            let env = &v["envelope"];
-            assert_eq!(header(m, "purpose"), Some(r.purpose.id()));
-            assert_eq!(header(m, "legal_basis"), env["legal_basis"].as_str());
-            assert_eq!(header(m, "gdpr_article"), env["gdpr_article"].as_str());
-            assert_eq!(header(m, "consent"), env["consent"].as_str());
-            assert_eq!(header(m, "policy"), Some(policy.tag.as_str()));
-            assert_eq!(header(m, "retention"), env["retention"]["rule"].as_str());
-        }
-        // Schedule entries: one per window, in the input's partitions, never a raw
-        // identifier for a route whose copies hide it.
-        let windows = read_all(
-            &b.bootstrap,
-            &cfg.schedule_topic,
-            1,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        );
+        // Schedule entries: in the input's partitions, valid, never a raw identifier for
+        // a route whose copies hide it.
+        let windows = read_to_end(&b.bootstrap, &cfg.schedule_topic);
         assert!(!windows.is_empty());
         let schema: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(root().join("schemas/retention-window.schema.json")).unwrap(),
@@ -105,7 +83,6 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
                 assert!(!s.starts_with('+'), "raw msisdn in a {} window", v["route"]);
             }
         }
-        run.stop().expect("clean stop");
     }
 }
 
@@ -147,85 +124,68 @@ fn objection(msisdn: &str, purpose: &str) -> (Option<Vec<u8>>, Vec<u8>) {
 
 /// A consent withdrawal and an objection arriving in the middle of a stream change
 /// routing from the next record on; and the delay from a control event's timestamp to
-/// its effect on routing, measured over a burst of events.
+/// its effect on routing, measured over a burst of events on a control topic of three
+/// partitions (printed, not asserted: it depends on the machine).
 #[test]
 fn consent_withdrawal_and_objection_mid_stream() {
     let b = broker();
     let dir = scratch("midstream");
     let prefix = unique("midstream");
-    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", "");
+    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
     let (policy, _) = load(&cfg);
-    create_topics(&cfg, &policy, 2);
+    // Events of one key stay in one partition, in order; other keys interleave.
+    create_topics(&cfg, &policy, 2, 3);
+    let (policy, keys) = load(&cfg);
     let s = "+46709990001";
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &[consent(s, "analytics", true), consent(s, "marketing", true)],
+    let grants = [consent(s, "analytics", true), consent(s, "marketing", true)];
+    let change = [consent(s, "analytics", false), objection(s, "marketing")];
+    let n = 40;
+    let (before, after) = (records_of(s, "before", n), records_of(s, "after", n));
+    // What the core makes of each half, in the state each is routed with.
+    let granted = state_after(&grants);
+    let mut want = copies_of(&before, &policy, &keys, &granted);
+    add(
+        &mut want,
+        copies_of(
+            &after,
+            &policy,
+            &keys,
+            &state_after(&[grants.clone(), change.clone()].concat()),
+        ),
     );
+    let count = |p: Purpose| want[p as usize].values().sum::<usize>();
+    assert_eq!(count(Purpose::Billing), 2 * n, "billing keeps every record");
+    assert_eq!(
+        count(Purpose::Analytics),
+        n,
+        "analytics stops at the withdrawal"
+    );
+    assert_eq!(
+        count(Purpose::Marketing),
+        n,
+        "marketing stops at the objection"
+    );
+
+    produce(&b.bootstrap, &cfg.control_topic, &grants);
     let run = InProcess::start(&cfg);
     let applied = || run.handles.store.applied.load(Ordering::Relaxed);
     wait_for("the grants", Duration::from_secs(60), || applied() == 2);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
 
-    let n = 40;
-    produce(&b.bootstrap, &cfg.input_topic, &records_of(s, "before", n));
-    let billing = cfg.routes[Purpose::Billing as usize].clone().unwrap();
-    wait_for("the first records", Duration::from_secs(60), || {
-        read_all(
-            &b.bootstrap,
-            &billing,
-            n,
-            Duration::ZERO,
-            Duration::from_secs(5),
-        )
-        .len()
-            >= n
-    });
-    produce(
-        &b.bootstrap,
-        &cfg.control_topic,
-        &[consent(s, "analytics", false), objection(s, "marketing")],
-    );
+    produce(&b.bootstrap, &cfg.input_topic, &before);
+    offsets.wait_at_end(&b.bootstrap, "the records before the change");
+    produce(&b.bootstrap, &cfg.control_topic, &change);
     wait_for(
         "the withdrawal and objection",
         Duration::from_secs(60),
         || applied() == 4,
     );
-    produce(&b.bootstrap, &cfg.input_topic, &records_of(s, "after", n));
-
-    let read = |p: Purpose, want: usize| {
-        read_all(
-            &b.bootstrap,
-            cfg.routes[p as usize].as_deref().unwrap(),
-            want,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-    };
-    let billing = read(Purpose::Billing, 2 * n);
-    assert_eq!(billing.len(), 2 * n, "billing keeps every record");
-    let ids: Vec<String> = billing
-        .iter()
-        .map(|m| {
-            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            v["envelope"]["record_id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(ids.iter().filter(|i| i.starts_with("after-")).count(), n);
-    // Consent-based routes got the records before the change and none after.
-    assert_eq!(
-        read(Purpose::Analytics, n).len(),
-        n,
-        "analytics: only before the withdrawal"
-    );
-    assert_eq!(
-        read(Purpose::Marketing, n).len(),
-        n,
-        "marketing: only before the objection"
-    );
+    produce(&b.bootstrap, &cfg.input_topic, &after);
+    offsets.wait_at_end(&b.bootstrap, "the records after the change");
 
     // The delay from a control event's timestamp to the consent table (the routing
     // state every next record reads): a burst of 300 events, 10 ms apart.
-    let before = applied();
+    let burst_start = applied();
     let feeder = Feeder::new(&b.bootstrap);
     for i in 0..300 {
         let m = format!("+4670888{:04}", i);
@@ -234,59 +194,221 @@ fn consent_withdrawal_and_objection_mid_stream() {
     }
     feeder.flush();
     wait_for("the burst", Duration::from_secs(60), || {
-        applied() == before + 300
+        applied() == burst_start + 300
     });
     let d = &run.handles.store.delays;
     println!(
-        "control-event delay to routing over {} events: p50 <= {} ms, p99 <= {} ms, max {} ms",
+        "control-event delay to routing over {} events on 3 partitions: p50 <= {} ms, p99 <= {} ms, max {} ms",
         d.count(),
         d.quantile_upper_ms(0.5).unwrap(),
         d.quantile_upper_ms(0.99).unwrap(),
         d.max_ms()
     );
-    run.stop().expect("clean stop");
+
+    let done = finish(&b.bootstrap, &cfg, [run.into()]);
+    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
 }
 
-/// `kill -9` of the processor in the middle of a 100,000-record run, then a restart:
-/// every expected copy is present exactly once (read_committed), none missing.
+/// Fail closed: once the consent table can no longer be confirmed current, a subscriber
+/// who granted consent is routed as if every consent were withdrawn: billing and fraud
+/// only, and those records are counted as `fail_closed`. On one broker, a control topic
+/// whose partition has no leader cannot be arranged; deleting the topic is what makes it
+/// unreadable here.
+#[test]
+fn an_unreadable_control_topic_fails_closed() {
+    let b = broker();
+    let dir = scratch("failclosed");
+    let prefix = unique("failclosed");
+    let (_, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        // Short, yet well above the follower's confirmation cadence (a check every
+        // 0.5 s, each waiting up to 2 s per partition): at the lowest setting, 1000 ms,
+        // a current table lapsed into fail-closed on this loaded 2-core machine.
+        Tweaks {
+            processing: "control_max_staleness_ms = 5000",
+            ..Tweaks::default()
+        },
+    );
+    let (policy, keys) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let s = "+46709990002";
+    let grants = [consent(s, "analytics", true), consent(s, "marketing", true)];
+    let n = 40;
+    let (fresh, stale) = (records_of(s, "fresh", n), records_of(s, "stale", n));
+    let granted = state_after(&grants);
+    let mut want = copies_of(&fresh, &policy, &keys, &granted);
+    add(
+        &mut want,
+        copies_of(&stale, &policy, &keys, &consent::fail_closed(granted)),
+    );
+    let count = |p: Purpose| want[p as usize].values().sum::<usize>();
+    assert_eq!(count(Purpose::Billing), 2 * n, "billing keeps every record");
+    assert_eq!(count(Purpose::Fraud), 2 * n, "fraud keeps every record");
+    assert_eq!(count(Purpose::Analytics), n, "analytics only while current");
+    assert_eq!(count(Purpose::Marketing), n, "marketing only while current");
+
+    produce(&b.bootstrap, &cfg.control_topic, &grants);
+    let run = InProcess::start(&cfg);
+    let stats = run.handles.stats.clone();
+    let store = run.handles.store.clone();
+    wait_for("the grants", Duration::from_secs(60), || {
+        store.applied.load(Ordering::Relaxed) == 2
+    });
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+
+    produce(&b.bootstrap, &cfg.input_topic, &fresh);
+    offsets.wait_at_end(&b.bootstrap, "the records while the table is current");
+    assert_eq!(
+        stats.fail_closed.load(Ordering::Relaxed),
+        0,
+        "a current table routes normally"
+    );
+
+    delete_topic(&b.bootstrap, &cfg.control_topic);
+    wait_for(
+        "the consent table to count as stale",
+        Duration::from_secs(60),
+        || !store.fresh(Instant::now()),
+    );
+    produce(&b.bootstrap, &cfg.input_topic, &stale);
+    offsets.wait_at_end(&b.bootstrap, "the records while the table is stale");
+    let fail_closed = stats.fail_closed.load(Ordering::Relaxed);
+
+    let done = finish(&b.bootstrap, &cfg, [run.into()]);
+    // Counted per record processed: a rewound transaction would count its records again.
+    assert!(
+        fail_closed >= n as u64,
+        "{fail_closed} records counted as fail_closed, {n} routed while stale"
+    );
+    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
+}
+
+/// `kill -9` of the processor in the middle of a 100,000-record run, then a restart
+/// under the same transactional id (which fences the dead instance and aborts its open
+/// transaction at once): every expected copy is present exactly once, none missing. The
+/// group uses the default, eager, rebalance protocol.
 #[test]
 fn kill_9_mid_run_then_restart_loses_and_repeats_nothing() {
     let s = Scenario::new(
         &broker().bootstrap,
-        "kill9",
-        "excedo",
-        4,
-        100_000,
-        5_000,
-        21,
+        Setup {
+            name: "kill9",
+            policy: "excedo",
+            partitions: 4,
+            records: 100_000,
+            subscribers: 5_000,
+            seed: 21,
+            tweaks: Tweaks::default(),
+        },
     );
     let log = s.dir.join("cdrguard.log");
     let p = Processor::start(&s.path, &log, &[]);
     s.wait_progress(1.0 / 3.0);
+    let protocol = group_protocol(&s.bootstrap, &s.cfg.group_id);
+    assert!(
+        matches!(protocol.as_str(), "range" | "roundrobin"),
+        "the default protocol is eager, got {protocol}"
+    );
     p.kill9();
     note(&log, "---- killed with SIGKILL; restarting ----");
     let p = Processor::start(&s.path, &log, &[]);
-    s.assert_exactly_once();
-    s.assert_dead_letters();
-    assert!(
-        p.terminate().success(),
-        "clean exit on SIGTERM (log: {})",
-        log.display()
-    );
+    let done = s.finish([p.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
 }
 
-/// Two instances in one group, one joining and one leaving mid-run: every expected copy
-/// exactly once.
+/// `kill -9` at a moment when the instance's open transaction holds input offsets, then
+/// a restart under another transactional id. Nothing fences the dead instance: its
+/// transaction stays open until the broker aborts it on timeout, and the new instance's
+/// read_committed offset fetch must wait for that instead of starting from offsets the
+/// transaction may still commit or drop. Every expected copy exactly once.
+#[test]
+fn restart_under_another_transactional_id_after_kill_9_keeps_exactly_once() {
+    let s = Scenario::new(
+        &broker().bootstrap,
+        Setup {
+            name: "kill9-newid",
+            policy: "hektor-mobil",
+            partitions: 3,
+            records: 40_000,
+            subscribers: 2_000,
+            seed: 61,
+            tweaks: Tweaks::default(),
+        },
+    );
+    let log = s.dir.join("cdrguard.log");
+    let a = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(0.1);
+
+    // Freeze A until it is caught between sending offsets to its transaction and
+    // asking to commit it. A transaction already committing completes without its
+    // producer within moments; one that is merely open keeps its offsets unknown for as
+    // long as A is frozen, which `pending` takes two seconds to see.
+    let offsets = s.offsets();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(
+            s.progress() < s.total() * 9 / 10,
+            "A was never caught with offsets in an open transaction ({tries} tries); nothing was tested"
+        );
+        a.pause();
+        if offsets.pending() {
+            break;
+        }
+        a.resume();
+        // Land on a different phase of the commit cycle next time.
+        std::thread::sleep(Duration::from_millis(10 + (tries * 17) % 60));
+    }
+    a.kill9();
+    note(
+        &log,
+        &format!(
+            "---- killed with SIGKILL, offsets pending (try {tries}); restarting as txn-b ----"
+        ),
+    );
+    let txn_b = format!("{}.txn-b", s.cfg.group_id);
+    let b = Processor::start(
+        &s.path,
+        &log,
+        &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", txn_b.as_str())],
+    );
+    let done = s.finish([b.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
+    if let Some(broker_log) = broker().log() {
+        let rollback = format!(
+            "Completed rollback of ongoing transaction for transactionalId {} due to timeout",
+            s.cfg.transactional_id
+        );
+        assert!(
+            broker_log.contains(&rollback),
+            "the broker never timed out A's transaction: the path was not exercised"
+        );
+    }
+}
+
+/// Two instances in one group, one joining and one leaving mid-run, with the cooperative
+/// (incremental) rebalance protocol: every expected copy exactly once.
 #[test]
 fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
     let s = Scenario::new(
         &broker().bootstrap,
-        "scale",
-        "alleato",
-        6,
-        60_000,
-        3_000,
-        31,
+        Setup {
+            name: "scale",
+            policy: "alleato",
+            partitions: 6,
+            records: 60_000,
+            subscribers: 3_000,
+            seed: 31,
+            tweaks: Tweaks {
+                consumer_properties: r#""partition.assignment.strategy" = "cooperative-sticky""#,
+                ..Tweaks::default()
+            },
+        },
     );
     let a = Processor::start(&s.path, &s.dir.join("a.log"), &[]);
     s.wait_progress(0.2);
@@ -296,102 +418,96 @@ fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
         &s.dir.join("b.log"),
         &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", txn_b.as_str())],
     );
-    s.wait_progress(0.5);
-    assert!(a.terminate().success(), "A leaves cleanly");
-    s.assert_exactly_once();
-    s.assert_dead_letters();
-    assert!(b.terminate().success());
-    let log_b = std::fs::read_to_string(s.dir.join("b.log")).unwrap();
-    assert!(
-        log_b.contains("partitions assigned"),
-        "B took part in the run"
+    // B's log names the partitions it was given (an empty list does not count).
+    let took_part = || {
+        log_lines(&s.dir.join("b.log"))
+            .iter()
+            .any(|l| l.contains("partitions assigned parts=[") && !l.contains("parts=[]"))
+    };
+    wait_for("B to get partitions", Duration::from_secs(120), took_part);
+    assert_eq!(
+        group_protocol(&s.bootstrap, &s.cfg.group_id),
+        "cooperative-sticky"
     );
+    s.wait_progress(0.5);
+    let log_a = s.dir.join("a.log");
+    let status = a.terminate();
+    assert!(
+        status.success(),
+        "A leaves cleanly (log: {})",
+        log_a.display()
+    );
+    let done = s.finish([b.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
 }
 
-/// The broker stops in the middle of a run and comes back: nothing is lost or repeated.
+/// The broker stops in the middle of a run, for longer than the consent table may go
+/// unconfirmed, and comes back: nothing is lost or repeated.
 #[test]
 fn broker_restart_mid_run_loses_nothing() {
     let own = Broker::start(&scratch("restart-broker"), None);
     let s = Scenario::new(
         &own.bootstrap,
-        "restart",
-        "partnersec",
-        3,
-        60_000,
-        3_000,
-        41,
+        Setup {
+            name: "restart",
+            policy: "partnersec",
+            partitions: 3,
+            records: 60_000,
+            subscribers: 3_000,
+            seed: 41,
+            tweaks: Tweaks::default(),
+        },
     );
     let log = s.dir.join("cdrguard.log");
     let p = Processor::start(&s.path, &log, &[]);
     s.wait_progress(0.2);
     own.stop();
     note(&log, "---- broker stopped ----");
-    std::thread::sleep(Duration::from_secs(5));
+    // The outage outlasts control_max_staleness (default 10 s), as a whole cluster's
+    // outage of a few seconds more would: the consent table goes stale on the way. Its
+    // length sets the scene; it decides nothing.
+    std::thread::sleep(s.cfg.control_max_staleness + Duration::from_secs(2));
     let again = Broker::start(own.dir.as_ref().unwrap(), None);
     assert_eq!(
         again.bootstrap, own.bootstrap,
         "the broker comes back on its port"
     );
     note(&log, "---- broker started again ----");
-    s.assert_exactly_once();
-    s.assert_dead_letters();
-    assert!(
-        p.terminate().success(),
-        "clean exit (log: {})",
-        log.display()
-    );
+    let done = s.finish([p.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
     again.stop();
 }
 
 /// At-least-once mode (no transactions): after a `kill -9` and a restart every expected
-/// copy is present; repeats are allowed, losses are not.
+/// copy is present; repeats are allowed, losses and strangers are not.
 #[test]
 fn at_least_once_mode_loses_nothing_across_a_kill() {
     let s = Scenario::new(
         &broker().bootstrap,
-        "alo",
-        "hektor-mobil",
-        3,
-        40_000,
-        2_000,
-        51,
+        Setup {
+            name: "alo",
+            policy: "hektor-mobil",
+            partitions: 3,
+            records: 40_000,
+            subscribers: 2_000,
+            seed: 51,
+            tweaks: Tweaks {
+                kafka: r#"guarantee = "at_least_once""#,
+                ..Tweaks::default()
+            },
+        },
     );
-    let text = std::fs::read_to_string(&s.path).unwrap();
-    std::fs::write(
-        &s.path,
-        text.replace("[kafka]\n", "[kafka]\nguarantee = \"at_least_once\"\n"),
-    )
-    .unwrap();
     let log = s.dir.join("cdrguard.log");
     let p = Processor::start(&s.path, &log, &[]);
     s.wait_progress(1.0 / 3.0);
     p.kill9();
+    note(&log, "---- killed with SIGKILL; restarting ----");
     let p = Processor::start(&s.path, &log, &[]);
-    for r in s.policy.declared() {
-        let topic = s.cfg.routes[r.purpose as usize].as_deref().unwrap();
-        let w = &s.want[r.purpose as usize];
-        let n: usize = w.values().sum();
-        // Wait until every expected id is there (repeats make the count larger).
-        wait_for(
-            &format!("every {} copy", r.purpose.id()),
-            Duration::from_secs(180),
-            || {
-                let got = util::got(&read_all(
-                    &s.bootstrap,
-                    topic,
-                    n,
-                    Duration::from_secs(1),
-                    Duration::from_secs(30),
-                ));
-                w.iter().all(|(k, v)| got.get(k).is_some_and(|g| g >= v))
-            },
-        );
-    }
-    assert!(
-        p.terminate().success(),
-        "clean exit (log: {})",
-        log.display()
-    );
+    let done = s.finish([p.into()]);
+    let repeats = s.assert_at_least_once(&done);
+    println!("at least once: {repeats} copies repeated after the kill");
 }
 
 /// `run --check` validates a configuration, its policy and key file without a broker; a
@@ -399,8 +515,14 @@ fn at_least_once_mode_loses_nothing_across_a_kill() {
 #[test]
 fn run_check_validates_and_lists_every_problem() {
     let dir = scratch("check");
-    let (path, _) = run_config(&dir, "127.0.0.1:1", &unique("check"), "excedo", "");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+    let (path, _) = run_config(
+        &dir,
+        "127.0.0.1:1",
+        &unique("check"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let out = cdrguard_command(&[])
         .args(["run", "--check", "--config"])
         .arg(&path)
         .output()
@@ -418,11 +540,9 @@ fn run_check_validates_and_lists_every_problem() {
         "[kafka]\nbrokers = \"b:9092\"\ngroup = \"typo\"\n\n[processing]\npolicy = \"p.toml\"\ncommit_interval_ms = \"fast\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"))
+    let out = cdrguard_command(&[("CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES", "0")])
         .args(["run", "--config"])
         .arg(&bad)
-        .env("CDRGUARD_PROCESSING__QUEUED_MAX_KBYTES", "0")
-        .env_remove("CDRGUARD_KEY_FILE")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -435,4 +555,74 @@ fn run_check_validates_and_lists_every_problem() {
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
+}
+
+/// Regression: processors inherited the test's environment, so the harness's own
+/// `CDRGUARD_TEST_BROKERS` (and any `CDRGUARD_` override in the developer's shell)
+/// reached `cdrguard run`, which reads its configuration from `CDRGUARD_` variables.
+#[test]
+fn processors_see_only_the_cdrguard_variables_a_test_sets() {
+    let dir = scratch("env");
+    let (path, _) = run_config(
+        &dir,
+        "127.0.0.1:1",
+        &unique("env"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let inherited: Vec<(OsString, OsString)> = [
+        ("CDRGUARD_TEST_BROKERS", "127.0.0.1:9"),
+        ("CDRGUARD_KAFKA__GROUP_ID", "leaked"),
+        ("CDRGUARD_PROCESSING__COMMIT_INTERVAL_MS", "fast"),
+        ("PATH", "/usr/bin:/bin"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.into(), v.into()))
+    .collect();
+    // The child starts with the variables (as if inherited), then the harness clears them.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdrguard"));
+    cmd.envs(inherited.iter().filter(|(k, _)| k != "PATH").cloned());
+    scrub_env(
+        &mut cmd,
+        inherited.clone(),
+        &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", "set-by-test")],
+    );
+    let envs: Vec<(String, Option<String>)> = cmd
+        .get_envs()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.map(|v| v.to_string_lossy().into_owned()),
+            )
+        })
+        .collect();
+    for k in [
+        "CDRGUARD_TEST_BROKERS",
+        "CDRGUARD_KAFKA__GROUP_ID",
+        "CDRGUARD_PROCESSING__COMMIT_INTERVAL_MS",
+    ] {
+        assert!(
+            envs.contains(&(k.to_string(), None)),
+            "{k} must be removed: {envs:?}"
+        );
+    }
+    assert!(envs.contains(&(
+        "CDRGUARD_KAFKA__TRANSACTIONAL_ID".to_string(),
+        Some("set-by-test".to_string())
+    )));
+    assert!(
+        !envs.iter().any(|(k, _)| k == "PATH"),
+        "other variables are left alone"
+    );
+    // The binary agrees: a leaked `fast` commit interval would fail the check.
+    let out = cmd
+        .args(["run", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -53,12 +53,38 @@ EOF
   touch "$CACHE/.complete"
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
 port_open() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# A loopback port nothing listens on: random ports in 20000-60000 until one refuses a
+# connection. Another process may still take it before the broker binds it; the broker
+# then fails to start and says so. Ports listed as arguments are skipped (the broker
+# and controller ports must differ).
+free_port() {
+  local port i taken
+  for i in $(seq 1 200); do
+    port=$((20000 + (RANDOM * 32768 + RANDOM) % 40001))
+    taken=""
+    for t in "$@"; do [ "$t" = "$port" ] && taken=1; done
+    if [ -z "$taken" ] && ! port_open "$port"; then
+      echo "$port"
+      return 0
+    fi
+  done
+  die "no free port found in 20000-60000"
+}
+
+# A KRaft cluster id: 16 random bytes in URL-safe base64 without padding (22
+# characters), as Kafka's Uuid prints them. Kafka never hands out ids that start with
+# '-' (they read as an option on a command line), so neither do we.
+cluster_id() {
+  local id
+  while :; do
+    id=$(head -c 16 /dev/urandom | base64 | tr '/+' '_-' | tr -d '=\n')
+    [ "${#id}" -eq 22 ] || die "cannot make a cluster id (got '$id')"
+    case "$id" in -*) ;; *) echo "$id"; return 0 ;; esac
+  done
 }
 
 write_properties() {
@@ -117,7 +143,8 @@ start() {
     # the controller's address).
     port=$(sed -n 's#^advertised.listeners=PLAINTEXT://127.0.0.1:##p' "$dir/server.properties")
   else
-    write_properties "$dir" "${port:-$(free_port)}" "$(free_port)"
+    port=${port:-$(free_port)}
+    write_properties "$dir" "$port" "$(free_port "$port")"
     port=$(sed -n 's#^advertised.listeners=PLAINTEXT://127.0.0.1:##p' "$dir/server.properties")
   fi
   local cp="$CACHE/libs/*"
@@ -125,7 +152,7 @@ start() {
     -Dlog4j2.configurationFile="$dir/log4j2.properties")
   if [ ! -f "$dir/data/meta.properties" ]; then
     local cluster
-    cluster=$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    cluster=$(cluster_id)
     "$JAVA" "${jopts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
       -t "$cluster" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
       || { cat "$dir/format.log" >&2; die "formatting KRaft storage failed"; }

@@ -1,11 +1,17 @@
 //! Harness for the Kafka tests: a real Apache Kafka broker (started once per test run by
 //! `deploy/kafka/broker.sh`, or named by `CDRGUARD_TEST_BROKERS`), uniquely named topics
-//! per test, producing, reading back with read_committed, and the copies a run must
-//! produce, computed with the same core in process.
+//! per test, producing, and the copies a run must produce, computed with the same core in
+//! process.
+//!
+//! Checks never depend on a quiet period: a run is finished by waiting until its group
+//! has committed the end of the input, stopping it, and confirming the offsets stayed
+//! there; only then is each output topic read, with read_committed, until every
+//! partition reports its end.
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,9 +29,17 @@ use cdrguard::core::purpose::Purpose;
 use cdrguard::core::time::{DAY_MS, Millis};
 use cdrguard::policy::Policy;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// How long a run may take to get through its input.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a read to the end of a topic, or an open transaction's end, may take. A
+/// killed producer's transaction is aborted by the broker after `transaction.timeout.ms`
+/// (10 s) plus up to one abort check (10 s).
+const END_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -81,6 +95,12 @@ impl Broker {
     pub fn port(&self) -> u16 {
         self.bootstrap.rsplit(':').next().unwrap().parse().unwrap()
     }
+
+    /// The broker's log (of its current start), when this harness started it.
+    pub fn log(&self) -> Option<String> {
+        let dir = self.dir.as_ref()?;
+        std::fs::read_to_string(dir.join("broker.log")).ok()
+    }
 }
 
 /// The broker shared by every test of this run.
@@ -133,13 +153,24 @@ pub fn key_file(dir: &Path) -> PathBuf {
     p
 }
 
+/// Lines a test adds to its configuration, each into its own table.
+#[derive(Clone, Copy, Default)]
+pub struct Tweaks<'a> {
+    /// More `[kafka]` keys (`guarantee = "at_least_once"`).
+    pub kafka: &'a str,
+    /// More `[kafka.consumer_properties]`.
+    pub consumer_properties: &'a str,
+    /// More `[processing]` keys.
+    pub processing: &'a str,
+}
+
 /// Writes a run configuration whose topics all start with `prefix` and loads it.
 pub fn run_config(
     dir: &Path,
     bootstrap: &str,
     prefix: &str,
     policy: &str,
-    extra: &str,
+    tweaks: Tweaks<'_>,
 ) -> (PathBuf, RunConfig) {
     let keys = key_file(dir);
     let policy = root().join("policies").join(format!("{policy}.toml"));
@@ -147,16 +178,23 @@ pub fn run_config(
     for p in Purpose::ALL {
         routes.push_str(&format!("{} = \"{prefix}.{}\"\n", p.id(), p.id()));
     }
+    let Tweaks {
+        kafka,
+        consumer_properties,
+        processing,
+    } = tweaks;
     let text = format!(
         r#"
 [kafka]
 brokers = "{bootstrap}"
 group_id = "{prefix}.group"
 transactional_id = "{prefix}.txn-a"
+{kafka}
 
 [kafka.consumer_properties]
 "session.timeout.ms" = 6000
 "heartbeat.interval.ms" = 500
+{consumer_properties}
 
 [topics]
 input = "{prefix}.raw"
@@ -170,7 +208,7 @@ retention_schedule = "{prefix}.schedule"
 policy = "{}"
 key_file = "{}"
 commit_interval_ms = 100
-{extra}
+{processing}
 "#,
         policy.display(),
         keys.display()
@@ -181,25 +219,51 @@ commit_interval_ms = 100
     (path, cfg)
 }
 
-/// Creates every topic of `cfg` with `partitions` partitions (control: 1, so events keep
-/// the order they were produced in).
-pub fn create_topics(cfg: &RunConfig, policy: &Policy, partitions: i32) {
+/// Creates every topic of `cfg` with `partitions` partitions, the control topic with
+/// `control_partitions` (events of one key always land in one partition, so their order
+/// holds either way).
+pub fn create_topics(cfg: &RunConfig, policy: &Policy, partitions: i32, control_partitions: i32) {
     let mut specs = topics::specs(cfg, policy, partitions);
     for s in &mut specs {
         if s.name == cfg.control_topic {
-            s.partitions = 1;
+            s.partitions = control_partitions;
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
+    runtime()
+        .block_on(topics::create(
+            &cdrguard::adapters::kafka::common(cfg),
+            &specs,
+            1,
+        ))
+        .expect("creating test topics");
+}
+
+/// Deletes `topic` and waits until the broker no longer lists it.
+pub fn delete_topic(bootstrap: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let results = runtime()
+        .block_on(admin.delete_topics(&[topic], &AdminOptions::new()))
+        .expect("deleting a topic");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("deleting {t}: {e}"));
+    }
+    let c = client(bootstrap, &unique("meta"), "read_uncommitted");
+    wait_for(&format!("{topic} to be gone"), END_TIMEOUT, || {
+        c.fetch_metadata(Some(topic), Duration::from_secs(5))
+            .is_ok_and(|md| md.topics().iter().all(|t| t.partitions().is_empty()))
+    });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(topics::create(
-        &cdrguard::adapters::kafka::common(cfg),
-        &specs,
-        1,
-    ))
-    .expect("creating test topics");
+        .unwrap()
 }
 
 /// A producer for test input.
@@ -239,13 +303,11 @@ impl Feeder {
 
     /// Waits until everything queued is acknowledged.
     pub fn flush(&self) {
-        self.0
-            .flush(Duration::from_secs(60))
-            .expect("produce flush");
+        self.0.flush(Duration::from_secs(60)).unwrap();
     }
 }
 
-/// Produces messages and waits until all are acknowledged.
+/// Produces messages and waits until the broker has them.
 pub fn produce(bootstrap: &str, topic: &str, msgs: &[(Option<Vec<u8>>, Vec<u8>)]) {
     let f = Feeder::new(bootstrap);
     f.send(topic, msgs);
@@ -265,51 +327,274 @@ pub fn control_messages(events: &[ControlEvent]) -> Vec<(Option<Vec<u8>>, Vec<u8
         .collect()
 }
 
-/// Reads `topic` from the beginning with read_committed until `expect` messages arrived
-/// and then `settle` more passed without any (to catch duplicates), or `timeout`.
-pub fn read_all(
-    bootstrap: &str,
-    topic: &str,
-    expect: usize,
-    settle: Duration,
-    timeout: Duration,
-) -> Vec<OwnedMessage> {
-    let c: BaseConsumer = ClientConfig::new()
+/// A consumer for the harness's own reads and queries. It only ever assigns partitions
+/// and never commits, so it takes no part in any group, even one whose id it carries.
+fn client(bootstrap: &str, group: &str, isolation: &str) -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique("reader"))
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", isolation)
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
     let md = c
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    assert!(!parts.is_empty(), "topic {topic} does not exist");
+    parts
+}
+
+/// End offsets per partition as `c` sees them: with read_uncommitted the high watermark
+/// (everything written), with read_committed the last stable offset (the start of the
+/// oldest open transaction, or the high watermark when none is open).
+fn ends(c: &BaseConsumer, topic: &str, parts: &[i32]) -> BTreeMap<i32, i64> {
+    parts
+        .iter()
+        .map(|p| {
+            let (_, high) = c
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("end offset of {topic}/{p}: {e}"));
+            (*p, high)
+        })
+        .collect()
+}
+
+/// The high watermark of every partition of `topic`.
+pub fn end_offsets(bootstrap: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let c = client(bootstrap, &unique("ends"), "read_uncommitted");
+    let parts = partitions(&c, topic);
+    ends(&c, topic, &parts)
+}
+
+/// Waits until no transaction is open on any partition of `topic` (its last stable
+/// offsets equal its high watermarks), so a read_committed reader's end is the real end.
+pub fn wait_no_open_transaction(bootstrap: &str, topic: &str) {
+    let all = client(bootstrap, &unique("ends"), "read_uncommitted");
+    let stable = client(bootstrap, &unique("ends"), "read_committed");
+    let parts = partitions(&all, topic);
+    wait_for(
+        &format!("the open transactions on {topic} to end"),
+        END_TIMEOUT,
+        || ends(&stable, topic, &parts) == ends(&all, topic, &parts),
+    );
+}
+
+/// Every committed message of `topic`, read with read_committed from the beginning until
+/// every partition reports its end. Call it once nothing writes to the topic any more:
+/// it first waits until no transaction is open there, so each end is the last offset.
+pub fn read_to_end(bootstrap: &str, topic: &str) -> Vec<OwnedMessage> {
+    wait_no_open_transaction(bootstrap, topic);
+    let c = client(bootstrap, &unique("reader"), "read_committed");
+    let parts = partitions(&c, topic);
     let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .unwrap();
-        }
+    for p in &parts {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
-    let start = Instant::now();
+    let mut open: BTreeSet<i32> = parts.into_iter().collect();
     let mut out = Vec::new();
-    let mut last = Instant::now();
-    while start.elapsed() < timeout {
+    let start = Instant::now();
+    while !open.is_empty() {
+        assert!(
+            start.elapsed() < END_TIMEOUT,
+            "{topic}: partitions {open:?} did not report their end within {END_TIMEOUT:?} ({} messages read)",
+            out.len()
+        );
         match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(m.detach());
-                last = Instant::now();
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
             }
-            Some(Err(e)) => eprintln!("reader: {e}"),
-            None => {
-                if out.len() >= expect && last.elapsed() >= settle {
-                    break;
+            Some(Err(e)) => eprintln!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The offsets a consumer group has committed, as a restarted instance would fetch them.
+pub struct GroupOffsets {
+    stable: BaseConsumer,
+    any: BaseConsumer,
+    topic: String,
+    parts: Vec<i32>,
+    group: String,
+}
+
+impl GroupOffsets {
+    /// Watches what `group` has committed on `topic`. The consumers carry the group's id
+    /// but never subscribe or commit. With read_committed, librdkafka asks for stable
+    /// offsets: while a transaction holds an offset, it retries until its timeout.
+    pub fn new(bootstrap: &str, group: &str, topic: &str) -> GroupOffsets {
+        let stable = client(bootstrap, group, "read_committed");
+        let any = client(bootstrap, group, "read_uncommitted");
+        let parts = partitions(&stable, topic);
+        GroupOffsets {
+            stable,
+            any,
+            topic: topic.to_string(),
+            parts,
+            group: group.to_string(),
+        }
+    }
+
+    fn fetch(&self, c: &BaseConsumer, timeout: Duration) -> Option<BTreeMap<i32, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in &self.parts {
+            tpl.add_partition(&self.topic, *p);
+        }
+        let got = c.committed_offsets(tpl, timeout).ok()?;
+        let mut out = BTreeMap::new();
+        for e in got.elements() {
+            if e.error().is_err() {
+                return None;
+            }
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                Offset::Invalid => 0,
+                other => panic!(
+                    "group {}: unexpected committed offset {other:?}",
+                    self.group
+                ),
+            };
+            out.insert(e.partition(), o);
+        }
+        Some(out)
+    }
+
+    /// Committed offset per partition (0 where nothing was ever committed), or `None`
+    /// while some partition's offset is not known to be stable (an open transaction
+    /// holds an offset for it) or the broker did not answer.
+    pub fn committed(&self) -> Option<BTreeMap<i32, i64>> {
+        self.fetch(&self.stable, Duration::from_secs(5))
+    }
+
+    /// Whether an open transaction holds some partition's next offset: the stable
+    /// offsets stay unknown for two seconds while the broker answers plain fetches.
+    pub fn pending(&self) -> bool {
+        self.fetch(&self.stable, Duration::from_secs(2)).is_none()
+            && self.fetch(&self.any, Duration::from_secs(5)).is_some()
+    }
+
+    /// Waits until the group has committed the end of every partition of its topic.
+    pub fn wait_at_end(&self, bootstrap: &str, what: &str) {
+        let end = end_offsets(bootstrap, &self.topic);
+        let mut last = None;
+        let start = Instant::now();
+        loop {
+            let now = self.committed();
+            if now.as_ref() == Some(&end) {
+                return;
+            }
+            if now.is_some() {
+                last = now;
+            }
+            assert!(
+                start.elapsed() < RUN_TIMEOUT,
+                "{what}: group {} did not commit the end of {} within {RUN_TIMEOUT:?}: committed {last:?}, end {end:?}",
+                self.group,
+                self.topic
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Checks the group's committed offsets are at the end of its topic now.
+    pub fn assert_at_end(&self, bootstrap: &str, what: &str) {
+        let end = end_offsets(bootstrap, &self.topic);
+        // An offset a transaction still holds makes the answer unknown for a moment
+        // (librdkafka retries); a stopped run leaves none behind for long.
+        let mut now = self.committed();
+        let start = Instant::now();
+        while now.is_none() && start.elapsed() < END_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(200));
+            now = self.committed();
+        }
+        assert_eq!(
+            now.as_ref(),
+            Some(&end),
+            "{what}: group {} committed offsets of {} (left) are not its end (right)",
+            self.group,
+            self.topic
+        );
+    }
+}
+
+/// A running `cdrguard run`, in a process of its own or in the test process.
+pub enum Run {
+    /// `cdrguard run` as a child process, stopped with SIGTERM.
+    Process(Processor),
+    /// `kafka::run` inside the test process, stopped through its notifier.
+    InProcess(InProcess),
+}
+
+impl From<Processor> for Run {
+    fn from(p: Processor) -> Run {
+        Run::Process(p)
+    }
+}
+
+impl From<InProcess> for Run {
+    fn from(p: InProcess) -> Run {
+        Run::InProcess(p)
+    }
+}
+
+impl Run {
+    /// Stops it gracefully and checks it ended cleanly.
+    pub fn stop(self) {
+        match self {
+            Run::Process(p) => {
+                let log = p.log.clone();
+                let status = p.terminate();
+                assert!(
+                    status.success(),
+                    "cdrguard run ended with {status} on SIGTERM (log: {})",
+                    log.display()
+                );
+            }
+            Run::InProcess(r) => {
+                if let Err(e) = r.stop() {
+                    panic!("the in-process run ended with an error: {e}");
                 }
             }
         }
     }
-    out
+}
+
+/// Proof that every run of a test got through the whole input and stopped, so the
+/// output topics no longer change and can be read to their end.
+pub struct Finished(());
+
+/// Waits until the group of `cfg` has committed the end of the input, stops `runs`, and
+/// checks the committed offsets are still at the end afterwards (a stop commits or
+/// aborts its open transaction and never moves the offsets back).
+pub fn finish(bootstrap: &str, cfg: &RunConfig, runs: impl IntoIterator<Item = Run>) -> Finished {
+    let offsets = GroupOffsets::new(bootstrap, &cfg.group_id, &cfg.input_topic);
+    offsets.wait_at_end(bootstrap, "before the stop");
+    for r in runs {
+        r.stop();
+    }
+    offsets.assert_at_end(bootstrap, "after the stop");
+    Finished(())
+}
+
+/// A route topic of a finished run, read to its end.
+pub fn read_route(bootstrap: &str, cfg: &RunConfig, p: Purpose, _: &Finished) -> Vec<OwnedMessage> {
+    read_to_end(bootstrap, cfg.routes[p as usize].as_deref().unwrap())
 }
 
 /// A header's value as text.
@@ -319,6 +604,15 @@ pub fn header<'m>(m: &'m OwnedMessage, key: &str) -> Option<&'m str> {
         .find(|h| h.key == key)
         .and_then(|h| h.value)
         .map(|v| std::str::from_utf8(v).unwrap())
+}
+
+/// A copy's envelope record id ("" for anonymised copies, which carry none).
+pub fn record_id(m: &OwnedMessage) -> String {
+    let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    v["envelope"]["record_id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Traffic for a Kafka test: recent (so event-time retention has not run out), with
@@ -417,45 +711,107 @@ pub fn expected(t: &Traffic, policy: &Policy, keys: &Keyring) -> Expected {
 pub fn got(msgs: &[OwnedMessage]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for msg in msgs {
-        let v: serde_json::Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
-        let id = v["envelope"]["record_id"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        *m.entry(id).or_default() += 1;
+        *m.entry(record_id(msg)).or_default() += 1;
     }
     m
 }
 
-/// Checks every route of `policy` holds exactly the expected copies, once each.
-pub fn assert_exactly_once(bootstrap: &str, cfg: &RunConfig, policy: &Policy, want: &Expected) {
+/// The copies `process` makes of `records` for a subscriber in `state`, per route.
+pub fn copies_of(
+    records: &[(Option<Vec<u8>>, Vec<u8>)],
+    policy: &Policy,
+    keys: &Keyring,
+    state: &SubscriberState,
+) -> Expected {
+    let now = Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let mut out: Expected = Default::default();
+    for (_, bytes) in records {
+        let r = cdrguard::codec::json::decode_record(bytes).unwrap();
+        for c in process(&r, policy, state, keys, now).copies {
+            let id = c
+                .envelope
+                .record_id
+                .as_ref()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default();
+            *out[c.envelope.purpose as usize].entry(id).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// Adds `more` to `want`.
+pub fn add(want: &mut Expected, more: Expected) {
+    for (w, m) in want.iter_mut().zip(more) {
+        for (id, n) in m {
+            *w.entry(id).or_default() += n;
+        }
+    }
+}
+
+/// A subscriber's state after control events (as the control topic carries them).
+pub fn state_after(events: &[(Option<Vec<u8>>, Vec<u8>)]) -> SubscriberState {
+    let mut st = SubscriberState::default();
+    for (_, v) in events {
+        let e = cdrguard::codec::json::decode_control(v).unwrap();
+        st.apply(&e.change, e.at);
+    }
+    st
+}
+
+/// Checks every route of `policy` holds exactly the copies of `want`, once each; returns
+/// what each route holds.
+pub fn assert_exactly_once(
+    bootstrap: &str,
+    cfg: &RunConfig,
+    policy: &Policy,
+    want: &Expected,
+    done: &Finished,
+) -> Vec<(Purpose, Vec<OwnedMessage>)> {
+    let mut out = Vec::new();
     for r in policy.declared() {
         let p = r.purpose;
-        let topic = cfg.routes[p as usize].as_deref().unwrap();
-        let n: usize = want[p as usize].values().sum();
-        let msgs = read_all(
-            bootstrap,
-            topic,
-            n,
-            Duration::from_secs(2),
-            Duration::from_secs(120),
-        );
+        let msgs = read_route(bootstrap, cfg, p, done);
+        let want = &want[p as usize];
+        let n: usize = want.values().sum();
         let got = got(&msgs);
-        let missing = want[p as usize]
+        let missing: Vec<&String> = want
             .iter()
-            .filter(|(k, v)| got.get(*k) != Some(*v))
-            .count();
-        let extra = got
+            .filter(|(k, v)| got.get(*k).is_none_or(|g| g < *v))
+            .map(|(k, _)| k)
+            .collect();
+        let repeated: Vec<&String> = want
             .iter()
-            .filter(|(k, v)| want[p as usize].get(*k) != Some(*v))
-            .count();
+            .filter(|(k, v)| got.get(*k).is_some_and(|g| g > *v))
+            .map(|(k, _)| k)
+            .collect();
+        let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
         assert!(
-            missing == 0 && extra == 0 && msgs.len() == n,
-            "route {}: {} copies read, {n} expected; {missing} ids missing or repeated, {extra} unexpected",
+            missing.is_empty() && repeated.is_empty() && extra.is_empty() && msgs.len() == n,
+            "route {}: {} copies read, {n} expected; {} ids missing (e.g. {}), {} repeated (e.g. {}), {} unexpected (e.g. {})",
             p.id(),
-            msgs.len()
+            msgs.len(),
+            missing.len(),
+            some(missing.iter().copied()),
+            repeated.len(),
+            some(repeated.iter().copied()),
+            extra.len(),
+            some(extra.iter().copied()),
         );
+        out.push((p, msgs));
     }
+    out
+}
+
+/// A few examples of ids for a failure message.
+fn some<'a>(ids: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = ids.take(5).map(String::as_str).collect();
+    format!("{v:?}")
 }
 
 /// The policy and keys a run configuration names.
@@ -466,6 +822,31 @@ pub fn load(cfg: &RunConfig) -> (Policy, Keyring) {
     )
 }
 
+/// Clears every `CDRGUARD_` variable of `inherited` from `cmd`'s environment (the
+/// harness's own `CDRGUARD_TEST_BROKERS`, a developer's overrides, `CDRGUARD_KEY_FILE`)
+/// and sets `set`: a test's configuration is exactly its file plus what it sets.
+pub fn scrub_env(
+    cmd: &mut Command,
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    set: &[(&str, &str)],
+) {
+    for (k, _) in inherited {
+        if k.to_string_lossy().starts_with("CDRGUARD_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in set {
+        cmd.env(k, v);
+    }
+}
+
+/// The `cdrguard` binary with `set` as its only `CDRGUARD_` variables.
+pub fn cdrguard_command(set: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdrguard"));
+    scrub_env(&mut cmd, std::env::vars_os(), set);
+    cmd
+}
+
 /// A `cdrguard run` process.
 pub struct Processor {
     child: Child,
@@ -474,26 +855,43 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Starts `cdrguard run --config config`, logging to `log`.
+    /// Starts `cdrguard run --config config`, logging to `log`, with `env` as its only
+    /// `CDRGUARD_` variables.
     pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Processor {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdrguard"));
+        let mut cmd = cdrguard_command(env);
         cmd.args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(f);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         Processor {
             child: cmd.spawn().expect("starting cdrguard run"),
             log: log.to_path_buf(),
         }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(ok.success(), "kill -{sig} failed");
+    }
+
+    /// Freezes it (SIGSTOP): a moment of its life held still.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
     }
 
     /// `kill -9`.
@@ -502,12 +900,9 @@ impl Processor {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then waits for a clean exit.
+    /// SIGTERM, then waits for it to exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        self.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -515,7 +910,8 @@ impl Processor {
             }
             assert!(
                 Instant::now() < deadline,
-                "cdrguard did not stop on SIGTERM"
+                "cdrguard did not stop on SIGTERM (log: {})",
+                self.log.display()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -534,26 +930,44 @@ impl Drop for Processor {
     }
 }
 
-/// Counts messages on a topic (read_uncommitted: what has been written so far, for
-/// deciding when to interrupt a run).
+/// Counts messages written to a topic, committed or not (high watermarks, transaction
+/// markers included: a gauge of progress for deciding when to interrupt a run).
 pub fn count_uncommitted(bootstrap: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut n = 0;
-    for t in md.topics() {
-        for p in t.partitions() {
+    let c = client(bootstrap, &unique("count"), "read_uncommitted");
+    let parts = partitions(&c, topic);
+    parts
+        .iter()
+        .map(|p| {
             let (lo, hi) = c
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
                 .unwrap();
-            n += hi - lo;
-        }
-    }
-    n
+            hi - lo
+        })
+        .sum()
+}
+
+/// The assignment protocol a consumer group settled on ("range" and "roundrobin" are
+/// eager, "cooperative-sticky" incremental), once it has members and a protocol.
+pub fn group_protocol(bootstrap: &str, group: &str) -> String {
+    let c = client(bootstrap, &unique("groups"), "read_uncommitted");
+    let mut protocol = String::new();
+    wait_for(
+        &format!("group {group} to settle"),
+        Duration::from_secs(60),
+        || {
+            let Ok(list) = c.fetch_group_list(Some(group), Duration::from_secs(5)) else {
+                return false;
+            };
+            match list.groups().iter().find(|g| g.name() == group) {
+                Some(g) if g.state() == "Stable" && !g.protocol().is_empty() => {
+                    protocol = g.protocol().to_string();
+                    true
+                }
+                _ => false,
+            }
+        },
+    );
+    protocol
 }
 
 /// Waits until `f` holds, or panics with `what` after `timeout`.
@@ -563,6 +977,30 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A processor's log lines, without the terminal colours tracing writes even to files.
+pub fn log_lines(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let mut out = String::with_capacity(l.len());
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    // CSI: ESC '[' parameters, then a final letter.
+                    for d in chars.by_ref() {
+                        if d.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// Appends a line to a test log (for post-mortems).
@@ -619,6 +1057,25 @@ impl InProcess {
     }
 }
 
+/// What a [`Scenario`] sets up.
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    /// Prefix of its topic and folder names.
+    pub name: &'a str,
+    /// Shipped policy name.
+    pub policy: &'a str,
+    /// Partitions of the input and output topics.
+    pub partitions: i32,
+    /// Records generated.
+    pub records: u64,
+    /// Subscribers they belong to.
+    pub subscribers: u32,
+    /// Generator seed.
+    pub seed: u64,
+    /// Additions to the configuration.
+    pub tweaks: Tweaks<'a>,
+}
+
 /// A run's worth of setup: a configuration with its own topics, traffic on the input
 /// and control topics, and the copies the run must make.
 pub struct Scenario {
@@ -639,22 +1096,20 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// Creates topics (`partitions` each), produces `records` records of `subscribers`
-    /// subscribers (control events first) and computes the expected copies.
-    pub fn new(
-        bootstrap: &str,
-        name: &str,
-        policy: &str,
-        partitions: i32,
-        records: u64,
-        subscribers: u32,
-        seed: u64,
-    ) -> Scenario {
-        let dir = scratch(name);
-        let (path, cfg) = run_config(&dir, bootstrap, &unique(name), policy, "");
+    /// Creates topics, produces the records (control events first, on one control
+    /// partition) and computes the expected copies.
+    pub fn new(bootstrap: &str, setup: Setup<'_>) -> Scenario {
+        let dir = scratch(setup.name);
+        let (path, cfg) = run_config(
+            &dir,
+            bootstrap,
+            &unique(setup.name),
+            setup.policy,
+            setup.tweaks,
+        );
         let (policy, keys) = load(&cfg);
-        create_topics(&cfg, &policy, partitions);
-        let traffic = traffic(records, subscribers, seed);
+        create_topics(&cfg, &policy, setup.partitions, 1);
+        let traffic = traffic(setup.records, setup.subscribers, setup.seed);
         produce(
             bootstrap,
             &cfg.control_topic,
@@ -690,35 +1145,108 @@ impl Scenario {
     /// the run has not already finished (else the interruption would test nothing).
     pub fn wait_progress(&self, share: f64) {
         let total = self.total();
-        wait_for(
-            &format!("{share} of the run"),
-            Duration::from_secs(300),
-            || self.progress() as f64 > total as f64 * share,
-        );
+        wait_for(&format!("{share} of the run"), RUN_TIMEOUT, || {
+            self.progress() as f64 > total as f64 * share
+        });
         assert!(
             self.progress() < total,
             "the run finished before the interruption; nothing was tested"
         );
     }
 
-    /// Checks every route holds exactly the expected copies, once each.
-    pub fn assert_exactly_once(&self) {
-        assert_exactly_once(&self.bootstrap, &self.cfg, &self.policy, &self.want);
+    /// The group's committed input offsets.
+    pub fn offsets(&self) -> GroupOffsets {
+        GroupOffsets::new(&self.bootstrap, &self.cfg.group_id, &self.cfg.input_topic)
     }
 
-    /// Checks the dead-letter topic holds each malformed record exactly once.
-    pub fn assert_dead_letters(&self) {
-        let dead = read_all(
-            &self.bootstrap,
-            &self.cfg.dead_letter_topic,
-            self.traffic.malformed,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        );
+    /// Waits until the group has committed the end of the input, stops `runs`, and checks
+    /// the offsets stayed at the end.
+    pub fn finish(&self, runs: impl IntoIterator<Item = Run>) -> Finished {
+        finish(&self.bootstrap, &self.cfg, runs)
+    }
+
+    /// Checks every route of the policy holds exactly the expected copies, once each;
+    /// returns what each route holds.
+    pub fn assert_exactly_once(&self, done: &Finished) -> Vec<(Purpose, Vec<OwnedMessage>)> {
+        assert_exactly_once(&self.bootstrap, &self.cfg, &self.policy, &self.want, done)
+    }
+
+    /// Checks every route holds every expected copy at least as often as expected and
+    /// nothing else (repeats allowed, losses not); returns how many copies were repeats.
+    pub fn assert_at_least_once(&self, done: &Finished) -> usize {
+        let mut repeats = 0;
+        for r in self.policy.declared() {
+            let p = r.purpose;
+            let msgs = read_route(&self.bootstrap, &self.cfg, p, done);
+            let want = &self.want[p as usize];
+            let got = got(&msgs);
+            let missing: Vec<&String> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k).is_none_or(|g| g < *v))
+                .map(|(k, _)| k)
+                .collect();
+            let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty(),
+                "route {}: {} ids missing (e.g. {}), {} unexpected (e.g. {})",
+                p.id(),
+                missing.len(),
+                some(missing.iter().copied()),
+                extra.len(),
+                some(extra.iter().copied()),
+            );
+            repeats += msgs.len() - want.values().sum::<usize>();
+        }
+        repeats
+    }
+
+    /// Checks the dead-letter topic holds each malformed record exactly once: its
+    /// `dlq.topic`, `dlq.partition` and `dlq.offset` headers point at a malformed input
+    /// message, whose bytes and key the dead letter carries unchanged, and whose reason
+    /// is given. Returns the dead letters.
+    pub fn assert_dead_letters(&self, _: &Finished) -> Vec<OwnedMessage> {
+        let dead = read_to_end(&self.bootstrap, &self.cfg.dead_letter_topic);
+        let input: BTreeMap<(i32, i64), OwnedMessage> =
+            read_to_end(&self.bootstrap, &self.cfg.input_topic)
+                .into_iter()
+                .map(|m| ((m.partition(), m.offset()), m))
+                .collect();
+        let malformed: BTreeSet<&[u8]> = self
+            .traffic
+            .messages
+            .iter()
+            .filter(|(k, _)| k.is_none())
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        let mut seen = BTreeSet::new();
+        for d in &dead {
+            assert!(
+                header(d, "dlq.reason").is_some_and(|r| !r.is_empty()),
+                "a dead letter without a reason"
+            );
+            assert_eq!(header(d, "dlq.topic"), Some(self.cfg.input_topic.as_str()));
+            let p: i32 = header(d, "dlq.partition").unwrap().parse().unwrap();
+            let o: i64 = header(d, "dlq.offset").unwrap().parse().unwrap();
+            let original = input
+                .get(&(p, o))
+                .unwrap_or_else(|| panic!("dead letter points at {p}/{o}, not an input record"));
+            assert_eq!(
+                d.payload(),
+                original.payload(),
+                "dead letter of {p}/{o}: the original bytes, untouched"
+            );
+            assert_eq!(d.key(), original.key(), "dead letter of {p}/{o}: its key");
+            assert!(
+                malformed.contains(original.payload().unwrap_or(&[])),
+                "{p}/{o} is a valid record, yet dead-lettered"
+            );
+            assert!(seen.insert((p, o)), "{p}/{o} dead-lettered twice");
+        }
         assert_eq!(
             dead.len(),
             self.traffic.malformed,
-            "dead letters exactly once"
+            "every malformed record dead-lettered exactly once"
         );
+        dead
     }
 }
