@@ -224,11 +224,10 @@ fn an_unreadable_control_topic_fails_closed() {
         &b.bootstrap,
         &prefix,
         "excedo",
-        // Short, yet well above the follower's confirmation cadence (a check every
-        // 0.5 s, each waiting up to 2 s per partition): at the lowest setting, 1000 ms,
-        // a current table lapsed into fail-closed on this loaded 2-core machine.
+        // Staleness short, yet well above the follower's confirmation cadence (a check
+        // every 0.5 s); routing pauses 2 s on a stale table before it fails closed.
         Tweaks {
-            processing: "control_max_staleness_ms = 5000",
+            processing: "control_max_staleness_ms = 5000\nstale_pause_ms = 2000",
             ..Tweaks::default()
         },
     );

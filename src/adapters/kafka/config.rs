@@ -61,6 +61,7 @@ impl fmt::Display for ConfigError {
         for p in &self.problems {
             match &p.origin {
                 Origin::Line(l) => writeln!(f, "  {}:{l}: {}: {}", self.file, p.key, p.message)?,
+                Origin::Env(v) if p.key.is_empty() => writeln!(f, "  env {v}: {}", p.message)?,
                 Origin::Env(v) => writeln!(f, "  env {v}: {}: {}", p.key, p.message)?,
                 Origin::Default => writeln!(f, "  (default): {}: {}", p.key, p.message)?,
             }
@@ -123,6 +124,9 @@ pub struct RunConfig {
     /// The consent table counts as stale (fail closed) when it has not been confirmed at
     /// the end of the control topic for this long.
     pub control_max_staleness: Duration,
+    /// While the table is stale, routing pauses this long (records wait in Kafka, nothing
+    /// is lost) before it routes fail closed.
+    pub stale_pause: Duration,
     /// Per-partition prefetch limit (librdkafka `queued.max.messages.kbytes`).
     pub queued_max_kbytes: u32,
 }
@@ -569,11 +573,13 @@ pub fn parse(
         .map_or(Origin::Default, |(_, o)| o.clone());
     let commit_ms = s.integer("processing.commit_interval_ms", 100, (10, 60_000));
     let commit_max = s.integer("processing.commit_max_records", 5_000, (1, 10_000_000));
+    // Confirmations come every half second and may take a round trip or two.
     let staleness = s.integer(
         "processing.control_max_staleness_ms",
         10_000,
-        (1_000, 3_600_000),
+        (2_000, 3_600_000),
     );
+    let stale_pause = s.integer("processing.stale_pause_ms", 120_000, (0, 86_400_000));
     let queued_kb = s.integer("processing.queued_max_kbytes", 8_192, (64, 2_097_151));
 
     for (k, (_, o)) in std::mem::take(&mut s.leaves) {
@@ -664,6 +670,7 @@ pub fn parse(
         commit_interval: Duration::from_millis(commit_ms as u64),
         commit_max_records: commit_max as usize,
         control_max_staleness: Duration::from_millis(staleness as u64),
+        stale_pause: Duration::from_millis(stale_pause as u64),
         queued_max_kbytes: queued_kb as u32,
     };
     // librdkafka checks each property's name and value when it is set: do that now, so a

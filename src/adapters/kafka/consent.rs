@@ -141,6 +141,13 @@ impl ConsentStore {
         now.saturating_duration_since(confirmed) <= self.max_staleness
     }
 
+    /// How long the table has been stale at `now` (zero while it is fresh).
+    pub fn stale_for(&self, now: Instant) -> Duration {
+        let confirmed =
+            self.epoch + Duration::from_millis(self.confirmed_ms.load(Ordering::Acquire));
+        now.saturating_duration_since(confirmed + self.max_staleness)
+    }
+
     /// The state to route a subscriber's record with.
     pub fn view(&self, msisdn: &str, fresh: bool) -> SubscriberState {
         let known = self.states.get(msisdn).map(|s| *s).unwrap_or_default();
@@ -277,7 +284,10 @@ pub fn spawn_follower(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        // After an outage the table must be proven current again quickly: routing waits
+        // for it (see `processing.stale_pause_ms`).
+        .set("reconnect.backoff.max.ms", "1000");
     if client.get("group.id").is_none() {
         client.set("group.id", "cdrguard-control-reader");
     }

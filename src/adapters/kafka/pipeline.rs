@@ -48,6 +48,8 @@ pub struct RunStats {
     pub dead_letters: AtomicU64,
     /// Records routed while the consent table was stale (fail closed).
     pub fail_closed: AtomicU64,
+    /// Whether routing is paused, waiting for the consent table.
+    pub paused: AtomicBool,
     /// Copies per route.
     pub copies: [AtomicU64; Purpose::COUNT],
     /// Schedule entries written.
@@ -550,7 +552,25 @@ impl Shared {
                     }
                 }
                 let now = now_millis();
-                let fresh = self.store.fresh(Instant::now());
+                let instant = Instant::now();
+                let fresh = self.store.fresh(instant);
+                // A stale table first pauses routing: the records wait in Kafka, so a
+                // short outage of the control topic costs latency, not consent-based
+                // copies. Only a longer one routes fail closed.
+                if !fresh && self.store.stale_for(instant) < self.cfg.stale_pause {
+                    if let Some(held) = throttle.ready() {
+                        tracing::warn!(
+                            partition = slot.partition,
+                            held_back = held,
+                            "consent table stale: routing paused"
+                        );
+                    }
+                    self.stats.paused.store(true, Ordering::Relaxed);
+                    drop(st);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                self.stats.paused.store(false, Ordering::Relaxed);
                 let mut n = 0;
                 while n < BATCH {
                     match queue.poll(Duration::ZERO) {
