@@ -212,7 +212,12 @@ fn expired_on_arrival(
     match ret.anchor {
         // The same deadline the schedule gives the record's window, so a record is refused
         // only when its window would already have expired.
-        Anchor::EventTime => super::retention::event_time_deadline(ret, r.start_time) <= now,
+        // The deadline is at least the period after the record, so a younger record
+        // needs no calendar arithmetic; a late one gets the exact test.
+        Anchor::EventTime => {
+            now.0.saturating_sub(r.start_time.0) >= ret.period.shortest_ms()
+                && super::retention::event_time_deadline(ret, r.start_time) <= now
+        }
         Anchor::ContractEnd => s.contract_ended.is_some_and(|t| ret.period.after(t) <= now),
         // The invoice for the record's period cannot have been settled before the record
         // was billed: the clock has not started.

@@ -44,6 +44,21 @@ impl Millis {
     /// Adds whole calendar months, clamping the day (31 Jan + 1 month = 28/29 Feb), as a
     /// retention rule "N months after X" is read.
     pub fn add_months(self, months: u32) -> Millis {
+        // The retention schedule computes a deadline for every copy, so years 1-9999 take
+        // civil-date arithmetic, about two thirds of chrono's instructions; the rest keep
+        // chrono's behaviour, saturation at its range included.
+        let days = self.0.div_euclid(DAY_MS);
+        let (y, m, d) = civil_from_days(days);
+        let total = y * 12 + (m - 1) as i64 + months as i64;
+        let (ny, nm) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u32);
+        if (1..=9999).contains(&y) && (1..=9999).contains(&ny) {
+            let nd = d.min(days_in_month(ny as u32, nm));
+            return Millis(days_from_civil(ny, nm, nd) * DAY_MS + self.0.rem_euclid(DAY_MS));
+        }
+        self.add_months_chrono(months)
+    }
+
+    fn add_months_chrono(self, months: u32) -> Millis {
         use chrono::{DateTime, Months};
         match DateTime::from_timestamp_millis(self.0)
             .and_then(|dt| dt.checked_add_months(Months::new(months)))
@@ -215,6 +230,28 @@ mod tests {
         assert_eq!(m.to_string(), "2026-01-01T00:00:00.000Z");
         assert!(Millis::parse("2026-02-30T00:00:00.000Z").is_err());
         assert!(Millis::parse("yesterday").is_err());
+    }
+
+    #[test]
+    fn month_arithmetic_matches_chrono() {
+        let mut t = Millis::parse("1999-12-31T23:59:59.999Z").unwrap().0;
+        // Every day over about 30 years, at a different time of day each, plus the edges.
+        let mut instants = vec![i64::MIN, -1, 0, 253_402_300_799_999, i64::MAX - 1];
+        for _ in 0..11_000 {
+            instants.push(t);
+            t += DAY_MS + 3_601_001;
+        }
+        for t in instants {
+            for months in [0, 1, 2, 6, 11, 12, 13, 24, 59, 1200, 100_000, u32::MAX] {
+                let later = Millis(t).add_months(months);
+                assert_eq!(later, Millis(t).add_months_chrono(months), "{t} + {months}");
+                // `Period::shortest_ms` relies on a month never being shorter than 28 days.
+                assert!(
+                    later == Millis(i64::MAX) || later.0 - t >= months as i64 * 28 * DAY_MS,
+                    "{t} + {months}"
+                );
+            }
+        }
     }
 
     #[test]
