@@ -81,6 +81,19 @@ pub enum CloseCause {
     TimeLimit,
 }
 
+impl CloseCause {
+    /// The JSON name.
+    pub const fn id(self) -> &'static str {
+        match self {
+            CloseCause::Normal => "normal",
+            CloseCause::Abnormal => "abnormal",
+            CloseCause::Partial => "partial",
+            CloseCause::VolumeLimit => "volume_limit",
+            CloseCause::TimeLimit => "time_limit",
+        }
+    }
+}
+
 /// Radio access technology.
 #[derive(
     Clone,
@@ -103,6 +116,18 @@ pub enum Rat {
     Lte,
     /// 5G.
     Nr,
+}
+
+impl Rat {
+    /// The JSON name.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Rat::Gsm => "gsm",
+            Rat::Umts => "umts",
+            Rat::Lte => "lte",
+            Rat::Nr => "nr",
+        }
+    }
 }
 
 /// The serving cell: location data.

@@ -93,6 +93,11 @@ impl Millis {
 pub struct TimeBuf([u8; 24]);
 
 impl TimeBuf {
+    /// The text as bytes, for encoders (no UTF-8 check needed).
+    pub fn as_bytes(&self) -> &[u8; 24] {
+        &self.0
+    }
+
     /// The text, always ASCII.
     pub fn as_str(&self) -> &str {
         // The buffer only ever holds ASCII digits and separators written above.
@@ -191,15 +196,20 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
+    // Shifted by whole 400-year eras so that every day a `Millis` can name (about 1.1e11
+    // either side of 1970) is a positive count: unsigned division by a constant is a
+    // multiply and a shift, signed division needs fix-ups (copies are stamped with their
+    // time, so this runs several times per record).
+    const ERAS: u64 = 1_000_000;
+    let z = (z + 719_468).wrapping_add_unsigned(ERAS * 146_097) as u64;
+    let era = z / 146_097;
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let y = (yoe + era * 400) as i64 - (ERAS * 400) as i64 + i64::from(m <= 2);
     (y, m, d)
 }
 
@@ -221,6 +231,20 @@ mod tests {
                 .timestamp_millis();
             assert_eq!(m.0, c, "{s}");
             assert_eq!(m.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn printing_matches_chrono_from_year_1_to_9999() {
+        let (first, last) = (-62_135_596_800_000i64, 253_402_300_799_999i64);
+        let mut t = first;
+        while t <= last {
+            let want = chrono::DateTime::from_timestamp_millis(t)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            assert_eq!(Millis(t).to_string(), want);
+            assert_eq!(Millis::parse(&want), Ok(Millis(t)));
+            t += 3 * DAY_MS + 7_654_321;
         }
     }
 
