@@ -267,10 +267,15 @@ pub fn process<'a>(
             }
         };
         let cx = treat::Ctx { purpose: p, keys };
-        let record = treat::treat(&cx, map, r);
+        let copy_id = treat::text(
+            &cx,
+            Field::RecordId,
+            map[Field::RecordId as usize],
+            &r.record_id,
+        );
         // Every copy names its record for de-duplication; where the copy may not carry the
         // raw id it gets this purpose's pseudonym of it instead.
-        let record_id = match (&record.record_id, anonymised) {
+        let record_id = match (&copy_id, anonymised) {
             (_, true) => None,
             (Some(id), false) => Some(id.clone()),
             (None, false) => Some(Text::Inline(keys.pseudonym(
@@ -292,7 +297,7 @@ pub fn process<'a>(
                 .iter()
                 .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
         d.copies.push(Copy {
-            record,
+            record: Treated::default(),
             envelope: Envelope {
                 record_id,
                 purpose: p,
@@ -308,6 +313,10 @@ pub fn process<'a>(
             record_time: r.start_time,
             names_subscriber: !anonymised && rule.subscriber_field.is_some(),
         });
+        // Treated where the copy is stored: a copy is about a kilobyte, so a move costs.
+        if let Some(c) = d.copies.last_mut() {
+            treat::treat_into(&cx, map, r, copy_id, &mut c.record);
+        }
         d.outcomes[p as usize] = Some(if anonymised {
             Outcome::Anonymised
         } else {
