@@ -201,43 +201,42 @@ pub fn treat_into<'a>(
     let opt = |f: Field, v: &'a Option<std::borrow::Cow<'_, str>>| {
         v.as_deref().and_then(|v| text(cx, f, t(f), v))
     };
-    *out = Treated {
-        record_id,
-        kind: plain(t(Field::Kind), r.kind),
-        msisdn: txt(Field::Msisdn, &r.msisdn),
-        imsi: txt(Field::Imsi, &r.imsi),
-        imei: opt(Field::Imei, &r.imei),
-        other_party: opt(Field::OtherParty, &r.other_party),
-        start_time: match t(Field::StartTime) {
-            Treatment::Keep => Some(r.start_time),
-            Treatment::Generalise => Some(r.start_time.floor_hour()),
-            _ => None,
-        },
-        duration_s: r.duration_s.and_then(|d| plain(t(Field::DurationS), d)),
-        close_cause: plain(t(Field::CloseCause), r.close_cause),
-        cell: r.cell.as_ref().and_then(|c: &'a Cell<'_>| {
-            let area = |cell_id| CellOut {
-                mcc: &c.mcc,
-                mnc: &c.mnc,
-                lac_or_tac: c.lac_or_tac,
-                cell_id,
-            };
-            match t(Field::Cell) {
-                Treatment::Keep => Some(area(Some(c.cell_id))),
-                Treatment::Generalise => Some(area(None)),
-                _ => None,
-            }
-        }),
-        serving_plmn: txt(Field::ServingPlmn, &r.serving_plmn),
-        service_centre: opt(Field::ServiceCentre, &r.service_centre),
-        apn: opt(Field::Apn, &r.apn),
-        charging_id: r.charging_id.and_then(|c| plain(t(Field::ChargingId), c)),
-        rat: plain(t(Field::Rat), r.rat),
-        ue_ip: opt(Field::UeIp, &r.ue_ip),
-        usage: r.usage.as_deref().and_then(|u| plain(t(Field::Usage), u)),
-        recording_entity: txt(Field::RecordingEntity, &r.recording_entity),
-        local_seq_no: plain(t(Field::LocalSeqNo), r.local_seq_no),
+    // Field by field, so each value is written once, straight into the copy.
+    out.record_id = record_id;
+    out.kind = plain(t(Field::Kind), r.kind);
+    out.msisdn = txt(Field::Msisdn, &r.msisdn);
+    out.imsi = txt(Field::Imsi, &r.imsi);
+    out.imei = opt(Field::Imei, &r.imei);
+    out.other_party = opt(Field::OtherParty, &r.other_party);
+    out.start_time = match t(Field::StartTime) {
+        Treatment::Keep => Some(r.start_time),
+        Treatment::Generalise => Some(r.start_time.floor_hour()),
+        _ => None,
     };
+    out.duration_s = r.duration_s.and_then(|d| plain(t(Field::DurationS), d));
+    out.close_cause = plain(t(Field::CloseCause), r.close_cause);
+    out.cell = r.cell.as_ref().and_then(|c: &'a Cell<'_>| {
+        let area = |cell_id| CellOut {
+            mcc: &c.mcc,
+            mnc: &c.mnc,
+            lac_or_tac: c.lac_or_tac,
+            cell_id,
+        };
+        match t(Field::Cell) {
+            Treatment::Keep => Some(area(Some(c.cell_id))),
+            Treatment::Generalise => Some(area(None)),
+            _ => None,
+        }
+    });
+    out.serving_plmn = txt(Field::ServingPlmn, &r.serving_plmn);
+    out.service_centre = opt(Field::ServiceCentre, &r.service_centre);
+    out.apn = opt(Field::Apn, &r.apn);
+    out.charging_id = r.charging_id.and_then(|c| plain(t(Field::ChargingId), c));
+    out.rat = plain(t(Field::Rat), r.rat);
+    out.ue_ip = opt(Field::UeIp, &r.ue_ip);
+    out.usage = r.usage.as_deref().and_then(|u| plain(t(Field::Usage), u));
+    out.recording_entity = txt(Field::RecordingEntity, &r.recording_entity);
+    out.local_seq_no = plain(t(Field::LocalSeqNo), r.local_seq_no);
 }
 
 #[cfg(test)]
