@@ -56,12 +56,13 @@ fn mod_pow10(x: u64, m: usize) -> u64 {
     }
 }
 
-/// NUM(S) mod 10^m for a big-endian byte string, Horner over 16-bit chunks (every
-/// intermediate stays below 2^50).
-fn bytes_mod_pow10(s: &[u8], m: usize) -> u64 {
-    s.chunks(2).fold(0u64, |r, c| {
-        let chunk = c.iter().fold(0u64, |a, b| (a << 8) | *b as u64);
-        mod_pow10((r << (8 * c.len())) | chunk, m)
+/// NUM(S) mod 10^m for S, the first `d` bytes of a PRF block (d is 8 or 12): the first
+/// eight bytes as one `u64`, any further bytes 16 bits at a time (every intermediate stays
+/// below 2^50).
+fn prefix_mod_pow10(r: &[u8; 16], d: usize, m: usize) -> u64 {
+    let first = u64::from_be_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]);
+    r[8..d].chunks_exact(2).fold(mod_pow10(first, m), |acc, c| {
+        mod_pow10((acc << 16) | u16::from_be_bytes([c[0], c[1]]) as u64, m)
     })
 }
 
@@ -92,24 +93,30 @@ impl Ff1 {
         m: usize,
     ) -> u64 {
         // Q = T || 0^((-t-b-1) mod 16) || [i]^1 || [x]^b, then CBC-MAC continues from
-        // E(P). With t + b + 1 <= 16 Q is a single block; longer tweaks take more.
+        // E(P). Q is XORed into the chain block by block where it lies instead of being
+        // laid out first: [i] and [x]^b always end the last block, and with t + b + 1 <= 16
+        // (every token: the tweak is empty) Q is that one block.
         let t = tweak.len();
-        let pad = (16 - (t + b + 1) % 16) % 16;
-        let qlen = t + pad + 1 + b;
-        let mut y = *p_mac;
-        let mut q = [0u8; 64];
-        q[..t].copy_from_slice(tweak);
-        q[t + pad] = i;
+        let blocks = (t + b + 1).div_ceil(16);
         let xb = x.to_be_bytes();
-        q[qlen - b..qlen].copy_from_slice(&xb[8 - b..]);
-        for chunk in q[..qlen].chunks(16) {
-            for (a, c) in y.iter_mut().zip(chunk) {
-                *a ^= c;
+        let mut y = *p_mac;
+        for k in 0..blocks {
+            let start = k * 16;
+            if start < t {
+                for (a, c) in y.iter_mut().zip(&tweak[start..t.min(start + 16)]) {
+                    *a ^= c;
+                }
+            }
+            if k == blocks - 1 {
+                y[15 - b] ^= i;
+                for (a, c) in y[16 - b..].iter_mut().zip(&xb[8 - b..]) {
+                    *a ^= c;
+                }
             }
             self.enc(&mut y);
         }
         // d <= 12 here, so S is the first d bytes of R.
-        bytes_mod_pow10(&y[..d], m)
+        prefix_mod_pow10(&y, d, m)
     }
 
     fn setup(&self, n: usize, tweak: &[u8]) -> ([u8; 16], usize, usize, usize, usize) {
@@ -231,5 +238,29 @@ mod tests {
             }
         }
         assert!(!ours.encrypt(&[], &mut [1, 2, 3, 4, 5]));
+    }
+
+    #[test]
+    fn agrees_with_the_fpe_crate_for_every_tweak_length() {
+        // Tweaks up to 40 bytes make Q one, two or three blocks long.
+        let key = [0x17u8; 32];
+        let ours = Ff1::new(&key);
+        let theirs = FF1::<Aes256>::new(&key, 10).unwrap();
+        for t in 0..=40usize {
+            let tweak: Vec<u8> = (0..t as u8).map(|b| b.wrapping_mul(37)).collect();
+            for n in [6, 11, 12, 19, 20] {
+                let plain: Vec<u8> = (0..n).map(|k| ((k * 7 + t) % 10) as u8).collect();
+                let ns = FlexibleNumeralString::from(
+                    plain.iter().map(|d| *d as u16).collect::<Vec<_>>(),
+                );
+                let want: Vec<u16> = theirs.encrypt(&tweak, &ns).unwrap().into();
+                let mut x = plain.clone();
+                assert!(ours.encrypt(&tweak, &mut x));
+                let got: Vec<u16> = x.iter().map(|d| *d as u16).collect();
+                assert_eq!(got, want, "t={t} n={n}");
+                assert!(ours.decrypt(&tweak, &mut x));
+                assert_eq!(x, plain);
+            }
+        }
     }
 }
