@@ -139,12 +139,14 @@ fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
     codes
 }
 
+#[inline(always)]
 fn string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
 /// An option: its tag byte, then the value when there is one.
+#[inline(always)]
 fn option<T>(out: &mut Vec<u8>, v: Option<T>, write: impl FnOnce(&mut Vec<u8>, T)) {
     match v {
         None => out.push(0),
@@ -155,11 +157,13 @@ fn option<T>(out: &mut Vec<u8>, v: Option<T>, write: impl FnOnce(&mut Vec<u8>, T
     }
 }
 
+#[inline(always)]
 fn text(out: &mut Vec<u8>, t: &Option<Text<'_>>) {
     option(out, t.as_ref(), |o, t| string(o, t.as_str()));
 }
 
 /// A unit-only enum's variant index (declaration order), as a u32.
+#[inline(always)]
 fn tag(out: &mut Vec<u8>, index: u32) {
     out.extend_from_slice(&index.to_le_bytes());
 }
