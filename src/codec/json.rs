@@ -13,10 +13,13 @@ use crate::policy::Treatment;
 
 /// Decodes and validates one record; strings borrow from `bytes` where unescaped.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
-    let r: Record<'_> = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed {
-        format: "json",
-        detail: e.to_string(),
-    })?;
+    let r = match super::json_fast::record(bytes) {
+        Some(r) => r,
+        None => serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed {
+            format: "json",
+            detail: e.to_string(),
+        })?,
+    };
     r.validate()?;
     Ok(r)
 }
@@ -91,31 +94,9 @@ pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
     out.push(b'}');
 }
 
-/// Whether JSON needs an escape in `s`: a control character, `"` or `\`. Eight bytes at a
-/// time (the classic has-less-than and has-zero-byte bit tricks), the last eight
-/// overlapping the others, as most values are identifiers of 10 to 50 bytes that need none.
-fn needs_escape(s: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([1; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGH;
-    let zero = |x: u64| below(x, 1);
-    let word = |c: &[u8]| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-    let test =
-        |x: u64| below(x, 0x20) | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64));
-    if s.len() < 8 {
-        return s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
-    }
-    // Bytes past the last whole chunk are within the last eight.
-    let mut found = test(word(&s[s.len() - 8..]));
-    for c in s.chunks_exact(8) {
-        found |= test(word(c));
-    }
-    found != 0
-}
-
 /// A JSON string from input or a policy file: escaped the way serde_json escapes it.
 fn string(out: &mut Vec<u8>, s: &str) {
-    if needs_escape(s.as_bytes()) {
+    if super::json_fast::first_special(s.as_bytes()).is_some() {
         // Rare (record values are identifiers and codes), so serde_json itself escapes it.
         let _ = serde_json::to_writer(&mut *out, s);
     } else {
@@ -353,26 +334,6 @@ mod tests {
     }
 
     #[test]
-    fn escapes_are_found_at_every_position() {
-        for len in 0..40 {
-            let clean = "a".repeat(len);
-            assert!(!needs_escape(clean.as_bytes()));
-            for at in 0..len {
-                for b in (0u8..0x20).chain([b'"', b'\\']) {
-                    let mut s = clean.clone().into_bytes();
-                    s[at] = b;
-                    assert!(needs_escape(&s), "{len} {at} {b}");
-                }
-                for b in [0x20u8, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xff] {
-                    let mut s = clean.clone().into_bytes();
-                    s[at] = b;
-                    assert!(!needs_escape(&s), "{len} {at} {b}");
-                }
-            }
-        }
-    }
-
-    #[test]
     fn vocabulary_written_unescaped_needs_no_escape() {
         let fields = Field::ALL.map(Field::name);
         let purposes = crate::core::purpose::Purpose::ALL.map(|p| p.id());
@@ -398,15 +359,8 @@ mod tests {
         ]
         .map(Anchor::id);
         let kinds = Kind::ALL.map(Kind::id);
-        let causes = [
-            CloseCause::Normal,
-            CloseCause::Abnormal,
-            CloseCause::Partial,
-            CloseCause::VolumeLimit,
-            CloseCause::TimeLimit,
-        ]
-        .map(CloseCause::id);
-        let rats = [Rat::Gsm, Rat::Umts, Rat::Lte, Rat::Nr].map(Rat::id);
+        let causes = CloseCause::ALL.map(CloseCause::id);
+        let rats = Rat::ALL.map(Rat::id);
         let bases = Basis::ALL.map(Basis::id);
         let articles = Basis::ALL.map(Basis::article);
         let other = ["anonymous", "recital 26"];

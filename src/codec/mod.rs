@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod json;
+mod json_fast;
 
 use std::fmt::Write;
 

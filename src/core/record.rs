@@ -82,6 +82,14 @@ pub enum CloseCause {
 }
 
 impl CloseCause {
+    /// Every close cause.
+    pub const ALL: [CloseCause; 5] = [
+        CloseCause::Normal,
+        CloseCause::Abnormal,
+        CloseCause::Partial,
+        CloseCause::VolumeLimit,
+        CloseCause::TimeLimit,
+    ];
     /// The JSON name.
     pub const fn id(self) -> &'static str {
         match self {
@@ -119,6 +127,8 @@ pub enum Rat {
 }
 
 impl Rat {
+    /// Every radio technology.
+    pub const ALL: [Rat; 4] = [Rat::Gsm, Rat::Umts, Rat::Lte, Rat::Nr];
     /// The JSON name.
     pub const fn id(self) -> &'static str {
         match self {
