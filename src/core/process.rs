@@ -237,6 +237,23 @@ pub fn process<'a>(
     now: Millis,
 ) -> Decision<'a> {
     let mut d = Decision::default();
+    process_into(r, policy, state, keys, now, &mut d);
+    d
+}
+
+/// [`process`] into a decision the caller owns (emptied first). A decision holds up to
+/// six copies of about a kilobyte each, and returning one by value copies all of it:
+/// hot loops declare one per record and pass it in.
+pub fn process_into<'a>(
+    r: &'a Record<'_>,
+    policy: &'a Policy,
+    state: &SubscriberState,
+    keys: &'a Keyring,
+    now: Millis,
+    d: &mut Decision<'a>,
+) {
+    d.copies.clear();
+    d.outcomes = [None; Purpose::COUNT];
     let present = presence(r);
     for p in Purpose::ALL {
         let Some(rule) = policy.rule(p) else {
@@ -323,7 +340,6 @@ pub fn process<'a>(
             Outcome::Copied
         });
     }
-    d
 }
 
 /// How a route's copies name a subscriber: the msisdn under that route's treatment.
