@@ -45,8 +45,8 @@ impl Millis {
     /// retention rule "N months after X" is read.
     pub fn add_months(self, months: u32) -> Millis {
         // The retention schedule computes a deadline for every copy, so years 1-9999 take
-        // civil-date arithmetic, about two thirds of chrono's instructions; the rest keep
-        // chrono's behaviour, saturation at its range included.
+        // plain civil-date arithmetic instead of chrono's general date handling; the rest
+        // keep chrono's behaviour, saturation at its range included.
         let days = self.0.div_euclid(DAY_MS);
         let (y, m, d) = civil_from_days(days);
         let total = y * 12 + (m - 1) as i64 + months as i64;

@@ -201,7 +201,7 @@ impl Period {
             Period::Days(d) => d as i64,
             Period::Months(m) => m as i64 * 28,
         };
-        days * crate::core::time::DAY_MS
+        days.saturating_mul(crate::core::time::DAY_MS)
     }
     /// Human form, e.g. `6 months`.
     pub fn describe(self) -> String {
