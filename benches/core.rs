@@ -1,70 +1,24 @@
 //! Throughput of the pure core on one thread: decode -> consent lookup -> process ->
 //! encode every copy, for JSON and binary, over the generator's record mix with the
 //! Excedo policy (billing, fraud and troubleshooting always; analytics and marketing for
-//! consenting subscribers: about 3.6 copies per record).
+//! consenting subscribers: about 3.6 copies per record). Decisions are made with
+//! `process_into`, the hot-loop form of `process` that does not copy the decision out.
 //!
 //! Run: cargo bench --bench core
 
-use std::collections::HashMap;
+mod common;
+
 use std::hint::black_box;
 
-use cdrguard::adapters::generate::{GenConfig, Line, generate};
 use cdrguard::codec::{binary, json};
-use cdrguard::core::control::{Change, SubscriberState};
-use cdrguard::core::process::process;
-use cdrguard::core::pseudonym::{Keyring, MasterKey};
+use cdrguard::core::control::SubscriberState;
+use cdrguard::core::process::{Decision, process_into};
 use cdrguard::core::time::Millis;
-use cdrguard::policy::{parse_policy, shipped};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-struct Fixture {
-    json_lines: Vec<Vec<u8>>,
-    bin_frames: Vec<Vec<u8>>,
-    states: HashMap<String, SubscriberState>,
-}
-
-fn fixture() -> Fixture {
-    let cfg = GenConfig {
-        records: 20_000,
-        subscribers: 2_000,
-        malformed_rate: 0.0,
-        ..GenConfig::default()
-    };
-    let s = generate(&cfg);
-    let mut json_lines = Vec::new();
-    let mut bin_frames = Vec::new();
-    for l in &s.lines {
-        if let Line::Record(r) = l {
-            json_lines.push(serde_json::to_vec(r).unwrap());
-            let mut b = Vec::new();
-            binary::encode_record(r, &mut b);
-            bin_frames.push(b);
-        }
-    }
-    // Consent as it stands at the start of the traffic (grants only).
-    let mut states: HashMap<String, SubscriberState> = HashMap::new();
-    for e in s
-        .controls
-        .iter()
-        .filter(|e| matches!(e.change, Change::Consent { granted: true, .. }))
-    {
-        states
-            .entry(e.msisdn.clone())
-            .or_default()
-            .apply(&e.change, e.at);
-    }
-    Fixture {
-        json_lines,
-        bin_frames,
-        states,
-    }
-}
-
 fn bench(c: &mut Criterion) {
-    let f = fixture();
-    let policy = parse_policy(shipped("excedo").unwrap(), "excedo").unwrap();
-    // A bench-only key from a fixed seed: the bench measures speed, not secrecy.
-    let keys = Keyring::new(&[MasterKey::new("bench", &[0x5a; 32]).unwrap()]).unwrap();
+    let f = common::fixture();
+    let (policy, keys) = (&f.policy, &f.keys);
     let now = Millis(0);
     let none = SubscriberState::default();
 
@@ -72,7 +26,9 @@ fn bench(c: &mut Criterion) {
     for line in &f.json_lines {
         let r = json::decode_record(line).unwrap();
         let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
-        copies += process(&r, &policy, st, &keys, now).copies.len();
+        let mut d = Decision::default();
+        process_into(&r, policy, st, keys, now, &mut d);
+        copies += d.copies.len();
     }
     eprintln!(
         "fixture: {} records, {:.2} copies per record",
@@ -89,7 +45,8 @@ fn bench(c: &mut Criterion) {
             for line in &f.json_lines {
                 let r = json::decode_record(line).unwrap();
                 let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
-                let d = process(&r, &policy, st, &keys, now);
+                let mut d = Decision::default();
+                process_into(&r, policy, st, keys, now, &mut d);
                 out.clear();
                 for c in &d.copies {
                     json::encode_copy(c, &mut out);
@@ -103,7 +60,8 @@ fn bench(c: &mut Criterion) {
             for frame in &f.bin_frames {
                 let r = binary::decode_record(frame).unwrap();
                 let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
-                let d = process(&r, &policy, st, &keys, now);
+                let mut d = Decision::default();
+                process_into(&r, policy, st, keys, now, &mut d);
                 out.clear();
                 for c in &d.copies {
                     binary::encode_copy(c, &mut out);
@@ -121,7 +79,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             for r in &recs {
                 let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
-                black_box(process(r, &policy, st, &keys, now));
+                let mut d = Decision::default();
+                process_into(r, policy, st, keys, now, &mut d);
+                black_box(&d);
             }
         })
     });

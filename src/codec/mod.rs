@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod json;
+mod json_fast;
 
 use std::fmt::Write;
 
@@ -80,4 +81,70 @@ pub fn headers<'c>(c: &'c Copy<'_>, scratch: &'c mut String) -> [(&'static str, 
         ("key_id", e.key_id.unwrap_or("")),
         ("retention", e.retention.rule_id.as_str()),
     ]
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use crate::adapters::generate::{GenConfig, Line, generate};
+    use crate::core::control::SubscriberState;
+    use crate::core::process::{Copy, process};
+    use crate::core::pseudonym::tests::test_keyring;
+    use crate::core::purpose::{Purpose, PurposeSet};
+    use crate::policy::{SHIPPED, parse_policy};
+
+    /// Runs `check` on every copy that the generator's records make under every shipped
+    /// policy and a range of subscriber states, so hand-written encoders can be compared
+    /// with their reference. Some records carry strings that JSON must escape.
+    pub(crate) fn for_every_copy(mut check: impl FnMut(&Copy<'_>)) {
+        let cfg = GenConfig {
+            records: 1_500,
+            subscribers: 100,
+            malformed_rate: 0.0,
+            ..GenConfig::default()
+        };
+        let mut records: Vec<_> = generate(&cfg)
+            .lines
+            .into_iter()
+            .filter_map(|l| match l {
+                Line::Record(r) => Some(r),
+                Line::Malformed(_) => None,
+            })
+            .collect();
+        for r in records.iter_mut().step_by(40) {
+            r.record_id = format!("{}\"\\\n\u{1}\u{1f}é\u{7f}", r.record_id).into();
+            r.recording_entity = format!("{}\t\u{8}\u{c}\r/", r.recording_entity).into();
+        }
+        let all = {
+            let mut s = PurposeSet::EMPTY;
+            Purpose::ALL.iter().for_each(|p| s.set(*p, true));
+            s
+        };
+        let states = [
+            SubscriberState::default(),
+            SubscriberState {
+                consented: all,
+                ..Default::default()
+            },
+            SubscriberState {
+                consented: all,
+                objected: all,
+                ..Default::default()
+            },
+            SubscriberState {
+                restricted: true,
+                ..Default::default()
+            },
+        ];
+        let keys = test_keyring();
+        for (name, text) in SHIPPED {
+            let policy = parse_policy(text, name).unwrap();
+            for r in &records {
+                for s in &states {
+                    for c in &process(r, &policy, s, &keys, r.start_time).copies {
+                        check(c);
+                    }
+                }
+            }
+        }
+    }
 }

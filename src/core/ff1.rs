@@ -4,7 +4,10 @@
 //! and NIST's sample vectors in the tests. FF3 is deliberately absent (broken).
 
 use aes::Aes256;
-use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
+use aes::cipher::consts::U16;
+use aes::cipher::{
+    Array, BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
+};
 
 /// Fewest digits accepted: below 10^6 values the domain is too small to be safe (SP
 /// 800-38G rev. 1 requires radix^minlen >= 1,000,000).
@@ -56,12 +59,12 @@ fn mod_pow10(x: u64, m: usize) -> u64 {
     }
 }
 
-/// NUM(S) mod 10^m for a big-endian byte string, Horner over 16-bit chunks (every
-/// intermediate stays below 2^50).
-fn bytes_mod_pow10(s: &[u8], m: usize) -> u64 {
-    s.chunks(2).fold(0u64, |r, c| {
-        let chunk = c.iter().fold(0u64, |a, b| (a << 8) | *b as u64);
-        mod_pow10((r << (8 * c.len())) | chunk, m)
+/// NUM(S) mod 10^m for S, the first `d` bytes of a PRF block R (d is 8 or 12): its first
+/// eight bytes as one `u64`, any further bytes 16 bits at a time (every intermediate stays
+/// below 2^50).
+fn prefix_mod_pow10(r: u128, d: usize, m: usize) -> u64 {
+    (0..(d - 8) / 2).fold(mod_pow10((r >> 64) as u64, m), |acc, k| {
+        mod_pow10((acc << 16) | ((r >> (48 - 16 * k)) as u64 & 0xffff), m)
     })
 }
 
@@ -73,100 +76,135 @@ impl Ff1 {
         }
     }
 
-    fn enc(&self, block: &mut [u8; 16]) {
-        let mut b = Array::from(*block);
-        self.aes.encrypt_block(&mut b);
-        block.copy_from_slice(&b);
+    /// Encrypts digits (values 0-9) in place. `false` if the length is out of range.
+    pub fn encrypt(&self, tweak: &[u8], x: &mut [u8]) -> bool {
+        self.run(tweak, x, false)
     }
 
-    /// y = NUM(S) mod 10^m for round `i`, where the PRF input ends in `[NUM(x)]^b`.
-    #[allow(clippy::too_many_arguments)]
-    fn round_value(
-        &self,
-        p_mac: &[u8; 16],
-        tweak: &[u8],
-        i: u8,
-        x: u64,
-        b: usize,
-        d: usize,
-        m: usize,
-    ) -> u64 {
-        // Q = T || 0^((-t-b-1) mod 16) || [i]^1 || [x]^b, then CBC-MAC continues from
-        // E(P). With t + b + 1 <= 16 Q is a single block; longer tweaks take more.
-        let t = tweak.len();
-        let pad = (16 - (t + b + 1) % 16) % 16;
-        let qlen = t + pad + 1 + b;
-        let mut y = *p_mac;
-        let mut q = [0u8; 64];
-        q[..t].copy_from_slice(tweak);
-        q[t + pad] = i;
-        let xb = x.to_be_bytes();
-        q[qlen - b..qlen].copy_from_slice(&xb[8 - b..]);
-        for chunk in q[..qlen].chunks(16) {
-            for (a, c) in y.iter_mut().zip(chunk) {
-                *a ^= c;
-            }
-            self.enc(&mut y);
+    /// Decrypts digits in place. `false` if the length is out of range.
+    pub fn decrypt(&self, tweak: &[u8], x: &mut [u8]) -> bool {
+        self.run(tweak, x, true)
+    }
+
+    fn run(&self, tweak: &[u8], x: &mut [u8], decrypt: bool) -> bool {
+        let n = x.len();
+        if !(MIN_DIGITS..=MAX_DIGITS).contains(&n) || tweak.len() > 40 || x.iter().any(|d| *d > 9) {
+            return false;
         }
-        // d <= 12 here, so S is the first d bytes of R.
-        bytes_mod_pow10(&y[..d], m)
+        self.aes
+            .encrypt_with_backend(Operation { tweak, x, decrypt });
+        true
     }
+}
 
-    fn setup(&self, n: usize, tweak: &[u8]) -> ([u8; 16], usize, usize, usize, usize) {
+/// One FF1 operation, run inside a single session with the AES key's backend. The aes
+/// crate prepares its backend on every call (on CPUs with VAES it broadcasts all fifteen
+/// round keys, several times the cost of the block itself), so the eleven or more blocks
+/// of an operation share one preparation instead of paying it each.
+struct Operation<'a> {
+    tweak: &'a [u8],
+    x: &'a mut [u8],
+    decrypt: bool,
+}
+
+impl BlockSizeUser for Operation<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockCipherEncClosure for Operation<'_> {
+    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
+        // Blocks are big-endian u128s, so the PRF input is built with a few register
+        // operations instead of byte by byte.
+        let enc = |block: u128| {
+            let mut b = Array::from(block.to_be_bytes());
+            backend.encrypt_block_inplace(&mut b);
+            u128::from_be_bytes(b.into())
+        };
+        let (tweak, x) = (self.tweak, self.x);
+        let s = Setup::new(&enc, x.len(), tweak);
+        let (u, v) = (s.u, s.v);
+        let (mut a, mut bb) = (num(&x[..u]), num(&x[u..]));
+        if self.decrypt {
+            for i in (0..10u8).rev() {
+                let m = if i % 2 == 0 { u } else { v };
+                let y = s.round_value(&enc, i, a, m);
+                let c = mod_pow10(mod_pow10(bb, m) + POW10[m] - y, m);
+                bb = a;
+                a = c;
+            }
+            put(a, &mut x[..u]);
+            put(bb, &mut x[u..]);
+        } else {
+            let (mut la, mut lb) = (u, v);
+            for i in 0..10u8 {
+                let m = if i % 2 == 0 { u } else { v };
+                let y = s.round_value(&enc, i, bb, m);
+                let c = mod_pow10(mod_pow10(a, m) + y, m);
+                a = bb;
+                la = lb;
+                bb = c;
+                lb = m;
+            }
+            put(a, &mut x[..la]);
+            put(bb, &mut x[la..la + lb]);
+        }
+    }
+}
+
+/// What every round of one operation on n digits shares.
+struct Setup {
+    /// The CBC-MAC chain value the last block of every round's Q is XORed into: E(P)
+    /// chained through Q's leading blocks, which hold only tweak bytes and zeros and are
+    /// the same in every round, XORed with the tweak bytes that reach the last block.
+    last: u128,
+    u: usize,
+    v: usize,
+    /// Bytes of `[NUM(x)]^b`.
+    b: usize,
+    /// Bytes of S that are used.
+    d: usize,
+}
+
+impl Setup {
+    fn new(enc: &impl Fn(u128) -> u128, n: usize, tweak: &[u8]) -> Setup {
         let u = n / 2;
         let v = n - u;
         // b = ceil(ceil(v * log2(10)) / 8), exact for v <= 10 via 10^v's bit length.
         let bits = 64 - (POW10[v] - 1).leading_zeros() as usize;
         let b = bits.div_ceil(8);
         let d = 4 * b.div_ceil(4) + 4;
-        let mut p = [1u8, 2, 1, 0, 0, 10, 10, u as u8, 0, 0, 0, 0, 0, 0, 0, 0];
-        p[8..12].copy_from_slice(&(n as u32).to_be_bytes());
-        p[12..16].copy_from_slice(&(tweak.len() as u32).to_be_bytes());
-        self.enc(&mut p);
-        (p, u, v, b, d)
+        // P = [1]^1 || [2]^1 || [1]^1 || [radix]^3 || [10]^1 || [u mod 256]^1 || [n]^4 || [t]^4
+        let p = (0x0102_0100_000a_0a00_u128 << 64)
+            | ((u as u128) << 64)
+            | ((n as u128) << 32)
+            | tweak.len() as u128;
+        // Q = T || 0^((-t-b-1) mod 16) || [i]^1 || [x]^b: [i] and [x]^b end its last
+        // block, so the blocks before it are tweak bytes and zeros only.
+        let blocks = (tweak.len() + b + 1).div_ceil(16);
+        let block = |k: usize| {
+            let bytes = tweak.get(k * 16..).unwrap_or(&[]);
+            let mut q = [0u8; 16];
+            for (q, t) in q.iter_mut().zip(bytes) {
+                *q = *t;
+            }
+            u128::from_be_bytes(q)
+        };
+        let chain = (0..blocks - 1).fold(enc(p), |mac, k| enc(mac ^ block(k)));
+        Setup {
+            last: chain ^ block(blocks - 1),
+            u,
+            v,
+            b,
+            d,
+        }
     }
 
-    /// Encrypts digits (values 0-9) in place. `false` if the length is out of range.
-    pub fn encrypt(&self, tweak: &[u8], x: &mut [u8]) -> bool {
-        let n = x.len();
-        if !(MIN_DIGITS..=MAX_DIGITS).contains(&n) || tweak.len() > 40 || x.iter().any(|d| *d > 9) {
-            return false;
-        }
-        let (p, u, v, b, d) = self.setup(n, tweak);
-        let (mut a, mut bb) = (num(&x[..u]), num(&x[u..]));
-        let (mut la, mut lb) = (u, v);
-        for i in 0..10u8 {
-            let m = if i % 2 == 0 { u } else { v };
-            let y = self.round_value(&p, tweak, i, bb, b, d, m);
-            let c = mod_pow10(mod_pow10(a, m) + y, m);
-            a = bb;
-            la = lb;
-            bb = c;
-            lb = m;
-        }
-        put(a, &mut x[..la]);
-        put(bb, &mut x[la..la + lb]);
-        true
-    }
-
-    /// Decrypts digits in place. `false` if the length is out of range.
-    pub fn decrypt(&self, tweak: &[u8], x: &mut [u8]) -> bool {
-        let n = x.len();
-        if !(MIN_DIGITS..=MAX_DIGITS).contains(&n) || tweak.len() > 40 || x.iter().any(|d| *d > 9) {
-            return false;
-        }
-        let (p, u, v, b, d) = self.setup(n, tweak);
-        let (mut a, mut bb) = (num(&x[..u]), num(&x[u..]));
-        for i in (0..10u8).rev() {
-            let m = if i % 2 == 0 { u } else { v };
-            let y = self.round_value(&p, tweak, i, a, b, d, m);
-            let c = mod_pow10(mod_pow10(bb, m) + POW10[m] - y, m);
-            bb = a;
-            a = c;
-        }
-        put(a, &mut x[..u]);
-        put(bb, &mut x[u..]);
-        true
+    /// y = NUM(S) mod 10^m for round `i`, where Q ends in `[i]^1 || [NUM(x)]^b`: one AES
+    /// block per round, whatever the tweak's length.
+    fn round_value(&self, enc: &impl Fn(u128) -> u128, i: u8, x: u64, m: usize) -> u64 {
+        let r = enc(self.last ^ (u128::from(i) << (8 * self.b)) ^ u128::from(x));
+        // d <= 12 here, so S is the first d bytes of R.
+        prefix_mod_pow10(r, self.d, m)
     }
 }
 
@@ -231,5 +269,29 @@ mod tests {
             }
         }
         assert!(!ours.encrypt(&[], &mut [1, 2, 3, 4, 5]));
+    }
+
+    #[test]
+    fn agrees_with_the_fpe_crate_for_every_tweak_length() {
+        // Tweaks up to 40 bytes make Q one, two or three blocks long.
+        let key = [0x17u8; 32];
+        let ours = Ff1::new(&key);
+        let theirs = FF1::<Aes256>::new(&key, 10).unwrap();
+        for t in 0..=40usize {
+            let tweak: Vec<u8> = (0..t as u8).map(|b| b.wrapping_mul(37)).collect();
+            for n in [6, 11, 12, 19, 20] {
+                let plain: Vec<u8> = (0..n).map(|k| ((k * 7 + t) % 10) as u8).collect();
+                let ns = FlexibleNumeralString::from(
+                    plain.iter().map(|d| *d as u16).collect::<Vec<_>>(),
+                );
+                let want: Vec<u16> = theirs.encrypt(&tweak, &ns).unwrap().into();
+                let mut x = plain.clone();
+                assert!(ours.encrypt(&tweak, &mut x));
+                let got: Vec<u16> = x.iter().map(|d| *d as u16).collect();
+                assert_eq!(got, want, "t={t} n={n}");
+                assert!(ours.decrypt(&tweak, &mut x));
+                assert_eq!(x, plain);
+            }
+        }
     }
 }

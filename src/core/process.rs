@@ -217,7 +217,12 @@ fn expired_on_arrival(
     match ret.anchor {
         // The same deadline the schedule gives the record's window, so a record is refused
         // only when its window would already have expired.
-        Anchor::EventTime => super::retention::event_time_deadline(ret, r.start_time) <= now,
+        // The deadline is at least the period after the record, so a younger record
+        // needs no calendar arithmetic; a late one gets the exact test.
+        Anchor::EventTime => {
+            now.0.saturating_sub(r.start_time.0) >= ret.period.shortest_ms()
+                && super::retention::event_time_deadline(ret, r.start_time) <= now
+        }
         Anchor::ContractEnd => s.contract_ended.is_some_and(|t| ret.period.after(t) <= now),
         // A record arriving after its period was settled: with settlements in period
         // order, the latest one bounds its deadline.
@@ -239,6 +244,23 @@ pub fn process<'a>(
     now: Millis,
 ) -> Decision<'a> {
     let mut d = Decision::default();
+    process_into(r, policy, state, keys, now, &mut d);
+    d
+}
+
+/// [`process`] into a decision the caller owns (emptied first). A decision holds up to
+/// six copies of about a kilobyte each, and returning one by value copies all of it:
+/// hot loops declare one per record and pass it in.
+pub fn process_into<'a>(
+    r: &'a Record<'_>,
+    policy: &'a Policy,
+    state: &SubscriberState,
+    keys: &'a Keyring,
+    now: Millis,
+    d: &mut Decision<'a>,
+) {
+    d.copies.clear();
+    d.outcomes = [None; Purpose::COUNT];
     let present = presence(r);
     for p in Purpose::ALL {
         let Some(rule) = policy.rule(p) else {
@@ -278,10 +300,15 @@ pub fn process<'a>(
             }
         };
         let cx = treat::Ctx { purpose: p, keys };
-        let record = treat::treat(&cx, map, r);
+        let copy_id = treat::text(
+            &cx,
+            Field::RecordId,
+            map[Field::RecordId as usize],
+            &r.record_id,
+        );
         // Every copy names its record for de-duplication; where the copy may not carry the
         // raw id it gets this purpose's pseudonym of it instead.
-        let record_id = match (&record.record_id, anonymised) {
+        let record_id = match (&copy_id, anonymised) {
             (_, true) => None,
             (Some(id), false) => Some(id.clone()),
             (None, false) => Some(Text::Inline(keys.pseudonym(
@@ -303,7 +330,7 @@ pub fn process<'a>(
                 .iter()
                 .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
         d.copies.push(Copy {
-            record,
+            record: Treated::default(),
             envelope: Envelope {
                 record_id,
                 purpose: p,
@@ -319,13 +346,16 @@ pub fn process<'a>(
             record_time: r.start_time,
             names_subscriber: !anonymised && rule.subscriber_field.is_some(),
         });
+        // Treated where the copy is stored: a copy is about a kilobyte, so a move costs.
+        if let Some(c) = d.copies.last_mut() {
+            treat::treat_into(&cx, map, r, copy_id, &mut c.record);
+        }
         d.outcomes[p as usize] = Some(if anonymised {
             Outcome::Anonymised
         } else {
             Outcome::Copied
         });
     }
-    d
 }
 
 /// How a route's copies name a subscriber: the msisdn under that route's treatment.

@@ -138,18 +138,33 @@ impl Keyring {
     /// is mixed in so an IMSI and an MSISDN that happen to share digits do not collide.
     pub fn pseudonym(&self, p: Purpose, field: &str, value: &str) -> Token {
         let k = &self.active[p as usize];
-        let mut h = blake3::Hasher::new_keyed(&k.prf);
-        h.update(field.as_bytes());
-        h.update(&[0]);
-        h.update(value.as_bytes());
-        let digest = h.finalize();
+        // The message is `field || 0 || value`. Laid out on the stack it takes BLAKE3's
+        // one-shot path, which costs about half of three incremental updates; only values
+        // longer than any identifier need the incremental hasher.
+        let mut msg = [0u8; 160];
+        let n = field.len() + 1 + value.len();
+        let digest = if n <= msg.len() {
+            msg[..field.len()].copy_from_slice(field.as_bytes());
+            msg[field.len() + 1..n].copy_from_slice(value.as_bytes());
+            blake3::keyed_hash(&k.prf, &msg[..n])
+        } else {
+            let mut h = blake3::Hasher::new_keyed(&k.prf);
+            h.update(field.as_bytes());
+            h.update(&[0]);
+            h.update(value.as_bytes());
+            h.finalize()
+        };
         let mut out = Token::new();
         out.push_str(&k.key_id);
         out.push(':');
-        let mut hex = [0u8; 32];
+        // Word-aligned, so the UTF-8 check of the 32 hex digits takes its word-at-a-time
+        // path instead of going byte by byte.
+        #[repr(align(16))]
+        struct Hex([u8; 32]);
+        let mut hex = Hex([0; 32]);
         // 16 bytes -> 32 hex chars; cannot fail for a buffer of exactly twice the input.
-        let _ = hex::encode_to_slice(&digest.as_bytes()[..16], &mut hex);
-        out.push_str(std::str::from_utf8(&hex).unwrap_or(""));
+        let _ = hex::encode_to_slice(&digest.as_bytes()[..16], &mut hex.0);
+        out.push_str(std::str::from_utf8(&hex.0).unwrap_or(""));
         out
     }
 
@@ -234,6 +249,25 @@ pub(crate) mod tests {
         let other = Keyring::new(&[MasterKey::new("test2", &[8u8; 32]).unwrap()]).unwrap();
         let b = other.pseudonym(Purpose::Analytics, "msisdn", "+46701234567");
         assert_ne!(a[a.len() - 32..], b[b.len() - 32..]);
+    }
+
+    #[test]
+    fn pseudonyms_are_keyed_blake3_of_field_zero_value_at_any_length() {
+        let k = test_keyring();
+        let master = blake3::derive_key("cdrguard master key v1", &[7u8; 32]);
+        let prf = blake3::derive_key(
+            "cdrguard pseudonym prf v1",
+            &[&master[..], b"analytics"].concat(),
+        );
+        // Short values take the one-shot path, long ones the incremental hasher.
+        for value in ["+46701234567".to_string(), "x".repeat(150), "y".repeat(400)] {
+            let msg = [&b"apn"[..], &[0], value.as_bytes()].concat();
+            let want = blake3::keyed_hash(&prf, &msg);
+            assert_eq!(
+                k.pseudonym(Purpose::Analytics, "apn", &value).as_str(),
+                format!("test1.analytics:{}", &want.to_hex()[..32])
+            );
+        }
     }
 
     #[test]

@@ -81,6 +81,27 @@ pub enum CloseCause {
     TimeLimit,
 }
 
+impl CloseCause {
+    /// Every close cause.
+    pub const ALL: [CloseCause; 5] = [
+        CloseCause::Normal,
+        CloseCause::Abnormal,
+        CloseCause::Partial,
+        CloseCause::VolumeLimit,
+        CloseCause::TimeLimit,
+    ];
+    /// The JSON name.
+    pub const fn id(self) -> &'static str {
+        match self {
+            CloseCause::Normal => "normal",
+            CloseCause::Abnormal => "abnormal",
+            CloseCause::Partial => "partial",
+            CloseCause::VolumeLimit => "volume_limit",
+            CloseCause::TimeLimit => "time_limit",
+        }
+    }
+}
+
 /// Radio access technology.
 #[derive(
     Clone,
@@ -103,6 +124,20 @@ pub enum Rat {
     Lte,
     /// 5G.
     Nr,
+}
+
+impl Rat {
+    /// Every radio technology.
+    pub const ALL: [Rat; 4] = [Rat::Gsm, Rat::Umts, Rat::Lte, Rat::Nr];
+    /// The JSON name.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Rat::Gsm => "gsm",
+            Rat::Umts => "umts",
+            Rat::Lte => "lte",
+            Rat::Nr => "nr",
+        }
+    }
 }
 
 /// The serving cell: location data.

@@ -44,6 +44,21 @@ impl Millis {
     /// Adds whole calendar months, clamping the day (31 Jan + 1 month = 28/29 Feb), as a
     /// retention rule "N months after X" is read.
     pub fn add_months(self, months: u32) -> Millis {
+        // The retention schedule computes a deadline for every copy, so years 1-9999 take
+        // plain civil-date arithmetic instead of chrono's general date handling; the rest
+        // keep chrono's behaviour, saturation at its range included.
+        let days = self.0.div_euclid(DAY_MS);
+        let (y, m, d) = civil_from_days(days);
+        let total = y * 12 + (m - 1) as i64 + months as i64;
+        let (ny, nm) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u32);
+        if (1..=9999).contains(&y) && (1..=9999).contains(&ny) {
+            let nd = d.min(days_in_month(ny as u32, nm));
+            return Millis(days_from_civil(ny, nm, nd) * DAY_MS + self.0.rem_euclid(DAY_MS));
+        }
+        self.add_months_chrono(months)
+    }
+
+    fn add_months_chrono(self, months: u32) -> Millis {
         use chrono::{DateTime, Months};
         match DateTime::from_timestamp_millis(self.0)
             .and_then(|dt| dt.checked_add_months(Months::new(months)))
@@ -78,6 +93,11 @@ impl Millis {
 pub struct TimeBuf([u8; 24]);
 
 impl TimeBuf {
+    /// The text as bytes, for encoders (no UTF-8 check needed).
+    pub fn as_bytes(&self) -> &[u8; 24] {
+        &self.0
+    }
+
     /// The text, always ASCII.
     pub fn as_str(&self) -> &str {
         // The buffer only ever holds ASCII digits and separators written above.
@@ -176,15 +196,20 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
+    // Shifted by whole 400-year eras so that every day a `Millis` can name (about 1.1e11
+    // either side of 1970) is a positive count: unsigned division by a constant is a
+    // multiply and a shift, signed division needs fix-ups (copies are stamped with their
+    // time, so this runs several times per record).
+    const ERAS: u64 = 1_000_000;
+    let z = (z + 719_468).wrapping_add_unsigned(ERAS * 146_097) as u64;
+    let era = z / 146_097;
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let y = (yoe + era * 400) as i64 - (ERAS * 400) as i64 + i64::from(m <= 2);
     (y, m, d)
 }
 
@@ -210,11 +235,47 @@ mod tests {
     }
 
     #[test]
+    fn printing_matches_chrono_from_year_1_to_9999() {
+        let (first, last) = (-62_135_596_800_000i64, 253_402_300_799_999i64);
+        let mut t = first;
+        while t <= last {
+            let want = chrono::DateTime::from_timestamp_millis(t)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            assert_eq!(Millis(t).to_string(), want);
+            assert_eq!(Millis::parse(&want), Ok(Millis(t)));
+            t += 3 * DAY_MS + 7_654_321;
+        }
+    }
+
+    #[test]
     fn offsets_go_through_chrono_and_bad_dates_are_refused() {
         let m = Millis::parse("2026-01-01T01:00:00+01:00").unwrap();
         assert_eq!(m.to_string(), "2026-01-01T00:00:00.000Z");
         assert!(Millis::parse("2026-02-30T00:00:00.000Z").is_err());
         assert!(Millis::parse("yesterday").is_err());
+    }
+
+    #[test]
+    fn month_arithmetic_matches_chrono() {
+        let mut t = Millis::parse("1999-12-31T23:59:59.999Z").unwrap().0;
+        // Every day over about 30 years, at a different time of day each, plus the edges.
+        let mut instants = vec![i64::MIN, -1, 0, 253_402_300_799_999, i64::MAX - 1];
+        for _ in 0..11_000 {
+            instants.push(t);
+            t += DAY_MS + 3_601_001;
+        }
+        for t in instants {
+            for months in [0, 1, 2, 6, 11, 12, 13, 24, 59, 1200, 100_000, u32::MAX] {
+                let later = Millis(t).add_months(months);
+                assert_eq!(later, Millis(t).add_months_chrono(months), "{t} + {months}");
+                // `Period::shortest_ms` relies on a month never being shorter than 28 days.
+                assert!(
+                    later == Millis(i64::MAX) || later.0 - t >= months as i64 * 28 * DAY_MS,
+                    "{t} + {months}"
+                );
+            }
+        }
     }
 
     #[test]

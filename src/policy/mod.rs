@@ -197,6 +197,15 @@ impl Period {
             Period::Months(m) => t.add_months(m),
         }
     }
+    /// A lower bound of the period in milliseconds, whatever instant it is added to: a
+    /// calendar month is never shorter than 28 days, even when the day is clamped.
+    pub fn shortest_ms(self) -> i64 {
+        let days = match self {
+            Period::Days(d) => d as i64,
+            Period::Months(m) => m as i64 * 28,
+        };
+        days.saturating_mul(crate::core::time::DAY_MS)
+    }
     /// Human form, e.g. `6 months`.
     pub fn describe(self) -> String {
         match self {

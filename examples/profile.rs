@@ -1,0 +1,116 @@
+//! Runs one stage of the bench's pipeline over its fixture, for profiling. Wall-clock
+//! benches are noisy on a shared machine; callgrind's instruction counts are repeatable:
+//!
+//! ```sh
+//! cargo build --release --example profile
+//! valgrind --tool=callgrind --collect-atstart=no --toggle-collect='profile::run' \
+//!     target/release/examples/profile binary
+//! callgrind_annotate --inclusive=yes callgrind.out.<pid>
+//! ```
+//!
+//! Only `run` is collected, so building the fixture is not counted: divide the total by
+//! the record count printed. `profile binary 15` times 15 passes instead and prints the
+//! fastest, a quick wall-clock check between two builds (criterion stays the reference).
+//!
+//! Stages: `json` and `binary` (decode -> process -> encode every copy, as the bench),
+//! `process` (records decoded beforehand), `json_decode` and `binary_decode`.
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use cdrguard::codec::{binary, json};
+use cdrguard::core::control::SubscriberState;
+use cdrguard::core::process::{Decision, process_into};
+use cdrguard::core::record::Record;
+use cdrguard::core::time::Millis;
+
+/// One pass of a stage over every record; never inlined so callgrind can toggle on it.
+#[inline(never)]
+fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u8>) {
+    let none = SubscriberState::default();
+    let now = Millis(0);
+    let state = |msisdn: &str| f.states.get(msisdn).unwrap_or(&none);
+    match stage {
+        "json" => {
+            for line in &f.json_lines {
+                let r = json::decode_record(line).unwrap();
+                let mut d = Decision::default();
+                process_into(&r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
+                out.clear();
+                for c in &d.copies {
+                    json::encode_copy(c, out);
+                }
+                black_box(&out);
+            }
+        }
+        "binary" => {
+            for frame in &f.bin_frames {
+                let r = binary::decode_record(frame).unwrap();
+                let mut d = Decision::default();
+                process_into(&r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
+                out.clear();
+                for c in &d.copies {
+                    binary::encode_copy(c, out);
+                }
+                black_box(&out);
+            }
+        }
+        "process" => {
+            for r in decoded {
+                let mut d = Decision::default();
+                process_into(r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
+                black_box(&d);
+            }
+        }
+        "json_decode" => {
+            for line in &f.json_lines {
+                black_box(json::decode_record(line).unwrap());
+            }
+        }
+        "binary_decode" => {
+            for frame in &f.bin_frames {
+                black_box(binary::decode_record(frame).unwrap());
+            }
+        }
+        other => {
+            panic!("unknown stage {other:?}: json, binary, process, json_decode or binary_decode")
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let stage = args.next().unwrap_or_else(|| "binary".into());
+    let passes: Option<u32> = args.next().map(|p| p.parse().expect("passes: a number"));
+    let f = common::fixture();
+    let decoded: Vec<Record<'_>> = f
+        .bin_frames
+        .iter()
+        .map(|fr| binary::decode_record(fr).unwrap())
+        .collect();
+    let mut out = Vec::with_capacity(1 << 16);
+    let n = f.bin_frames.len();
+    match passes {
+        None => {
+            run(&stage, &f, &decoded, &mut out);
+            println!("{stage}: {n} records");
+        }
+        Some(passes) => {
+            let fastest = (0..passes.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    run(&stage, &f, &decoded, &mut out);
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            println!(
+                "{stage}: {:.0} ns per record, {:.0} records/s (fastest of {passes} passes)",
+                fastest / n as f64 * 1e9,
+                n as f64 / fastest
+            );
+        }
+    }
+}

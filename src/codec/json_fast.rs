@@ -1,0 +1,460 @@
+//! The fast path of JSON record decoding: a parser for the plain form records take on
+//! the wire (unescaped strings, integers, any JSON whitespace), which builds exactly the
+//! record serde would and declines everything else. Declined input (escapes, `null`,
+//! floats, unknown or duplicate keys, missing fields, trailing bytes, ...) goes to serde,
+//! so results and error messages are serde's own. serde's generic, key-by-key path was
+//! the largest cost of the JSON pipeline.
+
+use std::borrow::Cow;
+
+use crate::core::purpose::Field;
+use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
+use crate::core::time::Millis;
+
+/// The record in `b`, or `None` when the input is not in the plain form (it may still be
+/// valid JSON: serde decides).
+pub(super) fn record(b: &[u8]) -> Option<Record<'_>> {
+    // Invalid UTF-8 anywhere makes serde fail too; validated once here, every string is
+    // then a slice of `s` without a check of its own.
+    let s = std::str::from_utf8(b).ok()?;
+    let mut p = Parser { s, at: 0 };
+    let mut f = Fields::default();
+    let mut seen = 0u32;
+    p.object(|p, key| {
+        let field = record_field(key)?;
+        // serde refuses a key given twice.
+        let bit = 1 << field as u32;
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        match field {
+            Field::RecordId => f.record_id = Some(p.string()?),
+            Field::Kind => f.kind = Some(p.choice(&Kind::ALL, Kind::id)?),
+            Field::Msisdn => f.msisdn = Some(p.string()?),
+            Field::Imsi => f.imsi = Some(p.string()?),
+            Field::Imei => f.imei = Some(p.string()?),
+            Field::OtherParty => f.other_party = Some(p.string()?),
+            Field::StartTime => f.start_time = Some(Millis::parse(p.string()?).ok()?),
+            Field::DurationS => f.duration_s = Some(p.u32()?),
+            Field::CloseCause => f.close_cause = Some(p.choice(&CloseCause::ALL, CloseCause::id)?),
+            Field::Cell => f.cell = Some(p.cell()?),
+            Field::ServingPlmn => f.serving_plmn = Some(p.string()?),
+            Field::ServiceCentre => f.service_centre = Some(p.string()?),
+            Field::Apn => f.apn = Some(p.string()?),
+            Field::ChargingId => f.charging_id = Some(p.u64()?),
+            Field::Rat => f.rat = Some(p.choice(&Rat::ALL, Rat::id)?),
+            Field::UeIp => f.ue_ip = Some(p.string()?),
+            Field::Usage => f.usage = Some(p.usage()?),
+            Field::RecordingEntity => f.recording_entity = Some(p.string()?),
+            Field::LocalSeqNo => f.local_seq_no = Some(p.u64()?),
+        }
+        Some(())
+    })?;
+    p.end()?;
+    Some(Record {
+        record_id: Cow::Borrowed(f.record_id?),
+        kind: f.kind?,
+        msisdn: Cow::Borrowed(f.msisdn?),
+        imsi: Cow::Borrowed(f.imsi?),
+        imei: f.imei.map(Cow::Borrowed),
+        other_party: f.other_party.map(Cow::Borrowed),
+        start_time: f.start_time?,
+        duration_s: f.duration_s,
+        close_cause: f.close_cause?,
+        cell: f.cell,
+        serving_plmn: Cow::Borrowed(f.serving_plmn?),
+        service_centre: f.service_centre.map(Cow::Borrowed),
+        apn: f.apn.map(Cow::Borrowed),
+        charging_id: f.charging_id,
+        rat: f.rat?,
+        ue_ip: f.ue_ip.map(Cow::Borrowed),
+        usage: f.usage,
+        recording_entity: Cow::Borrowed(f.recording_entity?),
+        local_seq_no: f.local_seq_no?,
+    })
+}
+
+/// The record field a key names. By length first, so a key is compared with at most
+/// four names, each comparison of a known length (no `memcmp` call).
+fn record_field(key: &[u8]) -> Option<Field> {
+    Some(match key.len() {
+        3 => match key {
+            b"apn" => Field::Apn,
+            b"rat" => Field::Rat,
+            _ => return None,
+        },
+        4 => match key {
+            b"kind" => Field::Kind,
+            b"imsi" => Field::Imsi,
+            b"imei" => Field::Imei,
+            b"cell" => Field::Cell,
+            _ => return None,
+        },
+        5 => match key {
+            b"ue_ip" => Field::UeIp,
+            b"usage" => Field::Usage,
+            _ => return None,
+        },
+        6 if key == b"msisdn" => Field::Msisdn,
+        9 if key == b"record_id" => Field::RecordId,
+        10 => match key {
+            b"start_time" => Field::StartTime,
+            b"duration_s" => Field::DurationS,
+            _ => return None,
+        },
+        11 => match key {
+            b"other_party" => Field::OtherParty,
+            b"close_cause" => Field::CloseCause,
+            b"charging_id" => Field::ChargingId,
+            _ => return None,
+        },
+        12 => match key {
+            b"serving_plmn" => Field::ServingPlmn,
+            b"local_seq_no" => Field::LocalSeqNo,
+            _ => return None,
+        },
+        14 if key == b"service_centre" => Field::ServiceCentre,
+        16 if key == b"recording_entity" => Field::RecordingEntity,
+        _ => return None,
+    })
+}
+
+/// The position of the first byte a JSON string cannot hold raw: a control character,
+/// `"` or `\`. Eight bytes at a time (the has-less-than and has-zero-byte bit tricks: a
+/// flagged byte above a real one may be spurious, the lowest one never is), the last
+/// eight overlapping the rest.
+pub(super) fn first_special(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGH;
+    let zero = |x: u64| below(x, 1);
+    let flags = |c: &[u8]| {
+        let x = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        below(x, 0x20) | zero(x ^ (ONES * b'"' as u64)) | zero(x ^ (ONES * b'\\' as u64))
+    };
+    if s.len() < 8 {
+        return s.iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\');
+    }
+    let mut chunks = s.chunks_exact(8);
+    for (k, c) in (&mut chunks).enumerate() {
+        let m = flags(c);
+        if m != 0 {
+            return Some(k * 8 + m.trailing_zeros() as usize / 8);
+        }
+    }
+    if chunks.remainder().is_empty() {
+        return None;
+    }
+    let m = flags(&s[s.len() - 8..]);
+    (m != 0).then(|| s.len() - 8 + m.trailing_zeros() as usize / 8)
+}
+
+#[derive(Default)]
+struct Fields<'a> {
+    record_id: Option<&'a str>,
+    kind: Option<Kind>,
+    msisdn: Option<&'a str>,
+    imsi: Option<&'a str>,
+    imei: Option<&'a str>,
+    other_party: Option<&'a str>,
+    start_time: Option<Millis>,
+    duration_s: Option<u32>,
+    close_cause: Option<CloseCause>,
+    cell: Option<Cell<'a>>,
+    serving_plmn: Option<&'a str>,
+    service_centre: Option<&'a str>,
+    apn: Option<&'a str>,
+    charging_id: Option<u64>,
+    rat: Option<Rat>,
+    ue_ip: Option<&'a str>,
+    usage: Option<Vec<Usage>>,
+    recording_entity: Option<&'a str>,
+    local_seq_no: Option<u64>,
+}
+
+struct Parser<'a> {
+    s: &'a str,
+    at: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn byte(&self) -> Option<u8> {
+        self.s.as_bytes().get(self.at).copied()
+    }
+
+    /// The next byte after JSON whitespace (the four characters serde_json skips).
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(c) = self.byte() {
+            if !matches!(c, b' ' | b'\n' | b'\t' | b'\r') {
+                return Some(c);
+            }
+            self.at += 1;
+        }
+        None
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.at += 1)
+    }
+
+    /// Nothing but whitespace is left.
+    fn end(&mut self) -> Option<()> {
+        self.peek().is_none().then_some(())
+    }
+
+    /// A string without escapes or control characters (serde refuses raw control
+    /// characters; escapes would make serde's value owned rather than borrowed).
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.at;
+        let len = first_special(&self.s.as_bytes()[start..])?;
+        self.at = start + len + 1;
+        if self.s.as_bytes()[start + len] != b'"' {
+            return None;
+        }
+        // On ASCII boundaries, so the slice cannot fail.
+        self.s.get(start..start + len)
+    }
+
+    /// A unit variant by its JSON name.
+    fn choice<T: Copy>(&mut self, all: &[T], id: fn(T) -> &'static str) -> Option<T> {
+        let s = self.string()?;
+        all.iter().copied().find(|v| id(*v) == s)
+    }
+
+    /// A non-negative integer as serde_json reads one: no sign, no leading zero, no
+    /// fraction or exponent (those make it a float, which serde refuses for integers).
+    fn u64(&mut self) -> Option<u64> {
+        self.peek()?;
+        let start = self.at;
+        let digits = self.s.as_bytes()[start..]
+            .iter()
+            .position(|c| !c.is_ascii_digit())
+            .unwrap_or(self.s.len() - start);
+        let text = &self.s.as_bytes()[start..start + digits];
+        self.at += digits;
+        if digits == 0 || (digits > 1 && text[0] == b'0') {
+            return None;
+        }
+        if let Some(b'.' | b'e' | b'E') = self.byte() {
+            return None;
+        }
+        // Nineteen digits cannot overflow; only a twentieth needs checked arithmetic.
+        let (head, tail) = text.split_at(digits.min(19));
+        let v = head.iter().fold(0u64, |v, c| v * 10 + u64::from(c - b'0'));
+        tail.iter().try_fold(v, |v, c| {
+            v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        })
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.u64()?).ok()
+    }
+
+    /// An object: `member` reads the value of each key; `{}` is declined (every object
+    /// here has required keys).
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        loop {
+            let key = self.string()?;
+            self.eat(b':')?;
+            member(self, key.as_bytes())?;
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn cell(&mut self) -> Option<Cell<'a>> {
+        let (mut mcc, mut mnc, mut area, mut id) = (None, None, None, None);
+        // A key seen twice fails its `is_none` guard and is declined like an unknown one.
+        self.object(|p, key| {
+            match key {
+                b"mcc" if mcc.is_none() => mcc = Some(p.string()?),
+                b"mnc" if mnc.is_none() => mnc = Some(p.string()?),
+                b"lac_or_tac" if area.is_none() => area = Some(p.u32()?),
+                b"cell_id" if id.is_none() => id = Some(p.u64()?),
+                _ => return None,
+            }
+            Some(())
+        })?;
+        Some(Cell {
+            mcc: Cow::Borrowed(mcc?),
+            mnc: Cow::Borrowed(mnc?),
+            lac_or_tac: area?,
+            cell_id: id?,
+        })
+    }
+
+    fn usage(&mut self) -> Option<Vec<Usage>> {
+        self.eat(b'[')?;
+        let mut all = Vec::new();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(all);
+        }
+        loop {
+            let (mut group, mut ul, mut dl) = (None, None, None);
+            self.object(|p, key| {
+                match key {
+                    b"rating_group" if group.is_none() => group = Some(p.u32()?),
+                    b"ul_bytes" if ul.is_none() => ul = Some(p.u64()?),
+                    b"dl_bytes" if dl.is_none() => dl = Some(p.u64()?),
+                    _ => return None,
+                }
+                Some(())
+            })?;
+            all.push(Usage {
+                rating_group: group?,
+                ul_bytes: ul?,
+                dl_bytes: dl?,
+            });
+            match self.peek()? {
+                b',' => self.at += 1,
+                b']' => {
+                    self.at += 1;
+                    return Some(all);
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::generate::{GenConfig, Line, generate};
+
+    fn records() -> Vec<Vec<u8>> {
+        let cfg = GenConfig {
+            records: 400,
+            subscribers: 50,
+            malformed_rate: 0.0,
+            ..GenConfig::default()
+        };
+        generate(&cfg)
+            .lines
+            .iter()
+            .filter_map(|l| match l {
+                Line::Record(r) => Some(serde_json::to_vec(r).unwrap()),
+                Line::Malformed(_) => None,
+            })
+            .collect()
+    }
+
+    /// The fast path may decline anything, but what it accepts serde must decode to the
+    /// same record.
+    fn agrees_with_serde(input: &[u8]) -> bool {
+        match record(input) {
+            None => true,
+            Some(fast) => serde_json::from_slice::<Record<'_>>(input).ok() == Some(fast),
+        }
+    }
+
+    #[test]
+    fn every_field_name_is_a_key_and_nothing_else_is() {
+        for f in Field::ALL {
+            assert_eq!(record_field(f.name().as_bytes()), Some(f));
+            let mut other = f.name().as_bytes().to_vec();
+            other[0] ^= 0x20;
+            assert_eq!(record_field(&other), None);
+        }
+        assert_eq!(record_field(b"rap"), None);
+    }
+
+    #[test]
+    fn first_special_is_the_first_one() {
+        for len in 0..40 {
+            let clean = vec![b'a'; len];
+            assert_eq!(first_special(&clean), None);
+            for at in 0..len {
+                for b in (0u8..0x20).chain([b'"', b'\\']) {
+                    let mut s = clean.clone();
+                    s[at] = b;
+                    // Specials after the first must not move it.
+                    for later in s.iter_mut().skip(at + 1).step_by(3) {
+                        *later = b'"';
+                    }
+                    assert_eq!(first_special(&s), Some(at), "{len} {at} {b}");
+                }
+                for b in [0x20u8, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xff] {
+                    let mut s = clean.clone();
+                    s[at] = b;
+                    assert_eq!(first_special(&s), None, "{len} {at} {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn takes_every_generated_record_compact_or_pretty() {
+        for line in records() {
+            let want: Record<'_> = serde_json::from_slice(&line).unwrap();
+            assert_eq!(record(&line), Some(want.clone()));
+            let pretty = serde_json::to_vec_pretty(&want).unwrap();
+            assert_eq!(record(&pretty), Some(want));
+        }
+    }
+
+    #[test]
+    fn accepts_only_what_serde_decodes_the_same_after_any_one_byte_edit() {
+        let edits: &[u8] = b"\"\\{}[],:0123-.eE tn\n\x01\x7f\xff";
+        let lines = records();
+        // Every kind of record, each edited at every position in every way.
+        for line in lines.iter().step_by(lines.len() / 12) {
+            for at in 0..=line.len() {
+                let mut cut = line.clone();
+                if at < line.len() {
+                    cut.remove(at);
+                    assert!(agrees_with_serde(&cut), "{}", String::from_utf8_lossy(&cut));
+                }
+                for &e in edits {
+                    let mut ins = line.clone();
+                    ins.insert(at, e);
+                    assert!(agrees_with_serde(&ins), "{}", String::from_utf8_lossy(&ins));
+                    if at < line.len() {
+                        let mut rep = line.clone();
+                        rep[at] = e;
+                        assert!(agrees_with_serde(&rep), "{}", String::from_utf8_lossy(&rep));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn declines_what_serde_reads_differently_or_refuses() {
+        let base = r#""record_id":"r1","kind":"moc","msisdn":"+46701234567","imsi":"240011234567890","other_party":"+46709876543","start_time":"2026-03-01T12:34:56.789Z","duration_s":60,"close_cause":"normal","serving_plmn":"24001","rat":"lte","recording_entity":"msc-1","local_seq_no":7"#;
+        assert!(record(format!("{{{base}}}").as_bytes()).is_some());
+        let offset = format!("{{{}}}", base.replace(".789Z", ".789+00:00"));
+        assert!(record(offset.as_bytes()).is_some() && agrees_with_serde(offset.as_bytes()));
+        for declined in [
+            format!("{{{base},\"kind\":\"mtc\"}}"),
+            format!("{{{base},\"extra\":1}}"),
+            format!("{{{base},\"imei\":null}}"),
+            format!("{{{base}}} x"),
+            format!("[{base}]"),
+            format!("{{{base},}}"),
+            "{}".to_string(),
+            format!("{{{}}}", base.replace("\"r1\"", "\"r\\u0031\"")),
+            format!("{{{}}}", base.replace(":60", ":060")),
+            format!("{{{}}}", base.replace(":60", ":60.0")),
+            format!("{{{}}}", base.replace(":60", ":6e1")),
+            format!("{{{}}}", base.replace(":60", ":-60")),
+            format!("{{{}}}", base.replace(":60", ":4294967296")),
+            format!("{{{}}}", base.replace(":7", ":18446744073709551616")),
+            format!("{{{}}}", base.replace("\"moc\"", "\"MOC\"")),
+            format!("{{{}}}", base.replace(".789Z", ".789Q")),
+            base.replace(",\"local_seq_no\":7", ""),
+        ] {
+            assert_eq!(record(declined.as_bytes()), None, "{declined}");
+        }
+    }
+}
