@@ -13,7 +13,7 @@ use super::ff1::{self, Ff1};
 use super::purpose::Purpose;
 
 /// Longest master key id accepted; keeps every token within its inline buffer.
-pub const MAX_KEY_ID: usize = 16;
+pub const MAX_KEY_ID: usize = 15;
 
 /// A pseudonym or token held inline (no heap on the hot path).
 pub type Token = ArrayString<64>;
@@ -38,7 +38,7 @@ impl fmt::Debug for MasterKey {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     /// Bad id.
-    #[error("key id {0:?} must be 1 to 16 characters of [A-Za-z0-9_-]")]
+    #[error("key id {0:?} must be 1 to 15 characters of [A-Za-z0-9_-]")]
     BadId(String),
     /// Secret too short.
     #[error("key {0:?}: the secret must be at least 32 bytes")]
@@ -107,7 +107,7 @@ fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
         let prf = blake3::derive_key("cdrguard pseudonym prf v1", &material);
         let ff1_key = blake3::derive_key("cdrguard ff1 token v1", &material);
         let mut key_id = ArrayString::new();
-        // Fits: id <= 16 bytes, '.', purpose id <= 15 bytes.
+        // Fits: id <= 15 bytes, '.', purpose id <= 15 bytes.
         key_id.push_str(&master.id);
         key_id.push('.');
         key_id.push_str(p.id());
@@ -268,6 +268,20 @@ pub(crate) mod tests {
                 format!("test1.analytics:{}", &want.to_hex()[..32])
             );
         }
+    }
+
+    /// Regression: a 16-character key id made every troubleshooting pseudonym 65 bytes,
+    /// one more than its inline buffer, and panicked.
+    #[test]
+    fn the_longest_key_id_fits_every_purpose() {
+        let id = "k".repeat(MAX_KEY_ID);
+        let k = Keyring::new(&[MasterKey::new(&id, &[7u8; 32]).unwrap()]).unwrap();
+        for p in Purpose::ALL {
+            let t = k.pseudonym(p, "record_id", "r-1");
+            assert!(t.starts_with(&format!("{id}.{}:", p.id())));
+            assert!(k.tokenise(p, "+46701234567").is_some());
+        }
+        assert!(MasterKey::new(&"k".repeat(MAX_KEY_ID + 1), &[7u8; 32]).is_err());
     }
 
     #[test]
