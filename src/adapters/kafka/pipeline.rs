@@ -25,7 +25,7 @@ use super::config::RunConfig;
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
 use crate::codec::{self, Format, binary, json};
-use crate::core::process::process;
+use crate::core::process::{Decision, process_into};
 use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
 use crate::core::record::Record;
@@ -679,7 +679,9 @@ impl Shared {
             }
             Ok(r) => {
                 let state = self.store.view(&r.msisdn, fresh);
-                let d = process(&r, &self.policy, &state, &self.keys, now);
+                // Filled in place: a decision is ~6 KB, returning one by value copies it.
+                let mut d = Decision::default();
+                process_into(&r, &self.policy, &state, &self.keys, now, &mut d);
                 for c in &d.copies {
                     let Some(topic) = self.cfg.routes[c.envelope.purpose as usize].as_deref()
                     else {
