@@ -34,6 +34,7 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
                 subscribers: 300,
                 seed: 11,
                 tweaks: Tweaks::default(),
+                binary: false,
             },
         );
         let (cfg, policy) = (&s.cfg, &s.policy);
@@ -120,6 +121,36 @@ fn objection(msisdn: &str, purpose: &str) -> (Option<Vec<u8>>, Vec<u8>) {
         format!(r#"{{"type":"objection","msisdn":"{msisdn}","at":"{at}","purpose":"{purpose}"}}"#)
             .into_bytes(),
     )
+}
+
+/// Binary input (the bincode-compatible layout of schemas/binary.md, one record per
+/// message): routed exactly like JSON, and what is not a binary record reaches the dead
+/// letter.
+#[test]
+fn binary_input_is_routed_exactly_once() {
+    let s = Scenario::new(
+        &broker().bootstrap,
+        Setup {
+            name: "binary",
+            policy: "partnersec",
+            partitions: 2,
+            records: 2_000,
+            subscribers: 200,
+            seed: 61,
+            tweaks: Tweaks {
+                processing: r#"input_format = "binary""#,
+                ..Tweaks::default()
+            },
+            binary: true,
+        },
+    );
+    assert!(
+        s.traffic.malformed > 0,
+        "the traffic must hold refused lines"
+    );
+    let done = s.finish([InProcess::start(&s.cfg).into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
 }
 
 /// A consent withdrawal and an objection arriving in the middle of a stream change
@@ -301,6 +332,7 @@ fn kill_9_mid_run_then_restart_loses_and_repeats_nothing() {
             subscribers: 5_000,
             seed: 21,
             tweaks: Tweaks::default(),
+            binary: false,
         },
     );
     let log = s.dir.join("cdrguard.log");
@@ -336,6 +368,7 @@ fn restart_under_another_transactional_id_after_kill_9_keeps_exactly_once() {
             subscribers: 2_000,
             seed: 61,
             tweaks: Tweaks::default(),
+            binary: false,
         },
     );
     let log = s.dir.join("cdrguard.log");
@@ -407,6 +440,7 @@ fn instances_joining_and_leaving_mid_run_keep_exactly_once() {
                 consumer_properties: r#""partition.assignment.strategy" = "cooperative-sticky""#,
                 ..Tweaks::default()
             },
+            binary: false,
         },
     );
     let a = Processor::start(&s.path, &s.dir.join("a.log"), &[]);
@@ -456,6 +490,7 @@ fn broker_restart_mid_run_loses_nothing() {
             subscribers: 3_000,
             seed: 41,
             tweaks: Tweaks::default(),
+            binary: false,
         },
     );
     let log = s.dir.join("cdrguard.log");
@@ -496,6 +531,7 @@ fn at_least_once_mode_loses_nothing_across_a_kill() {
                 kafka: r#"guarantee = "at_least_once""#,
                 ..Tweaks::default()
             },
+            binary: false,
         },
     );
     let log = s.dir.join("cdrguard.log");

@@ -628,6 +628,23 @@ pub struct Traffic {
     pub malformed: usize,
 }
 
+impl Traffic {
+    /// Re-encodes every record message in the binary layout (one record per message, no
+    /// length prefix); malformed lines stay as they are and must be refused.
+    pub fn to_binary(&mut self) {
+        let mut valid = self.records.iter();
+        for (_, v) in &mut self.messages {
+            if valid.as_slice().first() == Some(v) {
+                let r = cdrguard::codec::json::decode_record(valid.next().unwrap()).unwrap();
+                let mut b = Vec::new();
+                cdrguard::codec::binary::encode_record(&r, &mut b);
+                *v = b;
+            }
+        }
+        assert!(valid.next().is_none(), "every record was re-encoded");
+    }
+}
+
 /// Generates `n` records over the last day.
 pub fn traffic(n: u64, subscribers: u32, seed: u64) -> Traffic {
     let now = std::time::SystemTime::now()
@@ -1074,6 +1091,8 @@ pub struct Setup<'a> {
     pub seed: u64,
     /// Additions to the configuration.
     pub tweaks: Tweaks<'a>,
+    /// Records go in as binary frames (`input_format = "binary"` must be in the tweaks).
+    pub binary: bool,
 }
 
 /// A run's worth of setup: a configuration with its own topics, traffic on the input
@@ -1109,7 +1128,10 @@ impl Scenario {
         );
         let (policy, keys) = load(&cfg);
         create_topics(&cfg, &policy, setup.partitions, 1);
-        let traffic = traffic(setup.records, setup.subscribers, setup.seed);
+        let mut traffic = traffic(setup.records, setup.subscribers, setup.seed);
+        if setup.binary {
+            traffic.to_binary();
+        }
         produce(
             bootstrap,
             &cfg.control_topic,
