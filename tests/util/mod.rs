@@ -631,7 +631,7 @@ pub struct Traffic {
 impl Traffic {
     /// Re-encodes every record message in the binary layout (one record per message, no
     /// length prefix); malformed lines stay as they are and must be refused.
-    pub fn to_binary(&mut self) {
+    pub fn encode_records_as_binary(&mut self) {
         let mut valid = self.records.iter();
         for (_, v) in &mut self.messages {
             if valid.as_slice().first() == Some(v) {
@@ -1130,7 +1130,7 @@ impl Scenario {
         create_topics(&cfg, &policy, setup.partitions, 1);
         let mut traffic = traffic(setup.records, setup.subscribers, setup.seed);
         if setup.binary {
-            traffic.to_binary();
+            traffic.encode_records_as_binary();
         }
         produce(
             bootstrap,
