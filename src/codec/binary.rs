@@ -139,14 +139,186 @@ fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
     codes
 }
 
+/// Room reserved for one copy: a typical copy takes 300 to 500 bytes; a larger one (long
+/// usage lists or masked values) takes the `Vec` path.
+const CHUNK: usize = 768;
+
+/// Writes one copy into a fixed-size chunk at the end of the output, zeroed beforehand
+/// (one capacity check per copy): the position lives in a register, and no write checks
+/// or grows a `Vec`. A write that does not fit fails, and the copy is written again by
+/// [`encode_copy_vec`].
+struct Cursor<'b> {
+    buf: &'b mut [u8; CHUNK],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, b: [u8; N]) -> Option<()> {
+        self.buf
+            .get_mut(self.pos..self.pos + N)?
+            .copy_from_slice(&b);
+        self.pos += N;
+        Some(())
+    }
+
+    /// A short slice is copied in at most two overlapping fixed-size moves, without a
+    /// call to `memcpy` (most values are 2 to 64 bytes).
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) -> Option<()> {
+        let n = b.len();
+        let dst = self.buf.get_mut(self.pos..self.pos + n)?;
+        if (16..=64).contains(&n) {
+            if n <= 32 {
+                dst[..16].copy_from_slice(&b[..16]);
+                dst[n - 16..].copy_from_slice(&b[n - 16..]);
+            } else {
+                dst[..32].copy_from_slice(&b[..32]);
+                dst[n - 32..].copy_from_slice(&b[n - 32..]);
+            }
+        } else if (8..16).contains(&n) {
+            dst[..8].copy_from_slice(&b[..8]);
+            dst[n - 8..].copy_from_slice(&b[n - 8..]);
+        } else if (4..8).contains(&n) {
+            dst[..4].copy_from_slice(&b[..4]);
+            dst[n - 4..].copy_from_slice(&b[n - 4..]);
+        } else if (1..4).contains(&n) {
+            dst[0] = b[0];
+            dst[n / 2] = b[n / 2];
+            dst[n - 1] = b[n - 1];
+        } else {
+            dst.copy_from_slice(b);
+        }
+        self.pos += n;
+        Some(())
+    }
+
+    #[inline(always)]
+    fn string(&mut self, s: &str) -> Option<()> {
+        self.put((s.len() as u64).to_le_bytes())?;
+        self.bytes(s.as_bytes())
+    }
+
+    // Options are written as one piece, tag byte and value together.
+
+    #[inline(always)]
+    fn option4(&mut self, v: Option<u32>) -> Option<()> {
+        match v {
+            None => self.put([0]),
+            Some(v) => {
+                let b = v.to_le_bytes();
+                self.put([1, b[0], b[1], b[2], b[3]])
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn option8(&mut self, v: Option<u64>) -> Option<()> {
+        match v {
+            None => self.put([0]),
+            Some(v) => {
+                let b = v.to_le_bytes();
+                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn option_str(&mut self, s: Option<&str>) -> Option<()> {
+        match s {
+            None => self.put([0]),
+            Some(s) => {
+                let b = (s.len() as u64).to_le_bytes();
+                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])?;
+                self.bytes(s.as_bytes())
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn text(&mut self, t: &Option<Text<'_>>) -> Option<()> {
+        self.option_str(t.as_ref().map(Text::as_str))
+    }
+
+    /// The `CopyWire` layout of `schemas/binary.md`; `None` if it does not fit.
+    #[inline(always)]
+    fn copy(&mut self, c: &Copy<'_>) -> Option<()> {
+        let r = &c.record;
+        let e = &c.envelope;
+        self.text(&r.record_id)?;
+        self.option4(r.kind.map(|k| k as u32))?;
+        self.text(&r.msisdn)?;
+        self.text(&r.imsi)?;
+        self.text(&r.imei)?;
+        self.text(&r.other_party)?;
+        self.option8(r.start_time.map(|t| t.0 as u64))?;
+        self.option4(r.duration_s)?;
+        self.option4(r.close_cause.map(|c| c as u32))?;
+        match &r.cell {
+            None => self.put([0])?,
+            Some(c) => {
+                self.put([1])?;
+                self.string(c.mcc)?;
+                self.string(c.mnc)?;
+                self.put(c.lac_or_tac.to_le_bytes())?;
+                self.option8(c.cell_id)?;
+            }
+        }
+        self.text(&r.serving_plmn)?;
+        self.text(&r.service_centre)?;
+        self.text(&r.apn)?;
+        self.option8(r.charging_id)?;
+        self.option4(r.rat.map(|rat| rat as u32))?;
+        self.text(&r.ue_ip)?;
+        let usage = r.usage.as_ref().map(|u| u.as_slice());
+        self.option8(usage.map(|u| u.len() as u64))?;
+        for u in usage.unwrap_or_default() {
+            self.put(u.rating_group.to_le_bytes())?;
+            self.put(u.ul_bytes.to_le_bytes())?;
+            self.put(u.dl_bytes.to_le_bytes())?;
+        }
+        self.text(&r.recording_entity)?;
+        self.option8(r.local_seq_no)?;
+        self.text(&e.record_id)?;
+        self.string(e.purpose.id())?;
+        self.string(e.legal_basis)?;
+        self.string(e.gdpr_article)?;
+        self.string(e.policy)?;
+        self.string(e.consent.id())?;
+        self.put(treatment_codes(e))?;
+        self.option_str(e.key_id)?;
+        self.string(&e.retention.rule_id)
+    }
+}
+
+/// Appends one copy's binary form to `out`: the `CopyWire` layout of `schemas/binary.md`,
+/// byte for byte what wincode writes for it (a test holds the two equal over every
+/// shipped policy). Written field by field because wincode's generic writer cost a third
+/// of the binary pipeline. Enum values are their variant index (declaration order).
+pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + CHUNK, 0);
+    let n = match <&mut [u8; CHUNK]>::try_from(&mut out[start..]) {
+        Ok(buf) => {
+            let mut w = Cursor { buf, pos: 0 };
+            w.copy(c).map(|()| w.pos)
+        }
+        Err(_) => None,
+    };
+    match n {
+        Some(n) => out.truncate(start + n),
+        None => {
+            out.truncate(start);
+            encode_copy_vec(c, out);
+        }
+    }
+}
+
 #[inline(always)]
 fn string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
-
-// Options are written as one piece, tag byte and value together: a write per field
-// rather than two.
 
 #[inline(always)]
 fn option4(out: &mut Vec<u8>, v: Option<u32>) {
@@ -183,11 +355,9 @@ fn text(out: &mut Vec<u8>, t: &Option<Text<'_>>) {
     option_str(out, t.as_ref().map(Text::as_str));
 }
 
-/// Appends one copy's binary form to `out`: the `CopyWire` layout of `schemas/binary.md`,
-/// byte for byte what wincode writes for it (a test holds the two equal over every
-/// shipped policy). Written field by field because wincode's generic writer cost a third
-/// of the binary pipeline. Enum values are their variant index (declaration order).
-pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+/// [`encode_copy`] for a copy too large for its stack buffer, written straight into `out`.
+#[inline(never)]
+fn encode_copy_vec(c: &Copy<'_>, out: &mut Vec<u8>) {
     let r = &c.record;
     let e = &c.envelope;
     text(out, &r.record_id);
