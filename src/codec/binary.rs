@@ -129,14 +129,27 @@ pub fn treatment_code(t: Treatment) -> u8 {
 
 /// The treatment code of every field of the copy, in record order: `0xFF` for a field the
 /// input did not carry.
+#[inline(always)]
 fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
-    let mut codes = [0xFFu8; Field::COUNT];
-    for (f, code) in Field::ALL.into_iter().zip(&mut codes) {
-        if e.present & (1 << f as u32) != 0 {
-            *code = treatment_code(e.treatments[f as usize]);
-        }
+    // The field map's codes, then 0xFF over every field the input did not carry: the
+    // presence bits are spread to one byte each, eight fields at a time, without a branch.
+    let mut codes = [0u8; 24];
+    for (code, t) in codes.iter_mut().zip(e.treatments) {
+        *code = treatment_code(*t);
     }
-    codes
+    for (i, chunk) in codes.chunks_exact_mut(8).enumerate() {
+        let bits = u64::from((e.present >> (8 * i)) & 0xFF);
+        // Byte j keeps bit j of `bits`; adding 0x7F sets its high bit iff that bit is set.
+        let spread = bits.wrapping_mul(0x0101_0101_0101_0101) & 0x8040_2010_0804_0201;
+        let present = ((spread + 0x7F7F_7F7F_7F7F_7F7F) & 0x8080_8080_8080_8080) >> 7;
+        let absent = !(present * 0xFF);
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_le_bytes(word) | absent).to_le_bytes());
+    }
+    let mut out = [0u8; Field::COUNT];
+    out.copy_from_slice(&codes[..Field::COUNT]);
+    out
 }
 
 /// Room reserved for one copy: a typical copy takes 300 to 500 bytes; a larger one (long
