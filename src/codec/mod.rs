@@ -118,7 +118,7 @@ pub(crate) mod tests {
         // than its inline small copies (long record ids).
         for r in records.iter_mut().skip(7).step_by(30) {
             if let Some(u) = &mut r.usage {
-                let e = u[0].clone();
+                let e = u[0];
                 u.resize(45, e);
             }
             r.record_id = format!("{:x<128}", r.record_id).into();
