@@ -575,6 +575,24 @@ mod tests {
     }
 
     #[test]
+    fn non_ascii_strings_take_the_full_utf8_check() {
+        let mut r = data_record();
+        r.record_id = "r-é".into();
+        let mut buf = Vec::new();
+        encode_record(&r, &mut buf);
+        assert_eq!(decode_record(&buf).unwrap(), r);
+        // 0xC3 0xA9 is "é"; a lone continuation byte is not UTF-8.
+        let at = buf.windows(2).position(|w| w == [0xC3, 0xA9]).unwrap();
+        buf[at] = 0xA9;
+        match decode_record(&buf) {
+            Err(DecodeError::Malformed { detail, .. }) => {
+                assert!(detail.contains("utf-8"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn truncated_or_padded_input_is_malformed() {
         let mut buf = Vec::new();
         encode_record(&data_record(), &mut buf);
