@@ -16,34 +16,56 @@ use crate::policy::Treatment;
 /// The serving cell on the wire.
 #[derive(SchemaWrite, SchemaRead, Debug)]
 pub struct CellWire<'a> {
-    mcc: &'a str,
-    mnc: &'a str,
+    mcc: &'a [u8],
+    mnc: &'a [u8],
     lac_or_tac: u32,
     cell_id: u64,
 }
 
-/// A record on the wire: DESIGN.md's fields in its order; `start_time` as UTC ms.
+/// A record on the wire: DESIGN.md's fields in its order; `start_time` as UTC ms. Strings
+/// are read as their bytes (the same layout: u64 length, then the bytes) and checked as
+/// UTF-8 by [`utf8`].
 #[derive(SchemaWrite, SchemaRead, Debug)]
 pub struct RecordWire<'a> {
-    record_id: &'a str,
+    record_id: &'a [u8],
     kind: Kind,
-    msisdn: &'a str,
-    imsi: &'a str,
-    imei: Option<&'a str>,
-    other_party: Option<&'a str>,
+    msisdn: &'a [u8],
+    imsi: &'a [u8],
+    imei: Option<&'a [u8]>,
+    other_party: Option<&'a [u8]>,
     start_time: i64,
     duration_s: Option<u32>,
     close_cause: CloseCause,
     cell: Option<CellWire<'a>>,
-    serving_plmn: &'a str,
-    service_centre: Option<&'a str>,
-    apn: Option<&'a str>,
+    serving_plmn: &'a [u8],
+    service_centre: Option<&'a [u8]>,
+    apn: Option<&'a [u8]>,
     charging_id: Option<u64>,
     rat: Rat,
-    ue_ip: Option<&'a str>,
+    ue_ip: Option<&'a [u8]>,
     usage: Option<Vec<Usage>>,
-    recording_entity: &'a str,
+    recording_entity: &'a [u8],
     local_seq_no: u64,
+}
+
+/// A string's bytes as `&str`. Identifiers are ASCII: `is_ascii` checks a word at a time
+/// where `str::from_utf8` goes byte by byte through strings this short (a tenth of the
+/// binary pipeline). Anything else takes the full check, and its error.
+#[inline(always)]
+fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
+    if b.is_ascii() {
+        // SAFETY: ASCII bytes are valid UTF-8.
+        Ok(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).map_err(|e| DecodeError::Malformed {
+            format: "binary",
+            detail: wincode::ReadError::from(e).to_string(),
+        })
+    }
+}
+
+fn utf8_opt(b: Option<&[u8]>) -> Result<Option<&str>, DecodeError> {
+    b.map(utf8).transpose()
 }
 
 /// Decodes and validates one binary record, borrowing its strings from `bytes`.
@@ -54,29 +76,32 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
             detail: e.to_string(),
         })?;
     let r = Record {
-        record_id: w.record_id.into(),
+        record_id: utf8(w.record_id)?.into(),
         kind: w.kind,
-        msisdn: w.msisdn.into(),
-        imsi: w.imsi.into(),
-        imei: w.imei.map(Into::into),
-        other_party: w.other_party.map(Into::into),
+        msisdn: utf8(w.msisdn)?.into(),
+        imsi: utf8(w.imsi)?.into(),
+        imei: utf8_opt(w.imei)?.map(Into::into),
+        other_party: utf8_opt(w.other_party)?.map(Into::into),
         start_time: Millis(w.start_time),
         duration_s: w.duration_s,
         close_cause: w.close_cause,
-        cell: w.cell.map(|c| Cell {
-            mcc: c.mcc.into(),
-            mnc: c.mnc.into(),
-            lac_or_tac: c.lac_or_tac,
-            cell_id: c.cell_id,
-        }),
-        serving_plmn: w.serving_plmn.into(),
-        service_centre: w.service_centre.map(Into::into),
-        apn: w.apn.map(Into::into),
+        cell: match w.cell {
+            None => None,
+            Some(c) => Some(Cell {
+                mcc: utf8(c.mcc)?.into(),
+                mnc: utf8(c.mnc)?.into(),
+                lac_or_tac: c.lac_or_tac,
+                cell_id: c.cell_id,
+            }),
+        },
+        serving_plmn: utf8(w.serving_plmn)?.into(),
+        service_centre: utf8_opt(w.service_centre)?.map(Into::into),
+        apn: utf8_opt(w.apn)?.map(Into::into),
         charging_id: w.charging_id,
         rat: w.rat,
-        ue_ip: w.ue_ip.map(Into::into),
+        ue_ip: utf8_opt(w.ue_ip)?.map(Into::into),
         usage: w.usage,
-        recording_entity: w.recording_entity.into(),
+        recording_entity: utf8(w.recording_entity)?.into(),
         local_seq_no: w.local_seq_no,
     };
     r.validate()?;
@@ -86,29 +111,29 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
 /// Appends a record's binary form to `out`.
 pub fn encode_record(r: &Record<'_>, out: &mut Vec<u8>) {
     let w = RecordWire {
-        record_id: &r.record_id,
+        record_id: r.record_id.as_bytes(),
         kind: r.kind,
-        msisdn: &r.msisdn,
-        imsi: &r.imsi,
-        imei: r.imei.as_deref(),
-        other_party: r.other_party.as_deref(),
+        msisdn: r.msisdn.as_bytes(),
+        imsi: r.imsi.as_bytes(),
+        imei: r.imei.as_deref().map(str::as_bytes),
+        other_party: r.other_party.as_deref().map(str::as_bytes),
         start_time: r.start_time.0,
         duration_s: r.duration_s,
         close_cause: r.close_cause,
         cell: r.cell.as_ref().map(|c| CellWire {
-            mcc: &c.mcc,
-            mnc: &c.mnc,
+            mcc: c.mcc.as_bytes(),
+            mnc: c.mnc.as_bytes(),
             lac_or_tac: c.lac_or_tac,
             cell_id: c.cell_id,
         }),
-        serving_plmn: &r.serving_plmn,
-        service_centre: r.service_centre.as_deref(),
-        apn: r.apn.as_deref(),
+        serving_plmn: r.serving_plmn.as_bytes(),
+        service_centre: r.service_centre.as_deref().map(str::as_bytes),
+        apn: r.apn.as_deref().map(str::as_bytes),
         charging_id: r.charging_id,
         rat: r.rat,
-        ue_ip: r.ue_ip.as_deref(),
+        ue_ip: r.ue_ip.as_deref().map(str::as_bytes),
         usage: r.usage.clone(),
-        recording_entity: &r.recording_entity,
+        recording_entity: r.recording_entity.as_bytes(),
         local_seq_no: r.local_seq_no,
     };
     // Writing into a growable Vec does not fail.
@@ -129,14 +154,202 @@ pub fn treatment_code(t: Treatment) -> u8 {
 
 /// The treatment code of every field of the copy, in record order: `0xFF` for a field the
 /// input did not carry.
+#[inline(always)]
 fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
-    let mut codes = [0xFFu8; Field::COUNT];
-    for (f, code) in Field::ALL.into_iter().zip(&mut codes) {
-        if e.present & (1 << f as u32) != 0 {
-            *code = treatment_code(e.treatments[f as usize]);
+    // The field map's codes, then 0xFF over every field the input did not carry: the
+    // presence bits are spread to one byte each, eight fields at a time, without a branch.
+    let mut codes = [0u8; 24];
+    for (code, t) in codes.iter_mut().zip(e.treatments) {
+        *code = treatment_code(*t);
+    }
+    for (i, chunk) in codes.chunks_exact_mut(8).enumerate() {
+        let bits = u64::from((e.present >> (8 * i)) & 0xFF);
+        // Byte j keeps bit j of `bits`; adding 0x7F sets its high bit iff that bit is set.
+        let spread = bits.wrapping_mul(0x0101_0101_0101_0101) & 0x8040_2010_0804_0201;
+        let present = ((spread + 0x7F7F_7F7F_7F7F_7F7F) & 0x8080_8080_8080_8080) >> 7;
+        let absent = !(present * 0xFF);
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_le_bytes(word) | absent).to_le_bytes());
+    }
+    let mut out = [0u8; Field::COUNT];
+    out.copy_from_slice(&codes[..Field::COUNT]);
+    out
+}
+
+/// Room reserved for one copy: a typical copy takes 300 to 500 bytes; a larger one (long
+/// usage lists or masked values) takes the `Vec` path.
+const CHUNK: usize = 768;
+
+/// Writes one copy into a fixed-size chunk at the end of the output, zeroed beforehand
+/// (one capacity check per copy): the position lives in a register, and no write checks
+/// or grows a `Vec`. A write that does not fit fails, and the copy is written again by
+/// [`encode_copy_vec`].
+struct Cursor<'b> {
+    buf: &'b mut [u8; CHUNK],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, b: [u8; N]) -> Option<()> {
+        self.buf
+            .get_mut(self.pos..self.pos + N)?
+            .copy_from_slice(&b);
+        self.pos += N;
+        Some(())
+    }
+
+    /// A short slice is copied in at most two overlapping fixed-size moves, without a
+    /// call to `memcpy` (most values are 2 to 64 bytes).
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) -> Option<()> {
+        let n = b.len();
+        let dst = self.buf.get_mut(self.pos..self.pos + n)?;
+        if (16..=64).contains(&n) {
+            if n <= 32 {
+                dst[..16].copy_from_slice(&b[..16]);
+                dst[n - 16..].copy_from_slice(&b[n - 16..]);
+            } else {
+                dst[..32].copy_from_slice(&b[..32]);
+                dst[n - 32..].copy_from_slice(&b[n - 32..]);
+            }
+        } else if (8..16).contains(&n) {
+            dst[..8].copy_from_slice(&b[..8]);
+            dst[n - 8..].copy_from_slice(&b[n - 8..]);
+        } else if (4..8).contains(&n) {
+            dst[..4].copy_from_slice(&b[..4]);
+            dst[n - 4..].copy_from_slice(&b[n - 4..]);
+        } else if (1..4).contains(&n) {
+            dst[0] = b[0];
+            dst[n / 2] = b[n / 2];
+            dst[n - 1] = b[n - 1];
+        } else {
+            dst.copy_from_slice(b);
+        }
+        self.pos += n;
+        Some(())
+    }
+
+    #[inline(always)]
+    fn string(&mut self, s: &str) -> Option<()> {
+        self.put((s.len() as u64).to_le_bytes())?;
+        self.bytes(s.as_bytes())
+    }
+
+    // Options are written as one piece, tag byte and value together.
+
+    #[inline(always)]
+    fn option4(&mut self, v: Option<u32>) -> Option<()> {
+        match v {
+            None => self.put([0]),
+            Some(v) => {
+                let b = v.to_le_bytes();
+                self.put([1, b[0], b[1], b[2], b[3]])
+            }
         }
     }
-    codes
+
+    #[inline(always)]
+    fn option8(&mut self, v: Option<u64>) -> Option<()> {
+        match v {
+            None => self.put([0]),
+            Some(v) => {
+                let b = v.to_le_bytes();
+                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn option_str(&mut self, s: Option<&str>) -> Option<()> {
+        match s {
+            None => self.put([0]),
+            Some(s) => {
+                let b = (s.len() as u64).to_le_bytes();
+                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])?;
+                self.bytes(s.as_bytes())
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn text(&mut self, t: &Option<Text<'_>>) -> Option<()> {
+        self.option_str(t.as_ref().map(Text::as_str))
+    }
+
+    /// The `CopyWire` layout of `schemas/binary.md`; `None` if it does not fit.
+    #[inline(always)]
+    fn copy(&mut self, c: &Copy<'_>) -> Option<()> {
+        let r = &c.record;
+        let e = &c.envelope;
+        self.text(&r.record_id)?;
+        self.option4(r.kind.map(|k| k as u32))?;
+        self.text(&r.msisdn)?;
+        self.text(&r.imsi)?;
+        self.text(&r.imei)?;
+        self.text(&r.other_party)?;
+        self.option8(r.start_time.map(|t| t.0 as u64))?;
+        self.option4(r.duration_s)?;
+        self.option4(r.close_cause.map(|c| c as u32))?;
+        match &r.cell {
+            None => self.put([0])?,
+            Some(c) => {
+                self.put([1])?;
+                self.string(c.mcc)?;
+                self.string(c.mnc)?;
+                self.put(c.lac_or_tac.to_le_bytes())?;
+                self.option8(c.cell_id)?;
+            }
+        }
+        self.text(&r.serving_plmn)?;
+        self.text(&r.service_centre)?;
+        self.text(&r.apn)?;
+        self.option8(r.charging_id)?;
+        self.option4(r.rat.map(|rat| rat as u32))?;
+        self.text(&r.ue_ip)?;
+        let usage = r.usage.as_ref().map(|u| u.as_slice());
+        self.option8(usage.map(|u| u.len() as u64))?;
+        for u in usage.unwrap_or_default() {
+            self.put(u.rating_group.to_le_bytes())?;
+            self.put(u.ul_bytes.to_le_bytes())?;
+            self.put(u.dl_bytes.to_le_bytes())?;
+        }
+        self.text(&r.recording_entity)?;
+        self.option8(r.local_seq_no)?;
+        self.text(&e.record_id)?;
+        self.string(e.purpose.id())?;
+        self.string(e.legal_basis)?;
+        self.string(e.gdpr_article)?;
+        self.string(e.policy)?;
+        self.string(e.consent.id())?;
+        self.put(treatment_codes(e))?;
+        self.option_str(e.key_id)?;
+        self.string(&e.retention.rule_id)
+    }
+}
+
+/// Appends one copy's binary form to `out`: the `CopyWire` layout of `schemas/binary.md`,
+/// byte for byte what wincode writes for it (a test holds the two equal over every
+/// shipped policy). Written field by field because wincode's generic writer cost a third
+/// of the binary pipeline. Enum values are their variant index (declaration order).
+pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + CHUNK, 0);
+    let n = match <&mut [u8; CHUNK]>::try_from(&mut out[start..]) {
+        Ok(buf) => {
+            let mut w = Cursor { buf, pos: 0 };
+            w.copy(c).map(|()| w.pos)
+        }
+        Err(_) => None,
+    };
+    match n {
+        Some(n) => out.truncate(start + n),
+        None => {
+            out.truncate(start);
+            encode_copy_vec(c, out);
+        }
+    }
 }
 
 #[inline(always)]
@@ -144,9 +357,6 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
-
-// Options are written as one piece, tag byte and value together: a write per field
-// rather than two.
 
 #[inline(always)]
 fn option4(out: &mut Vec<u8>, v: Option<u32>) {
@@ -183,11 +393,9 @@ fn text(out: &mut Vec<u8>, t: &Option<Text<'_>>) {
     option_str(out, t.as_ref().map(Text::as_str));
 }
 
-/// Appends one copy's binary form to `out`: the `CopyWire` layout of `schemas/binary.md`,
-/// byte for byte what wincode writes for it (a test holds the two equal over every
-/// shipped policy). Written field by field because wincode's generic writer cost a third
-/// of the binary pipeline. Enum values are their variant index (declaration order).
-pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+/// [`encode_copy`] for a copy too large for its stack buffer, written straight into `out`.
+#[inline(never)]
+fn encode_copy_vec(c: &Copy<'_>, out: &mut Vec<u8>) {
     let r = &c.record;
     let e = &c.envelope;
     text(out, &r.record_id);
@@ -364,6 +572,24 @@ mod tests {
         assert_eq!(&buf[11..15], &4u32.to_le_bytes());
         let back = decode_record(&buf).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn non_ascii_strings_take_the_full_utf8_check() {
+        let mut r = data_record();
+        r.record_id = "r-é".into();
+        let mut buf = Vec::new();
+        encode_record(&r, &mut buf);
+        assert_eq!(decode_record(&buf).unwrap(), r);
+        // 0xC3 0xA9 is "é"; a lone continuation byte is not UTF-8.
+        let at = buf.windows(2).position(|w| w == [0xC3, 0xA9]).unwrap();
+        buf[at] = 0xA9;
+        match decode_record(&buf) {
+            Err(DecodeError::Malformed { detail, .. }) => {
+                assert!(detail.contains("utf-8"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

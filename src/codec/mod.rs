@@ -114,6 +114,15 @@ pub(crate) mod tests {
             r.record_id = format!("{}\"\\\n\u{1}\u{1f}é\u{7f}", r.record_id).into();
             r.recording_entity = format!("{}\t\u{8}\u{c}\r/", r.recording_entity).into();
         }
+        // Copies longer than the binary encoder's chunk (long usage lists) and values longer
+        // than its inline small copies (long record ids).
+        for r in records.iter_mut().skip(7).step_by(30) {
+            if let Some(u) = &mut r.usage {
+                let e = u[0];
+                u.resize(45, e);
+            }
+            r.record_id = format!("{:x<128}", r.record_id).into();
+        }
         let all = {
             let mut s = PurposeSet::EMPTY;
             Purpose::ALL.iter().for_each(|p| s.set(*p, true));
