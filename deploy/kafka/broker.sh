@@ -61,10 +61,18 @@ port_open() {
 # connection. Another process may still take it before the broker binds it; the broker
 # then fails to start and says so. Ports listed as arguments are skipped (the broker
 # and controller ports must differ).
+# A free loopback port below the kernel's ephemeral range. A port inside that range can
+# be taken while the broker is down: a client retrying 127.0.0.1:P may get P itself as
+# its local port (a TCP self-connect), and a restarted broker could not bind it.
 free_port() {
-  local port i taken
+  local low=32768 port i taken
+  if [ -r /proc/sys/net/ipv4/ip_local_port_range ]; then
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range
+  fi
+  local base=10000 span=$((low - 10000))
+  [ "$span" -gt 1000 ] || { base=1024; span=$((low - 1024)); }
   for i in $(seq 1 200); do
-    port=$((20000 + (RANDOM * 32768 + RANDOM) % 40001))
+    port=$((base + (RANDOM * 32768 + RANDOM) % span))
     taken=""
     for t in "$@"; do [ "$t" = "$port" ] && taken=1; done
     if [ -z "$taken" ] && ! port_open "$port"; then
@@ -72,7 +80,7 @@ free_port() {
       return 0
     fi
   done
-  die "no free port found in 20000-60000"
+  die "no free port found in $base-$((base + span - 1))"
 }
 
 # A KRaft cluster id: 16 random bytes in URL-safe base64 without padding (22
