@@ -152,16 +152,13 @@ pub fn treatment_code(t: Treatment) -> u8 {
     }
 }
 
-/// The treatment code of every field of the copy, in record order: `0xFF` for a field the
-/// input did not carry.
+/// The treatment code of every field of the copy, in record order: the field map's codes
+/// (encoded with the policy), then `0xFF` over every field the input did not carry.
 #[inline(always)]
 fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
-    // The field map's codes, then 0xFF over every field the input did not carry: the
-    // presence bits are spread to one byte each, eight fields at a time, without a branch.
-    let mut codes = [0u8; 24];
-    for (code, t) in codes.iter_mut().zip(e.treatments) {
-        *code = treatment_code(*t);
-    }
+    // The presence bits are spread to one byte each, eight fields at a time, without a
+    // branch.
+    let mut codes = e.encoded.binary_codes;
     for (i, chunk) in codes.chunks_exact_mut(8).enumerate() {
         let bits = u64::from((e.present >> (8 * i)) & 0xFF);
         // Byte j keeps bit j of `bits`; adding 0x7F sets its high bit iff that bit is set.
@@ -175,6 +172,16 @@ fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
     let mut out = [0u8; Field::COUNT];
     out.copy_from_slice(&codes[..Field::COUNT]);
     out
+}
+
+/// Strings one after another in the binary layout (u64 length, then the bytes): the
+/// constant runs of an envelope, encoded once per policy (`policy::EnvelopeBytes`).
+pub(crate) fn strings(s: &[&str]) -> Box<[u8]> {
+    let mut out = Vec::new();
+    for s in s {
+        string(&mut out, s);
+    }
+    out.into_boxed_slice()
 }
 
 /// Room reserved for one copy: a typical copy takes 300 to 500 bytes; a larger one (long
@@ -201,12 +208,15 @@ impl Cursor<'_> {
     }
 
     /// A short slice is copied in at most two overlapping fixed-size moves, without a
-    /// call to `memcpy` (most values are 2 to 64 bytes).
+    /// call to `memcpy` (most values are 2 to 64 bytes; an envelope's tags about 90).
     #[inline(always)]
     fn bytes(&mut self, b: &[u8]) -> Option<()> {
         let n = b.len();
         let dst = self.buf.get_mut(self.pos..self.pos + n)?;
-        if (16..=64).contains(&n) {
+        if (65..=128).contains(&n) {
+            dst[..64].copy_from_slice(&b[..64]);
+            dst[n - 64..].copy_from_slice(&b[n - 64..]);
+        } else if (16..=64).contains(&n) {
             if n <= 32 {
                 dst[..16].copy_from_slice(&b[..16]);
                 dst[n - 16..].copy_from_slice(&b[n - 16..]);
@@ -318,14 +328,10 @@ impl Cursor<'_> {
         self.text(&r.recording_entity)?;
         self.option8(r.local_seq_no)?;
         self.text(&e.record_id)?;
-        self.string(e.purpose.id())?;
-        self.string(e.legal_basis)?;
-        self.string(e.gdpr_article)?;
-        self.string(e.policy)?;
-        self.string(e.consent.id())?;
+        self.bytes(&e.encoded.binary_tags)?;
         self.put(treatment_codes(e))?;
         self.option_str(e.key_id)?;
-        self.string(&e.retention.rule_id)
+        self.bytes(&e.encoded.binary_rule)
     }
 }
 
@@ -433,14 +439,10 @@ fn encode_copy_vec(c: &Copy<'_>, out: &mut Vec<u8>) {
     text(out, &r.recording_entity);
     option8(out, r.local_seq_no);
     text(out, &e.record_id);
-    string(out, e.purpose.id());
-    string(out, e.legal_basis);
-    string(out, e.gdpr_article);
-    string(out, e.policy);
-    string(out, e.consent.id());
+    out.extend_from_slice(&e.encoded.binary_tags);
     out.extend_from_slice(&treatment_codes(e));
     option_str(out, e.key_id);
-    string(out, &e.retention.rule_id);
+    out.extend_from_slice(&e.encoded.binary_rule);
 }
 
 #[cfg(test)]
