@@ -9,7 +9,7 @@ use crate::core::process::{Copy, Envelope};
 use crate::core::purpose::Field;
 use crate::core::record::Record;
 use crate::core::treat::{Text, Treated};
-use crate::policy::Treatment;
+use crate::policy::{Retention, Treatment};
 
 /// Decodes and validates one record; strings borrow from `bytes` where unescaped.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
@@ -371,28 +371,57 @@ fn record(r: &Treated<'_>, out: &mut Vec<u8>) {
 }
 
 fn envelope(e: &Envelope<'_>, out: &mut Vec<u8>) {
-    let mut m = Members::open(out);
-    let out = m.key(b",\"record_id\":");
+    out.extend_from_slice(b"{\"record_id\":");
     match &e.record_id {
         Some(t) => string(out, t.as_str()),
         None => out.extend_from_slice(b"null"),
     }
-    name(m.key(b",\"purpose\":"), e.purpose.id());
-    name(m.key(b",\"legal_basis\":"), e.legal_basis);
-    name(m.key(b",\"gdpr_article\":"), e.gdpr_article);
-    string(m.key(b",\"policy\":"), e.policy);
-    name(m.key(b",\"consent\":"), e.consent.id());
-    let mut t = Members::open(m.key(b",\"treatments\":"));
-    for (f, tr) in e.changed() {
-        t.key(field_key(f)).extend_from_slice(treatment_value(tr));
+    let fixed = e.encoded;
+    out.extend_from_slice(&fixed.json_tags);
+    // The changed fields the input carried, in record order.
+    let mut t = Members { out, first: true };
+    let mut changed = fixed.changed & e.present;
+    while changed != 0 {
+        let f = Field::ALL[changed.trailing_zeros() as usize];
+        changed &= changed - 1;
+        t.key(field_key(f))
+            .extend_from_slice(treatment_value(e.treatments[f as usize]));
     }
     t.close();
-    let out = m.key(b",\"key_id\":");
+    out.extend_from_slice(b",\"key_id\":");
     match e.key_id {
         Some(k) => string(out, k),
         None => out.extend_from_slice(b"null"),
     }
-    let r = e.retention;
+    out.extend_from_slice(&fixed.json_tail);
+}
+
+/// The envelope from `,"purpose":` to the opening brace of `"treatments"`, for the tags
+/// `[purpose, legal_basis, gdpr_article, policy, consent]`: encoded once per policy
+/// (`policy::EnvelopeBytes`).
+pub(crate) fn envelope_tags(tags: [&str; 5]) -> Box<[u8]> {
+    let [purpose, legal_basis, gdpr_article, policy, consent] = tags;
+    let mut out = Vec::new();
+    let mut m = Members {
+        out: &mut out,
+        first: false,
+    };
+    string(m.key(b",\"purpose\":"), purpose);
+    string(m.key(b",\"legal_basis\":"), legal_basis);
+    string(m.key(b",\"gdpr_article\":"), gdpr_article);
+    string(m.key(b",\"policy\":"), policy);
+    string(m.key(b",\"consent\":"), consent);
+    m.key(b",\"treatments\":").push(b'{');
+    out.into_boxed_slice()
+}
+
+/// The envelope from `,"retention":` to its closing brace: encoded once per policy.
+pub(crate) fn envelope_tail(r: &Retention) -> Box<[u8]> {
+    let mut out = Vec::new();
+    let mut m = Members {
+        out: &mut out,
+        first: false,
+    };
     let mut ret = Members::open(m.key(b",\"retention\":"));
     string(ret.key(b",\"rule\":"), &r.rule_id);
     name(ret.key(b",\"anchor\":"), r.anchor.id());
@@ -405,6 +434,7 @@ fn envelope(e: &Envelope<'_>, out: &mut Vec<u8>) {
     ret.key(b",\"assumption\":").extend_from_slice(assumption);
     ret.close();
     m.close();
+    out.into_boxed_slice()
 }
 
 #[cfg(test)]

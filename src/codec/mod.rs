@@ -10,7 +10,8 @@ mod json_fast;
 
 use std::fmt::Write;
 
-use crate::core::process::Copy;
+use crate::core::process::{ConsentTag, Copy};
+use crate::policy::{EnvelopeBytes, PurposeRule, Treatment};
 
 /// Input and output encodings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -57,6 +58,41 @@ pub struct DeadLetter {
     pub position: String,
     /// The original input, as text (lossy for binary input: then hex).
     pub original: String,
+}
+
+/// The constant part of the envelopes of one purpose's copies in one consent state under
+/// the policy tagged `policy`, in both encodings: built when the policy is loaded.
+pub(crate) fn envelope_bytes(
+    rule: &PurposeRule,
+    consent: ConsentTag,
+    policy: &str,
+) -> EnvelopeBytes {
+    let (legal_basis, gdpr_article) = rule.basis_tags(consent);
+    let map = rule.map(consent);
+    let tags = [
+        rule.purpose.id(),
+        legal_basis,
+        gdpr_article,
+        policy,
+        consent.id(),
+    ];
+    let mut binary_codes = [0u8; 24];
+    for (code, t) in binary_codes.iter_mut().zip(map) {
+        *code = binary::treatment_code(*t);
+    }
+    let changed = map
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t != Treatment::Keep)
+        .fold(0u32, |bits, (i, _)| bits | 1 << i);
+    EnvelopeBytes {
+        binary_tags: binary::strings(&tags),
+        binary_codes,
+        binary_rule: binary::strings(&[&rule.retention.rule_id]),
+        json_tags: json::envelope_tags(tags),
+        json_tail: json::envelope_tail(&rule.retention),
+        changed,
+    }
 }
 
 /// The header values of a copy, in DESIGN.md's order, so Kafka consumers can filter

@@ -10,7 +10,7 @@ use super::purpose::{Field, Purpose};
 use super::record::Record;
 use super::time::Millis;
 use super::treat::{self, Text, Treated};
-use crate::policy::{Anchor, Policy, PurposeRule, Retention, Treatment};
+use crate::policy::{Anchor, EnvelopeBytes, Policy, PurposeRule, Retention, Treatment};
 
 /// Consent as the envelope states it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -25,6 +25,12 @@ pub enum ConsentTag {
 }
 
 impl ConsentTag {
+    /// Every state, in declaration order (the index of `PurposeRule::envelopes`).
+    pub const ALL: [ConsentTag; 3] = [
+        ConsentTag::Granted,
+        ConsentTag::NotRequired,
+        ConsentTag::Absent,
+    ];
     /// The header value.
     pub const fn id(self) -> &'static str {
         match self {
@@ -109,6 +115,8 @@ pub struct Envelope<'a> {
     pub key_id: Option<&'a str>,
     /// The retention rule.
     pub retention: &'a Retention,
+    /// The tags above and the field map's treatment codes, encoded once per policy.
+    pub encoded: &'a EnvelopeBytes,
 }
 
 impl Envelope<'_> {
@@ -317,14 +325,7 @@ pub fn process_into<'a>(
                 &r.record_id,
             ))),
         };
-        let (legal_basis, gdpr_article) = if anonymised {
-            ("anonymous", "recital 26")
-        } else if consent == ConsentTag::Granted {
-            ("consent", "6(1)(a)")
-        } else {
-            let b = rule.primary_basis();
-            (b.id(), b.article())
-        };
+        let (legal_basis, gdpr_article) = rule.basis_tags(consent);
         let uses_keys = matches!(record_id, Some(Text::Inline(_)))
             || map
                 .iter()
@@ -342,6 +343,7 @@ pub fn process_into<'a>(
                 present,
                 key_id: uses_keys.then(|| keys.key_id(p)),
                 retention: &rule.retention,
+                encoded: rule.envelope_bytes(consent),
             },
             record_time: r.start_time,
             names_subscriber: !anonymised && rule.subscriber_field.is_some(),

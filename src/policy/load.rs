@@ -14,6 +14,7 @@ use super::{
     Anchor, Basis, Cite, Note, Period, Policy, PurposeRule, Retention, RightRule, Treatment,
     WithoutConsent, citation,
 };
+use crate::core::process::ConsentTag;
 use crate::core::purpose::{Category, Field, Purpose};
 
 /// One thing wrong with a policy file.
@@ -282,8 +283,12 @@ fn compile(cx: &mut Cx, root: &Spanned<DeTable<'_>>, file: &str) -> Option<Polic
     top.finish(cx);
 
     let (id, version) = (id?.0, version?.0);
+    let tag = format!("{id}@{version}");
+    for rule in purposes.iter_mut().flatten() {
+        rule.envelopes = ConsentTag::ALL.map(|c| crate::codec::envelope_bytes(rule, c, &tag));
+    }
     Some(Policy {
-        tag: format!("{id}@{version}"),
+        tag,
         id,
         version,
         controller: controller?.0,
@@ -597,6 +602,7 @@ fn purpose_rule(
             Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise
         )
         .then_some(Field::Msisdn),
+        envelopes: Default::default(),
     };
     check_rule(cx, &rule, &path, &spans);
     Some(rule)

@@ -10,6 +10,7 @@ pub mod load;
 
 use serde::Serialize;
 
+use crate::core::process::ConsentTag;
 use crate::core::purpose::{Category, Field, Purpose};
 
 pub use load::{PolicyError, Problem, load_file, parse_policy};
@@ -276,6 +277,33 @@ pub struct PurposeRule {
     pub retention: Retention,
     /// The field naming the subscriber in this route's copies (and in its expiries).
     pub subscriber_field: Option<Field>,
+    /// The constant part of this purpose's envelopes, per consent state (indexed by
+    /// `ConsentTag as usize`), encoded when the policy is loaded; see [`EnvelopeBytes`].
+    #[serde(skip)]
+    pub envelopes: [EnvelopeBytes; 3],
+}
+
+/// What a copy's envelope holds that is the same for every copy of one purpose in one
+/// consent state, encoded once when the policy is loaded (by `codec::envelope_bytes`): the
+/// encoders copy each constant run in one piece instead of writing its tags one by one.
+/// Only the record id, the key id and which fields the input carried vary per copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvelopeBytes {
+    /// Binary: `purpose`, `legal_basis`, `gdpr_article`, `policy` and `consent`, each a
+    /// string (rows 21-25 of `CopyWire` in `schemas/binary.md`).
+    pub binary_tags: Box<[u8]>,
+    /// Binary: the treatment code of every field (row 26) as if the input carried them
+    /// all, padded to 24 bytes; a copy sets 0xFF over the fields its input lacked.
+    pub binary_codes: [u8; 24],
+    /// Binary: the retention rule id (row 28).
+    pub binary_rule: Box<[u8]>,
+    /// JSON: from `,"purpose":` to the opening brace of `"treatments"`.
+    pub json_tags: Box<[u8]>,
+    /// JSON: from `,"retention":` to the envelope's closing brace.
+    pub json_tail: Box<[u8]>,
+    /// The fields whose treatment changes them (bit per field): the JSON envelope lists
+    /// those the input carried.
+    pub changed: u32,
 }
 
 impl PurposeRule {
@@ -291,6 +319,30 @@ impl PurposeRule {
             .or_else(|| self.basis[Category::Subscriber as usize].first())
             .copied()
             .unwrap_or(Basis::Contract)
+    }
+    /// The field map a copy made in this consent state applies: the anonymised one when
+    /// consent is absent (and the purpose has one).
+    pub fn map(&self, consent: ConsentTag) -> &[Treatment; Field::COUNT] {
+        match (consent, &self.anonymised) {
+            (ConsentTag::Absent, Some(anon)) => anon,
+            _ => &self.fields,
+        }
+    }
+    /// The `legal_basis` and `gdpr_article` tags of a copy made in this consent state.
+    pub fn basis_tags(&self, consent: ConsentTag) -> (&'static str, &'static str) {
+        match consent {
+            ConsentTag::Absent => ("anonymous", "recital 26"),
+            ConsentTag::Granted => ("consent", "6(1)(a)"),
+            ConsentTag::NotRequired => {
+                let b = self.primary_basis();
+                (b.id(), b.article())
+            }
+        }
+    }
+    /// The constant part of the envelope of a copy made in this consent state.
+    #[inline(always)]
+    pub fn envelope_bytes(&self, consent: ConsentTag) -> &EnvelopeBytes {
+        &self.envelopes[consent as usize]
     }
     /// The treatment of one field.
     pub fn treatment(&self, f: Field) -> Treatment {
