@@ -377,9 +377,12 @@ impl Shared {
             };
             match outcome {
                 Ok(()) | Err(SinkError::Abandoned) => {}
-                Err(e @ (SinkError::Fatal(_) | SinkError::Fenced(_) | SinkError::Client(_))) => {
-                    self.fail(e.into())
-                }
+                Err(
+                    e @ (SinkError::Fatal(_)
+                    | SinkError::Fenced(_)
+                    | SinkError::Client(_)
+                    | SinkError::Hung(_)),
+                ) => self.fail(e.into()),
                 Err(e) => {
                     if let Err(fatal) = self.abort_locked(&slots, &mut guards, &e).await {
                         self.fail(fatal.into());
@@ -423,9 +426,12 @@ impl Shared {
         };
         match outcome {
             Ok(()) => Ok(()),
-            Err(e @ (SinkError::Fatal(_) | SinkError::Fenced(_) | SinkError::Client(_))) => {
-                Err(e.into())
-            }
+            Err(
+                e @ (SinkError::Fatal(_)
+                | SinkError::Fenced(_)
+                | SinkError::Client(_)
+                | SinkError::Hung(_)),
+            ) => Err(e.into()),
             Err(SinkError::Abandoned) => Ok(()),
             Err(e) => Ok(self.abort_locked(&slots, &mut guards, &e).await?),
         }

@@ -22,6 +22,8 @@ use super::config::Guarantee;
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a retriable transactional call is repeated before the pipeline gives up.
 const RETRY_FOR: Duration = Duration::from_secs(120);
+/// How long past its own timeout a transactional call may take before it counts as hung.
+const HUNG_GRACE: Duration = Duration::from_secs(15);
 
 /// Counts deliveries the broker refused after librdkafka's own retries: in at-least-once
 /// mode any such failure keeps the offsets from being committed.
@@ -73,6 +75,12 @@ pub enum SinkError {
     /// The producer could not be made: its configuration is refused (not retried).
     #[error("producer: {0}")]
     Client(KafkaError),
+    /// A transactional call may be repeated (internal to [`retry`]).
+    #[error("retriable: {0}")]
+    Retriable(KafkaError),
+    /// A transactional call did not return (see `guarded`): the producer is abandoned.
+    #[error("{0} did not return")]
+    Hung(&'static str),
     /// The pipeline is being torn down: nothing more may be sent.
     #[error("the producer was abandoned by a failed pipeline")]
     Abandoned,
@@ -107,17 +115,52 @@ fn classify(e: KafkaError) -> SinkError {
 
 /// Repeats a transactional call while librdkafka says the same call may be retried
 /// (e.g. a commit that timed out: aborting then would be refused as a conflict).
-fn retry(mut op: impl FnMut() -> Result<(), KafkaError>) -> Result<(), SinkError> {
+fn retry(mut op: impl FnMut() -> Result<(), SinkError>) -> Result<(), SinkError> {
     let deadline = std::time::Instant::now() + RETRY_FOR;
     loop {
         match op() {
             Ok(()) => return Ok(()),
-            Err(KafkaError::Transaction(t))
-                if t.is_retriable() && std::time::Instant::now() < deadline =>
-            {
-                tracing::warn!(error = %t, "transactional call failed; retrying it");
+            Err(SinkError::Retriable(e)) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "transactional call failed; retrying it");
             }
-            Err(e) => return Err(classify(e)),
+            Err(SinkError::Retriable(e)) => return Err(classify(e)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs one transactional call on a thread of its own and waits at most
+/// [`TXN_TIMEOUT`] plus a grace period for it. librdkafka can block in
+/// `send_offsets_to_transaction` far past its own timeout when the group coordinator
+/// went away during a broker outage (librdkafka issues 5456 and 5511). Such a call is
+/// left behind, with its thread and this producer, and reported as [`SinkError::Hung`]
+/// so the pipeline is rebuilt around a new producer (whose same transactional id fences
+/// the old one).
+fn guarded(
+    producer: &ThreadedProducer<SinkContext>,
+    what: &'static str,
+    op: impl FnOnce(&ThreadedProducer<SinkContext>) -> Result<(), KafkaError> + Send + 'static,
+) -> Result<(), SinkError> {
+    let p = producer.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("cdrguard-txn".into())
+        .spawn(move || {
+            let _ = tx.send(op(&p));
+        })
+        .map_err(|_| SinkError::Hung(what))?;
+    match rx.recv_timeout(TXN_TIMEOUT + HUNG_GRACE) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(KafkaError::Transaction(t))) if t.is_retriable() => {
+            Err(SinkError::Retriable(KafkaError::Transaction(t)))
+        }
+        Ok(Err(e)) => Err(classify(e)),
+        Err(_) => {
+            tracing::error!(
+                call = what,
+                "transactional call hung past its timeout; rebuilding the pipeline"
+            );
+            Err(SinkError::Hung(what))
         }
     }
 }
@@ -156,7 +199,11 @@ impl Sink {
             .create_with_context(SinkContext::default())
             .map_err(SinkError::Client)?;
         if guarantee == Guarantee::ExactlyOnce {
-            retry(|| producer.init_transactions(TXN_TIMEOUT))?;
+            retry(|| {
+                guarded(&producer, "init_transactions", |p| {
+                    p.init_transactions(TXN_TIMEOUT)
+                })
+            })?;
             producer.begin_transaction().map_err(classify)?;
         }
         Ok(Sink {
@@ -210,12 +257,19 @@ impl Sink {
                 if offsets.count() > 0 {
                     let cgm: ConsumerGroupMetadata =
                         consumer.group_metadata().ok_or(SinkError::NotInGroup)?;
+                    let cgm = std::sync::Arc::new(cgm);
                     retry(|| {
-                        self.producer
-                            .send_offsets_to_transaction(offsets, &cgm, TXN_TIMEOUT)
+                        let (offsets, cgm) = (offsets.clone(), cgm.clone());
+                        guarded(&self.producer, "send_offsets_to_transaction", move |p| {
+                            p.send_offsets_to_transaction(&offsets, &cgm, TXN_TIMEOUT)
+                        })
                     })?;
                 }
-                retry(|| self.producer.commit_transaction(TXN_TIMEOUT))?;
+                retry(|| {
+                    guarded(&self.producer, "commit_transaction", |p| {
+                        p.commit_transaction(TXN_TIMEOUT)
+                    })
+                })?;
                 self.producer.begin_transaction().map_err(classify)
             }
             Guarantee::AtLeastOnce => {
@@ -245,7 +299,11 @@ impl Sink {
     pub fn abort(&self) -> Result<(), SinkError> {
         match self.guarantee {
             Guarantee::ExactlyOnce => {
-                retry(|| self.producer.abort_transaction(TXN_TIMEOUT))?;
+                retry(|| {
+                    guarded(&self.producer, "abort_transaction", |p| {
+                        p.abort_transaction(TXN_TIMEOUT)
+                    })
+                })?;
                 self.producer.begin_transaction().map_err(classify)
             }
             // Already sent copies stay sent: at least once allows repeats.
