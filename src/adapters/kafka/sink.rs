@@ -141,6 +141,15 @@ fn guarded(
     what: &'static str,
     op: impl FnOnce(&ThreadedProducer<SinkContext>) -> Result<(), KafkaError> + Send + 'static,
 ) -> Result<(), SinkError> {
+    guarded_for(producer, what, TXN_TIMEOUT + HUNG_GRACE, op)
+}
+
+fn guarded_for(
+    producer: &ThreadedProducer<SinkContext>,
+    what: &'static str,
+    wait: Duration,
+    op: impl FnOnce(&ThreadedProducer<SinkContext>) -> Result<(), KafkaError> + Send + 'static,
+) -> Result<(), SinkError> {
     let p = producer.clone();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
@@ -149,7 +158,7 @@ fn guarded(
             let _ = tx.send(op(&p));
         })
         .map_err(|_| SinkError::Hung(what))?;
-    match rx.recv_timeout(TXN_TIMEOUT + HUNG_GRACE) {
+    match rx.recv_timeout(wait) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(KafkaError::Transaction(t))) if t.is_retriable() => {
             Err(SinkError::Retriable(KafkaError::Transaction(t)))
@@ -324,5 +333,46 @@ impl Sink {
     /// Whether [`Sink::abandon`] was called.
     pub fn abandoned(&self) -> bool {
         self.abandoned.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn producer() -> ThreadedProducer<SinkContext> {
+        // No broker needed: nothing here talks to one.
+        ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create_with_context(SinkContext::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_call_that_does_not_return_is_reported_hung_not_waited_for() {
+        let p = producer();
+        let started = std::time::Instant::now();
+        let r = guarded_for(&p, "test call", Duration::from_millis(100), |_| {
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(())
+        });
+        assert!(matches!(r, Err(SinkError::Hung("test call"))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn call_results_are_classified() {
+        let p = producer();
+        assert!(guarded_for(&p, "ok", Duration::from_secs(5), |_| Ok(())).is_ok());
+        let r = guarded_for(&p, "refused", Duration::from_secs(5), |_| {
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::State))
+        });
+        assert!(matches!(r, Err(SinkError::Abortable(_))), "{r:?}");
+        let fenced = guarded_for(&p, "fenced", Duration::from_secs(5), |_| {
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::ProducerFenced,
+            ))
+        });
+        assert!(matches!(fenced, Err(SinkError::Fenced(_))), "{fenced:?}");
     }
 }
