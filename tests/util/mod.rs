@@ -700,18 +700,50 @@ pub fn expected(t: &Traffic, policy: &Policy, keys: &Keyring) -> Expected {
             .or_default()
             .apply(&e.change, e.at);
     }
+    let none = SubscriberState::default();
+    count_copies(
+        t.records.iter().map(Vec::as_slice),
+        policy,
+        keys,
+        |msisdn| states.get(msisdn).unwrap_or(&none),
+    )
+}
+
+/// The copies `process` makes of `records` for a subscriber in `state`, per route.
+pub fn copies_of(
+    records: &[(Option<Vec<u8>>, Vec<u8>)],
+    policy: &Policy,
+    keys: &Keyring,
+    state: &SubscriberState,
+) -> Expected {
+    count_copies(
+        records.iter().map(|(_, v)| v.as_slice()),
+        policy,
+        keys,
+        |_| state,
+    )
+}
+
+/// Runs `process` over JSON records, each with the state `state_of` gives its msisdn, and
+/// counts the copies per route and envelope record id.
+fn count_copies<'s>(
+    records: impl Iterator<Item = &'s [u8]>,
+    policy: &Policy,
+    keys: &Keyring,
+    state_of: impl Fn(&str) -> &'s SubscriberState,
+) -> Expected {
+    // `now` only decides whether a record's retention ran out before it arrived; the
+    // generated traffic is recent, so the processor's clock moments later agrees.
     let now = Millis(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64,
     );
-    let none = SubscriberState::default();
     let mut out: Expected = Default::default();
-    for bytes in &t.records {
+    for bytes in records {
         let r = cdrguard::codec::json::decode_record(bytes).unwrap();
-        let st = states.get(r.msisdn.as_ref()).unwrap_or(&none);
-        for c in process(&r, policy, st, keys, now).copies {
+        for c in process(&r, policy, state_of(r.msisdn.as_ref()), keys, now).copies {
             let id = c
                 .envelope
                 .record_id
@@ -731,35 +763,6 @@ pub fn got(msgs: &[OwnedMessage]) -> BTreeMap<String, usize> {
         *m.entry(record_id(msg)).or_default() += 1;
     }
     m
-}
-
-/// The copies `process` makes of `records` for a subscriber in `state`, per route.
-pub fn copies_of(
-    records: &[(Option<Vec<u8>>, Vec<u8>)],
-    policy: &Policy,
-    keys: &Keyring,
-    state: &SubscriberState,
-) -> Expected {
-    let now = Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64,
-    );
-    let mut out: Expected = Default::default();
-    for (_, bytes) in records {
-        let r = cdrguard::codec::json::decode_record(bytes).unwrap();
-        for c in process(&r, policy, state, keys, now).copies {
-            let id = c
-                .envelope
-                .record_id
-                .as_ref()
-                .map(|t| t.as_str().to_string())
-                .unwrap_or_default();
-            *out[c.envelope.purpose as usize].entry(id).or_default() += 1;
-        }
-    }
-    out
 }
 
 /// Adds `more` to `want`.
