@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::core::control::{ControlEvent, SubscriberState};
-use crate::core::process::{Decision, Outcome, process};
+use crate::core::process::{Decision, Outcome, process_into};
 use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
 use crate::core::record::Record;
@@ -71,8 +71,10 @@ impl<'p> Engine<'p> {
         self.stats.controls += 1;
     }
 
-    /// Processes one valid record; the caller writes the copies out.
-    pub fn record<'r>(&mut self, r: &'r Record<'_>, now: Millis) -> Decision<'r>
+    /// Processes one valid record into `d` (emptied first); the caller writes the copies
+    /// out. The caller owns the decision so one can serve every record of a run: a
+    /// decision is several kilobytes, too much to return by value per record.
+    pub fn record<'r>(&mut self, r: &'r Record<'_>, now: Millis, d: &mut Decision<'r>)
     where
         'p: 'r,
     {
@@ -81,7 +83,7 @@ impl<'p> Engine<'p> {
             .get(r.msisdn.as_ref())
             .copied()
             .unwrap_or_default();
-        let d = process(r, self.policy, &state, self.keys, now);
+        process_into(r, self.policy, &state, self.keys, now, d);
         for c in &d.copies {
             self.schedule
                 .track(&c.schedule_entry(), state.contract_ended);
@@ -92,7 +94,6 @@ impl<'p> Engine<'p> {
             }
         }
         self.stats.records += 1;
-        d
     }
 
     /// Every expiry due at `now`, removed from the schedule.

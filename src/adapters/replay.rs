@@ -267,12 +267,13 @@ pub fn replay_bytes(
         indicatif::ProgressBar::hidden()
     };
     let mut next = 0;
+    let mut d = Decision::default();
     for (n, (_, r)) in decoded.iter().enumerate() {
         while let Some(c) = controls.get(next).filter(|c| c.at <= r.start_time) {
             engine.control(c);
             next += 1;
         }
-        let d = engine.record(r, r.start_time);
+        engine.record(r, r.start_time, &mut d);
         out.decision(r, &d)?;
         if n % 4096 == 0 {
             bar.set_position(n as u64);
