@@ -55,7 +55,7 @@ pub struct RecordWire<'a> {
 /// binary pipeline). Anything else takes the full check, and its error.
 #[inline(always)]
 fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
-    if b.is_ascii() {
+    if is_ascii(b) {
         // SAFETY: ASCII bytes are valid UTF-8.
         Ok(unsafe { std::str::from_utf8_unchecked(b) })
     } else {
@@ -63,6 +63,23 @@ fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
             format: "binary",
             detail: wincode::ReadError::from(e).to_string(),
         })
+    }
+}
+
+/// `b.is_ascii()`, with the lengths identifiers have (2 to 16 bytes) tested in at most
+/// two overlapping words instead of through the general loop's setup.
+#[inline(always)]
+fn is_ascii(b: &[u8]) -> bool {
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let n = b.len();
+    match n {
+        8..=16 => (word(&b[..8]) | word(&b[n - 8..])) & 0x8080_8080_8080_8080 == 0,
+        4..8 => (word(&b[..4]) | word(&b[n - 4..])) & 0x8080_8080 == 0,
+        _ => b.is_ascii(),
     }
 }
 
@@ -592,6 +609,22 @@ mod tests {
         assert_eq!(&buf[11..15], &4u32.to_le_bytes());
         let back = decode_record(&buf).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn the_short_ascii_check_is_is_ascii() {
+        for n in 0..=40usize {
+            for pos in 0..n.max(1) {
+                for bad in [0x7F, 0x80, 0xC3, 0xFF] {
+                    let mut v: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                    assert_eq!(is_ascii(&v), v.is_ascii());
+                    if n > 0 {
+                        v[pos] = bad;
+                    }
+                    assert_eq!(is_ascii(&v), v.is_ascii(), "{v:?}");
+                }
+            }
+        }
     }
 
     #[test]
