@@ -66,7 +66,7 @@ fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
     }
 }
 
-/// `b.is_ascii()`, with the lengths identifiers have (2 to 16 bytes) tested in at most
+/// `b.is_ascii()`, with the lengths identifiers have (1 to 16 bytes) tested in at most
 /// two overlapping words instead of through the general loop's setup.
 #[inline(always)]
 fn is_ascii(b: &[u8]) -> bool {
@@ -79,10 +79,13 @@ fn is_ascii(b: &[u8]) -> bool {
     match n {
         8..=16 => (word(&b[..8]) | word(&b[n - 8..])) & 0x8080_8080_8080_8080 == 0,
         4..8 => (word(&b[..4]) | word(&b[n - 4..])) & 0x8080_8080 == 0,
+        // mcc and mnc: three loads cover every byte of 1 to 3.
+        1..4 => (b[0] | b[n / 2] | b[n - 1]) < 0x80,
         _ => b.is_ascii(),
     }
 }
 
+#[inline(always)]
 fn utf8_opt(b: Option<&[u8]>) -> Result<Option<&str>, DecodeError> {
     b.map(utf8).transpose()
 }
