@@ -83,6 +83,8 @@ struct PurposeKeys {
     key_id: ArrayString<32>,
     /// `key_id:`, the start of every pseudonym: copied whole instead of pushed in parts.
     pseudonym_prefix: Token,
+    /// `key_id~`, the start of every token.
+    token_prefix: Token,
     prf: [u8; 32],
     ff1: Ff1,
 }
@@ -159,9 +161,13 @@ fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
         let mut pseudonym_prefix = Token::new();
         pseudonym_prefix.push_str(&key_id);
         pseudonym_prefix.push(':');
+        let mut token_prefix = Token::new();
+        token_prefix.push_str(&key_id);
+        token_prefix.push('~');
         PurposeKeys {
             key_id,
             pseudonym_prefix,
+            token_prefix,
             prf,
             ff1: Ff1::new(&ff1_key),
         }
@@ -232,13 +238,14 @@ impl Keyring {
         if !k.ff1.encrypt(&[], &mut buf[..n]) {
             return None;
         }
-        let mut out = Token::new();
-        out.push_str(&k.key_id);
-        out.push('~');
-        out.push_str(plus);
-        for d in &buf[..n] {
-            out.push((b'0' + d) as char);
+        // The digits as text in one piece, not pushed a char (and a capacity check) each.
+        let mut text = [0u8; ff1::MAX_DIGITS];
+        for (t, d) in text.iter_mut().zip(&buf[..n]) {
+            *t = b'0' + d;
         }
+        let mut out = k.token_prefix;
+        out.push_str(plus);
+        out.push_str(std::str::from_utf8(&text[..n]).ok()?);
         Some(out)
     }
 
