@@ -96,6 +96,7 @@ pub(crate) fn envelope_bytes(
         json_tail: json::envelope_tail(&rule.retention),
         changed,
         keyed,
+        basis_tags: (legal_basis, gdpr_article),
     }
 }
 

@@ -325,8 +325,8 @@ pub fn process_into<'a>(
                 &r.record_id,
             ))),
         };
-        let (legal_basis, gdpr_article) = rule.basis_tags(consent);
         let encoded = rule.envelope_bytes(consent);
+        let (legal_basis, gdpr_article) = encoded.basis_tags;
         let uses_keys = matches!(record_id, Some(Text::Inline(_))) || encoded.keyed;
         d.copies.push(Copy {
             record: Treated::default(),
@@ -629,7 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_names_its_key_exactly_when_its_map_pseudonymises_or_tokenises() {
+    fn per_policy_envelope_facts_match_the_rule() {
         for (name, _) in crate::policy::SHIPPED {
             let p = policy(name);
             for rule in p.declared() {
@@ -644,6 +644,7 @@ mod tests {
                         "{name} {:?} {c:?}",
                         rule.purpose
                     );
+                    assert_eq!(rule.envelope_bytes(c).basis_tags, rule.basis_tags(c));
                 }
             }
         }
