@@ -55,7 +55,7 @@ pub struct RecordWire<'a> {
 /// binary pipeline). Anything else takes the full check, and its error.
 #[inline(always)]
 fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
-    if b.is_ascii() {
+    if is_ascii(b) {
         // SAFETY: ASCII bytes are valid UTF-8.
         Ok(unsafe { std::str::from_utf8_unchecked(b) })
     } else {
@@ -66,6 +66,26 @@ fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
     }
 }
 
+/// `b.is_ascii()`, with the lengths identifiers have (1 to 16 bytes) tested in at most
+/// two overlapping words instead of through the general loop's setup.
+#[inline(always)]
+fn is_ascii(b: &[u8]) -> bool {
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let n = b.len();
+    match n {
+        8..=16 => (word(&b[..8]) | word(&b[n - 8..])) & 0x8080_8080_8080_8080 == 0,
+        4..8 => (word(&b[..4]) | word(&b[n - 4..])) & 0x8080_8080 == 0,
+        // mcc and mnc: three loads cover every byte of 1 to 3.
+        1..4 => (b[0] | b[n / 2] | b[n - 1]) < 0x80,
+        _ => b.is_ascii(),
+    }
+}
+
+#[inline(always)]
 fn utf8_opt(b: Option<&[u8]>) -> Result<Option<&str>, DecodeError> {
     b.map(utf8).transpose()
 }
@@ -222,32 +242,33 @@ impl Cursor<'_> {
 
     /// A short slice is copied in at most two overlapping fixed-size moves, without a
     /// call to `memcpy` (most values are 2 to 64 bytes; an envelope's tags about 90).
-    /// Every branch writes all `n` bytes.
+    /// Every branch writes all `n` bytes. The sizes are tested most common first: most
+    /// identifiers are 8 to 16 bytes, and reach their move after two comparisons.
     #[inline(always)]
     fn bytes(&mut self, b: &[u8]) -> Option<()> {
         let n = b.len();
         let dst = self.buf.get_mut(self.pos..self.pos + n)?;
-        if (65..=128).contains(&n) {
+        if n <= 16 {
+            if n >= 8 {
+                init(&mut dst[..8], &b[..8]);
+                init(&mut dst[n - 8..], &b[n - 8..]);
+            } else if n >= 4 {
+                init(&mut dst[..4], &b[..4]);
+                init(&mut dst[n - 4..], &b[n - 4..]);
+            } else if n >= 1 {
+                dst[0].write(b[0]);
+                dst[n / 2].write(b[n / 2]);
+                dst[n - 1].write(b[n - 1]);
+            }
+        } else if n <= 32 {
+            init(&mut dst[..16], &b[..16]);
+            init(&mut dst[n - 16..], &b[n - 16..]);
+        } else if n <= 64 {
+            init(&mut dst[..32], &b[..32]);
+            init(&mut dst[n - 32..], &b[n - 32..]);
+        } else if n <= 128 {
             init(&mut dst[..64], &b[..64]);
             init(&mut dst[n - 64..], &b[n - 64..]);
-        } else if (16..=64).contains(&n) {
-            if n <= 32 {
-                init(&mut dst[..16], &b[..16]);
-                init(&mut dst[n - 16..], &b[n - 16..]);
-            } else {
-                init(&mut dst[..32], &b[..32]);
-                init(&mut dst[n - 32..], &b[n - 32..]);
-            }
-        } else if (8..16).contains(&n) {
-            init(&mut dst[..8], &b[..8]);
-            init(&mut dst[n - 8..], &b[n - 8..]);
-        } else if (4..8).contains(&n) {
-            init(&mut dst[..4], &b[..4]);
-            init(&mut dst[n - 4..], &b[n - 4..]);
-        } else if (1..4).contains(&n) {
-            dst[0].write(b[0]);
-            dst[n / 2].write(b[n / 2]);
-            dst[n - 1].write(b[n - 1]);
         } else {
             init(dst, b);
         }
@@ -592,6 +613,22 @@ mod tests {
         assert_eq!(&buf[11..15], &4u32.to_le_bytes());
         let back = decode_record(&buf).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn the_short_ascii_check_is_is_ascii() {
+        for n in 0..=40usize {
+            for pos in 0..n.max(1) {
+                for bad in [0x7F, 0x80, 0xC3, 0xFF] {
+                    let mut v: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                    assert_eq!(is_ascii(&v), v.is_ascii());
+                    if n > 0 {
+                        v[pos] = bad;
+                    }
+                    assert_eq!(is_ascii(&v), v.is_ascii(), "{v:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub(crate) fn envelope_bytes(
         .enumerate()
         .filter(|(_, t)| **t != Treatment::Keep)
         .fold(0u32, |bits, (i, _)| bits | 1 << i);
+    let keyed = map
+        .iter()
+        .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
     EnvelopeBytes {
         binary_tags: binary::strings(&tags),
         binary_codes,
@@ -92,6 +95,8 @@ pub(crate) fn envelope_bytes(
         json_tags: json::envelope_tags(tags),
         json_tail: json::envelope_tail(&rule.retention),
         changed,
+        keyed,
+        basis_tags: (legal_basis, gdpr_article),
     }
 }
 

@@ -325,11 +325,9 @@ pub fn process_into<'a>(
                 &r.record_id,
             ))),
         };
-        let (legal_basis, gdpr_article) = rule.basis_tags(consent);
-        let uses_keys = matches!(record_id, Some(Text::Inline(_)))
-            || map
-                .iter()
-                .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
+        let encoded = rule.envelope_bytes(consent);
+        let (legal_basis, gdpr_article) = encoded.basis_tags;
+        let uses_keys = matches!(record_id, Some(Text::Inline(_))) || encoded.keyed;
         d.copies.push(Copy {
             record: Treated::default(),
             envelope: Envelope {
@@ -343,7 +341,7 @@ pub fn process_into<'a>(
                 present,
                 key_id: uses_keys.then(|| keys.key_id(p)),
                 retention: &rule.retention,
-                encoded: rule.envelope_bytes(consent),
+                encoded,
             },
             record_time: r.start_time,
             names_subscriber: !anonymised && rule.subscriber_field.is_some(),
@@ -628,6 +626,28 @@ mod tests {
             ),
             Outcome::Copied
         );
+    }
+
+    #[test]
+    fn per_policy_envelope_facts_match_the_rule() {
+        for (name, _) in crate::policy::SHIPPED {
+            let p = policy(name);
+            for rule in p.declared() {
+                for c in ConsentTag::ALL {
+                    let scanned = rule
+                        .map(c)
+                        .iter()
+                        .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
+                    assert_eq!(
+                        rule.envelope_bytes(c).keyed,
+                        scanned,
+                        "{name} {:?} {c:?}",
+                        rule.purpose
+                    );
+                    assert_eq!(rule.envelope_bytes(c).basis_tags, rule.basis_tags(c));
+                }
+            }
+        }
     }
 
     #[test]

@@ -280,7 +280,9 @@ pub fn treat<'a>(cx: &Ctx<'_>, map: &[Treatment; Field::COUNT], r: &'a Record<'_
 
 /// [`treat`] into a treated record in place, with the record id already treated.
 /// `process` builds copies where they are stored (a copy is about a kilobyte, so each
-/// move of one costs), and needs the treated id for the envelope too.
+/// move of one costs), and needs the treated id for the envelope too. Inlined there: the
+/// map's treatments and the record's fields are then at hand in `process`'s registers.
+#[inline(always)]
 pub fn treat_into<'a>(
     cx: &Ctx<'_>,
     map: &[Treatment; Field::COUNT],

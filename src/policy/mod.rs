@@ -304,6 +304,11 @@ pub struct EnvelopeBytes {
     /// The fields whose treatment changes them (bit per field): the JSON envelope lists
     /// those the input carried.
     pub changed: u32,
+    /// Whether the field map pseudonymises or tokenises a field, so the copy names its
+    /// key (decided here, not by scanning the map for every copy).
+    pub keyed: bool,
+    /// The copy's `legal_basis` and `gdpr_article` tags ([`PurposeRule::basis_tags`]).
+    pub basis_tags: (&'static str, &'static str),
 }
 
 impl PurposeRule {
