@@ -512,18 +512,42 @@ fn run(a: RunArgs) -> Result<()> {
         .build()?;
     let handles = RunHandles::new(&cfg);
     let stats = handles.stats.clone();
+    let shutdown_timeout = cfg.shutdown_timeout;
     rt.block_on(async {
         let stop = Arc::new(tokio::sync::Notify::new());
         {
+            use tokio::signal::unix::{SignalKind, signal};
             let stop = stop.clone();
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+                let mut signals = 0;
+                loop {
+                    let name = tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                    };
+                    signals += 1;
+                    if signals > 1 {
+                        // The operator insists: nothing is lost (the open transaction is
+                        // aborted by the broker or the next instance), only time.
+                        tracing::warn!(signal = name, "second signal: exiting at once");
+                        std::process::exit(130);
+                    }
+                    tracing::info!(signal = name, ?shutdown_timeout, "stopping");
+                    stop.notify_one();
+                    // A stop must end before the supervisor's own grace period does; past
+                    // the deadline the process exits with what it could not finish left
+                    // to the broker (an open transaction is aborted on its timeout).
+                    std::thread::spawn(move || {
+                        std::thread::sleep(shutdown_timeout);
+                        tracing::error!(
+                            ?shutdown_timeout,
+                            "the stop did not finish in time; exiting with its transaction left to the broker's timeout"
+                        );
+                        std::process::exit(1);
+                    });
                 }
-                stop.notify_one();
             });
         }
         kafka::run(cfg, policy, keys, stop, handles).await?;

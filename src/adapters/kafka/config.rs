@@ -129,6 +129,9 @@ pub struct RunConfig {
     pub stale_pause: Duration,
     /// Per-partition prefetch limit (librdkafka `queued.max.messages.kbytes`).
     pub queued_max_kbytes: u32,
+    /// How long a stop (SIGTERM, SIGINT) may take to commit or abort and leave the group
+    /// before the process exits anyway (with status 1).
+    pub shutdown_timeout: Duration,
 }
 
 impl fmt::Debug for RunConfig {
@@ -197,7 +200,6 @@ const RESERVED: &[&str] = &[
     "enable.auto.commit",
     "enable.auto.offset.store",
     "isolation.level",
-    "enable.idempotence",
 ];
 
 #[derive(Clone, Debug)]
@@ -400,9 +402,25 @@ impl Settings {
                 continue;
             }
             match leaf.as_property() {
-                Some(v) => {
-                    out.insert(name, v);
-                }
+                // librdkafka checks a property's name and value when it is set; asking it
+                // here, one property at a time, lists every bad one in a single run.
+                Some(v) => match rdkafka::ClientConfig::new()
+                    .set(&name, &v)
+                    .create_native_config()
+                {
+                    Ok(_) => {
+                        out.insert(name, v);
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        let message = if secret_name(&name) {
+                            message.replace(v.as_str(), "***")
+                        } else {
+                            message
+                        };
+                        self.problem(origin, &k, message);
+                    }
+                },
                 None => self.problem(
                     origin,
                     &k,
@@ -576,11 +594,12 @@ pub fn parse(
     // Confirmations come every half second and may take a round trip or two.
     let staleness = s.integer(
         "processing.control_max_staleness_ms",
-        10_000,
+        3_000,
         (2_000, 3_600_000),
     );
     let stale_pause = s.integer("processing.stale_pause_ms", 120_000, (0, 86_400_000));
     let queued_kb = s.integer("processing.queued_max_kbytes", 8_192, (64, 2_097_151));
+    let shutdown_ms = s.integer("processing.shutdown_timeout_ms", 25_000, (1_000, 600_000));
 
     for (k, (_, o)) in std::mem::take(&mut s.leaves) {
         s.problem(o, &k, "unknown key");
@@ -616,6 +635,24 @@ pub fn parse(
         (_, Some((t, _))) => t,
         (_, None) => String::new(),
     };
+    // Transactions need the idempotent producer; at least once leaves it to the operator
+    // (on by default), since brokers without transactions often lack it too.
+    if guarantee == Guarantee::ExactlyOnce {
+        for table in ["properties", "producer_properties"] {
+            let map = if table == "properties" {
+                &properties
+            } else {
+                &producer_properties
+            };
+            if map.get("enable.idempotence").is_some_and(|v| v != "true") {
+                s.problem(
+                    Origin::Default,
+                    &format!("kafka.{table}.\"enable.idempotence\""),
+                    "exactly_once needs the idempotent producer; remove this or use guarantee = \"at_least_once\"",
+                );
+            }
+        }
+    }
     // The broker aborts a transaction open longer than transaction.timeout.ms; a commit
     // interval near it would have every transaction fenced before it commits.
     let txn_timeout = producer_properties
@@ -672,6 +709,7 @@ pub fn parse(
         control_max_staleness: Duration::from_millis(staleness as u64),
         stale_pause: Duration::from_millis(stale_pause as u64),
         queued_max_kbytes: queued_kb as u32,
+        shutdown_timeout: Duration::from_millis(shutdown_ms as u64),
     };
     // librdkafka checks each property's name and value when it is set: do that now, so a
     // typo is refused at load instead of failing every start.
@@ -698,6 +736,14 @@ pub fn parse(
     }
 }
 
+/// Whether a librdkafka property may hold a secret (passwords, keys, tokens, OAuth
+/// client secrets inside `sasl.oauthbearer.config`, JAAS lines).
+fn secret_name(name: &str) -> bool {
+    ["password", "secret", "key", "token", "jaas", "oauthbearer"]
+        .iter()
+        .any(|w| name.contains(w))
+}
+
 /// librdkafka's messages may quote a value; a secret's value never reaches the output.
 fn redact(message: &str, cfg: &RunConfig) -> String {
     let mut out = message.to_string();
@@ -707,10 +753,7 @@ fn redact(message: &str, cfg: &RunConfig) -> String {
         .chain(&cfg.consumer_properties)
         .chain(&cfg.producer_properties)
     {
-        let secret = ["password", "secret", "key", "token", "jaas"]
-            .iter()
-            .any(|w| k.contains(w));
-        if secret && !v.is_empty() {
+        if secret_name(k) && !v.is_empty() {
             out = out.replace(v.as_str(), "***");
         }
     }
@@ -877,6 +920,71 @@ commit_interval_ms = 5
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn every_bad_property_is_listed_with_its_line_and_no_secret() {
+        let text = GOOD.replace(
+            "\"sasl.password\" = \"hunter2\"",
+            "\"sasl.password\" = \"hunter2\"\n\"socket.timeout.msx\" = 100\n\"fetch.wait.max.ms\" = \"soon\"",
+        );
+        let e = parse(
+            &text,
+            "c.toml",
+            Path::new("."),
+            env(&[("CDRGUARD_KAFKA__PROPERTIES__MESSAGE_MAX_BYTES", "-5")]),
+        )
+        .unwrap_err();
+        let shown = e.to_string();
+        for want in [
+            "c.toml:10: kafka.properties.\"socket.timeout.msx\":",
+            "c.toml:11: kafka.properties.\"fetch.wait.max.ms\":",
+            "env CDRGUARD_KAFKA__PROPERTIES__MESSAGE_MAX_BYTES: kafka.properties.\"message.max.bytes\":",
+        ] {
+            assert!(shown.contains(want), "missing {want:?} in:\n{shown}");
+        }
+        assert_eq!(e.problems.len(), 3, "{shown}");
+        assert!(!shown.contains("hunter2"));
+        // A value of a property that may hold a secret is masked even where librdkafka
+        // quotes it (an OAuth property that takes a boolean, given a secret by mistake).
+        let bad_secret = GOOD.replace(
+            "\"sasl.password\" = \"hunter2\"",
+            "\"enable.sasl.oauthbearer.unsecure.jwt\" = \"clientSecret=hunter2\"",
+        );
+        let e = parse(&bad_secret, "c.toml", Path::new("."), env(&[])).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("enable.sasl.oauthbearer.unsecure.jwt"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn exactly_once_keeps_the_idempotent_producer_at_least_once_may_drop_it() {
+        let off = GOOD.replace(
+            "[kafka.properties]",
+            "[kafka.producer_properties]\n\"enable.idempotence\" = false\n\n[kafka.properties]",
+        );
+        let e = parse(&off, "c.toml", Path::new("."), env(&[])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("kafka.producer_properties.\"enable.idempotence\": exactly_once needs"),
+            "{e}"
+        );
+        let alo = off.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nguarantee = \"at_least_once\"",
+        );
+        let c = parse(&alo, "c.toml", Path::new("."), env(&[])).unwrap();
+        assert_eq!(
+            super::super::producer_config(&c).get("enable.idempotence"),
+            Some("false")
+        );
+        let c = parse(GOOD, "c.toml", Path::new("."), env(&[])).unwrap();
+        let p = super::super::producer_config(&c);
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("transactional.id"), Some("g-1"));
     }
 
     #[test]

@@ -86,6 +86,12 @@ pub struct ConsentStore {
     pub applied: AtomicU64,
     /// Control events refused (malformed); each is logged with its position.
     pub refused: AtomicU64,
+    /// Subscribers with an unreadable control event on the topic, by the keys it sits
+    /// under: that event may have been a withdrawal or an objection, so they are routed
+    /// fail closed until a readable event (or a tombstone) replaces it under its key.
+    suspects: DashMap<Box<str>, Vec<Box<str>>>,
+    /// Entries in `suspects`, so the common case (none) costs one atomic load per record.
+    suspect_count: std::sync::atomic::AtomicUsize,
     /// Commit-to-effect delays.
     pub delays: DelayHistogram,
 }
@@ -109,6 +115,13 @@ pub fn fail_closed(known: SubscriberState) -> SubscriberState {
     s
 }
 
+/// A control key's msisdn and the key itself: `msisdn/type[/purpose]`, UTF-8.
+fn split_key(key: Option<&[u8]>) -> Option<(&str, &str)> {
+    let key = std::str::from_utf8(key?).ok()?;
+    let (msisdn, rest) = key.split_once('/')?;
+    (!msisdn.is_empty() && !rest.is_empty()).then_some((msisdn, key))
+}
+
 impl ConsentStore {
     /// An empty table that counts as stale until the follower has caught up.
     pub fn new(max_staleness: Duration) -> ConsentStore {
@@ -120,6 +133,8 @@ impl ConsentStore {
             max_staleness,
             applied: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            suspects: DashMap::new(),
+            suspect_count: std::sync::atomic::AtomicUsize::new(0),
             delays: DelayHistogram::default(),
         }
     }
@@ -151,7 +166,63 @@ impl ConsentStore {
     /// The state to route a subscriber's record with.
     pub fn view(&self, msisdn: &str, fresh: bool) -> SubscriberState {
         let known = self.states.get(msisdn).map(|s| *s).unwrap_or_default();
-        if fresh { known } else { fail_closed(known) }
+        if fresh && !self.suspect(msisdn) {
+            known
+        } else {
+            fail_closed(known)
+        }
+    }
+
+    /// Whether an unreadable event of this subscriber is on the control topic.
+    fn suspect(&self, msisdn: &str) -> bool {
+        self.suspect_count.load(Ordering::Acquire) > 0 && self.suspects.contains_key(msisdn)
+    }
+
+    /// Subscribers routed fail closed because of an unreadable control event.
+    pub fn suspects(&self) -> usize {
+        self.suspect_count.load(Ordering::Acquire)
+    }
+
+    /// Records that the message under `key` could not be read. Its msisdn comes from the
+    /// key (`msisdn/type[/purpose]`), since the payload is what failed; a message without
+    /// such a key names nobody and is only counted.
+    fn refuse(&self, key: Option<&[u8]>) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let Some((msisdn, key)) = split_key(key) else {
+            return;
+        };
+        let mut keys = self.suspects.entry(msisdn.into()).or_insert_with(|| {
+            self.suspect_count.fetch_add(1, Ordering::AcqRel);
+            Vec::new()
+        });
+        if !keys.iter().any(|k| &**k == key) {
+            keys.push(key.into());
+        }
+    }
+
+    /// A readable event or a tombstone under `key` replaces whatever was unreadable there.
+    fn clear_suspect(&self, key: Option<&[u8]>) {
+        if self.suspect_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let Some((msisdn, key)) = split_key(key) else {
+            return;
+        };
+        let emptied = match self.suspects.get_mut(msisdn) {
+            Some(mut keys) => {
+                keys.retain(|k| &**k != key);
+                keys.is_empty()
+            }
+            None => false,
+        };
+        if emptied
+            && self
+                .suspects
+                .remove_if(msisdn, |_, keys| keys.is_empty())
+                .is_some()
+        {
+            self.suspect_count.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Subscribers with a recorded state.
@@ -172,7 +243,24 @@ impl ConsentStore {
     /// Applies one control-topic message: an event, or a tombstone (no payload) that
     /// removes what its key set, so the table always equals a fresh read of the
     /// compacted topic.
+    /// A message that cannot be read is refused, and its subscriber (named by the key)
+    /// is routed fail closed until its key holds a readable event again.
     pub fn apply_message(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<(), String> {
+        let applied = self.apply(key, payload);
+        match (&applied, payload) {
+            (Ok(()), _) => self.clear_suspect(key),
+            (Err(_), Some(_)) => self.refuse(key),
+            // A tombstone removes the key's event, unreadable or not; one naming no known
+            // setting removed nothing that routing reads.
+            (Err(_), None) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.clear_suspect(key);
+            }
+        }
+        applied
+    }
+
+    fn apply(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<(), String> {
         match payload {
             Some(p) => {
                 let ev = json::decode_control(p)?;
@@ -182,13 +270,10 @@ impl ConsentStore {
                     .apply(&ev.change, ev.at);
             }
             None => {
-                let key = key
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .ok_or("tombstone without a UTF-8 key")?;
-                let mut parts = key.splitn(3, '/');
-                let (Some(msisdn), Some(kind)) = (parts.next(), parts.next()) else {
-                    return Err("tombstone key is not msisdn/type[/purpose]".into());
-                };
+                let (msisdn, key) =
+                    split_key(key).ok_or("tombstone key is not msisdn/type[/purpose]")?;
+                let mut parts = key.splitn(3, '/').skip(1);
+                let kind = parts.next().unwrap_or_default();
                 let purpose = parts.next().map(Purpose::from_id);
                 if let Some(mut s) = self.states.get_mut(msisdn) {
                     match (kind, purpose) {
@@ -344,6 +429,9 @@ fn follow(
         .collect();
     let mut last_check = Instant::now();
     let mut last_metadata = Instant::now();
+    // The ends the broker reported at an instant, until the follower has read up to them.
+    let mut target: Option<(Instant, Vec<i64>)> = None;
+    let mut last_reach = Instant::now();
     let throttle = super::Throttle::default();
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
@@ -368,13 +456,13 @@ fn follow(
                         }
                     }
                     Err(_reason) => {
-                        store.refused.fetch_add(1, Ordering::Relaxed);
                         // The reason may quote the payload (an msisdn): log where, not what.
                         tracing::warn!(
                             topic,
                             partition = m.partition(),
                             offset = m.offset(),
-                            "control event refused (malformed); it stays on the topic at this position"
+                            fail_closed_subscribers = store.suspects(),
+                            "control event refused (malformed); its subscriber is routed fail closed until its key holds a readable event"
                         );
                     }
                 }
@@ -401,21 +489,47 @@ fn follow(
             }
         }
         if last_metadata.elapsed() >= METADATA_EVERY {
-            follow_new_partitions(&consumer, topic, &mut parts);
+            if follow_new_partitions(&consumer, topic, &mut parts) {
+                // A target without the new partitions proves nothing about them.
+                target = None;
+            }
             last_metadata = Instant::now();
         }
-        if store.caught_up() && last_check.elapsed() >= CHECK_EVERY {
-            let started = Instant::now();
-            if is_current(&consumer, topic, &parts) {
-                store.confirm(started);
-            }
+        if !store.caught_up() {
+            continue;
+        }
+        // A proof has two halves: the broker's ends as of an instant, then the follower
+        // reaching them. Waiting for the second half (instead of asking for a position
+        // already at the end) keeps a busy control topic, whose end moves on during
+        // every round trip, from ever looking stale.
+        if target.is_none() && last_check.elapsed() >= CHECK_EVERY {
+            let asked = Instant::now();
+            target = latest_ends(&consumer, topic, &parts).map(|ends| (asked, ends));
             last_check = Instant::now();
+        }
+        if let Some((asked, ends)) = &target
+            && last_reach.elapsed() >= REACH_EVERY
+        {
+            last_reach = Instant::now();
+            if reached(&consumer, topic, &parts, ends) {
+                store.confirm(*asked);
+                target = None;
+            } else if asked.elapsed() > TARGET_MAX_AGE {
+                // Too old to keep the table fresh anyway: ask again, so a partition
+                // truncated or recreated under us cannot wedge the proof.
+                target = None;
+            }
         }
     }
 }
 
 /// How often the follower proves the table current while following live.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often, at most, the follower compares its position with the ends (a position
+/// query locks every partition: not once per event of a busy topic).
+const REACH_EVERY: Duration = Duration::from_millis(10);
+/// How long the follower works towards one set of ends before it asks for new ones.
+const TARGET_MAX_AGE: Duration = Duration::from_secs(5);
 /// How often it looks for partitions added to the control topic.
 const METADATA_EVERY: Duration = Duration::from_secs(5);
 
@@ -444,14 +558,14 @@ fn cached_high(
 }
 
 /// Partitions added to the control topic are read from their beginning; until they have
-/// been read to their end the table is not current (see [`is_current`]).
+/// been read to their end the table is not current (see [`reached`]).
 fn follow_new_partitions(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
     parts: &mut Vec<PartitionEnd>,
-) {
+) -> bool {
     let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
-        return;
+        return false;
     };
     let mut tpl = TopicPartitionList::new();
     for t in md.topics().iter().filter(|t| t.name() == topic) {
@@ -478,42 +592,55 @@ fn follow_new_partitions(
             tracing::warn!(topic, error = %e, "cannot read the new control partitions");
         }
     }
+    tpl.count() > 0
 }
 
-/// Whether every partition is consumed to its end, proven by asking the broker for the
-/// latest offsets (one request for all partitions; under read_committed the broker
-/// answers with the last stable offset). A partition counts when its position, or the
-/// high watermark cached when it last reached its end, is at least that. A broker that
-/// does not answer proves nothing, so an outage makes the table stale.
-fn is_current(
+/// The end of every partition now, in `parts` order: one request for all of them, and
+/// under read_committed the broker answers with the last stable offset. A broker that
+/// does not answer gives no ends, so an outage makes the table stale.
+fn latest_ends(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
     parts: &[PartitionEnd],
-) -> bool {
-    let Ok(pos) = consumer.position() else {
-        return false;
-    };
+) -> Option<Vec<i64>> {
     let mut query = TopicPartitionList::new();
     for pe in parts {
         // A timestamp of -1 asks for the latest offset.
-        if query
-            .add_partition_offset(topic, pe.id, Offset::End)
-            .is_err()
-        {
-            return false;
-        }
+        query.add_partition_offset(topic, pe.id, Offset::End).ok()?;
     }
-    let Ok(latest) = consumer.offsets_for_times(query, Duration::from_secs(2)) else {
+    let latest = consumer
+        .offsets_for_times(query, Duration::from_secs(2))
+        .ok()?;
+    parts
+        .iter()
+        .map(|pe| {
+            match latest
+                .find_partition(topic, pe.id)
+                .filter(|e| e.error().is_ok())
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(end)) => Some(end),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Whether every partition has been read up to `ends` (from [`latest_ends`], same
+/// order): by its position, or by the high watermark cached when it last reached its end.
+fn reached(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    parts: &[PartitionEnd],
+    ends: &[i64],
+) -> bool {
+    if ends.len() != parts.len() {
+        return false;
+    }
+    let Ok(pos) = consumer.position() else {
         return false;
     };
-    parts.iter().all(|pe| {
-        let Some(Offset::Offset(end)) = latest
-            .find_partition(topic, pe.id)
-            .filter(|e| e.error().is_ok())
-            .map(|e| e.offset())
-        else {
-            return false;
-        };
+    parts.iter().zip(ends).all(|(pe, &end)| {
         let consumed = match pos.find_partition(topic, pe.id).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o,
             _ => -1,
@@ -579,6 +706,54 @@ mod tests {
         s.apply_message(Some(b"+46701234567/erasure"), None)
             .unwrap();
         assert!(s.view("+46701234567", true).erased_at.is_none());
+    }
+
+    #[test]
+    fn an_unreadable_event_routes_its_subscriber_fail_closed_until_its_key_is_readable() {
+        let s = ConsentStore::new(Duration::from_secs(10));
+        let (a, b) = ("+46701234567", "+46709876543");
+        for m in [a, b] {
+            s.apply_message(
+                Some(format!("{m}/consent/analytics").as_bytes()),
+                Some(format!(r#"{{"type":"consent","msisdn":"{m}","at":"2026-01-01T00:00:00.000Z","purpose":"analytics","granted":true}}"#).as_bytes()),
+            )
+            .unwrap();
+        }
+        s.mark_caught_up_for_test();
+        // What may have been a withdrawal cannot be read: A loses what rests on consent,
+        // B does not.
+        let key = format!("{a}/consent/analytics");
+        assert!(
+            s.apply_message(Some(key.as_bytes()), Some(b"{\"type\":\"consent\""))
+                .is_err()
+        );
+        assert_eq!(s.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(s.suspects(), 1);
+        let va = s.view(a, true);
+        assert!(!va.consented.contains(Purpose::Analytics));
+        assert!(va.restricted);
+        assert!(s.view(b, true).consented.contains(Purpose::Analytics));
+        // An unreadable message under another key of A keeps A suspect after the first
+        // key is readable again.
+        let other = format!("{a}/objection/marketing");
+        assert!(
+            s.apply_message(Some(other.as_bytes()), Some(b"[]"))
+                .is_err()
+        );
+        s.apply_message(
+            Some(key.as_bytes()),
+            Some(format!(r#"{{"type":"consent","msisdn":"{a}","at":"2026-01-02T00:00:00.000Z","purpose":"analytics","granted":true}}"#).as_bytes()),
+        )
+        .unwrap();
+        assert!(!s.view(a, true).consented.contains(Purpose::Analytics));
+        // A tombstone removes the other unreadable event: A is routed by its state again.
+        s.apply_message(Some(other.as_bytes()), None).unwrap();
+        assert_eq!(s.suspects(), 0);
+        assert!(s.view(a, true).consented.contains(Purpose::Analytics));
+        // Without a key naming a subscriber, nobody can be held back; it is only counted.
+        assert!(s.apply_message(None, Some(b"nonsense")).is_err());
+        assert_eq!(s.suspects(), 0);
+        assert_eq!(s.refused.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -162,13 +162,15 @@ pub fn producer_config(cfg: &RunConfig) -> ClientConfig {
             config::DEFAULT_TXN_TIMEOUT_MS.to_string(),
         )
         // A commit flushes everything queued: a smaller queue keeps commits short.
-        .set("queue.buffering.max.kbytes", "16384");
+        .set("queue.buffering.max.kbytes", "16384")
+        // No reordering or duplicates on retries; at least once may turn it off.
+        .set("enable.idempotence", "true");
     for (k, v) in cfg.properties.iter().chain(&cfg.producer_properties) {
         c.set(k, v);
     }
-    c.set("enable.idempotence", "true");
     if cfg.guarantee == Guarantee::ExactlyOnce {
-        c.set("transactional.id", &cfg.transactional_id);
+        c.set("enable.idempotence", "true")
+            .set("transactional.id", &cfg.transactional_id);
     }
     c
 }
@@ -216,22 +218,72 @@ pub async fn run(
         },
         topic: cfg.control_topic.clone(),
     };
-    // Asking for the control topic's partitions blocks: not on a worker.
-    let follower = {
-        let (store, follower_stop) = (store.clone(), follower_stop.clone());
-        tokio::task::spawn_blocking(move || spawn_follower(follower_cfg, store, follower_stop))
-            .await
-            .map_err(|e| RunError::Internal(e.to_string()))??
-    };
     let stopping = Arc::new(AtomicBool::new(false));
+    // A broker that does not answer yet (the instance started before its cluster) is
+    // waited for, with backoff; a control topic that does not exist is the operator's to
+    // create, and stops the run.
+    let follower = {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let (cfg, store, follower_stop) = (
+                FollowerConfig {
+                    client: follower_cfg.client.clone(),
+                    topic: follower_cfg.topic.clone(),
+                },
+                store.clone(),
+                follower_stop.clone(),
+            );
+            // Asking for the control topic's partitions blocks: not on a worker.
+            match tokio::task::spawn_blocking(move || spawn_follower(cfg, store, follower_stop))
+                .await
+                .map_err(|e| RunError::Internal(e.to_string()))?
+            {
+                Ok(h) => break h,
+                Err(e @ FollowError::Missing(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "cannot read the control topic yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.notified() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    };
+    let follower = Arc::new(std::sync::Mutex::new(Some(follower)));
+    // Set when the follower thread ended on its own (a panic): the table would never be
+    // confirmed again, so routing would stay paused, then fail closed, for good. The run
+    // stops instead, so that its supervisor restarts it.
+    let follower_died = Arc::new(AtomicBool::new(false));
     let watcher = {
         let stop = stop.clone();
         let stopping = stopping.clone();
         let inner = Arc::new(Notify::new());
         let inner2 = inner.clone();
+        let (follower, died) = (follower.clone(), follower_died.clone());
         tokio::spawn(async move {
-            stop.notified().await;
-            stopping.store(true, Ordering::Release);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => {
+                        stopping.store(true, Ordering::Release);
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        let ended = follower
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .is_some_and(|h| h.is_finished());
+                        if ended {
+                            tracing::error!("the control-topic follower stopped; stopping the run");
+                            died.store(true, Ordering::Release);
+                            break;
+                        }
+                    }
+                }
+            }
             inner2.notify_one();
         });
         inner
@@ -241,8 +293,8 @@ pub async fn run(
         // Fail closed from the first record: none is routed before the table is whole.
         let mut waited = 0u64;
         while !store.caught_up() {
-            if stopping.load(Ordering::Acquire) {
-                return Ok(());
+            if stopping.load(Ordering::Acquire) || follower_died.load(Ordering::Acquire) {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
             waited += 20;
@@ -284,12 +336,22 @@ pub async fn run(
         let mut fenced: Vec<std::time::Instant> = Vec::new();
         let out = loop {
             let started = std::time::Instant::now();
+            if follower_died.load(Ordering::Acquire) {
+                break Err(RunError::Internal("the control-topic follower stopped".into()));
+            }
+            if stopping.load(Ordering::Acquire) {
+                break Ok(());
+            }
             match run_pipeline(&inputs, &watcher).await {
+                Ok(()) if follower_died.load(Ordering::Acquire) => {
+                    break Err(RunError::Internal("the control-topic follower stopped".into()));
+                }
                 Ok(()) => break Ok(()),
-                // A stop that could not commit its last transaction: nothing is lost (the
-                // transaction is aborted and its records are read again by whoever owns
-                // them next), but the operator should know.
-                Err(e) if stopping.load(Ordering::Acquire) => break Err(e),
+                // A stop whose last commit failed: its transaction was aborted (or is left
+                // to the broker's timeout), and its records are read again by whoever owns
+                // them next. Nothing is lost, so the stop is still a clean one (logged by
+                // the pipeline).
+                Err(_) if stopping.load(Ordering::Acquire) => break Ok(()),
                 Err(e) if e.restartable() => {
                     if e.fenced() {
                         fenced.retain(|t| t.elapsed() < FENCING_WINDOW);
@@ -299,7 +361,7 @@ pub async fn run(
                                 transactional_id = %cfg.transactional_id,
                                 "fenced {MAX_FENCED} times within {FENCING_WINDOW:?}: another instance uses this transactional id"
                             );
-                            break Err(e);
+                            break Err(e.into());
                         }
                     }
                     if started.elapsed() > Duration::from_secs(60) {
@@ -308,11 +370,11 @@ pub async fn run(
                     tracing::warn!(error = %e, ?backoff, "rebuilding the pipeline");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = watcher.notified() => break Ok(()),
+                        _ = watcher.notified() => continue,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                Err(e) => break Err(e),
+                Err(e) => break Err(e.into()),
             }
         };
         reporter.abort();
@@ -320,6 +382,9 @@ pub async fn run(
     }
     .await;
     follower_stop.store(true, Ordering::Release);
-    let _ = tokio::task::spawn_blocking(move || follower.join()).await;
-    result.map_err(RunError::from)
+    let handle = follower.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(h) = handle {
+        let _ = tokio::task::spawn_blocking(move || h.join()).await;
+    }
+    result
 }

@@ -21,7 +21,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
-use super::config::RunConfig;
+use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
 use crate::codec::{self, Format, binary, json};
@@ -38,6 +38,15 @@ const BATCH: usize = 512;
 
 /// The largest input record routed; larger ones go to the dead letter, truncated.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// The longest input key a dead letter carries; a longer one is cut, so a dead letter
+/// always fits the broker's message size and cannot wedge its partition.
+pub const MAX_DEAD_LETTER_KEY_BYTES: usize = 1024;
+
+/// Aborts in a row, with no commit between them, after which the pipeline is rebuilt: a
+/// cause that outlives a fresh transaction (a deleted or forbidden topic) would otherwise
+/// spin silently, re-reading the same records.
+const MAX_ABORTS_IN_ROW: u32 = 5;
 
 /// Counters of a run, readable while it goes.
 #[derive(Debug, Default)]
@@ -111,6 +120,12 @@ pub enum PipelineError {
     /// pipeline may not hit it again.
     #[error("internal: {0}")]
     Internal(String),
+    /// Transactions kept aborting without a commit between them.
+    #[error("{0} transactions aborted in a row without a commit; last cause: {1}")]
+    Stuck(u32, String),
+    /// The group consumer hit a fatal error (e.g. a fenced static member).
+    #[error("group consumer: {0}")]
+    ConsumerFatal(KafkaError),
 }
 
 impl PipelineError {
@@ -201,6 +216,11 @@ pub struct Shared {
     failed: Mutex<Option<PipelineError>>,
     fail_notify: Notify,
     closing: AtomicBool,
+    /// Aborts since the last commit.
+    aborts_in_row: std::sync::atomic::AtomicU32,
+    /// Partitions of the schedule topic, as last seen: an input partition beyond them
+    /// has nowhere to write its windows.
+    schedule_partitions: AtomicUsize,
     stats: Arc<RunStats>,
     rt: tokio::runtime::Handle,
 }
@@ -260,7 +280,12 @@ impl ConsumerContext for GroupContext {
                 let s = shared.clone();
                 shared.rt.block_on(async move { s.assign(&parts).await });
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            // rust-rdkafka unassigns everything after a rebalance error, without the
+            // revocation this pipeline's offsets depend on: start over from the committed
+            // offsets instead.
+            Rebalance::Error(e) => {
+                shared.fail(PipelineError::Internal(format!("rebalance error: {e}")))
+            }
             Rebalance::Revoke(_) => {}
         }
     }
@@ -303,17 +328,23 @@ impl Shared {
     /// Registers newly assigned partitions and starts their tasks.
     async fn assign(self: &Arc<Self>, parts: &[i32]) {
         let _g = self.commit_lock.lock().await;
+        if let Some(&top) = parts.iter().max() {
+            self.check_schedule_partitions(top);
+        }
         for &p in parts {
-            let old = self
+            let exists = self
                 .slots
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&p);
-            if let Some(old) = old {
-                // Not expected (revocation removes slots), but a second task on one
-                // partition would break its offsets.
-                old.request_stop();
-                old.join().await;
+                .contains_key(&p);
+            if exists {
+                // Not expected (revocation removes slots). The open transaction may hold
+                // copies of the old task's records, which a new task would read again
+                // from the committed offset: only a fresh pipeline is safe.
+                self.fail(PipelineError::Internal(format!(
+                    "partition {p} assigned while still owned"
+                )));
+                return;
             }
             let stashed = self
                 .queues
@@ -344,6 +375,40 @@ impl Shared {
                 .rt
                 .spawn(async move { me.partition_task(s, queue).await });
             *slot.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        }
+    }
+
+    /// Fails the pipeline (for good: an operator must add partitions) when input
+    /// partition `top` has no schedule partition of the same number, as happens when the
+    /// input topic grew after start. Runs on the group thread, which may block.
+    fn check_schedule_partitions(&self, top: i32) {
+        let needed = top as usize + 1;
+        if self.schedule_partitions.load(Ordering::Acquire) >= needed {
+            return;
+        }
+        let md = self
+            .consumer()
+            .fetch_metadata(Some(&self.cfg.schedule_topic), Duration::from_secs(10));
+        let have = md.ok().and_then(|md| {
+            md.topics()
+                .iter()
+                .find(|t| t.name() == self.cfg.schedule_topic && t.error().is_none())
+                .map(|t| t.partitions().len())
+        });
+        match have {
+            Some(n) => {
+                self.schedule_partitions.store(n, Ordering::Release);
+                if n < needed {
+                    self.fail(PipelineError::Topics(format!(
+                        "{} has {n} partitions, but partition {top} of {} was assigned: give it at least as many partitions as the input",
+                        self.cfg.schedule_topic, self.cfg.input_topic
+                    )));
+                }
+            }
+            None => self.fail(PipelineError::Internal(format!(
+                "cannot read the partitions of {}",
+                self.cfg.schedule_topic
+            ))),
         }
     }
 
@@ -433,7 +498,14 @@ impl Shared {
                 | SinkError::Hung(_)),
             ) => Err(e.into()),
             Err(SinkError::Abandoned) => Ok(()),
-            Err(e) => Ok(self.abort_locked(&slots, &mut guards, &e).await?),
+            Err(e) => {
+                self.abort_locked(&slots, &mut guards, &e).await?;
+                let n = self.aborts_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= MAX_ABORTS_IN_ROW {
+                    return Err(PipelineError::Stuck(n, e.to_string()));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -492,6 +564,7 @@ impl Shared {
             g.records = 0;
         }
         self.uncommitted.store(0, Ordering::Relaxed);
+        self.aborts_in_row.store(0, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.windows.fetch_add(windows, Ordering::Relaxed);
         Ok(())
@@ -579,6 +652,11 @@ impl Shared {
                 self.stats.paused.store(false, Ordering::Relaxed);
                 let mut n = 0;
                 while n < BATCH {
+                    // The table can go stale while a batch runs (sends may wait for a full
+                    // queue): no record is routed on a freshness that has lapsed.
+                    if fresh && !self.store.fresh(Instant::now()) {
+                        break;
+                    }
                     match queue.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
@@ -600,6 +678,10 @@ impl Shared {
                                     return;
                                 }
                             }
+                        }
+                        Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                            self.fail(PipelineError::ConsumerFatal(e));
+                            return;
                         }
                         Some(Err(e)) => {
                             if let Some(held) = throttle.ready() {
@@ -676,7 +758,9 @@ impl Shared {
                     .send(Out {
                         topic: &self.cfg.dead_letter_topic,
                         partition: None,
-                        key: m.key(),
+                        key: m
+                            .key()
+                            .map(|k| &k[..k.len().min(MAX_DEAD_LETTER_KEY_BYTES)]),
                         payload,
                         headers: Some(headers),
                     })
@@ -686,6 +770,7 @@ impl Shared {
             Ok(r) => {
                 let state = self.store.view(&r.msisdn, fresh);
                 // Filled in place: a decision is ~6 KB, returning one by value copies it.
+                // (Its copies borrow the message, so it cannot outlive this record.)
                 let mut d = Decision::default();
                 process_into(&r, &self.policy, &state, &self.keys, now, &mut d);
                 for c in &d.copies {
@@ -784,6 +869,8 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         failed: Mutex::new(None),
         fail_notify: Notify::new(),
         closing: AtomicBool::new(false),
+        aborts_in_row: std::sync::atomic::AtomicU32::new(0),
+        schedule_partitions: AtomicUsize::new(0),
         stats: inputs.stats.clone(),
         rt: tokio::runtime::Handle::current(),
     });
@@ -792,11 +879,13 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         throttle: super::Throttle::default(),
     };
     let _ = ctx.shared.set(Arc::downgrade(&shared));
-    // Creating the consumer and asking for metadata block: keep them off the workers.
-    let consumer = {
+    // Creating the consumer, asking for metadata and subscribing block: keep them off the
+    // workers.
+    let started = {
         let config = inputs.consumer_config.clone();
         let cfg = cfg.clone();
         let policy = inputs.policy.clone();
+        let shared = shared.clone();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer<GroupContext> =
                 config
@@ -805,31 +894,53 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
                         what: "creating the group consumer",
                         source,
                     })?;
-            check_topics(&consumer, &cfg, &policy)?;
-            Ok::<_, PipelineError>(Arc::new(consumer))
+            let schedule_partitions = check_topics(&consumer, &cfg, &policy)?;
+            shared
+                .schedule_partitions
+                .store(schedule_partitions, Ordering::Release);
+            let consumer = Arc::new(consumer);
+            let _ = shared.consumer.set(consumer.clone());
+            consumer
+                .subscribe(&[&cfg.input_topic])
+                .map_err(|source| PipelineError::Kafka {
+                    what: "subscribing to the input topic",
+                    source,
+                })?;
+            Ok::<_, PipelineError>(consumer)
         })
         .await
-        .map_err(|e| PipelineError::Internal(format!("consumer start-up: {e}")))??
+        .map_err(|e| PipelineError::Internal(format!("consumer start-up: {e}")))
+        .and_then(|r| r)
     };
-    let _ = shared.consumer.set(consumer.clone());
-    consumer
-        .subscribe(&[&cfg.input_topic])
-        .map_err(|source| PipelineError::Kafka {
-            what: "subscribing to the input topic",
-            source,
-        })?;
+    let consumer = match started {
+        Ok(c) => c,
+        Err(e) => {
+            // Closing the producer blocks (purge, flush, thread joins).
+            let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
+            return Err(e);
+        }
+    };
 
     // The group thread polls the main queue so rebalance callbacks fire; it may block in
     // them (commits), which is why it is not an async task.
     let group_stop = Arc::new(AtomicBool::new(false));
     let group = {
-        let shared = shared.clone();
-        let consumer = consumer.clone();
+        let shared2 = shared.clone();
+        let consumer2 = consumer.clone();
         let group_stop = group_stop.clone();
-        std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("cdrguard-group".into())
-            .spawn(move || group_thread(&shared, &consumer, &group_stop))
-            .map_err(|e| PipelineError::Internal(format!("cannot start the group thread: {e}")))?
+            .spawn(move || group_thread(&shared2, &consumer2, &group_stop))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                drop(consumer);
+                let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
+                return Err(PipelineError::Internal(format!(
+                    "cannot start the group thread: {e}"
+                )));
+            }
+        }
     };
 
     // The coordinator commits on its interval, early when a batch is full, and a last
@@ -863,10 +974,13 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         })
     };
 
-    tokio::select! {
-        _ = stop.notified() => tracing::info!("stopping: committing the open transaction"),
-        _ = shared.fail_notify.notified() => {}
-    }
+    let stop_requested = tokio::select! {
+        _ = stop.notified() => {
+            tracing::info!("stopping: committing the open transaction");
+            true
+        }
+        _ = shared.fail_notify.notified() => false,
+    };
     shared.closing.store(true, Ordering::Release);
     shutdown.notify_one();
     let _ = coordinator.await;
@@ -881,6 +995,25 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
             // Nothing more is sent or committed; the open transaction is aborted by the
             // next producer with this transactional id (or times out on the broker).
             shared.sink.abandon();
+            if stop_requested && cfg.guarantee == Guarantee::ExactlyOnce && !e.fenced() {
+                // Stopping for good: no next producer may come soon, and until the broker
+                // times the transaction out, read_committed readers of every route wait
+                // behind it. A new producer under the same transactional id aborts it now.
+                let producer_config = inputs.producer_config.clone();
+                let aborted = tokio::task::spawn_blocking(move || {
+                    Sink::create(&producer_config, Guarantee::ExactlyOnce).map(drop)
+                })
+                .await;
+                match aborted {
+                    Ok(Ok(())) => {
+                        tracing::warn!(error = %e, "the last commit failed; its transaction was aborted (its records are read again by the next owner)");
+                    }
+                    _ => tracing::error!(
+                        error = %e,
+                        "the last commit failed and its transaction could not be aborted; the broker aborts it after transaction.timeout.ms"
+                    ),
+                }
+            }
             Err(e)
         }
     };
@@ -916,6 +1049,9 @@ fn group_thread(
                 // order would break the offsets, so start over from the committed ones.
                 shared.fail(PipelineError::Stray(m.partition()));
             }
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                shared.fail(PipelineError::ConsumerFatal(e));
+            }
             Some(Err(e)) => {
                 if let Some(held) = throttle.ready() {
                     tracing::warn!(error = %e, held_back = held, "group consumer error");
@@ -940,12 +1076,13 @@ fn group_thread(
 }
 
 /// Refuses to start when a topic is missing or the schedule topic has fewer partitions
-/// than the input (each input partition writes its windows to the same partition).
+/// than the input (each input partition writes its windows to the same partition);
+/// returns the schedule topic's partition count.
 fn check_topics(
     consumer: &BaseConsumer<GroupContext>,
     cfg: &RunConfig,
     policy: &Policy,
-) -> Result<(), PipelineError> {
+) -> Result<usize, PipelineError> {
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(15))
         .map_err(|source| PipelineError::Kafka {
@@ -990,7 +1127,7 @@ fn check_topics(
         ));
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(partitions(&cfg.schedule_topic).unwrap_or(0))
     } else {
         Err(PipelineError::Topics(problems.join("; ")))
     }
