@@ -921,8 +921,17 @@ impl Processor {
     }
 
     /// SIGTERM, then waits for it to exit.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
+    pub fn terminate(self) -> std::process::ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// SIGINT (Ctrl-C), then waits for it to exit.
+    pub fn interrupt(self) -> std::process::ExitStatus {
+        self.stop_with("INT")
+    }
+
+    fn stop_with(mut self, sig: &str) -> std::process::ExitStatus {
+        self.signal(sig);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -930,7 +939,7 @@ impl Processor {
             }
             assert!(
                 Instant::now() < deadline,
-                "cdrguard did not stop on SIGTERM (log: {})",
+                "cdrguard did not stop on SIG{sig} (log: {})",
                 self.log.display()
             );
             std::thread::sleep(Duration::from_millis(100));
