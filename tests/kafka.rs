@@ -316,6 +316,108 @@ fn an_unreadable_control_topic_fails_closed() {
     assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
 }
 
+/// The consent table is proven current, so records are routed with it, when the
+/// control topic holds what a transactional control producer leaves behind: commit
+/// markers, an aborted withdrawal (never applied) and a partition with nothing in it. An
+/// unreadable event holds back only the subscriber its key names.
+#[test]
+fn freshness_is_proven_past_markers_aborts_and_empty_partitions() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let b = broker();
+    let dir = scratch("markers");
+    let prefix = unique("markers");
+    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
+    let (policy, keys) = load(&cfg);
+    create_topics(&cfg, &policy, 1, 3);
+    let (a, bb, c) = ("+46709990011", "+46709990012", "+46709990013");
+
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &b.bootstrap)
+        .set("transactional.id", unique("control-writer"))
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(30);
+    p.init_transactions(t).unwrap();
+    let send = |partition: i32, (k, v): &(Option<Vec<u8>>, Vec<u8>)| {
+        let rec = BaseRecord::to(&cfg.control_topic)
+            .partition(partition)
+            .key(k.as_deref().unwrap())
+            .payload(v.as_slice());
+        p.send(rec).map_err(|(e, _)| e).unwrap();
+    };
+    // Partition 0: grants of A, B and C, committed.
+    let grants: Vec<_> = [a, bb, c]
+        .iter()
+        .flat_map(|m| [consent(m, "analytics", true), consent(m, "marketing", true)])
+        .collect();
+    p.begin_transaction().unwrap();
+    for g in &grants {
+        send(0, g);
+    }
+    p.commit_transaction(t).unwrap();
+    // Partition 1: an unreadable event under a key of C's (what may have been an
+    // objection), committed, then B's withdrawal, aborted: the partition ends in an abort
+    // marker.
+    p.begin_transaction().unwrap();
+    send(
+        1,
+        &(
+            Some(format!("{c}/objection/analytics").into_bytes()),
+            b"{\"type\":".to_vec(),
+        ),
+    );
+    p.commit_transaction(t).unwrap();
+    p.begin_transaction().unwrap();
+    send(1, &consent(bb, "analytics", false));
+    p.flush(t).unwrap();
+    p.abort_transaction(t).unwrap();
+    // Partition 2 stays empty.
+
+    let run = InProcess::start(&cfg);
+    let store = run.handles.store.clone();
+    wait_for(
+        "the consent table to be proven current",
+        Duration::from_secs(60),
+        || store.fresh(Instant::now()),
+    );
+    assert_eq!(
+        store.applied.load(Ordering::Relaxed),
+        6,
+        "the aborted withdrawal is never applied"
+    );
+    assert_eq!(store.refused.load(Ordering::Relaxed), 1);
+
+    let granted = state_after(&grants);
+    let (ra, rb, rc) = (
+        records_of(a, "a", 20),
+        records_of(bb, "b", 20),
+        records_of(c, "c", 20),
+    );
+    let mut want = copies_of(&ra, &policy, &keys, &granted);
+    add(&mut want, copies_of(&rb, &policy, &keys, &granted));
+    add(
+        &mut want,
+        copies_of(&rc, &policy, &keys, &consent::fail_closed(granted)),
+    );
+    assert_eq!(
+        want[Purpose::Marketing as usize].values().sum::<usize>(),
+        40,
+        "A and B get marketing copies, C none"
+    );
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    for r in [&ra, &rb, &rc] {
+        produce(&b.bootstrap, &cfg.input_topic, r);
+    }
+    offsets.wait_at_end(&b.bootstrap, "every record");
+    assert_eq!(
+        run.handles.stats.fail_closed.load(Ordering::Relaxed),
+        0,
+        "the table was current throughout"
+    );
+    let done = finish(&b.bootstrap, &cfg, [run.into()]);
+    assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
+}
+
 /// `kill -9` of the processor in the middle of a 100,000-record run, then a restart
 /// under the same transactional id (which fences the dead instance and aborts its open
 /// transaction at once): every expected copy is present exactly once, none missing. The

@@ -78,8 +78,12 @@ pub struct ConsentStore {
     states: DashMap<Box<str>, SubscriberState>,
     /// Set once every control partition was read to its end at start.
     caught_up: AtomicBool,
-    /// When the follower last saw every partition at its end (ms since `epoch`).
+    /// The latest instant as of which the table is proven to hold every committed control
+    /// event, as ms since `epoch` plus one; 0 while it never was.
     confirmed_ms: AtomicU64,
+    /// When the initial read finished (ms since `epoch`): a table is not stale for
+    /// longer than it has been in use.
+    caught_up_ms: AtomicU64,
     epoch: Instant,
     max_staleness: Duration,
     /// Control events applied.
@@ -129,6 +133,7 @@ impl ConsentStore {
             states: DashMap::new(),
             caught_up: AtomicBool::new(false),
             confirmed_ms: AtomicU64::new(0),
+            caught_up_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             max_staleness,
             applied: AtomicU64::new(0),
@@ -148,19 +153,31 @@ impl ConsentStore {
     /// of the control topic within the staleness bound. Read once per batch, not per
     /// record.
     pub fn fresh(&self, now: Instant) -> bool {
-        if !self.caught_up() {
-            return false;
+        match self.confirmed() {
+            Some(confirmed) if self.caught_up() => {
+                now.saturating_duration_since(confirmed) <= self.max_staleness
+            }
+            _ => false,
         }
-        let confirmed =
-            self.epoch + Duration::from_millis(self.confirmed_ms.load(Ordering::Acquire));
-        now.saturating_duration_since(confirmed) <= self.max_staleness
     }
 
-    /// How long the table has been stale at `now` (zero while it is fresh).
+    fn confirmed(&self) -> Option<Instant> {
+        match self.confirmed_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(self.epoch + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// How long the table has been stale at `now` (zero while it is fresh). A long
+    /// initial read does not count: staleness starts at the catch-up at the earliest.
     pub fn stale_for(&self, now: Instant) -> Duration {
-        let confirmed =
-            self.epoch + Duration::from_millis(self.confirmed_ms.load(Ordering::Acquire));
-        now.saturating_duration_since(confirmed + self.max_staleness)
+        let caught_up =
+            self.epoch + Duration::from_millis(self.caught_up_ms.load(Ordering::Acquire));
+        let since = match self.confirmed() {
+            Some(c) => (c + self.max_staleness).max(caught_up),
+            None => caught_up,
+        };
+        now.saturating_duration_since(since)
     }
 
     /// The state to route a subscriber's record with.
@@ -237,7 +254,13 @@ impl ConsentStore {
 
     fn confirm(&self, at: Instant) {
         let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.confirmed_ms.fetch_max(ms, Ordering::AcqRel);
+        self.confirmed_ms.fetch_max(ms + 1, Ordering::AcqRel);
+    }
+
+    fn mark_caught_up(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.caught_up_ms.store(ms, Ordering::Release);
+        self.caught_up.store(true, Ordering::Release);
     }
 
     /// Applies one control-topic message: an event, or a tombstone (no payload) that
@@ -299,7 +322,7 @@ impl ConsentStore {
 
     #[cfg(test)]
     pub(crate) fn mark_caught_up_for_test(&self) {
-        self.caught_up.store(true, Ordering::Release);
+        self.mark_caught_up(Instant::now());
         self.confirm(Instant::now());
     }
 }
@@ -350,8 +373,8 @@ pub struct FollowerConfig {
 
 /// Starts the follower thread: assigns every partition of the control topic from the
 /// beginning, applies each event, marks the table caught up once every partition reached
-/// its end, and keeps confirming freshness at every end reached after that. Returns once
-/// the consumer is assigned; `stop` ends the thread.
+/// its end, and from then on proves it fresh every half second (see [`reached`]).
+/// Returns once the consumer is assigned; `stop` ends the thread.
 pub fn spawn_follower(
     cfg: FollowerConfig,
     store: Arc<ConsentStore>,
@@ -407,13 +430,12 @@ pub fn spawn_follower(
         })
 }
 
-/// What the follower knows about one control partition.
-struct PartitionEnd {
+/// One control partition being followed.
+struct Part {
     id: i32,
-    /// The high watermark librdkafka had cached when it last reported this partition's
-    /// end, until the next message arrives. The end is reported past transaction
-    /// markers, which the consumed position alone would not show.
-    end_high: Option<i64>,
+    /// Whether it reported its end since it was assigned: the initial read is over once
+    /// every partition did.
+    reached_end: bool,
 }
 
 fn follow(
@@ -423,63 +445,61 @@ fn follow(
     store: &ConsentStore,
     stop: &AtomicBool,
 ) {
-    let mut parts: Vec<PartitionEnd> = partitions
+    let mut parts: Vec<Part> = partitions
         .iter()
-        .map(|&id| PartitionEnd { id, end_high: None })
+        .map(|&id| Part {
+            id,
+            reached_end: false,
+        })
         .collect();
     let mut last_check = Instant::now();
     let mut last_metadata = Instant::now();
-    // The ends the broker reported at an instant, until the follower has read up to them.
-    let mut target: Option<(Instant, Vec<i64>)> = None;
+    // The partitions' bounds the broker reported at an instant, until the follower has
+    // read up to them.
+    let mut target: Option<(Instant, Vec<Bounds>)> = None;
     let mut last_reach = Instant::now();
     let throttle = super::Throttle::default();
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Ok(m)) => {
-                if let Some(pe) = parts.iter_mut().find(|pe| pe.id == m.partition()) {
-                    pe.end_high = None;
-                }
-                match store.apply_message(m.key(), m.payload()) {
-                    Ok(()) => {
-                        // Only live events: the initial read replays history, whose age
-                        // says nothing about how fast changes take effect.
-                        if let Some(ts) = m.timestamp().to_millis().filter(|_| store.caught_up()) {
-                            let now_ms = SystemTime::now()
-                                .duration_since(UNIX_EPOCH)
-                                .map_or(0, |d| d.as_millis() as i64);
-                            let delay =
-                                Duration::from_millis(now_ms.saturating_sub(ts).max(0) as u64);
-                            store.delays.record(delay);
-                            metrics::histogram!("cdrguard_control_apply_delay_seconds")
-                                .record(delay.as_secs_f64());
-                        }
-                    }
-                    Err(_reason) => {
-                        // The reason may quote the payload (an msisdn): log where, not what.
-                        tracing::warn!(
-                            topic,
-                            partition = m.partition(),
-                            offset = m.offset(),
-                            fail_closed_subscribers = store.suspects(),
-                            "control event refused (malformed); its subscriber is routed fail closed until its key holds a readable event"
-                        );
+            Some(Ok(m)) => match store.apply_message(m.key(), m.payload()) {
+                Ok(()) => {
+                    // Only live events: the initial read replays history, whose age says
+                    // nothing about how fast changes take effect.
+                    if let Some(ts) = m.timestamp().to_millis().filter(|_| store.caught_up()) {
+                        let now_ms = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64);
+                        let delay = Duration::from_millis(now_ms.saturating_sub(ts).max(0) as u64);
+                        store.delays.record(delay);
+                        metrics::histogram!("cdrguard_control_apply_delay_seconds")
+                            .record(delay.as_secs_f64());
                     }
                 }
-            }
+                Err(_reason) => {
+                    // The reason may quote the payload (an msisdn): log where, not what.
+                    tracing::warn!(
+                        topic,
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        fail_closed_subscribers = store.suspects(),
+                        "control event refused (malformed); its subscriber is routed fail closed until its key holds a readable event"
+                    );
+                }
+            },
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                let high = cached_high(&consumer, topic, p);
-                if let Some(pe) = parts.iter_mut().find(|pe| pe.id == p) {
-                    pe.end_high = Some(high.unwrap_or(0));
+                if let Some(part) = parts.iter_mut().find(|part| part.id == p) {
+                    part.reached_end = true;
                 }
-                if parts.iter().all(|pe| pe.end_high.is_some()) && !store.caught_up() {
-                    store.confirm(Instant::now());
-                    store.caught_up.store(true, Ordering::Release);
+                if parts.iter().all(|part| part.reached_end) && !store.caught_up() {
+                    store.mark_caught_up(Instant::now());
                     tracing::info!(
                         subscribers = store.len(),
                         events = store.applied.load(Ordering::Relaxed),
                         "consent table caught up with the control topic"
                     );
+                    // The first proof of freshness, at once: routing waits for it.
+                    last_check = Instant::now() - CHECK_EVERY;
                 }
             }
             Some(Err(e)) => {
@@ -498,20 +518,20 @@ fn follow(
         if !store.caught_up() {
             continue;
         }
-        // A proof has two halves: the broker's ends as of an instant, then the follower
+        // A proof has two halves: the broker's bounds as of an instant, then the follower
         // reaching them. Waiting for the second half (instead of asking for a position
         // already at the end) keeps a busy control topic, whose end moves on during
         // every round trip, from ever looking stale.
         if target.is_none() && last_check.elapsed() >= CHECK_EVERY {
             let asked = Instant::now();
-            target = latest_ends(&consumer, topic, &parts).map(|ends| (asked, ends));
+            target = bounds(&consumer, topic, &parts).map(|b| (asked, b));
             last_check = Instant::now();
         }
-        if let Some((asked, ends)) = &target
+        if let Some((asked, b)) = &target
             && last_reach.elapsed() >= REACH_EVERY
         {
             last_reach = Instant::now();
-            if reached(&consumer, topic, &parts, ends) {
+            if reached(&consumer, topic, &parts, b) {
                 store.confirm(*asked);
                 target = None;
             } else if asked.elapsed() > TARGET_MAX_AGE {
@@ -533,36 +553,12 @@ const TARGET_MAX_AGE: Duration = Duration::from_secs(5);
 /// How often it looks for partitions added to the control topic.
 const METADATA_EVERY: Duration = Duration::from_secs(5);
 
-/// The high watermark librdkafka cached from its last fetch of a partition (no request).
-fn cached_high(
-    consumer: &BaseConsumer<ControlContext>,
-    topic: &str,
-    partition: i32,
-) -> Option<i64> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer is valid while `consumer` lives; the topic is a
-    // NUL-terminated string that outlives the call; librdkafka only writes the two
-    // out-parameters, which are valid i64s on this stack frame.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some(high)
-}
-
 /// Partitions added to the control topic are read from their beginning; until they have
 /// been read to their end the table is not current (see [`reached`]).
 fn follow_new_partitions(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
-    parts: &mut Vec<PartitionEnd>,
+    parts: &mut Vec<Part>,
 ) -> bool {
     let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
         return false;
@@ -575,9 +571,9 @@ fn follow_new_partitions(
                     .add_partition_offset(topic, p.id(), Offset::Beginning)
                     .is_ok()
             {
-                parts.push(PartitionEnd {
+                parts.push(Part {
                     id: p.id(),
-                    end_high: None,
+                    reached_end: false,
                 });
             }
         }
@@ -595,57 +591,77 @@ fn follow_new_partitions(
     tpl.count() > 0
 }
 
-/// The end of every partition now, in `parts` order: one request for all of them, and
-/// under read_committed the broker answers with the last stable offset. A broker that
-/// does not answer gives no ends, so an outage makes the table stale.
-fn latest_ends(
-    consumer: &BaseConsumer<ControlContext>,
-    topic: &str,
-    parts: &[PartitionEnd],
-) -> Option<Vec<i64>> {
-    let mut query = TopicPartitionList::new();
-    for pe in parts {
-        // A timestamp of -1 asks for the latest offset.
-        query.add_partition_offset(topic, pe.id, Offset::End).ok()?;
-    }
-    let latest = consumer
-        .offsets_for_times(query, Duration::from_secs(2))
-        .ok()?;
-    parts
-        .iter()
-        .map(|pe| {
-            match latest
-                .find_partition(topic, pe.id)
-                .filter(|e| e.error().is_ok())
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(end)) => Some(end),
-                _ => None,
-            }
-        })
-        .collect()
+/// A control partition's first and next offsets, as the broker reported them.
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    earliest: i64,
+    end: i64,
 }
 
-/// Whether every partition has been read up to `ends` (from [`latest_ends`], same
-/// order): by its position, or by the high watermark cached when it last reached its end.
+/// Every partition's bounds now, in `parts` order: two requests for all partitions
+/// (earliest and latest offsets); under read_committed the latest is the last stable
+/// offset. A broker that does not answer gives none, so an outage makes the table stale.
+fn bounds(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    parts: &[Part],
+) -> Option<Vec<Bounds>> {
+    let ask = |at: Offset| -> Option<Vec<i64>> {
+        let mut query = TopicPartitionList::new();
+        for part in parts {
+            // Timestamps -1 and -2 ask for the latest and the earliest offset.
+            query.add_partition_offset(topic, part.id, at).ok()?;
+        }
+        let answer = consumer
+            .offsets_for_times(query, Duration::from_secs(2))
+            .ok()?;
+        parts
+            .iter()
+            .map(|part| {
+                match answer
+                    .find_partition(topic, part.id)
+                    .filter(|e| e.error().is_ok())
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                }
+            })
+            .collect()
+    };
+    let end = ask(Offset::End)?;
+    let earliest = ask(Offset::Beginning)?;
+    Some(
+        earliest
+            .into_iter()
+            .zip(end)
+            .map(|(earliest, end)| Bounds { earliest, end })
+            .collect(),
+    )
+}
+
+/// Whether every partition has been read up to `bounds` (from [`bounds`], same order).
+/// librdkafka's position moves past transaction markers and aborted records as well as
+/// delivered ones, so a partition read to its end stands at its last stable offset. A
+/// partition nothing was ever read from has no position: it is read to its end if it
+/// holds nothing (its earliest offset is its end).
 fn reached(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
-    parts: &[PartitionEnd],
-    ends: &[i64],
+    parts: &[Part],
+    bounds: &[Bounds],
 ) -> bool {
-    if ends.len() != parts.len() {
+    if bounds.len() != parts.len() {
         return false;
     }
     let Ok(pos) = consumer.position() else {
         return false;
     };
-    parts.iter().zip(ends).all(|(pe, &end)| {
-        let consumed = match pos.find_partition(topic, pe.id).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1,
-        };
-        consumed.max(pe.end_high.unwrap_or(-1)) >= end
+    parts.iter().zip(bounds).all(|(part, b)| {
+        match pos.find_partition(topic, part.id).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o >= b.end,
+            _ => b.earliest >= b.end,
+        }
     })
 }
 
@@ -754,6 +770,40 @@ mod tests {
         assert!(s.apply_message(None, Some(b"nonsense")).is_err());
         assert_eq!(s.suspects(), 0);
         assert_eq!(s.refused.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn only_a_proof_makes_the_table_fresh_and_staleness_counts_from_catch_up() {
+        let s = ConsentStore::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        // Instants are kept to the millisecond.
+        let about = |got: Duration, want: Duration| {
+            assert!(
+                got.abs_diff(want) < Duration::from_millis(2),
+                "{got:?}, expected about {want:?}"
+            )
+        };
+        // Read to the end, but not yet proven current: not fresh, and not stale for long
+        // (an initial read is no outage).
+        s.mark_caught_up(t0);
+        assert!(!s.fresh(t0));
+        about(s.stale_for(t0), Duration::ZERO);
+        about(
+            s.stale_for(t0 + Duration::from_secs(1)),
+            Duration::from_secs(1),
+        );
+        // Proven as of t0: fresh for the staleness bound, then stale from its end.
+        s.confirm(t0);
+        assert!(s.fresh(t0 + Duration::from_millis(2_990)));
+        assert!(!s.fresh(t0 + Duration::from_secs(4)));
+        about(s.stale_for(t0 + Duration::from_secs(2)), Duration::ZERO);
+        about(
+            s.stale_for(t0 + Duration::from_secs(5)),
+            Duration::from_secs(2),
+        );
+        // A proof never moves back.
+        s.confirm(t0 - Duration::from_secs(1));
+        assert!(s.fresh(t0 + Duration::from_millis(2_990)));
     }
 
     #[test]
