@@ -370,6 +370,97 @@ fn crowd_sizes(anonymised: &[Value], clear: &[Value]) -> Vec<usize> {
         .collect()
 }
 
+/// Milliseconds since the epoch of an RFC 3339 time in a copy.
+fn millis(v: &Value) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str()?)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// The fields an anonymised copy kept, with their treatments.
+fn kept(a: &Value) -> Kept {
+    let treatments = a["envelope"]["treatments"].as_object().unwrap();
+    a["record"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|f| {
+            (
+                f.clone(),
+                treatments
+                    .get(f)
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+/// For every anonymised copy in a route file (in file order): how many distinct
+/// subscribers have a clear copy that matches it on what it kept and whose time lies
+/// within the months of the nearest copies before and after it that carry a time (the
+/// ordering attack: an anonymised copy written among timed copies has their time, to the
+/// month at best once they are held back per month).
+fn bracketed_crowd_sizes(route: &[Value], clear: &[Value]) -> Vec<usize> {
+    use chrono::{Datelike, TimeZone};
+    let month_start = |t: i64, later: i32| {
+        let d = chrono::Utc.timestamp_millis_opt(t).unwrap();
+        let m = d.year() * 12 + d.month0() as i32 + later;
+        chrono::Utc
+            .with_ymd_and_hms(m.div_euclid(12), m.rem_euclid(12) as u32 + 1, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp_millis()
+    };
+    let times: Vec<Option<i64>> = route
+        .iter()
+        .map(|c| millis(&c["record"]["start_time"]))
+        .collect();
+    // Per set of kept fields: the clear copies as (time, join key, subscriber), by time.
+    let mut index: HashMap<Kept, Vec<(i64, String, String)>> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, a) in route.iter().enumerate() {
+        if a["envelope"]["legal_basis"] != "anonymous" {
+            continue;
+        }
+        let fields = kept(a);
+        let joined = index.entry(fields.clone()).or_insert_with(|| {
+            let mut v: Vec<(i64, String, String)> = clear
+                .iter()
+                .filter_map(|c| {
+                    Some((
+                        millis(&c["record"]["start_time"])?,
+                        join_key(c, &fields)?,
+                        c["record"]["msisdn"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
+            v.sort();
+            v
+        });
+        let from = times[..i]
+            .iter()
+            .rev()
+            .flatten()
+            .next()
+            .map(|t| month_start(*t, 0));
+        let to = times[i + 1..]
+            .iter()
+            .flatten()
+            .next()
+            .map(|t| month_start(*t, 1));
+        let lo = from.map_or(0, |f| joined.partition_point(|(t, _, _)| *t < f));
+        let hi = to.map_or(joined.len(), |e| joined.partition_point(|(t, _, _)| *t < e));
+        let mine = join_key(a, &fields).unwrap();
+        let who: HashSet<&str> = joined[lo..hi.max(lo)]
+            .iter()
+            .filter(|(_, k, _)| *k == mine)
+            .map(|(_, _, m)| m.as_str())
+            .collect();
+        out.push(who.len());
+    }
+    out
+}
+
 /// Regression: Alleato's "anonymised" analytics copies kept exact volumes, durations,
 /// serving network and recording entity, so joining them with billing copies on `usage`
 /// matched every data copy to one msisdn (13065 of 13065). Now no anonymised copy of a
@@ -417,6 +508,43 @@ fn alleato_anonymised_copies_cannot_be_joined_back_to_a_subscriber() {
             sizes.iter().min()
         );
     }
+
+    // Their place in analytics.jsonl tells no more than their month. Written in record
+    // order, each would sit among copies that carry the hour, which would give its time
+    // away: joined with that hour's billing copies, 56% of them matched one subscriber.
+    // Held back per month and sorted, each run of them is in content order...
+    let analytics = read_json_lines(&out.join("analytics.jsonl"));
+    let text = std::fs::read_to_string(out.join("analytics.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut run_start = None;
+    for (i, c) in analytics.iter().chain([&Value::Null]).enumerate() {
+        let anon = c["envelope"]["legal_basis"] == "anonymous";
+        match (anon, run_start) {
+            (true, None) => run_start = Some(i),
+            (false, Some(s)) => {
+                assert!(
+                    lines[s..i].is_sorted(),
+                    "anonymised copies at lines {}..{} are in record order",
+                    s + 1,
+                    i
+                );
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    // ... and joined with the billing copies of the months around it, each still matches
+    // 5 subscribers or more (content shared by fewer that month is withheld).
+    let billing = read_json_lines(&out.join("billing.jsonl"));
+    let sizes = bracketed_crowd_sizes(&analytics, &billing);
+    assert_eq!(sizes.len(), anonymised.len());
+    let small = sizes.iter().filter(|n| **n < K).count();
+    assert_eq!(
+        small,
+        0,
+        "{small} of {} anonymised copies join to fewer than {K} subscribers once their neighbours give their month",
+        sizes.len()
+    );
 
     // The check has teeth: copies keeping what the old anonymised map kept (exact volumes,
     // durations, serving network, recording entity) are singled out at once.

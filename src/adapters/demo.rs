@@ -147,12 +147,13 @@ pub fn run(
         &mut engine,
         &mut outputs,
     )?;
-    outputs.finish()?;
+    let withheld = outputs.finish()?;
     Ok(super::report::summary(
         policy,
         &engine.stats,
         engine.open_windows(),
         counts.control_dead_letters,
+        withheld,
     ))
 }
 

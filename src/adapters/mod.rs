@@ -6,6 +6,7 @@ pub mod demo;
 pub mod engine;
 pub mod files;
 pub mod generate;
+pub mod holdback;
 pub mod kafka;
 pub mod keyfile;
 pub mod replay;

@@ -27,9 +27,10 @@ pub trait Sink {
 }
 
 impl Sink for Outputs {
-    fn decision(&mut self, _: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()> {
+    fn decision(&mut self, r: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()> {
+        self.advance_to(r.start_time)?;
         for c in &d.copies {
-            self.copy(c)?;
+            self.copy(c, &r.msisdn)?;
         }
         Ok(())
     }

@@ -7,12 +7,14 @@ use crate::core::process::Outcome;
 use crate::policy::Policy;
 
 /// Renders the summary table. `control_dead_letters` counts refused control lines, which
-/// the engine never sees.
+/// the engine never sees; `withheld`, the anonymised copies the writer held back (too few
+/// subscribers shared their content in their month).
 pub fn summary(
     policy: &Policy,
     stats: &Stats,
     open_windows: usize,
     control_dead_letters: u64,
+    withheld: u64,
 ) -> String {
     let mut o = String::new();
     let _ = writeln!(
@@ -67,6 +69,17 @@ pub fn summary(
             undeclared.join(", ")
         );
     }
+    let anonymised: u64 = policy
+        .declared()
+        .map(|r| stats.count(r.purpose, Outcome::Anonymised))
+        .sum();
+    if anonymised > 0 {
+        let _ = writeln!(
+            o,
+            "anonymised copies withheld: {withheld} of {anonymised} (fewer than {} subscribers shared their content that month)",
+            super::holdback::MIN_SUBSCRIBERS
+        );
+    }
     let _ = writeln!(o, "retention windows still open: {open_windows}");
     o
 }
@@ -86,7 +99,7 @@ mod tests {
             controls: 5,
             ..Stats::default()
         };
-        let s = summary(&policy, &stats, 0, 3);
+        let s = summary(&policy, &stats, 0, 3, 0);
         assert!(
             s.starts_with(
                 "policy excedo@2018-05-25: 10 records, 5 control events, 5 dead letters (2 records, 3 control events)"

@@ -329,14 +329,15 @@ fn run_cli(cli: Cli) -> Result<()> {
                 progress,
             };
             let counts = replay::replay(&input, &mut engine, &mut outputs)?;
-            outputs.finish()?;
+            let withheld = outputs.finish()?;
             out!(
                 "{}",
                 report::summary(
                     &policy,
                     &engine.stats,
                     engine.open_windows(),
-                    counts.control_dead_letters
+                    counts.control_dead_letters,
+                    withheld
                 )
             )?;
             outln!("wrote {}/", a.out.display())?;

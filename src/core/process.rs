@@ -170,6 +170,13 @@ impl Copy<'_> {
             rule: self.envelope.retention,
         }
     }
+
+    /// Whether this is an anonymised copy (made without consent, holding no personal
+    /// data). Such copies must not be released in record order: their position among
+    /// copies that carry times would tell their time (see the adapters' writers).
+    pub fn is_anonymised(&self) -> bool {
+        self.envelope.consent == ConsentTag::Absent
+    }
 }
 
 /// Everything `process` decided for one record.
