@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
+use crate::adapters::holdback::Holdback;
 use crate::codec::{self, Format, binary, json};
 use crate::core::process::{Decision, process_into};
 use crate::core::pseudonym::Keyring;
@@ -166,6 +167,9 @@ struct SlotState {
     windows: WindowBatch,
     /// Set by an abort: seek here before reading on.
     rewind: Option<i64>,
+    /// Anonymised copies made since the last commit, sent sorted at the commit (see
+    /// [`Shared::commit_locked`]).
+    anonymised: Holdback<OwnedHeaders>,
 }
 
 struct Slot {
@@ -520,6 +524,33 @@ impl Shared {
         {
             return Ok(());
         }
+        // Anonymised copies go out last, sorted by content: sent as they were made, each
+        // would sit among timed copies and carry its own timestamp, which would give its
+        // record's time away. Their order and timestamps now tell only the transaction.
+        // (Fewer subscribers share a transaction than a month of files, so nothing is
+        // withheld here; a window with a minimum count needs state that outlives a
+        // transaction.)
+        let mut anonymised = Vec::new();
+        for g in guards.iter_mut() {
+            let _ = g.anonymised.release(1, |p, bytes, headers| {
+                anonymised.push((p, bytes.to_vec(), headers));
+                Ok::<(), ()>(())
+            });
+        }
+        anonymised.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (p, payload, headers) in anonymised {
+            if let Some(topic) = self.cfg.routes[p as usize].as_deref() {
+                self.sink
+                    .send(Out {
+                        topic,
+                        partition: None,
+                        key: None,
+                        payload: &payload,
+                        headers: Some(headers),
+                    })
+                    .await?;
+            }
+        }
         let mut line = Vec::with_capacity(512);
         let mut windows = 0u64;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
@@ -589,6 +620,7 @@ impl Shared {
             }
             g.records = 0;
             g.windows.clear();
+            g.anonymised.clear();
         }
         self.uncommitted.store(0, Ordering::Relaxed);
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
@@ -791,15 +823,24 @@ impl Shared {
                         });
                     }
                     let entry = c.schedule_entry();
-                    self.sink
-                        .send(Out {
-                            topic,
-                            partition: None,
-                            key: entry.subscriber.map(str::as_bytes),
-                            payload: &scratch.buf,
-                            headers: Some(headers),
-                        })
-                        .await?;
+                    if c.is_anonymised() {
+                        st.anonymised.hold(
+                            c.envelope.purpose,
+                            scratch.buf.clone(),
+                            &r.msisdn,
+                            headers,
+                        );
+                    } else {
+                        self.sink
+                            .send(Out {
+                                topic,
+                                partition: None,
+                                key: entry.subscriber.map(str::as_bytes),
+                                payload: &scratch.buf,
+                                headers: Some(headers),
+                            })
+                            .await?;
+                    }
                     st.windows.add(&entry, state.contract_ended);
                     self.stats.copies[c.envelope.purpose as usize].fetch_add(1, Ordering::Relaxed);
                 }
