@@ -132,16 +132,20 @@ impl Hex {
     }
 }
 
-/// All purpose keys derived from the active master key, plus older keys for reversing
-/// tokens written before a rotation.
+/// All purpose keys derived from the active master key, plus older keys: they reverse
+/// tokens written before a rotation and let rights find copies named under them.
 pub struct Keyring {
+    /// The active master key's id.
+    id: String,
     active: [PurposeKeys; Purpose::COUNT],
-    all: Vec<(String, [PurposeKeys; Purpose::COUNT])>,
+    /// The keys listed after the active one, each a keyring of its own (with no older
+    /// keys), so the same treatment code computes what copies carried under it.
+    older: Vec<Keyring>,
 }
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<&str> = self.all.iter().map(|(id, _)| id.as_str()).collect();
+        let ids: Vec<&str> = self.each_key().map(|k| k.id.as_str()).collect();
         f.debug_struct("Keyring").field("keys", &ids).finish()
     }
 }
@@ -175,13 +179,29 @@ fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
 }
 
 impl Keyring {
-    /// A keyring whose first key is active; the others only reverse old tokens.
+    /// A keyring whose first key is active; the others are only read with (old tokens,
+    /// rights reaching old copies), never written with.
     pub fn new(keys: &[MasterKey]) -> Option<Keyring> {
-        let first = keys.first()?;
+        let (first, rest) = keys.split_first()?;
         Some(Keyring {
+            id: first.id.clone(),
             active: derive(first),
-            all: keys.iter().map(|k| (k.id.clone(), derive(k))).collect(),
+            older: rest
+                .iter()
+                .map(|k| Keyring {
+                    id: k.id.clone(),
+                    active: derive(k),
+                    older: Vec::new(),
+                })
+                .collect(),
         })
+    }
+
+    /// This keyring under each of its keys, the active one first: itself, then a keyring
+    /// whose active key is each older key in turn. Copies written before a rotation name
+    /// their subscriber under an older key, so a right must look under every one.
+    pub fn each_key(&self) -> impl Iterator<Item = &Keyring> {
+        std::iter::once(self).chain(&self.older)
     }
 
     /// The key id stamped on values for this purpose, e.g. `k2026a.analytics`.
@@ -255,10 +275,9 @@ impl Keyring {
         let (master, purpose) = key_id.split_once('.').ok_or(KeyError::NotAToken)?;
         let p = Purpose::from_id(purpose).ok_or(KeyError::NotAToken)?;
         let keys = self
-            .all
-            .iter()
-            .find(|(id, _)| id == master)
-            .map(|(_, k)| &k[p as usize])
+            .each_key()
+            .find(|k| k.id == master)
+            .map(|k| &k.active[p as usize])
             .ok_or_else(|| KeyError::UnknownKey(master.to_string()))?;
         let (plus, digits) = match body.strip_prefix('+') {
             Some(d) => ("+", d),
@@ -364,6 +383,30 @@ pub(crate) mod tests {
         let other = Keyring::new(&[MasterKey::new("test2", &[8u8; 32]).unwrap()]).unwrap();
         assert_eq!(other.reverse(&t), Err(KeyError::UnknownKey("test1".into())));
         assert!(k.tokenise(Purpose::Marketing, "+4612").is_none());
+    }
+
+    #[test]
+    fn a_rotated_keyring_writes_with_its_first_key_and_reads_with_every_key() {
+        let old = test_keyring();
+        let old_token = old.tokenise(Purpose::Marketing, "+46701234567").unwrap();
+        let k = Keyring::new(&[
+            MasterKey::new("test2", &[8u8; 32]).unwrap(),
+            MasterKey::new("test1", &[7u8; 32]).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(k.key_id(Purpose::Marketing), "test2.marketing");
+        assert_eq!(k.reverse(&old_token).unwrap(), "+46701234567");
+        let each: Vec<Token> = k
+            .each_key()
+            .map(|g| g.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"))
+            .collect();
+        assert_eq!(
+            each,
+            [
+                k.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"),
+                old.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"),
+            ]
+        );
     }
 
     #[test]
