@@ -135,7 +135,7 @@ struct DemoArgs {
     /// Seed for the generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// The instant the demo runs at (default: now). Traffic covers the year before.
+    /// The instant the demo runs at (default: now). Traffic covers the two years before.
     #[arg(long)]
     now: Option<String>,
 }
