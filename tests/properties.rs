@@ -1,7 +1,9 @@
 //! Properties over generated records and subscriber states, for every shipped policy:
-//! consent-gated and analytics copies never hold a raw identifier they may not, and
-//! pseudonyms are stable under one key yet differ across purposes and keys.
+//! consent-gated and analytics copies never hold a raw identifier they may not, neither in
+//! the treated record nor anywhere in the bytes the JSON and binary encoders write for the
+//! whole copy, and pseudonyms are stable under one key yet differ across purposes and keys.
 
+use cdrguard::codec::{binary, json};
 use cdrguard::core::control::SubscriberState;
 use cdrguard::core::process::{ConsentTag, process};
 use cdrguard::core::pseudonym::{Keyring, MasterKey};
@@ -78,6 +80,11 @@ prop_compose! {
     }
 }
 
+/// Whether `needle` occurs anywhere in `hay`.
+fn holds(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 fn set(bits: u8) -> PurposeSet {
     let mut s = PurposeSet::EMPTY;
     for p in Purpose::ALL {
@@ -126,11 +133,25 @@ proptest! {
                 let rule = policy.rule(p).expect("copies only for declared purposes");
                 let gated_without_consent = rule.consent_key.is_some_and(|k| !state.consented.contains(k));
                 let json = serde_json::to_string(&c.record).unwrap();
+                // What is written out: the hand-written encoders' bytes of the whole copy,
+                // envelope included, not only the treated record as serde sees it.
+                let (mut as_json, mut as_binary) = (Vec::new(), Vec::new());
+                json::encode_copy(c, &mut as_json);
+                binary::encode_copy(c, &mut as_binary);
                 for (f, v) in &raw {
                     let digits = v.trim_start_matches('+');
                     if gated_without_consent || p == Purpose::Analytics {
                         // Not even inside another value (a pseudonym, a token, a mask).
                         prop_assert!(!json.contains(digits), "{}: {} copy holds raw {}: {json}", policy.id, p.id(), f.name());
+                    }
+                    if gated_without_consent || p == Purpose::Analytics || rule.consent_key.is_some() {
+                        for (encoding, bytes) in [("JSON", &as_json), ("binary", &as_binary)] {
+                            prop_assert!(
+                                !holds(bytes, digits),
+                                "{}: {} copy's {encoding} bytes hold raw {}: {}",
+                                policy.id, p.id(), f.name(), String::from_utf8_lossy(bytes)
+                            );
+                        }
                     }
                     if rule.consent_key.is_some() {
                         prop_assert!(c.record.identifier(*f) != Some(v.as_str()), "{}: consent-based {} copy holds raw {}", policy.id, p.id(), f.name());

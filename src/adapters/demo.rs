@@ -12,8 +12,10 @@ use crate::core::pseudonym::Keyring;
 use crate::core::time::{DAY_MS, Millis};
 use crate::policy::Policy;
 
-/// Days of traffic the demo generates.
-pub const DEMO_DAYS: u32 = 365;
+/// Days of traffic the demo generates: two years, so that rules anchored on a contract
+/// end (Excedo troubleshooting: 12 months after it) run out for contracts that ended in
+/// the first year, and their expiries show at `now`.
+pub const DEMO_DAYS: u32 = 730;
 
 /// What [`write_traffic`] wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,8 +119,9 @@ pub fn write_traffic_with(
     Ok(written)
 }
 
-/// Runs the demo: a year of traffic before `now`, replayed, with the expiries due at
-/// `now` (a year is long enough for most retention rules to run out somewhere).
+/// Runs the demo: [`DEMO_DAYS`] of traffic before `now`, replayed, with the expiries due
+/// at `now` (long enough for every rule of up to 12 months, anchored on an event or a
+/// contract end, to run out somewhere).
 pub fn run(
     policy: &Policy,
     keys: &Keyring,
@@ -161,6 +164,41 @@ pub fn run(
 mod tests {
     use super::*;
     use crate::core::pseudonym::tests::test_keyring;
+
+    /// Regression: the demo never showed a restricted record or a contract-anchored
+    /// expiry. With its defaults, Excedo's troubleshooting route has both.
+    #[test]
+    fn the_demo_shows_restriction_and_a_contract_anchored_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "x").unwrap();
+        let now = Millis::parse("2026-12-01T00:00:00.000Z").unwrap();
+        let summary = run(
+            &policy,
+            &test_keyring(),
+            dir.path(),
+            GenConfig::default(),
+            now,
+            false,
+        )
+        .unwrap();
+        let row: Vec<u64> = summary
+            .lines()
+            .find(|l| l.starts_with("troubleshooting "))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect();
+        // copies anonymised no_consent objected restricted erased expired expiries
+        assert!(row[4] > 0, "nothing restricted: {summary}");
+        let expiries = std::fs::read_to_string(dir.path().join("retention.jsonl")).unwrap();
+        let anchored = expiries
+            .lines()
+            .filter(|l| l.contains(r#""reason":"excedo.troubleshooting""#))
+            .count();
+        assert!(anchored > 0, "no contract-anchored expiry: {summary}");
+    }
 
     /// Generated binary traffic ends in a truncated frame, and every malformed line (records
     /// and control events alike) reaches the dead letter and the counts.

@@ -33,11 +33,13 @@ pub struct GenConfig {
     pub withdrawal_rate: f64,
     /// Share objecting to marketing (and, half as often, analytics).
     pub objection_rate: f64,
-    /// Share with processing restricted for a while.
+    /// Share with processing restricted for a while (a tenth to a quarter of the time
+    /// they are a customer), while they still make traffic.
     pub restriction_rate: f64,
     /// Share asking for erasure.
     pub erasure_rate: f64,
-    /// Share whose contract ends during the span.
+    /// Share whose contract ends during the span. They make no traffic after it, but
+    /// for records of the last [`LATE_AFTER_CONTRACT_END_MS`].
     pub contract_end_rate: f64,
     /// Share of malformed records.
     pub malformed_rate: f64,
@@ -97,9 +99,9 @@ impl Default for GenConfig {
             marketing_consent: 0.25,
             withdrawal_rate: 0.03,
             objection_rate: 0.02,
-            restriction_rate: 0.005,
+            restriction_rate: 0.01,
             erasure_rate: 0.005,
-            contract_end_rate: 0.01,
+            contract_end_rate: 0.02,
             malformed_rate: 0.005,
         }
     }
@@ -133,6 +135,33 @@ struct Subscriber {
     home: (u32, u64),
     mnc: &'static str,
     weight: f64,
+    /// When the contract ends, if within the span.
+    contract_end: Option<Millis>,
+    /// When processing is restricted and when that is lifted, if it is.
+    restriction: Option<(Millis, Millis)>,
+}
+
+/// How long after a contract end records still come: the last sessions closing and
+/// partial records of the network, as real feeds have them. Later, a subscriber whose
+/// contract ended makes no traffic.
+pub const LATE_AFTER_CONTRACT_END_MS: i64 = 2 * DAY_MS;
+
+/// Decides each subscriber's contract end and restriction, both inside the span and a
+/// restriction before the contract end, so that records fall inside restrictions and
+/// after contract ends the way they do in a real feed.
+fn plan_lifecycle(cfg: &GenConfig, subs: &mut [Subscriber], rng: &mut SmallRng) {
+    let span = cfg.days.max(1) as i64 * DAY_MS;
+    for s in subs {
+        if rng.random::<f64>() < cfg.contract_end_rate {
+            s.contract_end = Some(Millis(cfg.start.0 + rng.random_range(0..span)));
+        }
+        if rng.random::<f64>() < cfg.restriction_rate {
+            let active = s.contract_end.map_or(span, |e| e.0 - cfg.start.0).max(4);
+            let length = rng.random_range(active / 10..=active / 4).max(1);
+            let on = cfg.start.0 + rng.random_range(0..=active - length);
+            s.restriction = Some((Millis(on), Millis(on + length)));
+        }
+    }
 }
 
 // Type allocation codes of common handsets (public TAC prefixes), so TAC statistics look real.
@@ -179,6 +208,8 @@ fn subscriber(rng: &mut SmallRng, i: u32) -> Subscriber {
         home: (rng.random_range(100..140), rng.random_range(10_000..99_999)),
         mnc: "01",
         weight,
+        contract_end: None,
+        restriction: None,
     }
 }
 
@@ -198,9 +229,10 @@ pub fn generate(cfg: &GenConfig) -> Synthetic {
 /// Generates traffic for `cfg`, telling `progress` how many records are done now and then.
 pub fn generate_with(cfg: &GenConfig, progress: &dyn Fn(u64)) -> Synthetic {
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
-    let subs: Vec<Subscriber> = (0..cfg.subscribers.max(1))
+    let mut subs: Vec<Subscriber> = (0..cfg.subscribers.max(1))
         .map(|i| subscriber(&mut rng, i))
         .collect();
+    plan_lifecycle(cfg, &mut subs, &mut rng);
     let total_weight: f64 = subs.iter().map(|s| s.weight).sum();
     let cumulative: Vec<f64> = subs
         .iter()
@@ -218,6 +250,12 @@ pub fn generate_with(cfg: &GenConfig, progress: &dyn Fn(u64)) -> Synthetic {
         let si = cumulative.partition_point(|c| *c < x).min(subs.len() - 1);
         let s = &subs[si];
         let t = Millis(cfg.start.0 + rng.random_range(0..span));
+        // A former customer makes no traffic, but for a few late records.
+        if s.contract_end
+            .is_some_and(|end| t.0 >= end.0 + LATE_AFTER_CONTRACT_END_MS)
+        {
+            continue;
+        }
         let roll: f64 = rng.random();
         // Mix by record count: data partials ~50%, calls ~30%, SMS ~20%.
         let kind = match roll {
@@ -481,23 +519,20 @@ fn controls(cfg: &GenConfig, subs: &[Subscriber], rng: &mut SmallRng) -> Vec<Con
                 },
             ));
         }
-        if rng.random::<f64>() < cfg.restriction_rate {
-            let on = during(rng);
+        if let Some((on, off)) = s.restriction {
             out.push(ev(on, Change::Restriction { active: true }));
-            out.push(ev(
-                Millis(on.0 + 3 * DAY_MS),
-                Change::Restriction { active: false },
-            ));
+            out.push(ev(off, Change::Restriction { active: false }));
         }
         if rng.random::<f64>() < cfg.erasure_rate {
             out.push(ev(during(rng), Change::Erasure));
         }
-        if rng.random::<f64>() < cfg.contract_end_rate {
-            out.push(ev(Millis(cfg.start.0 + span), Change::ContractEnded));
+        if let Some(end) = s.contract_end {
+            out.push(ev(end, Change::ContractEnded));
         }
-        // Monthly invoices, most settled 5 to 25 days after the period closes.
+        // Monthly invoices, most settled 5 to 25 days after the period closes; the last
+        // one covers the month the contract ended in.
         let mut month = month_start(cfg.start);
-        while month < Millis(cfg.start.0 + span) {
+        while month < Millis(cfg.start.0 + span) && s.contract_end.is_none_or(|e| month <= e) {
             let next = month.add_months(1);
             if rng.random::<f64>() < 0.97 {
                 let at = Millis(next.0 + rng.random_range(5..25) * DAY_MS);
@@ -527,6 +562,8 @@ fn month_start(t: Millis) -> Millis {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn json(s: &Synthetic) -> Vec<String> {
@@ -572,6 +609,69 @@ mod tests {
                 .iter()
                 .any(|c| matches!(c.change, Change::InvoiceSettled { .. }))
         );
+    }
+
+    /// Regression: restrictions lasted three days and, at the demo's density, held no
+    /// record, and every contract ended at the very end of the span; so no record was
+    /// ever restricted and no contract-anchored clock ever ran out.
+    #[test]
+    fn restrictions_hold_records_and_contracts_end_inside_the_traffic() {
+        let cfg = GenConfig {
+            days: 730,
+            malformed_rate: 0.0,
+            ..Default::default()
+        };
+        let end_of_span = Millis(cfg.start.0 + 730 * DAY_MS);
+        let s = generate(&cfg);
+        let mut on: HashMap<&str, Millis> = HashMap::new();
+        let mut restricted: HashMap<&str, (Millis, Millis)> = HashMap::new();
+        let mut ended: HashMap<&str, Millis> = HashMap::new();
+        for c in &s.controls {
+            let m = c.msisdn.as_str();
+            match c.change {
+                Change::Restriction { active: true } => {
+                    on.insert(m, c.at);
+                }
+                Change::Restriction { active: false } => {
+                    restricted.insert(m, (on[m], c.at));
+                }
+                Change::ContractEnded => {
+                    ended.insert(m, c.at);
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            ended.len() >= 10 && restricted.len() >= 5,
+            "{ended:?} {restricted:?}"
+        );
+        for (m, e) in &ended {
+            assert!(cfg.start < *e && *e < end_of_span, "{m}: {e}");
+            if let Some((_, off)) = restricted.get(m) {
+                assert!(off <= e, "{m}: a restriction while still a customer");
+            }
+        }
+        let (mut inside, mut late) = (0, 0);
+        for l in &s.lines {
+            let Line::Record(r) = l else { continue };
+            let m: &str = &r.msisdn;
+            if restricted
+                .get(m)
+                .is_some_and(|(a, b)| *a <= r.start_time && r.start_time < *b)
+            {
+                inside += 1;
+            }
+            if let Some(e) = ended.get(m)
+                && r.start_time >= *e
+            {
+                assert!(r.start_time.0 < e.0 + LATE_AFTER_CONTRACT_END_MS, "{m}");
+                late += 1;
+            }
+        }
+        assert!(inside >= 10, "records inside restrictions: {inside}");
+        assert!(late < 20, "records after a contract end: {late}");
+        // Same seed, same lifecycle.
+        assert_eq!(generate(&cfg).controls, s.controls);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::adapters::generate::GenConfig;
 use crate::adapters::{cases, demo, keyfile, replay, report};
 use crate::codec::Format;
 use crate::core::pseudonym::{Keyring, MasterKey};
+use crate::core::purpose::Purpose;
 use crate::core::time::Millis;
 use crate::policy::{self, Policy};
 
@@ -61,7 +62,8 @@ enum Command {
     /// Example: cdrguard generate --records 100000 --subscribers 5000 --seed 7
     ///   --out-records cdrs.jsonl --out-control events.jsonl
     Generate(GenerateArgs),
-    /// Make a pseudonym key file, or reverse a marketing token with one.
+    /// Make a pseudonym key file, export one purpose's token keys from it, or reverse
+    /// marketing tokens.
     #[command(subcommand)]
     Keys(KeysCmd),
     /// Run against Kafka: route every record of the input topic, exactly once.
@@ -133,7 +135,7 @@ struct DemoArgs {
     /// Seed for the generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// The instant the demo runs at (default: now). Traffic covers the year before.
+    /// The instant the demo runs at (default: now). Traffic covers the two years before.
     #[arg(long)]
     now: Option<String>,
 }
@@ -263,11 +265,28 @@ enum KeysCmd {
         #[arg(long, default_value = "k1")]
         id: String,
     },
+    /// Write a key file holding only one purpose's token keys (mode 600), for whoever
+    /// reverses that purpose's tokens: it reverses them and derives nothing else (no
+    /// pseudonyms, no other purpose's tokens). The secrets are never printed.
+    ///
+    /// Example: cdrguard keys export --keys keys.toml --purpose marketing --out marketing-keys.toml
+    Export {
+        /// The master key file; every key in it is exported, so tokens written before a
+        /// rotation reverse too.
+        #[arg(long, env = "CDRGUARD_KEY_FILE")]
+        keys: PathBuf,
+        /// The purpose whose token keys to export.
+        #[arg(long, value_parser = parse_purpose)]
+        purpose: Purpose,
+        /// Where to write; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Reverse marketing tokens (for the marketing system's key holder).
     ///
-    /// Example: cdrguard keys reverse --keys keys.toml 'k1.marketing~+46...'
+    /// Example: cdrguard keys reverse --keys marketing-keys.toml 'k1.marketing~+46...'
     Reverse {
-        /// Key file.
+        /// A master key file, or a token key file written by `keys export`.
         #[arg(long, env = "CDRGUARD_KEY_FILE")]
         keys: PathBuf,
         /// Tokens.
@@ -415,8 +434,17 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Run(a) => run(a)?,
         Command::Topics(a) => topics(a)?,
+        Command::Keys(KeysCmd::Export { keys, purpose, out }) => {
+            let ids = keyfile::export(&keys, purpose, &out)?;
+            outln!(
+                "wrote the {} token keys {} to {} (mode 600)",
+                purpose.id(),
+                ids.join(", "),
+                out.display()
+            )?;
+        }
         Command::Keys(KeysCmd::Reverse { keys, tokens }) => {
-            let ring = keyfile::load(&keys)?;
+            let ring = keyfile::load_any(&keys)?;
             for t in tokens {
                 outln!("{}", ring.reverse(&t)?)?;
             }
@@ -591,6 +619,16 @@ pub fn load_policy_ref(which: PolicyRef<'_>) -> Result<Policy> {
     }
 }
 
+/// A purpose id from the command line.
+fn parse_purpose(s: &str) -> std::result::Result<Purpose, String> {
+    Purpose::from_id(s).ok_or_else(|| {
+        format!(
+            "not a purpose; purposes are {}",
+            Purpose::ALL.map(|p| p.id()).join(", ")
+        )
+    })
+}
+
 fn parse_now(s: Option<&str>) -> Result<Millis> {
     match s {
         Some(s) => Millis::parse(s).context("--now"),
@@ -642,6 +680,44 @@ mod tests {
             parse(&both).is_err(),
             "a key file and a throwaway key conflict"
         );
+    }
+
+    /// `keys export` writes a token key file that `keys reverse` reads, while replay
+    /// refuses it: it cannot pseudonymise.
+    #[test]
+    fn an_exported_key_file_is_refused_where_the_master_keys_are_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, out) = (dir.path().join("keys.toml"), dir.path().join("mk.toml"));
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        run_cli(parse(&["keys", "generate", "--out", &path(&keys)]).unwrap()).unwrap();
+        let export = [
+            "keys",
+            "export",
+            "--keys",
+            &path(&keys),
+            "--purpose",
+            "marketing",
+            "--out",
+            &path(&out),
+        ];
+        run_cli(parse(&export).unwrap()).unwrap();
+        let token = keyfile::load(&keys)
+            .unwrap()
+            .tokenise(Purpose::Marketing, "+46701234567")
+            .unwrap();
+        assert_eq!(
+            keyfile::load_any(&out).unwrap().reverse(&token).unwrap(),
+            "+46701234567"
+        );
+        run_cli(parse(&["keys", "reverse", "--keys", &path(&out), &token]).unwrap()).unwrap();
+        let e = replay_keys(Some(&out), false).unwrap_err().to_string();
+        assert!(
+            e.contains("holds only the token keys k1.marketing") && e.contains("master key file"),
+            "{e}"
+        );
+        let mut bad = export;
+        bad[5] = "telepathy";
+        assert!(parse(&bad).is_err(), "an unknown purpose");
     }
 
     #[test]

@@ -86,10 +86,28 @@ pub struct RawControl<'a> {
 #[error("control event: {0}")]
 pub struct ControlError(pub String);
 
+/// The event types, as the `type` field names them.
+const TYPES: [&str; 6] = [
+    "consent",
+    "objection",
+    "restriction",
+    "erasure",
+    "contract_ended",
+    "invoice_settled",
+];
+
 impl RawControl<'_> {
-    /// Checks the combination of fields the type needs and builds the event.
+    /// Checks the combination of fields the type needs and builds the event. A reason
+    /// never repeats a value of the event: any of them may be a phone number.
     pub fn into_event(self) -> Result<ControlEvent, ControlError> {
-        let err = |m: &str| Err(ControlError(format!("{} event {m}", self.kind)));
+        // Only a known type is named in a reason, and then as our own text.
+        let Some(kind) = TYPES.iter().copied().find(|t| *t == self.kind) else {
+            return Err(ControlError(format!(
+                "unknown type (its value is not repeated); types are {}",
+                TYPES.join(", ")
+            )));
+        };
+        let err = |m: &str| Err(ControlError(format!("{kind} event {m}")));
         let purpose = match self.purpose.as_deref().map(Purpose::from_id) {
             Some(None) => return err("names an unknown purpose"),
             Some(Some(p)) => Some(p),
@@ -105,7 +123,7 @@ impl RawControl<'_> {
             ];
             present.iter().zip(allowed).any(|(p, a)| *p && !a)
         };
-        let change = match self.kind.as_ref() {
+        let change = match kind {
             "consent" => match (purpose, self.granted) {
                 (Some(purpose), Some(granted)) if !extra([true, true, false, false, false]) => {
                     Change::Consent { purpose, granted }
@@ -141,13 +159,8 @@ impl RawControl<'_> {
                 }
                 _ => return err("needs `period_start` before `period_end` and nothing else"),
             },
-            "erasure" | "contract_ended" => return err("takes no extra fields"),
-            _ => {
-                return Err(ControlError(format!(
-                    "unknown type {:?}",
-                    self.kind.chars().take(32).collect::<String>()
-                )));
-            }
+            // "erasure" and "contract_ended" with extra fields: the types are checked above.
+            _ => return err("takes no extra fields"),
         };
         if !super::record::is_e164(&self.msisdn) {
             return err("has an msisdn that is not E.164");
@@ -335,6 +348,39 @@ mod tests {
             r#"{"type":"erasure","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","colour":"red"}"#,
         );
         assert!(e.unwrap_err().contains("unknown field"));
+    }
+
+    /// Regression: an unknown `type` was echoed (up to 32 characters) in the reason, and
+    /// with an unknown purpose the whole of it was; a feed that puts a phone number there
+    /// would have put it in the dead letter's reason.
+    #[test]
+    fn reasons_never_repeat_a_value_of_the_event() {
+        let at = r#""at":"2026-01-01T00:00:00.000Z""#;
+        for line in [
+            format!(r#"{{"type":"+46701234567","msisdn":"+46709876543",{at}}}"#),
+            format!(
+                r#"{{"type":"+46701234567","msisdn":"+46709876543",{at},"purpose":"+46701234567"}}"#
+            ),
+            format!(
+                r#"{{"type":"consent","msisdn":"+46709876543",{at},"purpose":"+46701234567","granted":true}}"#
+            ),
+            format!(r#"{{"type":"erasure","msisdn":"+46701234567",{at},"active":true}}"#),
+            format!(r#"{{"type":"erasure","msisdn":"070-123 45 67",{at}}}"#),
+        ] {
+            let e = parse(&line).unwrap_err();
+            assert!(
+                !e.contains("4670") && !e.contains("123 45"),
+                "{e} repeats a value"
+            );
+        }
+        let e = parse(&format!(
+            r#"{{"type":"+46701234567","msisdn":"+46709876543",{at}}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "control event: unknown type (its value is not repeated); types are consent, objection, restriction, erasure, contract_ended, invoice_settled"
+        );
     }
 
     #[test]

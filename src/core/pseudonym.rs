@@ -46,15 +46,20 @@ pub enum KeyError {
     /// A token names a key this keyring lacks.
     #[error("token names key {0:?}, which the keyring does not hold")]
     UnknownKey(String),
+    /// A token key's id is not `master.purpose`.
+    #[error("token key id {0:?} must be a key id, '.', and a purpose id (e.g. k1.marketing)")]
+    BadTokenKeyId(String),
+    /// A token key is not an AES-256 key.
+    #[error("token key {0:?}: the secret must be exactly 32 bytes")]
+    TokenKeySize(String),
     /// A token is not of the form this crate writes.
     #[error("not a token written by cdrguard")]
     NotAToken,
 }
 
 impl MasterKey {
-    /// Builds a key from its id and secret bytes (at least 32; longer secrets are
-    /// compressed with BLAKE3's key derivation).
-    pub fn new(id: &str, secret: &[u8]) -> Result<MasterKey, KeyError> {
+    /// Refuses an id that is not 1 to 15 characters of `[A-Za-z0-9_-]`.
+    fn check_id(id: &str) -> Result<(), KeyError> {
         if id.is_empty()
             || id.len() > MAX_KEY_ID
             || !id
@@ -63,6 +68,13 @@ impl MasterKey {
         {
             return Err(KeyError::BadId(id.to_string()));
         }
+        Ok(())
+    }
+
+    /// Builds a key from its id and secret bytes (at least 32; longer secrets are
+    /// compressed with BLAKE3's key derivation).
+    pub fn new(id: &str, secret: &[u8]) -> Result<MasterKey, KeyError> {
+        MasterKey::check_id(id)?;
         if secret.len() < 32 {
             return Err(KeyError::ShortSecret(id.to_string()));
         }
@@ -75,6 +87,14 @@ impl MasterKey {
     /// The key id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// This key's token key for one purpose: the same FF1 key the keyring derives, alone.
+    pub fn token_key(&self, p: Purpose) -> TokenKey {
+        TokenKey {
+            key_id: purpose_key_id(&self.id, p),
+            secret: blake3::derive_key("cdrguard ff1 token v1", &material(self, p)),
+        }
     }
 }
 
@@ -132,32 +152,48 @@ impl Hex {
     }
 }
 
-/// All purpose keys derived from the active master key, plus older keys for reversing
-/// tokens written before a rotation.
+/// All purpose keys derived from the active master key, plus older keys: they reverse
+/// tokens written before a rotation and let rights find copies named under them.
 pub struct Keyring {
+    /// The active master key's id.
+    id: String,
     active: [PurposeKeys; Purpose::COUNT],
-    all: Vec<(String, [PurposeKeys; Purpose::COUNT])>,
+    /// The keys listed after the active one, each a keyring of its own (with no older
+    /// keys), so the same treatment code computes what copies carried under it.
+    older: Vec<Keyring>,
 }
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<&str> = self.all.iter().map(|(id, _)| id.as_str()).collect();
+        let ids: Vec<&str> = self.each_key().map(|k| k.id.as_str()).collect();
         f.debug_struct("Keyring").field("keys", &ids).finish()
     }
 }
 
+/// What a purpose's keys are derived from: the master secret and the purpose id.
+fn material(master: &MasterKey, p: Purpose) -> Vec<u8> {
+    let mut material = Vec::with_capacity(48);
+    material.extend_from_slice(&master.secret);
+    material.extend_from_slice(p.id().as_bytes());
+    material
+}
+
+/// `master.purpose`, the key id stamped on a purpose's values.
+fn purpose_key_id(master: &str, p: Purpose) -> ArrayString<32> {
+    let mut key_id = ArrayString::new();
+    // Fits: id <= 15 bytes, '.', purpose id <= 15 bytes.
+    key_id.push_str(master);
+    key_id.push('.');
+    key_id.push_str(p.id());
+    key_id
+}
+
 fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
     Purpose::ALL.map(|p| {
-        let mut material = Vec::with_capacity(48);
-        material.extend_from_slice(&master.secret);
-        material.extend_from_slice(p.id().as_bytes());
+        let material = material(master, p);
         let prf = blake3::derive_key("cdrguard pseudonym prf v1", &material);
         let ff1_key = blake3::derive_key("cdrguard ff1 token v1", &material);
-        let mut key_id = ArrayString::new();
-        // Fits: id <= 15 bytes, '.', purpose id <= 15 bytes.
-        key_id.push_str(&master.id);
-        key_id.push('.');
-        key_id.push_str(p.id());
+        let key_id = purpose_key_id(&master.id, p);
         let mut pseudonym_prefix = Token::new();
         pseudonym_prefix.push_str(&key_id);
         pseudonym_prefix.push(':');
@@ -174,14 +210,149 @@ fn derive(master: &MasterKey) -> [PurposeKeys; Purpose::COUNT] {
     })
 }
 
-impl Keyring {
-    /// A keyring whose first key is active; the others only reverse old tokens.
-    pub fn new(keys: &[MasterKey]) -> Option<Keyring> {
-        let first = keys.first()?;
-        Some(Keyring {
-            active: derive(first),
-            all: keys.iter().map(|k| (k.id.clone(), derive(k))).collect(),
+/// The parts of a token written by [`Keyring::tokenise`]: its master key id, purpose, and
+/// its body (an optional `+` and the encrypted digits).
+fn split_token(token: &str) -> Result<(&str, Purpose, &str), KeyError> {
+    let (key_id, body) = token.split_once('~').ok_or(KeyError::NotAToken)?;
+    let (master, purpose) = key_id.split_once('.').ok_or(KeyError::NotAToken)?;
+    let p = Purpose::from_id(purpose).ok_or(KeyError::NotAToken)?;
+    Ok((master, p, body))
+}
+
+/// Decrypts a token's body with its purpose's FF1 key.
+fn decrypt_body(ff1: &Ff1, body: &str) -> Result<String, KeyError> {
+    let (plus, digits) = match body.strip_prefix('+') {
+        Some(d) => ("+", d),
+        None => ("", body),
+    };
+    let n = digits.len();
+    if !(ff1::MIN_DIGITS..=ff1::MAX_DIGITS).contains(&n)
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(KeyError::NotAToken);
+    }
+    let mut buf: Vec<u8> = digits.bytes().map(|b| b - b'0').collect();
+    if !ff1.decrypt(&[], &mut buf) {
+        return Err(KeyError::NotAToken);
+    }
+    Ok(plus.to_string() + &buf.iter().map(|d| (b'0' + d) as char).collect::<String>())
+}
+
+/// One purpose's token key under one master key, without the master key: the FF1 key
+/// that `keys export` writes for the holder of that purpose's tokens. It derives nothing:
+/// no pseudonym of any purpose, no other purpose's tokens. Never printed.
+#[derive(Clone)]
+pub struct TokenKey {
+    key_id: ArrayString<32>,
+    secret: [u8; 32],
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenKey")
+            .field("key_id", &self.key_id.as_str())
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl TokenKey {
+    /// A token key from its id (`master.purpose`, as tokens carry it) and its 32-byte
+    /// FF1 key, as an exported key file holds them.
+    pub fn new(key_id: &str, secret: &[u8]) -> Result<TokenKey, KeyError> {
+        let (master, purpose) = key_id
+            .split_once('.')
+            .ok_or_else(|| KeyError::BadTokenKeyId(key_id.to_string()))?;
+        let p =
+            Purpose::from_id(purpose).ok_or_else(|| KeyError::BadTokenKeyId(key_id.to_string()))?;
+        MasterKey::check_id(master)?;
+        let secret: [u8; 32] = secret
+            .try_into()
+            .map_err(|_| KeyError::TokenKeySize(key_id.to_string()))?;
+        Ok(TokenKey {
+            key_id: purpose_key_id(master, p),
+            secret,
         })
+    }
+
+    /// `master.purpose`, e.g. `k1.marketing`.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The FF1 key itself, for writing it to a key file; never to be printed.
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+}
+
+/// Token keys without any master key (an exported key file): reverses the tokens of the
+/// purposes and keys it holds, and can compute nothing else.
+pub struct TokenKeyring {
+    keys: Vec<(ArrayString<32>, Ff1)>,
+}
+
+impl fmt::Debug for TokenKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("TokenKeyring").field("keys", &ids).finish()
+    }
+}
+
+impl TokenKeyring {
+    /// A ring of the given token keys; `None` when there are none.
+    pub fn new(keys: &[TokenKey]) -> Option<TokenKeyring> {
+        (!keys.is_empty()).then(|| TokenKeyring {
+            keys: keys
+                .iter()
+                .map(|k| (k.key_id, Ff1::new(&k.secret)))
+                .collect(),
+        })
+    }
+
+    /// The key ids held, e.g. `k2.marketing`.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(id, _)| id.as_str())
+    }
+
+    /// Reverses a token of a purpose and key this ring holds.
+    pub fn reverse(&self, token: &str) -> Result<String, KeyError> {
+        let (master, p, body) = split_token(token)?;
+        let want = purpose_key_id(master, p);
+        let ff1 = self
+            .keys
+            .iter()
+            .find(|(id, _)| *id == want)
+            .map(|(_, f)| f)
+            .ok_or_else(|| KeyError::UnknownKey(want.to_string()))?;
+        decrypt_body(ff1, body)
+    }
+}
+
+impl Keyring {
+    /// A keyring whose first key is active; the others are only read with (old tokens,
+    /// rights reaching old copies), never written with.
+    pub fn new(keys: &[MasterKey]) -> Option<Keyring> {
+        let (first, rest) = keys.split_first()?;
+        Some(Keyring {
+            id: first.id.clone(),
+            active: derive(first),
+            older: rest
+                .iter()
+                .map(|k| Keyring {
+                    id: k.id.clone(),
+                    active: derive(k),
+                    older: Vec::new(),
+                })
+                .collect(),
+        })
+    }
+
+    /// This keyring under each of its keys, the active one first: itself, then a keyring
+    /// whose active key is each older key in turn. Copies written before a rotation name
+    /// their subscriber under an older key, so a right must look under every one.
+    pub fn each_key(&self) -> impl Iterator<Item = &Keyring> {
+        std::iter::once(self).chain(&self.older)
     }
 
     /// The key id stamped on values for this purpose, e.g. `k2026a.analytics`.
@@ -251,30 +422,13 @@ impl Keyring {
 
     /// Reverses a token written by [`Keyring::tokenise`] with any key this keyring holds.
     pub fn reverse(&self, token: &str) -> Result<String, KeyError> {
-        let (key_id, body) = token.split_once('~').ok_or(KeyError::NotAToken)?;
-        let (master, purpose) = key_id.split_once('.').ok_or(KeyError::NotAToken)?;
-        let p = Purpose::from_id(purpose).ok_or(KeyError::NotAToken)?;
+        let (master, p, body) = split_token(token)?;
         let keys = self
-            .all
-            .iter()
-            .find(|(id, _)| id == master)
-            .map(|(_, k)| &k[p as usize])
+            .each_key()
+            .find(|k| k.id == master)
+            .map(|k| &k.active[p as usize])
             .ok_or_else(|| KeyError::UnknownKey(master.to_string()))?;
-        let (plus, digits) = match body.strip_prefix('+') {
-            Some(d) => ("+", d),
-            None => ("", body),
-        };
-        let n = digits.len();
-        if !(ff1::MIN_DIGITS..=ff1::MAX_DIGITS).contains(&n)
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(KeyError::NotAToken);
-        }
-        let mut buf: Vec<u8> = digits.bytes().map(|b| b - b'0').collect();
-        if !keys.ff1.decrypt(&[], &mut buf) {
-            return Err(KeyError::NotAToken);
-        }
-        Ok(plus.to_string() + &buf.iter().map(|d| (b'0' + d) as char).collect::<String>())
+        decrypt_body(&keys.ff1, body)
     }
 }
 
@@ -367,6 +521,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rotated_keyring_writes_with_its_first_key_and_reads_with_every_key() {
+        let old = test_keyring();
+        let old_token = old.tokenise(Purpose::Marketing, "+46701234567").unwrap();
+        let k = Keyring::new(&[
+            MasterKey::new("test2", &[8u8; 32]).unwrap(),
+            MasterKey::new("test1", &[7u8; 32]).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(k.key_id(Purpose::Marketing), "test2.marketing");
+        assert_eq!(k.reverse(&old_token).unwrap(), "+46701234567");
+        let each: Vec<Token> = k
+            .each_key()
+            .map(|g| g.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"))
+            .collect();
+        assert_eq!(
+            each,
+            [
+                k.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"),
+                old.pseudonym(Purpose::Analytics, "msisdn", "+46701234567"),
+            ]
+        );
+    }
+
+    #[test]
     fn secrets_do_not_leak_through_debug() {
         let m = MasterKey::new("k1", &[0xAB; 32]).unwrap();
         let s = format!(
@@ -378,5 +556,16 @@ pub(crate) mod tests {
             "{s}"
         );
         assert!(MasterKey::new("k1", &[1; 8]).is_err());
+        let t = TokenKey::new("k1.marketing", &[0xAB; 32]).unwrap();
+        let s = format!(
+            "{t:?} {:?}",
+            TokenKeyring::new(std::slice::from_ref(&t)).unwrap()
+        );
+        assert!(s.contains("k1.marketing"), "{s}");
+        assert!(
+            !s.contains("171") && !s.to_lowercase().contains("abab"),
+            "{s}"
+        );
+        assert!(TokenKey::new("k1.marketing", &[1; 31]).is_err());
     }
 }

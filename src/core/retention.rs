@@ -13,6 +13,7 @@ use super::process::{ScheduleEntry, subscriber_ref};
 use super::pseudonym::Keyring;
 use super::purpose::Purpose;
 use super::time::{DAY_MS, HOUR_MS, Millis};
+use super::treat::Text;
 use crate::policy::{Anchor, Policy, Retention};
 
 /// Why a window expires.
@@ -397,19 +398,35 @@ impl Schedule {
             if ends.is_none() && settles.is_none() && !contract {
                 continue;
             }
-            let Some(subject) = subscriber_ref(rule, keys, &ev.msisdn) else {
-                continue;
-            };
-            let subject = subject.as_str();
-            if let Some(reason) = ends {
-                self.end(p, subject, reason, ev.at);
-            } else if let Some((start, end)) = settles {
-                let deadline = rule.retention.period.after(ev.at);
-                self.settle(p, subject, start, end, deadline);
-            } else {
-                // The contract's clock: every window still waiting gets its deadline.
-                let deadline = rule.retention.period.after(ev.at);
-                self.start_waiting(p, subject, deadline, |_| true);
+            // Copies written before a key rotation name the subscriber under the key of
+            // their time, so their windows sit under that key's reference: the event
+            // reaches every key's. A reference the same under every key (a kept msisdn)
+            // is handled once.
+            let mut subjects: Vec<(bool, Text<'_>)> = Vec::new();
+            for (i, k) in keys.each_key().enumerate() {
+                if let Some(s) = subscriber_ref(rule, k, &ev.msisdn)
+                    && !subjects.iter().any(|(_, t)| t.as_str() == s.as_str())
+                {
+                    subjects.push((i == 0, s));
+                }
+            }
+            for (active, subject) in &subjects {
+                let subject = subject.as_str();
+                // No copy is written under an older key any more: only windows it already
+                // holds matter, and no settlement is remembered for it.
+                if !active && !self.subjects[p as usize].contains_key(subject) {
+                    continue;
+                }
+                if let Some(reason) = &ends {
+                    self.end(p, subject, reason.clone(), ev.at);
+                } else if let Some((start, end)) = settles {
+                    let deadline = rule.retention.period.after(ev.at);
+                    self.settle(p, subject, start, end, deadline, *active);
+                } else {
+                    // The contract's clock: every window still waiting gets its deadline.
+                    let deadline = rule.retention.period.after(ev.at);
+                    self.start_waiting(p, subject, deadline, |_| true);
+                }
             }
         }
     }
@@ -482,25 +499,39 @@ impl Schedule {
     }
 
     /// Settles an invoice period: its hour windows still waiting become one window, due
-    /// at `deadline`, and the period is remembered until then for late records.
-    fn settle(&mut self, p: Purpose, subject: &str, start: Millis, end: Millis, deadline: Millis) {
-        let list = self.settled[p as usize].entry(subject.into()).or_default();
-        // A repeated settlement of the same period does not restart its clock.
-        let deadline = match list.iter_mut().find(|s| s.start == start && s.end == end) {
-            Some(s) => {
-                s.deadline = s.deadline.min(deadline);
-                s.deadline
-            }
-            None => {
-                list.push(Settlement {
-                    start,
-                    end,
-                    deadline,
-                });
-                deadline
-            }
+    /// at `deadline`, and the period is remembered until then for late records if
+    /// `remember` (records are written under the active key only).
+    fn settle(
+        &mut self,
+        p: Purpose,
+        subject: &str,
+        start: Millis,
+        end: Millis,
+        deadline: Millis,
+        remember: bool,
+    ) {
+        let deadline = if remember {
+            let list = self.settled[p as usize].entry(subject.into()).or_default();
+            // A repeated settlement of the same period does not restart its clock.
+            let deadline = match list.iter_mut().find(|s| s.start == start && s.end == end) {
+                Some(s) => {
+                    s.deadline = s.deadline.min(deadline);
+                    s.deadline
+                }
+                None => {
+                    list.push(Settlement {
+                        start,
+                        end,
+                        deadline,
+                    });
+                    deadline
+                }
+            };
+            self.forget.insert((deadline, p as u8, subject.into()));
+            deadline
+        } else {
+            deadline
         };
-        self.forget.insert((deadline, p as u8, subject.into()));
         let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
             return;
         };
@@ -631,7 +662,10 @@ mod tests {
 
     impl Fixture {
         fn new(name: &str) -> Fixture {
-            let policy = policy(name);
+            Fixture::with_policy(policy(name))
+        }
+
+        fn with_policy(policy: Policy) -> Fixture {
             let s = Schedule::new(&policy);
             Fixture {
                 policy,
@@ -785,6 +819,158 @@ mod tests {
             assert_eq!(e.window_start.0 % HOUR_MS, 0, "{e:?}");
             assert_eq!((e.window_end.0 + 1) % HOUR_MS, 0, "{e:?}");
         }
+    }
+
+    /// The key file after a rotation: a new key first, the fixture's old key after it.
+    fn rotated() -> Keyring {
+        Keyring::new(&[
+            MasterKey::new("new", &[10u8; 32]).expect("key"),
+            MasterKey::new("t", &[9u8; 32]).expect("key"),
+        ])
+        .expect("keyring")
+    }
+
+    /// `(route, subscriber, window_start, deadline, reason)` of each expiry, sorted.
+    fn named(es: &[Expiry]) -> Vec<(&'static str, String, String, String, String)> {
+        let mut out: Vec<_> = es
+            .iter()
+            .map(|e| {
+                let reason = serde_json::to_value(&e.reason).expect("reason");
+                (
+                    e.route,
+                    e.subscriber
+                        .clone()
+                        .expect("a route that names its subscriber"),
+                    e.window_start.to_string(),
+                    e.deadline.to_string(),
+                    reason.as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn named_row(
+        route: &'static str,
+        who: &str,
+        from: &str,
+        deadline: &str,
+        reason: &str,
+    ) -> (&'static str, String, String, String, String) {
+        (
+            route,
+            who.into(),
+            from.into(),
+            deadline.into(),
+            reason.into(),
+        )
+    }
+
+    /// Regression: a right looked for windows only under the active key's reference, so
+    /// after a rotation the windows of copies written under the old key (and the copies
+    /// downstream) were never ended early.
+    #[test]
+    fn rights_reach_windows_written_under_an_older_key() {
+        let mut f = Fixture::new("excedo");
+        let (a, mk, ts) = (
+            Purpose::Analytics,
+            Purpose::Marketing,
+            Purpose::Troubleshooting,
+        );
+        for p in [a, mk, ts] {
+            f.copy(p, M, "2026-03-02T09:00:00.000Z", None);
+        }
+        let (old_a, old_mk) = (f.subject(a, M), f.subject(mk, M));
+        f.keys = rotated();
+        for p in [a, mk] {
+            f.copy(p, M, "2026-03-03T09:00:00.000Z", None);
+        }
+        let (new_a, new_mk) = (f.subject(a, M), f.subject(mk, M));
+        assert!(new_a != old_a && new_mk != old_mk, "the rotation renames");
+        let withdraw = Change::Consent {
+            purpose: a,
+            granted: false,
+        };
+        f.control(M, "2026-03-05T12:00:00.000Z", withdraw);
+        f.control(M, "2026-03-06T00:00:00.000Z", Change::Erasure);
+        let (d2, d3) = ("2026-03-02T00:00:00.000Z", "2026-03-03T00:00:00.000Z");
+        let (withdrawn, erased) = ("2026-03-05T12:00:00.000Z", "2026-03-06T00:00:00.000Z");
+        let mut want = vec![
+            named_row("analytics", &old_a, d2, withdrawn, "consent_withdrawn"),
+            named_row("analytics", &new_a, d3, withdrawn, "consent_withdrawn"),
+            named_row("marketing", &old_mk, d2, erased, "erasure"),
+            named_row("marketing", &new_mk, d3, erased, "erasure"),
+            // Troubleshooting keeps the msisdn: the same under both keys, ended once.
+            named_row("troubleshooting", M, d2, erased, "erasure"),
+        ];
+        want.sort();
+        assert_eq!(named(&f.due(erased)), want);
+        assert_eq!(f.s.open_windows(), 0);
+    }
+
+    /// The same for anchored clocks: a contract end or a settlement starts the windows
+    /// written under an older key too, or they would wait for ever. The shipped policies
+    /// keep the msisdn on their contract and invoice routes, so this one pseudonymises it.
+    #[test]
+    fn contract_ends_and_settlements_reach_windows_written_under_an_older_key() {
+        let text = crate::policy::shipped("excedo").expect("shipped policy");
+        let pseudonymised = text
+            .replace(
+                "msisdn = { treatment = \"keep\", assumption = 'The user who reports the fault.' }",
+                "msisdn = { treatment = \"pseudonymise\", assumption = 'Test.' }",
+            )
+            .replace(
+                "msisdn = { treatment = \"keep\", assumption = 'The invoiced user.' }",
+                "msisdn = { treatment = \"pseudonymise\", assumption = 'Test.' }",
+            );
+        assert_ne!(pseudonymised, text);
+        let policy = crate::policy::parse_policy(&pseudonymised, "x").expect("policy loads");
+        let mut f = Fixture::with_policy(policy);
+        let (b, ts) = (Purpose::Billing, Purpose::Troubleshooting);
+        f.copy(ts, M, "2026-03-02T09:00:00.000Z", None);
+        f.copy(b, M, "2026-03-02T09:00:00.000Z", None);
+        let (old_ts, old_b) = (f.subject(ts, M), f.subject(b, M));
+        f.keys = rotated();
+        f.copy(ts, M, "2026-03-20T09:00:00.000Z", None);
+        f.copy(b, M, "2026-03-20T09:00:00.000Z", None);
+        let (new_ts, new_b) = (f.subject(ts, M), f.subject(b, M));
+        assert!(new_ts != old_ts && new_b != old_b, "the rotation renames");
+        f.settle(
+            M,
+            "2026-04-15T00:00:00.000Z",
+            "2026-03-01T00:00:00.000Z",
+            "2026-04-01T00:00:00.000Z",
+        );
+        // The settled period is remembered for late records under the active key only:
+        // no record is written under the old key again.
+        let remembered: Vec<&str> = f.s.settled[b as usize].keys().map(|k| &**k).collect();
+        assert_eq!(remembered, [new_b.as_str()]);
+        f.control(M, "2026-06-30T00:00:00.000Z", Change::ContractEnded);
+        let (d2, d20) = ("2026-03-02T00:00:00.000Z", "2026-03-20T00:00:00.000Z");
+        let (h2, h20) = ("2026-03-02T09:00:00.000Z", "2026-03-20T09:00:00.000Z");
+        let (paid, ended) = ("2026-10-15T00:00:00.000Z", "2027-06-30T00:00:00.000Z");
+        let mut want = vec![
+            named_row("billing", &old_b, h2, paid, "excedo.billing"),
+            named_row("billing", &new_b, h20, paid, "excedo.billing"),
+            named_row(
+                "troubleshooting",
+                &old_ts,
+                d2,
+                ended,
+                "excedo.troubleshooting",
+            ),
+            named_row(
+                "troubleshooting",
+                &new_ts,
+                d20,
+                ended,
+                "excedo.troubleshooting",
+            ),
+        ];
+        want.sort();
+        assert_eq!(named(&f.due(ended)), want);
+        assert_eq!(f.s.open_windows(), 0);
     }
 
     #[test]

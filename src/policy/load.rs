@@ -504,7 +504,7 @@ fn purpose_rule(
         }
         None => format!("cdr.{}", purpose.id()),
     };
-    let basis = t.table(cx, "basis", true).and_then(|mut b| {
+    let basis = t.table(cx, "basis", true).map(|mut b| {
         let r = bases(cx, &mut b);
         b.finish(cx);
         r
@@ -531,8 +531,25 @@ fn purpose_rule(
         erasure: t.at_of("erasure"),
     };
 
-    let (basis, basis_cite) = basis?;
-    let uses_consent = basis.iter().flatten().any(|b| *b == Basis::Consent);
+    // Every part below has been read and its own problems reported. A part that is
+    // missing or broken gets a placeholder so the cross-checks still run and one pass
+    // lists every problem; checks that would only guess from a placeholder are skipped
+    // (see `Known`). A policy with any problem is never returned.
+    let known = Known {
+        basis: basis.as_ref().is_some_and(|b| b.complete),
+        fields: fields.is_some(),
+    };
+    let (basis, basis_cite) = match basis {
+        Some(b) => (b.bases, b.cite),
+        None => (Default::default(), None),
+    };
+    // With the bases unknown, the consent table (or its absence) says whether the
+    // purpose rests on consent, so its checks neither run on a guess nor are skipped.
+    let uses_consent = if known.basis {
+        basis.iter().flatten().any(|b| *b == Basis::Consent)
+    } else {
+        consent.is_some()
+    };
     let path = t.path.clone();
     let (without_consent, consent_key, consent_cite) = match (uses_consent, consent) {
         // A missing `without` was reported already; no copy is the safe reading.
@@ -559,19 +576,25 @@ fn purpose_rule(
         }
         (false, None) => (WithoutConsent::NoCopy, None, None),
     };
-    let (fields, _) = fields?;
-    // Missing parts were reported already; placeholders let the cross-checks below run so
-    // one pass lists everything. A policy with any problem is never returned.
+    let fields = fields.map_or_else(
+        || FieldMap {
+            treatments: [Treatment::Drop; Field::COUNT],
+            at: [None; Field::COUNT],
+            notes: Default::default(),
+            cite: None,
+        },
+        |(f, _)| f,
+    );
     let placeholder = || RightRule {
         stops: true,
         cite: Cite::Assumption(String::new()),
     };
     let rule = PurposeRule {
         purpose,
-        description: description?.0,
+        description: description.map(|d| d.0).unwrap_or_default(),
         topic,
         basis,
-        basis_cite,
+        basis_cite: basis_cite.unwrap_or(Cite::Assumption(String::new())),
         consent_key,
         without_consent,
         consent_cite,
@@ -604,11 +627,31 @@ fn purpose_rule(
         .then_some(Field::Msisdn),
         envelopes: Default::default(),
     };
-    check_rule(cx, &rule, &path, &spans);
+    check_rule(cx, &rule, &path, &spans, known);
     Some(rule)
 }
 
-fn bases(cx: &mut Cx, b: &mut Tbl<'_, '_>) -> Option<([Vec<Basis>; 2], Cite)> {
+/// Which parts of a purpose were read whole, so checks that depend on them can run.
+#[derive(Clone, Copy)]
+struct Known {
+    /// The `basis` table named only bases it knows, and at least one.
+    basis: bool,
+    /// The `fields` table was there.
+    fields: bool,
+}
+
+/// A purpose's `basis` table as read.
+struct BasisPart {
+    /// Bases per data category.
+    bases: [Vec<Basis>; 2],
+    /// Its `source` or `assumption`, if well-formed.
+    cite: Option<Cite>,
+    /// Whether every value was a basis and at least one was given.
+    complete: bool,
+}
+
+fn bases(cx: &mut Cx, b: &mut Tbl<'_, '_>) -> BasisPart {
+    let mut complete = true;
     let mut out: [Vec<Basis>; 2] = Default::default();
     for c in Category::ALL {
         let Some(v) = b.get(c.id()) else { continue };
@@ -624,32 +667,40 @@ fn bases(cx: &mut Cx, b: &mut Tbl<'_, '_>) -> Option<([Vec<Basis>; 2], Cite)> {
                     &b.sub(c.id()),
                     "must be a basis or a list of bases",
                 );
+                complete = false;
                 continue;
             }
         };
         for (s, at) in items {
             match Basis::from_id(s) {
                 Some(basis) => out[c as usize].push(basis),
-                None => cx.err(
-                    at,
-                    &b.sub(c.id()),
-                    format!(
-                        "unknown legal basis `{s}`; GDPR Art. 6(1) bases are {}",
-                        Basis::ALL.map(|b| b.id()).join(", ")
-                    ),
-                ),
+                None => {
+                    complete = false;
+                    cx.err(
+                        at,
+                        &b.sub(c.id()),
+                        format!(
+                            "unknown legal basis `{s}`; GDPR Art. 6(1) bases are {}",
+                            Basis::ALL.map(|b| b.id()).join(", ")
+                        ),
+                    );
+                }
             }
         }
     }
     if out.iter().all(Vec::is_empty) {
+        complete = false;
         cx.err(
             b.at,
             &b.path,
             "names no legal basis for `subscriber` or `traffic` data",
         );
     }
-    let c = cite(cx, b)?;
-    Some((out, c))
+    BasisPart {
+        bases: out,
+        cite: cite(cx, b),
+        complete,
+    }
 }
 
 fn right(
@@ -664,6 +715,8 @@ fn right(
     let effect_path = r.sub("effect");
     r.finish(cx);
     let (effect, at) = effect?;
+    // A bad cite is reported already; the effect still goes to the cross-checks.
+    let cite = c.unwrap_or(Cite::Assumption(String::new()));
     let stops = if effect == stop {
         true
     } else if effect == go {
@@ -676,7 +729,7 @@ fn right(
         );
         return None;
     };
-    Some(RightRule { stops, cite: c? })
+    Some(RightRule { stops, cite })
 }
 
 fn retention(cx: &mut Cx, r: &mut Tbl<'_, '_>, rule_id: String) -> Option<Retention> {
@@ -901,13 +954,16 @@ fn anonymised_allows(f: Field, t: Treatment) -> Result<(), &'static str> {
     }
 }
 
-/// The rules that tie fields, bases, consent and rights together.
-fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, sp: &Spans) {
+/// The rules that tie fields, bases, consent and rights together. A check that needs a
+/// part `known` says was not read whole is skipped: its problem is reported already, and
+/// a placeholder would only add problems that are not in the file.
+fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, sp: &Spans, known: Known) {
     let p = r.purpose;
     let field_path = |f: Field| format!("{path}.fields.{}", f.name());
-    for f in Field::ALL {
+    let fields = if known.fields { &Field::ALL[..] } else { &[] };
+    for &f in fields {
         let t = r.treatment(f);
-        if t.passes_data() && r.bases(f.category()).is_empty() {
+        if known.basis && t.passes_data() && r.bases(f.category()).is_empty() {
             cx.err(
                 sp.field(f),
                 &field_path(f),
@@ -982,18 +1038,18 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, sp: &Spans) {
                     | Treatment::Mask { .. }
             )
         });
-    if names_subscriber && r.subscriber_field.is_none() {
+    if known.fields && names_subscriber && r.subscriber_field.is_none() {
         cx.err(
             sp.field(Field::Msisdn),
             &field_path(Field::Msisdn),
             "copies carry a subscriber identifier, so msisdn must be kept, pseudonymised or tokenised for rights to reach them",
         );
     }
-    let li = r
-        .basis
-        .iter()
-        .flatten()
-        .any(|b| *b == Basis::LegitimateInterest);
+    let li = known.basis
+        && r.basis
+            .iter()
+            .flatten()
+            .any(|b| *b == Basis::LegitimateInterest);
     if (li || p == Purpose::Marketing) && !r.objection.stops {
         cx.err(
             sp.objection.unwrap_or(sp.purpose),
@@ -1001,7 +1057,8 @@ fn check_rule(cx: &mut Cx, r: &PurposeRule, path: &str, sp: &Spans) {
             "rests on legitimate interest (or is direct marketing): an objection must stop it (Art. 21)",
         );
     }
-    if !r.erasure.stops
+    if known.basis
+        && !r.erasure.stops
         && p != Purpose::Billing
         && !r
             .basis
@@ -1107,6 +1164,12 @@ assumption = "what statistics need"
         text.lines().position(|l| l.contains(needle)).unwrap() + 1
     }
 
+    /// The 1-based number of the last line that contains `needle`.
+    fn last_line_with(text: &str, needle: &str) -> usize {
+        let lines: Vec<&str> = text.lines().collect();
+        lines.iter().rposition(|l| l.contains(needle)).unwrap() + 1
+    }
+
     /// The 1-based number of the last line that is exactly `line`.
     fn last_line(text: &str, line: &str) -> usize {
         text.lines()
@@ -1161,6 +1224,128 @@ assumption = "what statistics need"
             "{msgs:?}"
         );
         assert!(e.to_string().contains("bad.toml:11:"));
+    }
+
+    /// A marketing purpose in table form, its lines easy to find and edit.
+    fn with_marketing(basis_source: &str, fields: &str) -> String {
+        good()
+            + &r#"
+[purposes.marketing]
+description = "offers"
+consent = { without = "no_copy", source = {S} }
+restriction = { effect = "stop", source = {S} }
+objection = { effect = "stop", source = {S} }
+erasure = { effect = "expire", source = {S} }
+retention = { anchor = "event_time", after = "24 months", source = {S} }
+
+[purposes.marketing.basis]
+traffic = "consent"
+subscriber = "legitimate_interest"
+source = {B}
+
+[purposes.marketing.fields]
+assumption = "what offers need"
+msisdn = "tokenise"
+{F}
+"#
+            .replace("{S}", S)
+            .replace("{B}", basis_source)
+            .replace("{F}", fields)
+    }
+
+    /// Regression: a broken `basis` (here its source) or a missing `fields` table ended
+    /// the purpose's checks early, so a second problem in the same purpose (here a raw
+    /// IMSI in a consent-based copy) was only reported once the first was fixed.
+    #[test]
+    fn a_broken_basis_or_fields_table_does_not_hide_the_purposes_other_problems() {
+        let text = with_marketing("'s4'", "imsi = \"keep\"");
+        let msgs = problems(&text);
+        let source = line_of(&text, "source = 's4'");
+        let imsi = line_of(&text, "imsi = \"keep\"");
+        assert_eq!(msgs.len(), 2, "{msgs:#?}");
+        assert!(
+            msgs[0].starts_with(&format!(
+                "{source}:purposes.marketing.basis.source: not a citation"
+            )),
+            "{msgs:#?}"
+        );
+        assert_eq!(
+            msgs[1],
+            format!(
+                "{imsi}:purposes.marketing.fields.imsi: a consent-based purpose may not carry a raw identifier"
+            )
+        );
+        // The same for a right whose effect breaks a rule and whose source is broken.
+        let text = with_marketing(S, "").replace(
+            &format!("objection = {{ effect = \"stop\", source = {S} }}"),
+            "objection = { effect = \"not_applicable\", source = 's4' }",
+        );
+        let line = line_of(&text, "source = 's4'");
+        let msgs = problems(&text);
+        assert_eq!(msgs.len(), 2, "{msgs:#?}");
+        assert!(
+            msgs.iter().all(|m| m.starts_with(&format!("{line}:"))),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("objection.source: not a citation"))
+                && msgs.iter().any(|m| m.contains("an objection must stop it")),
+            "{msgs:#?}"
+        );
+        // With the bases themselves unknown, the checks that need them are skipped rather
+        // than run on a guess; the rest still are.
+        let text = with_marketing(S, "imsi = \"keep\"")
+            .replace("traffic = \"consent\"", "traffic = \"consnt\"")
+            .replace(
+                "objection = { effect = \"stop\"",
+                "objection = { effect = \"not_applicable\"",
+            );
+        let paths: Vec<String> = problems(&text)
+            .iter()
+            .map(|m| m.split(':').take(2).collect::<Vec<_>>().join(":"))
+            .collect();
+        let at = |needle: &str, path: &str| format!("{}:{path}", last_line_with(&text, needle));
+        assert_eq!(
+            paths,
+            [
+                at("objection = {", "purposes.marketing.objection"),
+                at("traffic = \"consnt\"", "purposes.marketing.basis.traffic"),
+                at("imsi = \"keep\"", "purposes.marketing.fields.imsi"),
+            ]
+        );
+        // A missing fields table and description: reported, and the rights still checked.
+        let text = with_marketing(S, "")
+            .replace("[purposes.marketing.fields]", "[purposes.marketing.felds]")
+            .replace("description = \"offers\"\n", "")
+            .replace(
+                "objection = { effect = \"stop\"",
+                "objection = { effect = \"not_applicable\"",
+            );
+        let msgs = problems(&text);
+        let header = line_of(&text, "[purposes.marketing]");
+        for want in [
+            format!("{header}:purposes.marketing: missing key `description`"),
+            format!("{header}:purposes.marketing: missing table `fields`"),
+            format!(
+                "{}:purposes.marketing.objection:",
+                last_line_with(&text, "objection = {")
+            ),
+            format!(
+                "{}:purposes.marketing.felds: unknown key",
+                line_of(&text, "[purposes.marketing.felds]")
+            ),
+        ] {
+            assert!(
+                msgs.iter().any(|m| m.starts_with(&want)),
+                "want {want} in {msgs:#?}"
+            );
+        }
+        assert_eq!(
+            msgs.len(),
+            4,
+            "nothing made up from placeholders: {msgs:#?}"
+        );
     }
 
     /// Regression: rule violations were reported at the purpose's header line (the offset
