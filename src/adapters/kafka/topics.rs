@@ -22,6 +22,9 @@ pub struct TopicSpec {
     pub configs: Vec<(&'static str, &'static str)>,
 }
 
+/// How long the dead-letter topic keeps a refused record: seven days.
+pub const DEAD_LETTER_RETENTION_MS: &str = "604800000";
+
 /// Every topic of a configuration: input and routes with `partitions` partitions; the
 /// schedule topic with as many as the input (each input partition owns the windows of
 /// the same partition) and compacted, as is the control topic (the latest event per key
@@ -45,7 +48,10 @@ pub fn specs(cfg: &RunConfig, policy: &Policy, partitions: i32) -> Vec<TopicSpec
             name: cfg.dead_letter_topic.clone(),
             role: "refused records",
             partitions: 1,
-            configs: vec![],
+            // Refused records are raw records, personal data under no route's rule: kept
+            // a week to find and fix what refused them, never at a broker's open-ended
+            // default.
+            configs: vec![("retention.ms", DEAD_LETTER_RETENTION_MS)],
         },
         TopicSpec {
             name: cfg.schedule_topic.clone(),
@@ -109,4 +115,55 @@ pub async fn create(
         }
     }
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_topics_are_compacted_and_refused_records_expire() {
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "excedo.toml")
+                .unwrap();
+        let cfg = super::super::config::parse(
+            "[kafka]\nbrokers = \"b:9092\"\ntransactional_id = \"t\"\n[processing]\npolicy = \"p\"\nkey_file = \"k\"\n",
+            "c.toml",
+            std::path::Path::new("."),
+            Vec::new(),
+        )
+        .unwrap()
+        .with_policy(&policy)
+        .unwrap();
+        let specs = specs(&cfg, &policy, 12);
+        let find = |name: &str| specs.iter().find(|s| s.name == name).unwrap();
+        for compacted in ["subscriber.control", "cdr.retention.schedule"] {
+            assert_eq!(find(compacted).configs, [("cleanup.policy", "compact")]);
+        }
+        assert_eq!(
+            find("cdr.retention.schedule").partitions,
+            12,
+            "one schedule partition per input partition"
+        );
+        assert_eq!(
+            find("cdr.dead-letter").configs,
+            [("retention.ms", "604800000")]
+        );
+        // One topic per declared route, none for customer care (not declared by Excedo).
+        let routes: Vec<&str> = specs
+            .iter()
+            .filter(|s| s.name.starts_with("cdr.") && s.configs.is_empty() && s.name != "cdr.raw")
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "cdr.billing",
+                "cdr.fraud",
+                "cdr.analytics",
+                "cdr.marketing",
+                "cdr.troubleshooting"
+            ]
+        );
+    }
 }
