@@ -10,8 +10,9 @@
 //! - [`core`]: the pure per-record core: record and control models, subscriber state,
 //!   field treatments, pseudonyms, `process` (one record in, copies out) and the
 //!   retention schedule. No async, no Kafka, no clock, no logging.
-//! - [`adapters`]: what runs the core: file replay, the demo, the synthetic generator,
-//!   key files, behaviour cases.
+//! - [`adapters`]: what runs the core: file replay (and the writers that hold back
+//!   anonymised copies), the Kafka runtime, the demo, the synthetic generator, key files,
+//!   behaviour cases.
 //! - [`cli`]: the command line.
 
 pub mod adapters;

@@ -430,14 +430,6 @@ pub fn spawn_follower(
         })
 }
 
-/// One control partition being followed.
-struct Part {
-    id: i32,
-    /// Whether it reported its end since it was assigned: the initial read is over once
-    /// every partition did.
-    reached_end: bool,
-}
-
 fn follow(
     consumer: BaseConsumer<ControlContext>,
     topic: &str,
@@ -445,21 +437,46 @@ fn follow(
     store: &ConsentStore,
     stop: &AtomicBool,
 ) {
-    let mut parts: Vec<Part> = partitions
-        .iter()
-        .map(|&id| Part {
-            id,
-            reached_end: false,
-        })
-        .collect();
-    let mut last_check = Instant::now();
-    let mut last_metadata = Instant::now();
-    // The partitions' bounds the broker reported at an instant, until the follower has
-    // read up to them.
-    let mut target: Option<(Instant, Vec<Bounds>)> = None;
-    let mut last_reach = Instant::now();
+    // Proving freshness asks the broker for offsets and metadata. On the consumer's own
+    // connection such a request can wait behind a fetch that long-polls for up to
+    // fetch.wait.max.ms, so it runs on a thread of its own: applying events never waits
+    // for a round trip.
+    let prover_stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let prover = std::thread::Builder::new()
+            .name("cdrguard-control-proof".into())
+            .spawn_scoped(scope, || {
+                prove(&consumer, topic, partitions, store, &prover_stop)
+            });
+        let Ok(prover) = prover else {
+            tracing::error!("cannot start the control-topic prover thread");
+            return;
+        };
+        apply_events(&consumer, topic, partitions, store, stop, &prover);
+        prover_stop.store(true, Ordering::Release);
+    });
+}
+
+/// Applies every control event as it arrives, and marks the table caught up once every
+/// partition reported its end. Returns on `stop`, or when the prover ended on its own
+/// (the table could never be proven fresh again: the run must notice).
+fn apply_events(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    partitions: &[i32],
+    store: &ConsentStore,
+    stop: &AtomicBool,
+    prover: &std::thread::ScopedJoinHandle<'_, ()>,
+) {
+    // Partitions that have not reported their end since they were assigned: the initial
+    // read is over once none is left.
+    let mut unread: Vec<i32> = partitions.to_vec();
     let throttle = super::Throttle::default();
     while !stop.load(Ordering::Relaxed) {
+        if prover.is_finished() {
+            tracing::error!("the control-topic prover thread stopped");
+            return;
+        }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(m)) => match store.apply_message(m.key(), m.payload()) {
@@ -488,18 +505,14 @@ fn follow(
                 }
             },
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                if let Some(part) = parts.iter_mut().find(|part| part.id == p) {
-                    part.reached_end = true;
-                }
-                if parts.iter().all(|part| part.reached_end) && !store.caught_up() {
+                unread.retain(|u| *u != p);
+                if unread.is_empty() && !store.caught_up() {
                     store.mark_caught_up(Instant::now());
                     tracing::info!(
                         subscribers = store.len(),
                         events = store.applied.load(Ordering::Relaxed),
                         "consent table caught up with the control topic"
                     );
-                    // The first proof of freshness, at once: routing waits for it.
-                    last_check = Instant::now() - CHECK_EVERY;
                 }
             }
             Some(Err(e)) => {
@@ -508,47 +521,62 @@ fn follow(
                 }
             }
         }
-        if last_metadata.elapsed() >= METADATA_EVERY {
-            if follow_new_partitions(&consumer, topic, &mut parts) {
-                // A target without the new partitions proves nothing about them.
-                target = None;
-            }
-            last_metadata = Instant::now();
-        }
-        if !store.caught_up() {
-            continue;
-        }
-        // A proof has two halves: the broker's bounds as of an instant, then the follower
-        // reaching them. Waiting for the second half (instead of asking for a position
-        // already at the end) keeps a busy control topic, whose end moves on during
-        // every round trip, from ever looking stale.
-        if target.is_none() && last_check.elapsed() >= CHECK_EVERY {
-            let asked = Instant::now();
-            target = bounds(&consumer, topic, &parts).map(|b| (asked, b));
-            last_check = Instant::now();
-        }
-        if let Some((asked, b)) = &target
-            && last_reach.elapsed() >= REACH_EVERY
-        {
-            last_reach = Instant::now();
-            if reached(&consumer, topic, &parts, b) {
-                store.confirm(*asked);
-                target = None;
-            } else if asked.elapsed() > TARGET_MAX_AGE {
-                // Too old to keep the table fresh anyway: ask again, so a partition
-                // truncated or recreated under us cannot wedge the proof.
-                target = None;
-            }
-        }
     }
 }
 
-/// How often the follower proves the table current while following live.
+/// Once the table has caught up, proves it fresh every [`CHECK_EVERY`]: asks the broker
+/// for every partition's bounds, notes when it asked, and confirms the table as of that
+/// instant once the consumer's position has reached them. Also picks up partitions added
+/// to the control topic.
+fn prove(
+    consumer: &BaseConsumer<ControlContext>,
+    topic: &str,
+    partitions: &[i32],
+    store: &ConsentStore,
+    stop: &AtomicBool,
+) {
+    let mut parts: Vec<i32> = partitions.to_vec();
+    let mut last_metadata = Instant::now();
+    let pause = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(REACH_EVERY);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if !store.caught_up() {
+            pause(REACH_EVERY);
+            continue;
+        }
+        let started = Instant::now();
+        if last_metadata.elapsed() >= METADATA_EVERY {
+            follow_new_partitions(consumer, topic, &mut parts);
+            last_metadata = Instant::now();
+        }
+        // A proof has two halves: the broker's bounds as of an instant, then the consumer
+        // reaching them. Waiting for the second half (instead of asking for a position
+        // already at the end) keeps a busy control topic, whose end moves on during every
+        // round trip, from ever looking stale. Past TARGET_MAX_AGE the bounds are asked
+        // for again, so a partition truncated or recreated under us cannot wedge it.
+        let asked = Instant::now();
+        if let Some(b) = bounds(consumer, topic, &parts) {
+            while !stop.load(Ordering::Relaxed) && asked.elapsed() <= TARGET_MAX_AGE {
+                if reached(consumer, topic, &parts, &b) {
+                    store.confirm(asked);
+                    break;
+                }
+                std::thread::sleep(REACH_EVERY);
+            }
+        }
+        pause(CHECK_EVERY.saturating_sub(started.elapsed()));
+    }
+}
+
+/// How often the prover proves the table current while the follower applies events.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
-/// How often, at most, the follower compares its position with the ends (a position
-/// query locks every partition: not once per event of a busy topic).
+/// How often the prover compares the consumer's position with the bounds it asked for.
 const REACH_EVERY: Duration = Duration::from_millis(10);
-/// How long the follower works towards one set of ends before it asks for new ones.
+/// How long the prover waits for the consumer to reach one set of bounds.
 const TARGET_MAX_AGE: Duration = Duration::from_secs(5);
 /// How often it looks for partitions added to the control topic.
 const METADATA_EVERY: Duration = Duration::from_secs(5);
@@ -558,23 +586,20 @@ const METADATA_EVERY: Duration = Duration::from_secs(5);
 fn follow_new_partitions(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
-    parts: &mut Vec<Part>,
-) -> bool {
+    parts: &mut Vec<i32>,
+) {
     let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) else {
-        return false;
+        return;
     };
     let mut tpl = TopicPartitionList::new();
     for t in md.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
-            if !parts.iter().any(|pe| pe.id == p.id())
+            if !parts.contains(&p.id())
                 && tpl
                     .add_partition_offset(topic, p.id(), Offset::Beginning)
                     .is_ok()
             {
-                parts.push(Part {
-                    id: p.id(),
-                    reached_end: false,
-                });
+                parts.push(p.id());
             }
         }
     }
@@ -588,7 +613,6 @@ fn follow_new_partitions(
             tracing::warn!(topic, error = %e, "cannot read the new control partitions");
         }
     }
-    tpl.count() > 0
 }
 
 /// A control partition's first and next offsets, as the broker reported them.
@@ -604,13 +628,13 @@ struct Bounds {
 fn bounds(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
-    parts: &[Part],
+    parts: &[i32],
 ) -> Option<Vec<Bounds>> {
     let ask = |at: Offset| -> Option<Vec<i64>> {
         let mut query = TopicPartitionList::new();
         for part in parts {
             // Timestamps -1 and -2 ask for the latest and the earliest offset.
-            query.add_partition_offset(topic, part.id, at).ok()?;
+            query.add_partition_offset(topic, *part, at).ok()?;
         }
         let answer = consumer
             .offsets_for_times(query, Duration::from_secs(2))
@@ -619,7 +643,7 @@ fn bounds(
             .iter()
             .map(|part| {
                 match answer
-                    .find_partition(topic, part.id)
+                    .find_partition(topic, *part)
                     .filter(|e| e.error().is_ok())
                     .map(|e| e.offset())
                 {
@@ -648,7 +672,7 @@ fn bounds(
 fn reached(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
-    parts: &[Part],
+    parts: &[i32],
     bounds: &[Bounds],
 ) -> bool {
     if bounds.len() != parts.len() {
@@ -658,7 +682,7 @@ fn reached(
         return false;
     };
     parts.iter().zip(bounds).all(|(part, b)| {
-        match pos.find_partition(topic, part.id).map(|e| e.offset()) {
+        match pos.find_partition(topic, *part).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o >= b.end,
             _ => b.earliest >= b.end,
         }
