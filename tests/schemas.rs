@@ -339,21 +339,7 @@ fn crowd_sizes(anonymised: &[Value], clear: &[Value]) -> Vec<usize> {
     anonymised
         .iter()
         .map(|a| {
-            let treatments = a["envelope"]["treatments"].as_object().unwrap();
-            let fields: Kept = a["record"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .map(|f| {
-                    (
-                        f.clone(),
-                        treatments
-                            .get(f)
-                            .and_then(Value::as_str)
-                            .map(str::to_string),
-                    )
-                })
-                .collect();
+            let fields = kept(a);
             let crowds = index.entry(fields.clone()).or_insert_with(|| {
                 let mut m = Crowds::new();
                 for c in clear {

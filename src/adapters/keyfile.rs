@@ -102,55 +102,22 @@ fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
         ),
         _ => {}
     }
-    let mut keys = Vec::new();
-    for (i, k) in raw.keys.iter().enumerate() {
-        let line = line_of(text, k.span().start);
-        let k = k.get_ref();
-        if let Some(j) = raw.keys[..i].iter().position(|o| o.get_ref().id == k.id) {
-            let first = line_of(text, raw.keys[j].span().start);
-            problems.push(format!(
-                "line {line}: keys[{i}]: key id {:?} is already used by keys[{j}] (line {first})",
-                k.id
-            ));
-            continue;
-        }
-        match hex::decode(k.secret_hex.trim()) {
-            Ok(secret) => match MasterKey::new(&k.id, &secret) {
-                Ok(m) => keys.push(m),
-                Err(e) => problems.push(format!("line {line}: keys[{i}]: {e}")),
-            },
-            Err(_) => problems.push(format!(
-                "line {line}: keys[{i}] ({}): secret_hex is not hex",
-                k.id
-            )),
-        }
-    }
-    let mut tokens = Vec::new();
-    for (i, k) in raw.token_keys.iter().enumerate() {
-        let line = line_of(text, k.span().start);
-        let k = k.get_ref();
-        if let Some(j) = raw.token_keys[..i]
-            .iter()
-            .position(|o| o.get_ref().key_id == k.key_id)
-        {
-            let first = line_of(text, raw.token_keys[j].span().start);
-            problems.push(format!(
-                "line {line}: token_keys[{i}]: key id {:?} is already used by token_keys[{j}] (line {first})",
-                k.key_id
-            ));
-            continue;
-        }
-        match hex::decode(k.secret_hex.trim()) {
-            Ok(secret) => match TokenKey::new(&k.key_id, &secret) {
-                Ok(t) => tokens.push(t),
-                Err(e) => problems.push(format!("line {line}: token_keys[{i}]: {e}")),
-            },
-            Err(_) => problems.push(format!(
-                "line {line}: token_keys[{i}] ({}): secret_hex is not hex",
-                k.key_id
-            )),
-        }
-    }
+    let keys = checked(
+        text,
+        "keys",
+        &raw.keys,
+        |k| (&k.id, &k.secret_hex),
+        MasterKey::new,
+        &mut problems,
+    );
+    let tokens = checked(
+        text,
+        "token_keys",
+        &raw.token_keys,
+        |k| (&k.key_id, &k.secret_hex),
+        TokenKey::new,
+        &mut problems,
+    );
     if !problems.is_empty() {
         return Err(fail(problems));
     }
@@ -159,6 +126,43 @@ fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
     } else {
         Keys::Master(keys)
     })
+}
+
+/// The entries of one key table, each made into a key by `make` from its id and decoded
+/// secret; every refused entry adds a problem at its line (never its secret).
+fn checked<R, K>(
+    text: &str,
+    table: &str,
+    entries: &[toml::Spanned<R>],
+    fields: impl Fn(&R) -> (&String, &String),
+    make: impl Fn(&str, &[u8]) -> Result<K, KeyError>,
+    problems: &mut Vec<String>,
+) -> Vec<K> {
+    let mut out = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let line = line_of(text, entry.span().start);
+        let (id, secret_hex) = fields(entry.get_ref());
+        if let Some(j) = entries[..i]
+            .iter()
+            .position(|o| fields(o.get_ref()).0 == id)
+        {
+            let first = line_of(text, entries[j].span().start);
+            problems.push(format!(
+                "line {line}: {table}[{i}]: key id {id:?} is already used by {table}[{j}] (line {first})"
+            ));
+            continue;
+        }
+        match hex::decode(secret_hex.trim()) {
+            Ok(secret) => match make(id, &secret) {
+                Ok(k) => out.push(k),
+                Err(e) => problems.push(format!("line {line}: {table}[{i}]: {e}")),
+            },
+            Err(_) => problems.push(format!(
+                "line {line}: {table}[{i}] ({id}): secret_hex is not hex"
+            )),
+        }
+    }
+    out
 }
 
 /// The master keys of a master key file, in file order. An exported token key file is
