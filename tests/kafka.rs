@@ -326,7 +326,19 @@ fn freshness_is_proven_past_markers_aborts_and_empty_partitions() {
     let b = broker();
     let dir = scratch("markers");
     let prefix = unique("markers");
-    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
+    // No pause on a stale table: a record routed before the table is proven current is
+    // routed fail closed at once, and counted. The staleness bound is generous, so a slow
+    // proof on a loaded machine does not count as an outage.
+    let (_, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            processing: "control_max_staleness_ms = 10000\nstale_pause_ms = 0",
+            ..Tweaks::default()
+        },
+    );
     let (policy, keys) = load(&cfg);
     create_topics(&cfg, &policy, 1, 3);
     let (a, bb, c) = ("+46709990011", "+46709990012", "+46709990013");
@@ -373,6 +385,17 @@ fn freshness_is_proven_past_markers_aborts_and_empty_partitions() {
     p.abort_transaction(t).unwrap();
     // Partition 2 stays empty.
 
+    // The records are there before the run starts: none may be routed before the first
+    // proof that the table is current.
+    let granted = state_after(&grants);
+    let (ra, rb, rc) = (
+        records_of(a, "a", 20),
+        records_of(bb, "b", 20),
+        records_of(c, "c", 20),
+    );
+    for r in [&ra, &rb, &rc] {
+        produce(&b.bootstrap, &cfg.input_topic, r);
+    }
     let run = InProcess::start(&cfg);
     let store = run.handles.store.clone();
     wait_for(
@@ -387,12 +410,6 @@ fn freshness_is_proven_past_markers_aborts_and_empty_partitions() {
     );
     assert_eq!(store.refused.load(Ordering::Relaxed), 1);
 
-    let granted = state_after(&grants);
-    let (ra, rb, rc) = (
-        records_of(a, "a", 20),
-        records_of(bb, "b", 20),
-        records_of(c, "c", 20),
-    );
     let mut want = copies_of(&ra, &policy, &keys, &granted);
     add(&mut want, copies_of(&rb, &policy, &keys, &granted));
     add(
@@ -405,9 +422,6 @@ fn freshness_is_proven_past_markers_aborts_and_empty_partitions() {
         "A and B get marketing copies, C none"
     );
     let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
-    for r in [&ra, &rb, &rc] {
-        produce(&b.bootstrap, &cfg.input_topic, r);
-    }
     offsets.wait_at_end(&b.bootstrap, "every record");
     assert_eq!(
         run.handles.stats.fail_closed.load(Ordering::Relaxed),

@@ -561,7 +561,7 @@ fn run(a: RunArgs) -> Result<()> {
                         // The operator insists: nothing is lost (the open transaction is
                         // aborted by the broker or the next instance), only time.
                         tracing::warn!(signal = name, "second signal: exiting at once");
-                        std::process::exit(130);
+                        exit_now(130);
                     }
                     tracing::info!(signal = name, ?shutdown_timeout, "stopping");
                     stop.notify_one();
@@ -574,7 +574,7 @@ fn run(a: RunArgs) -> Result<()> {
                             ?shutdown_timeout,
                             "the stop did not finish in time; exiting with its transaction left to the broker's timeout"
                         );
-                        std::process::exit(1);
+                        exit_now(1);
                     });
                 }
             });
@@ -584,6 +584,15 @@ fn run(a: RunArgs) -> Result<()> {
     })?;
     tracing::info!(stats = %stats.line(), "stopped");
     Ok(())
+}
+
+/// Ends the process at once with `code`, from any thread. `std::process::exit` would run
+/// the C library's exit handlers (OpenSSL's among them) while librdkafka's threads still
+/// use them, which can crash the exit itself; nothing buffered is lost, since logs go to
+/// stderr unbuffered.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes no pointers and never returns; it only ends the process.
+    unsafe { libc::_exit(code) }
 }
 
 /// Loads a policy file, or a shipped policy by name when no file of that name exists: a

@@ -379,7 +379,10 @@ impl Settings {
         }
     }
 
-    fn properties(&mut self, table: &str) -> BTreeMap<String, String> {
+    /// The librdkafka properties under `table`, each checked. Under exactly once, the
+    /// idempotent producer may not be turned off (transactions need it); at least once
+    /// leaves it to the operator, since brokers without transactions often lack it too.
+    fn properties(&mut self, table: &str, exactly_once: bool) -> BTreeMap<String, String> {
         let prefix = format!("{table}.");
         let keys: Vec<String> = self
             .leaves
@@ -401,6 +404,19 @@ impl Settings {
                 );
                 continue;
             }
+            if exactly_once
+                && name == "enable.idempotence"
+                && leaf
+                    .as_property()
+                    .is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "true" | "1"))
+            {
+                self.problem(
+                    origin,
+                    &k,
+                    "exactly_once needs the idempotent producer; remove this or use guarantee = \"at_least_once\"",
+                );
+                continue;
+            }
             match leaf.as_property() {
                 // librdkafka checks a property's name and value when it is set; asking it
                 // here, one property at a time, lists every bad one in a single run.
@@ -413,7 +429,7 @@ impl Settings {
                     }
                     Err(e) => {
                         let message = e.to_string();
-                        let message = if secret_name(&name) {
+                        let message = if secret_name(&name) && !v.is_empty() {
                             message.replace(v.as_str(), "***")
                         } else {
                             message
@@ -524,9 +540,10 @@ pub fn parse(
         ],
     );
     let transactional_id = s.string("kafka.transactional_id", Some(""));
-    let properties = s.properties("kafka.properties");
-    let consumer_properties = s.properties("kafka.consumer_properties");
-    let producer_properties = s.properties("kafka.producer_properties");
+    let eos = guarantee == Guarantee::ExactlyOnce;
+    let properties = s.properties("kafka.properties", eos);
+    let consumer_properties = s.properties("kafka.consumer_properties", eos);
+    let producer_properties = s.properties("kafka.producer_properties", eos);
 
     let input = s.string("topics.input", Some("cdr.raw"));
     let control = s.string("topics.control", Some("subscriber.control"));
@@ -635,24 +652,6 @@ pub fn parse(
         (_, Some((t, _))) => t,
         (_, None) => String::new(),
     };
-    // Transactions need the idempotent producer; at least once leaves it to the operator
-    // (on by default), since brokers without transactions often lack it too.
-    if guarantee == Guarantee::ExactlyOnce {
-        for table in ["properties", "producer_properties"] {
-            let map = if table == "properties" {
-                &properties
-            } else {
-                &producer_properties
-            };
-            if map.get("enable.idempotence").is_some_and(|v| v != "true") {
-                s.problem(
-                    Origin::Default,
-                    &format!("kafka.{table}.\"enable.idempotence\""),
-                    "exactly_once needs the idempotent producer; remove this or use guarantee = \"at_least_once\"",
-                );
-            }
-        }
-    }
     // The broker aborts a transaction open longer than transaction.timeout.ms; a commit
     // interval near it would have every transaction fenced before it commits.
     let txn_timeout = producer_properties
@@ -968,10 +967,17 @@ commit_interval_ms = 5
         );
         let e = parse(&off, "c.toml", Path::new("."), env(&[])).unwrap_err();
         assert!(
-            e.to_string()
-                .contains("kafka.producer_properties.\"enable.idempotence\": exactly_once needs"),
+            e.to_string().contains(
+                "c.toml:8: kafka.producer_properties.\"enable.idempotence\": exactly_once needs"
+            ),
             "{e}"
         );
+        // librdkafka's other spellings of true are accepted.
+        let one = off.replace(
+            "\"enable.idempotence\" = false",
+            "\"enable.idempotence\" = \"1\"",
+        );
+        assert!(parse(&one, "c.toml", Path::new("."), env(&[])).is_ok());
         let alo = off.replace(
             "group_id = \"g\"",
             "group_id = \"g\"\nguarantee = \"at_least_once\"",

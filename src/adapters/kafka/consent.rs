@@ -217,6 +217,15 @@ impl ConsentStore {
         }
     }
 
+    /// Whether a readable event's key names another msisdn than its payload (a control
+    /// producer that keys differently would defeat holding back its unreadable events).
+    fn key_names_another(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> bool {
+        let (Some((keyed, _)), Some(p)) = (split_key(key), payload) else {
+            return false;
+        };
+        json::decode_control(p).is_ok_and(|ev| ev.msisdn.as_str() != keyed)
+    }
+
     /// A readable event or a tombstone under `key` replaces whatever was unreadable there.
     fn clear_suspect(&self, key: Option<&[u8]>) {
         if self.suspect_count.load(Ordering::Acquire) == 0 {
@@ -442,18 +451,36 @@ fn follow(
     // fetch.wait.max.ms, so it runs on a thread of its own: applying events never waits
     // for a round trip.
     let prover_stop = AtomicBool::new(false);
+    // Counts the apply loop's passes: see `prove` for why a proof waits for one.
+    let passes = AtomicU64::new(0);
     std::thread::scope(|scope| {
+        // Set however the apply loop ends, a panic included: the scope waits for the
+        // prover, so the prover must end too for this thread to end (and the run to
+        // notice).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _stop_prover = StopOnDrop(&prover_stop);
         let prover = std::thread::Builder::new()
             .name("cdrguard-control-proof".into())
             .spawn_scoped(scope, || {
-                prove(&consumer, topic, partitions, store, &prover_stop)
+                prove(
+                    &consumer,
+                    topic,
+                    partitions,
+                    store,
+                    &passes,
+                    [stop, &prover_stop],
+                )
             });
         let Ok(prover) = prover else {
             tracing::error!("cannot start the control-topic prover thread");
             return;
         };
-        apply_events(&consumer, topic, partitions, store, stop, &prover);
-        prover_stop.store(true, Ordering::Release);
+        apply_events(&consumer, topic, partitions, store, stop, &passes, &prover);
     });
 }
 
@@ -466,13 +493,16 @@ fn apply_events(
     partitions: &[i32],
     store: &ConsentStore,
     stop: &AtomicBool,
+    passes: &AtomicU64,
     prover: &std::thread::ScopedJoinHandle<'_, ()>,
 ) {
     // Partitions that have not reported their end since they were assigned: the initial
     // read is over once none is left.
     let mut unread: Vec<i32> = partitions.to_vec();
     let throttle = super::Throttle::default();
+    let mismatch = super::Throttle::default();
     while !stop.load(Ordering::Relaxed) {
+        passes.fetch_add(1, Ordering::AcqRel);
         if prover.is_finished() {
             tracing::error!("the control-topic prover thread stopped");
             return;
@@ -481,6 +511,19 @@ fn apply_events(
             None => {}
             Some(Ok(m)) => match store.apply_message(m.key(), m.payload()) {
                 Ok(()) => {
+                    // Unreadable events hold back the subscriber their key names; that
+                    // only works if keys spell the msisdn as payloads do.
+                    if store.key_names_another(m.key(), m.payload())
+                        && let Some(held) = mismatch.ready()
+                    {
+                        tracing::warn!(
+                            topic,
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            held_back = held,
+                            "control event keyed under another msisdn than it names; key control events msisdn/type[/purpose]"
+                        );
+                    }
                     // Only live events: the initial read replays history, whose age says
                     // nothing about how fast changes take effect.
                     if let Some(ts) = m.timestamp().to_millis().filter(|_| store.caught_up()) {
@@ -528,22 +571,30 @@ fn apply_events(
 /// for every partition's bounds, notes when it asked, and confirms the table as of that
 /// instant once the consumer's position has reached them. Also picks up partitions added
 /// to the control topic.
+///
+/// librdkafka moves the position past a message while handing it out, before the apply
+/// loop has applied it. So a proof, once the position has reached the bounds, waits for
+/// the apply loop to start a new pass (`passes` moves on): the pass that took the last
+/// message has then applied it.
 fn prove(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
     partitions: &[i32],
     store: &ConsentStore,
-    stop: &AtomicBool,
+    passes: &AtomicU64,
+    stops: [&AtomicBool; 2],
 ) {
+    let stopped = || stops.iter().any(|s| s.load(Ordering::Acquire));
     let mut parts: Vec<i32> = partitions.to_vec();
     let mut last_metadata = Instant::now();
+    let throttle = super::Throttle::default();
     let pause = |d: Duration| {
         let until = Instant::now() + d;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        while Instant::now() < until && !stopped() {
             std::thread::sleep(REACH_EVERY);
         }
     };
-    while !stop.load(Ordering::Relaxed) {
+    while !stopped() {
         if !store.caught_up() {
             pause(REACH_EVERY);
             continue;
@@ -559,13 +610,27 @@ fn prove(
         // round trip, from ever looking stale. Past TARGET_MAX_AGE the bounds are asked
         // for again, so a partition truncated or recreated under us cannot wedge it.
         let asked = Instant::now();
-        if let Some(b) = bounds(consumer, topic, &parts) {
-            while !stop.load(Ordering::Relaxed) && asked.elapsed() <= TARGET_MAX_AGE {
-                if reached(consumer, topic, &parts, &b) {
-                    store.confirm(asked);
-                    break;
+        match bounds(consumer, topic, &parts) {
+            Ok(b) => {
+                let mut applied_after: Option<u64> = None;
+                while !stopped() && asked.elapsed() <= TARGET_MAX_AGE {
+                    match applied_after {
+                        None if reached(consumer, topic, &parts, &b) => {
+                            applied_after = Some(passes.load(Ordering::Acquire));
+                        }
+                        Some(pass) if passes.load(Ordering::Acquire) > pass => {
+                            store.confirm(asked);
+                            break;
+                        }
+                        _ => {}
+                    }
+                    std::thread::sleep(REACH_EVERY);
                 }
-                std::thread::sleep(REACH_EVERY);
+            }
+            Err(e) => {
+                if let Some(held) = throttle.ready() {
+                    tracing::warn!(topic, error = %e, held_back = held, "cannot prove the consent table current");
+                }
             }
         }
         pause(CHECK_EVERY.saturating_sub(started.elapsed()));
@@ -629,39 +694,35 @@ fn bounds(
     consumer: &BaseConsumer<ControlContext>,
     topic: &str,
     parts: &[i32],
-) -> Option<Vec<Bounds>> {
-    let ask = |at: Offset| -> Option<Vec<i64>> {
+) -> Result<Vec<Bounds>, KafkaError> {
+    let ask = |at: Offset| -> Result<Vec<i64>, KafkaError> {
         let mut query = TopicPartitionList::new();
         for part in parts {
             // Timestamps -1 and -2 ask for the latest and the earliest offset.
-            query.add_partition_offset(topic, *part, at).ok()?;
+            query.add_partition_offset(topic, *part, at)?;
         }
-        let answer = consumer
-            .offsets_for_times(query, Duration::from_secs(2))
-            .ok()?;
+        let answer = consumer.offsets_for_times(query, Duration::from_secs(2))?;
         parts
             .iter()
             .map(|part| {
-                match answer
+                let e = answer
                     .find_partition(topic, *part)
-                    .filter(|e| e.error().is_ok())
-                    .map(|e| e.offset())
-                {
-                    Some(Offset::Offset(o)) => Some(o),
-                    _ => None,
+                    .ok_or(KafkaError::OffsetFetch(RDKafkaErrorCode::UnknownPartition))?;
+                e.error()?;
+                match e.offset() {
+                    Offset::Offset(o) => Ok(o),
+                    _ => Err(KafkaError::OffsetFetch(RDKafkaErrorCode::NoOffset)),
                 }
             })
             .collect()
     };
     let end = ask(Offset::End)?;
     let earliest = ask(Offset::Beginning)?;
-    Some(
-        earliest
-            .into_iter()
-            .zip(end)
-            .map(|(earliest, end)| Bounds { earliest, end })
-            .collect(),
-    )
+    Ok(earliest
+        .into_iter()
+        .zip(end)
+        .map(|(earliest, end)| Bounds { earliest, end })
+        .collect())
 }
 
 /// Whether every partition has been read up to `bounds` (from [`bounds`], same order).

@@ -290,9 +290,11 @@ pub async fn run(
     };
 
     let result = async {
-        // Fail closed from the first record: none is routed before the table is whole.
+        // Fail closed from the first record: none is routed before the table is whole and
+        // proven current (a round trip after the initial read; routing before it would
+        // pause, or with a short stale_pause_ms route fail closed, at every start).
         let mut waited = 0u64;
-        while !store.caught_up() {
+        while !store.fresh(std::time::Instant::now()) {
             if stopping.load(Ordering::Acquire) || follower_died.load(Ordering::Acquire) {
                 break;
             }
@@ -347,11 +349,17 @@ pub async fn run(
                     break Err(RunError::Internal("the control-topic follower stopped".into()));
                 }
                 Ok(()) => break Ok(()),
-                // A stop whose last commit failed: its transaction was aborted (or is left
-                // to the broker's timeout), and its records are read again by whoever owns
-                // them next. Nothing is lost, so the stop is still a clean one (logged by
-                // the pipeline).
-                Err(_) if stopping.load(Ordering::Acquire) => break Ok(()),
+                // A stop whose last commit failed: its transaction was ended (or is left
+                // to the broker's timeout), and records not committed are read again by
+                // whoever owns them next. Nothing is lost, so the stop is still a clean one
+                // (logged by the pipeline).
+                Err(PipelineError::FinalCommit(_)) => break Ok(()),
+                // A failure a rebuild would overcome, met while stopping: there is nothing
+                // left to rebuild for.
+                Err(e) if stopping.load(Ordering::Acquire) && e.restartable() => {
+                    tracing::warn!(error = %e, "the pipeline failed while stopping");
+                    break Ok(());
+                }
                 Err(e) if e.restartable() => {
                     if e.fenced() {
                         fenced.retain(|t| t.elapsed() < FENCING_WINDOW);

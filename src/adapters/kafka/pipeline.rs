@@ -127,6 +127,10 @@ pub enum PipelineError {
     /// The group consumer hit a fatal error (e.g. a fenced static member).
     #[error("group consumer: {0}")]
     ConsumerFatal(KafkaError),
+    /// A stop's last commit failed; its transaction was ended (see `run_pipeline`), so
+    /// nothing is lost.
+    #[error("the last commit of a stop failed: {0}")]
+    FinalCommit(Box<PipelineError>),
 }
 
 impl PipelineError {
@@ -331,10 +335,11 @@ impl Shared {
 
     /// Registers newly assigned partitions and starts their tasks.
     async fn assign(self: &Arc<Self>, parts: &[i32]) {
-        let _g = self.commit_lock.lock().await;
+        // Before the lock: it may ask the broker, and commits should not wait for that.
         if let Some(&top) = parts.iter().max() {
             self.check_schedule_partitions(top);
         }
+        let _g = self.commit_lock.lock().await;
         for &p in parts {
             let exists = self
                 .slots
@@ -1015,13 +1020,27 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         })
     };
 
+    // A stop is seen even when a failure is ready too; whether the failure came first is
+    // told by `failed` below, not by which branch won.
     let stop_requested = tokio::select! {
+        biased;
         _ = stop.notified() => {
             tracing::info!("stopping: committing the open transaction");
             true
         }
         _ = shared.fail_notify.notified() => false,
     };
+    let stopped_at = Instant::now();
+    let failed_before_stop = shared
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some();
+    if stop_requested {
+        // The last commit, with its retries, gets half the stop's time; aborting what it
+        // could not finish gets most of the rest (see below).
+        shared.sink.finish_by(stopped_at + cfg.shutdown_timeout / 2);
+    }
     shared.closing.store(true, Ordering::Release);
     shutdown.notify_one();
     let _ = coordinator.await;
@@ -1039,23 +1058,32 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
             if stop_requested && cfg.guarantee == Guarantee::ExactlyOnce && !e.fenced() {
                 // Stopping for good: no next producer may come soon, and until the broker
                 // times the transaction out, read_committed readers of every route wait
-                // behind it. A new producer under the same transactional id aborts it now.
+                // behind it. A new producer under the same transactional id ends it now:
+                // it aborts it, or completes it if its commit had already reached the
+                // coordinator (records and offsets together either way).
                 let producer_config = inputs.producer_config.clone();
-                let aborted = tokio::task::spawn_blocking(move || {
-                    Sink::create(&producer_config, Guarantee::ExactlyOnce).map(drop)
+                let until = stopped_at + cfg.shutdown_timeout * 4 / 5;
+                let ended = tokio::task::spawn_blocking(move || {
+                    Sink::create_until(&producer_config, Guarantee::ExactlyOnce, Some(until))
+                        .map(drop)
                 })
                 .await;
-                match aborted {
-                    Ok(Ok(())) => {
-                        tracing::warn!(error = %e, "the last commit failed; its transaction was aborted (its records are read again by the next owner)");
-                    }
+                match ended {
+                    Ok(Ok(())) => tracing::warn!(
+                        error = %e,
+                        "the last commit failed; a new producer ended its transaction (records not committed are read again by the next owner)"
+                    ),
                     _ => tracing::error!(
                         error = %e,
-                        "the last commit failed and its transaction could not be aborted; the broker aborts it after transaction.timeout.ms"
+                        "the last commit failed and its transaction could not be ended; the broker aborts it after transaction.timeout.ms"
                     ),
                 }
             }
-            Err(e)
+            if stop_requested && !failed_before_stop {
+                Err(PipelineError::FinalCommit(Box::new(e)))
+            } else {
+                Err(e)
+            }
         }
     };
     let slots = shared.snapshot();

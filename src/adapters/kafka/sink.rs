@@ -3,8 +3,9 @@
 //! transaction (exactly once) or by flushing before the offsets are committed (at least
 //! once).
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -114,13 +115,17 @@ fn classify(e: KafkaError) -> SinkError {
 }
 
 /// Repeats a transactional call while librdkafka says the same call may be retried
-/// (e.g. a commit that timed out: aborting then would be refused as a conflict).
-fn retry(mut op: impl FnMut() -> Result<(), SinkError>) -> Result<(), SinkError> {
-    let deadline = std::time::Instant::now() + RETRY_FOR;
+/// (e.g. a commit that timed out: aborting then would be refused as a conflict), for
+/// [`RETRY_FOR`] or until `until`, whichever comes first.
+fn retry(
+    until: Option<Instant>,
+    mut op: impl FnMut() -> Result<(), SinkError>,
+) -> Result<(), SinkError> {
+    let deadline = earliest(Instant::now() + RETRY_FOR, until);
     loop {
         match op() {
             Ok(()) => return Ok(()),
-            Err(SinkError::Retriable(e)) if std::time::Instant::now() < deadline => {
+            Err(SinkError::Retriable(e)) if Instant::now() < deadline => {
                 tracing::warn!(error = %e, "transactional call failed; retrying it");
             }
             Err(SinkError::Retriable(e)) => return Err(classify(e)),
@@ -139,9 +144,28 @@ fn retry(mut op: impl FnMut() -> Result<(), SinkError>) -> Result<(), SinkError>
 fn guarded(
     producer: &ThreadedProducer<SinkContext>,
     what: &'static str,
-    op: impl FnOnce(&ThreadedProducer<SinkContext>) -> Result<(), KafkaError> + Send + 'static,
+    until: Option<Instant>,
+    op: impl FnOnce(&ThreadedProducer<SinkContext>, Duration) -> Result<(), KafkaError> + Send + 'static,
 ) -> Result<(), SinkError> {
-    guarded_for(producer, what, TXN_TIMEOUT + HUNG_GRACE, op)
+    let timeout = call_timeout(until);
+    guarded_for(
+        producer,
+        what,
+        timeout + HUNG_GRACE.min(timeout),
+        move |p| op(p, timeout),
+    )
+}
+
+/// The earlier of `at` and `until`.
+fn earliest(at: Instant, until: Option<Instant>) -> Instant {
+    until.map_or(at, |u| u.min(at))
+}
+
+/// How long one transactional call may take: [`TXN_TIMEOUT`], or what is left before
+/// `until` (a stop's deadline), but never nothing.
+fn call_timeout(until: Option<Instant>) -> Duration {
+    let left = until.map_or(TXN_TIMEOUT, |u| u.saturating_duration_since(Instant::now()));
+    left.min(TXN_TIMEOUT).max(Duration::from_millis(100))
 }
 
 fn guarded_for(
@@ -183,6 +207,9 @@ pub struct Sink {
     /// Set when the pipeline fails: sends stop at once instead of waiting for a queue
     /// that a broken transaction will never drain.
     abandoned: AtomicBool,
+    /// Set when the run stops: transactional calls and their retries end by then, so the
+    /// stop can still abort what they could not finish.
+    until: Mutex<Option<Instant>>,
 }
 
 /// One message to send.
@@ -204,13 +231,22 @@ impl Sink {
     /// earlier instance with the same transactional id and aborting its open
     /// transaction) and begins the first one. Blocks: call from a blocking context.
     pub fn create(client: &ClientConfig, guarantee: Guarantee) -> Result<Sink, SinkError> {
+        Sink::create_until(client, guarantee, None)
+    }
+
+    /// [`Sink::create`], giving up on initialising transactions at `until`.
+    pub fn create_until(
+        client: &ClientConfig,
+        guarantee: Guarantee,
+        until: Option<Instant>,
+    ) -> Result<Sink, SinkError> {
         let producer: ThreadedProducer<SinkContext> = client
             .create_with_context(SinkContext::default())
             .map_err(SinkError::Client)?;
         if guarantee == Guarantee::ExactlyOnce {
-            retry(|| {
-                guarded(&producer, "init_transactions", |p| {
-                    p.init_transactions(TXN_TIMEOUT)
+            retry(until, || {
+                guarded(&producer, "init_transactions", until, |p, t| {
+                    p.init_transactions(t)
                 })
             })?;
             producer.begin_transaction().map_err(classify)?;
@@ -220,7 +256,17 @@ impl Sink {
             guarantee,
             failed_seen: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
+            until: Mutex::new(None),
         })
+    }
+
+    /// From now on, transactional calls and their retries end by `until`.
+    pub fn finish_by(&self, until: Instant) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+    }
+
+    fn until(&self) -> Option<Instant> {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues one message. A full local queue is waited out (the producer thread drains
@@ -267,17 +313,23 @@ impl Sink {
                     let cgm: ConsumerGroupMetadata =
                         consumer.group_metadata().ok_or(SinkError::NotInGroup)?;
                     let cgm = std::sync::Arc::new(cgm);
-                    retry(|| {
+                    retry(self.until(), || {
                         let (offsets, cgm) = (offsets.clone(), cgm.clone());
-                        guarded(&self.producer, "send_offsets_to_transaction", move |p| {
-                            p.send_offsets_to_transaction(&offsets, &cgm, TXN_TIMEOUT)
-                        })
+                        guarded(
+                            &self.producer,
+                            "send_offsets_to_transaction",
+                            self.until(),
+                            move |p, t| p.send_offsets_to_transaction(&offsets, &cgm, t),
+                        )
                     })?;
                 }
-                retry(|| {
-                    guarded(&self.producer, "commit_transaction", |p| {
-                        p.commit_transaction(TXN_TIMEOUT)
-                    })
+                retry(self.until(), || {
+                    guarded(
+                        &self.producer,
+                        "commit_transaction",
+                        self.until(),
+                        |p, t| p.commit_transaction(t),
+                    )
                 })?;
                 self.producer.begin_transaction().map_err(classify)
             }
@@ -285,7 +337,7 @@ impl Sink {
                 // Offsets follow delivery: every copy of every record up to the offsets
                 // must be acknowledged before they are committed.
                 self.producer
-                    .flush(TXN_TIMEOUT)
+                    .flush(call_timeout(self.until()))
                     .map_err(SinkError::Abortable)?;
                 let failed = self.producer.context().failed.load(Ordering::Relaxed);
                 if failed != self.failed_seen.swap(failed, Ordering::Relaxed) {
@@ -308,16 +360,16 @@ impl Sink {
     pub fn abort(&self) -> Result<(), SinkError> {
         match self.guarantee {
             Guarantee::ExactlyOnce => {
-                retry(|| {
-                    guarded(&self.producer, "abort_transaction", |p| {
-                        p.abort_transaction(TXN_TIMEOUT)
+                retry(self.until(), || {
+                    guarded(&self.producer, "abort_transaction", self.until(), |p, t| {
+                        p.abort_transaction(t)
                     })
                 })?;
                 self.producer.begin_transaction().map_err(classify)
             }
             // Already sent copies stay sent: at least once allows repeats.
             Guarantee::AtLeastOnce => {
-                let _ = self.producer.flush(TXN_TIMEOUT);
+                let _ = self.producer.flush(call_timeout(self.until()));
                 let failed = self.producer.context().failed.load(Ordering::Relaxed);
                 self.failed_seen.store(failed, Ordering::Relaxed);
                 Ok(())
