@@ -742,6 +742,90 @@ fn run_check_validates_and_lists_every_problem() {
     }
 }
 
+/// `cdrguard produce` feeds files into a configuration's topics keyed as `run` expects:
+/// control events by what they set, records by msisdn; an unreadable record is sent as it
+/// is (for the dead letter), an unreadable control line is skipped (a compacted topic
+/// takes no message without a key).
+#[test]
+fn produce_feeds_the_topics_keyed_as_run_expects() {
+    let b = broker();
+    let dir = scratch("produce");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &unique("produce"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 2);
+    let m = "+46709990021";
+    let mut records: Vec<u8> = Vec::new();
+    for (_, v) in records_of(m, "p", 3) {
+        records.extend_from_slice(&v);
+        records.push(b'\n');
+    }
+    records.extend_from_slice(b"{\"record_id\": 7}\n");
+    let controls = [consent(m, "analytics", true), objection(m, "marketing")];
+    let mut control: Vec<u8> = Vec::new();
+    for (_, v) in &controls {
+        control.extend_from_slice(v);
+        control.push(b'\n');
+    }
+    control.extend_from_slice(b"{\"type\":\"consent\"\n");
+    std::fs::write(dir.join("records.jsonl"), &records).unwrap();
+    std::fs::write(dir.join("control.jsonl"), &control).unwrap();
+
+    let out = cdrguard_command(&[])
+        .args(["produce", "--config"])
+        .arg(&path)
+        .arg("--records")
+        .arg(dir.join("records.jsonl"))
+        .arg("--control")
+        .arg(dir.join("control.jsonl"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("sent 2 control events") && stdout.contains("1 unreadable lines skipped"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("and 4 records") && stdout.contains("(1 unreadable, sent without a key)"),
+        "{stdout}"
+    );
+
+    let keys = |msgs: &[rdkafka::message::OwnedMessage]| -> Vec<Option<String>> {
+        let mut k: Vec<Option<String>> = msgs
+            .iter()
+            .map(|m| m.key().map(|k| String::from_utf8_lossy(k).into_owned()))
+            .collect();
+        k.sort();
+        k
+    };
+    let sent_control = read_to_end(&b.bootstrap, &cfg.control_topic);
+    assert_eq!(
+        keys(&sent_control),
+        [
+            Some(format!("{m}/consent/analytics")),
+            Some(format!("{m}/objection/marketing"))
+        ]
+    );
+    let sent_records = read_to_end(&b.bootstrap, &cfg.input_topic);
+    assert_eq!(
+        keys(&sent_records),
+        [None, Some(m.into()), Some(m.into()), Some(m.into())]
+    );
+    // Every message as it was in the file.
+    let unkeyed = sent_records.iter().find(|r| r.key().is_none()).unwrap();
+    assert_eq!(unkeyed.payload(), Some(&b"{\"record_id\": 7}"[..]));
+}
+
 /// Regression: processors inherited the test's environment, so the harness's own
 /// `CDRGUARD_TEST_BROKERS` (and any `CDRGUARD_` override in the developer's shell)
 /// reached `cdrguard run`, which reads its configuration from `CDRGUARD_` variables.

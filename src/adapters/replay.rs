@@ -95,45 +95,59 @@ struct Item<'b> {
     position: String,
 }
 
-/// Splits an input file into items: lines (JSON) or length-prefixed frames (binary). A
-/// truncated trailing frame becomes an item of its own so it reaches the dead letter.
-fn split<'b>(buf: &'b [u8], format: Format, name: &str) -> Vec<Item<'b>> {
+/// Where a frame of an input file starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// 1-based line (JSON lines).
+    Line(usize),
+    /// Byte offset of its length prefix (binary).
+    Offset(usize),
+}
+
+/// The frames of an input file: its non-blank lines (JSON; a trailing `\r` removed), or
+/// its length-prefixed frames (binary: a little-endian u32 length, then the record). A
+/// truncated trailing frame is a frame of its own, so it reaches the dead letter.
+pub fn frames(buf: &[u8], format: Format) -> Vec<(Place, &[u8])> {
     let mut out = Vec::new();
     match format {
         Format::Json => {
             for (i, line) in buf.split(|b| *b == b'\n').enumerate() {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    out.push((Place::Line(i + 1), line));
                 }
-                out.push(Item {
-                    bytes: line,
-                    position: format!("{name}:{}", i + 1),
-                });
             }
         }
         Format::Binary => {
             let mut off = 0usize;
             while off < buf.len() {
-                let position = format!("{name}@{off}");
                 let Some(len) = buf.get(off..off + 4) else {
-                    out.push(Item {
-                        bytes: &buf[off..],
-                        position,
-                    });
+                    out.push((Place::Offset(off), &buf[off..]));
                     break;
                 };
                 let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
                 let end = (off + 4).saturating_add(len).min(buf.len());
-                out.push(Item {
-                    bytes: &buf[off + 4..end],
-                    position,
-                });
+                out.push((Place::Offset(off), &buf[off + 4..end]));
                 off = end;
             }
         }
     }
     out
+}
+
+/// [`frames`] with their positions as dead letters name them (`name:line`,
+/// `name@offset`).
+fn split<'b>(buf: &'b [u8], format: Format, name: &str) -> Vec<Item<'b>> {
+    frames(buf, format)
+        .into_iter()
+        .map(|(place, bytes)| Item {
+            bytes,
+            position: match place {
+                Place::Line(l) => format!("{name}:{l}"),
+                Place::Offset(o) => format!("{name}@{o}"),
+            },
+        })
+        .collect()
 }
 
 fn original(bytes: &[u8], format: Format) -> String {

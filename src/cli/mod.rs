@@ -78,6 +78,32 @@ enum Command {
     ///
     /// Example: cdrguard topics --config deploy/cdrguard.toml --partitions 12 --replication 3
     Topics(TopicsArgs),
+    /// Feed record and control-event files (as `generate` writes them) into a `run`
+    /// configuration's input and control topics, keyed as cdrguard expects: control
+    /// events first, then records. For trying a deployment out and for load tests.
+    ///
+    /// Example: cdrguard produce --config cdrguard.toml --control events.jsonl
+    ///   --records cdrs.jsonl
+    Produce(ProduceArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["records", "control"])))]
+struct ProduceArgs {
+    /// Configuration file, as for `run` (brokers, TLS/SASL properties, topics).
+    #[arg(long)]
+    config: PathBuf,
+    /// Records to send to the input topic, keyed by msisdn (unreadable ones are sent as
+    /// they are, without a key, so the dead-letter path can be tried too).
+    #[arg(long)]
+    records: Option<PathBuf>,
+    /// Encoding of the records file: JSON lines, or length-prefixed binary.
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
+    /// Control events (JSON lines) to send to the control topic, keyed by what they set
+    /// (unreadable lines are skipped: the compacted topic takes no message without a key).
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -434,6 +460,32 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Run(a) => run(a)?,
         Command::Topics(a) => topics(a)?,
+        Command::Produce(a) => {
+            use crate::adapters::kafka::{config, produce};
+            let cfg = config::load(&a.config, std::env::vars())?;
+            let bar = if progress {
+                indicatif::ProgressBar::new_spinner()
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let p = produce::produce_files(
+                &cfg,
+                a.control.as_deref(),
+                a.records.as_deref(),
+                a.format,
+                &|n| bar.set_message(format!("{n} messages sent")),
+            )?;
+            bar.finish_and_clear();
+            outln!(
+                "sent {} control events to {} ({} unreadable lines skipped) and {} records to {} ({} unreadable, sent without a key)",
+                p.control,
+                cfg.control_topic,
+                p.control_skipped,
+                p.records + p.records_unkeyed,
+                cfg.input_topic,
+                p.records_unkeyed
+            )?;
+        }
         Command::Keys(KeysCmd::Export { keys, purpose, out }) => {
             let ids = keyfile::export(&keys, purpose, &out)?;
             outln!(

@@ -8,10 +8,12 @@
 //! - [`pipeline`]: group consumer, per-partition tasks, commits and rebalances.
 //! - [`sink`]: the producer and the two delivery guarantees.
 //! - [`topics`]: the topics a configuration needs, and their creation.
+//! - [`produce`]: feeds record and control files into a configuration's topics.
 
 pub mod config;
 pub mod consent;
 pub mod pipeline;
+pub mod produce;
 pub mod sink;
 pub mod topics;
 
