@@ -664,6 +664,60 @@ fn broker_restart_mid_run_loses_nothing() {
     again.stop();
 }
 
+/// SIGTERM while the broker is down: the last commit cannot be made and its transaction
+/// cannot be ended, yet nothing is lost, so the stop is a clean one (status 0) and ends
+/// within `shutdown_timeout_ms`. When the broker is back, a new instance under the same
+/// transactional id aborts the left-over transaction and every copy arrives exactly once.
+#[test]
+fn sigterm_during_a_broker_outage_exits_cleanly_and_loses_nothing() {
+    let own = Broker::start(&scratch("outage-stop-broker"), None);
+    let s = Scenario::new(
+        &own.bootstrap,
+        Setup {
+            name: "outage-stop",
+            policy: "hektor-mobil",
+            partitions: 2,
+            records: 30_000,
+            subscribers: 2_000,
+            seed: 71,
+            tweaks: Tweaks::default(),
+            binary: false,
+        },
+    );
+    let log = s.dir.join("cdrguard.log");
+    let p = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(0.2);
+    own.stop();
+    note(&log, "---- broker stopped; SIGTERM ----");
+    let started = Instant::now();
+    let status = p.terminate();
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "a stop that loses nothing exits 0, got {status} (log: {})",
+        log.display()
+    );
+    let limit = Duration::from_secs(25);
+    assert!(
+        took < limit,
+        "the stop took {took:?}, past shutdown_timeout_ms ({limit:?})"
+    );
+    assert!(
+        log_lines(&log)
+            .iter()
+            .any(|l| l.contains("the last commit failed")),
+        "the last commit was expected to fail with the broker down (log: {})",
+        log.display()
+    );
+    let again = Broker::start(own.dir.as_ref().unwrap(), None);
+    note(&log, "---- broker started again; restarting ----");
+    let p = Processor::start(&s.path, &log, &[]);
+    let done = s.finish([p.into()]);
+    s.assert_exactly_once(&done);
+    s.assert_dead_letters(&done);
+    again.stop();
+}
+
 /// At-least-once mode (no transactions): after a `kill -9` and a restart every expected
 /// copy is present; repeats are allowed, losses and strangers are not.
 #[test]

@@ -229,6 +229,8 @@ pub struct Shared {
     /// Partitions of the schedule topic, as last seen: an input partition beyond them
     /// has nowhere to write its windows.
     schedule_partitions: AtomicUsize,
+    /// When a stop must have left the group by.
+    leave_by: Mutex<Option<Instant>>,
     stats: Arc<RunStats>,
     rt: tokio::runtime::Handle,
 }
@@ -917,6 +919,7 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         closing: AtomicBool::new(false),
         aborts_in_row: std::sync::atomic::AtomicU32::new(0),
         schedule_partitions: AtomicUsize::new(0),
+        leave_by: Mutex::new(None),
         stats: inputs.stats.clone(),
         rt: tokio::runtime::Handle::current(),
     });
@@ -1037,9 +1040,14 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
         .unwrap_or_else(|p| p.into_inner())
         .is_some();
     if stop_requested {
-        // The last commit, with its retries, gets half the stop's time; aborting what it
-        // could not finish gets most of the rest (see below).
-        shared.sink.finish_by(stopped_at + cfg.shutdown_timeout / 2);
+        // The stop's time is shared out: the last commit with its retries gets the first
+        // 40%, ending what it could not finish runs until 70%, leaving the group until
+        // 90%, and the rest is for closing the clients.
+        shared
+            .sink
+            .finish_by(stopped_at + cfg.shutdown_timeout * 2 / 5);
+        *shared.leave_by.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(stopped_at + cfg.shutdown_timeout * 9 / 10);
     }
     shared.closing.store(true, Ordering::Release);
     shutdown.notify_one();
@@ -1062,7 +1070,7 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
                 // it aborts it, or completes it if its commit had already reached the
                 // coordinator (records and offsets together either way).
                 let producer_config = inputs.producer_config.clone();
-                let until = stopped_at + cfg.shutdown_timeout * 4 / 5;
+                let until = stopped_at + cfg.shutdown_timeout * 7 / 10;
                 let ended = tokio::task::spawn_blocking(move || {
                     Sink::create_until(&producer_config, Guarantee::ExactlyOnce, Some(until))
                         .map(drop)
@@ -1131,7 +1139,10 @@ fn group_thread(
     // Leave the group here, where the revocation callback can run (it commits nothing:
     // the pipeline has committed already).
     consumer.unsubscribe();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut deadline = Instant::now() + Duration::from_secs(10);
+    if let Some(by) = *shared.leave_by.lock().unwrap_or_else(|p| p.into_inner()) {
+        deadline = deadline.min(by);
+    }
     while Instant::now() < deadline {
         let _ = consumer.poll(Duration::from_millis(100));
         if consumer
