@@ -25,6 +25,8 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_FOR: Duration = Duration::from_secs(120);
 /// How long past its own timeout a transactional call may take before it counts as hung.
 const HUNG_GRACE: Duration = Duration::from_secs(15);
+/// The same while a stop is under way: its deadline comes first.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Counts deliveries the broker refused after librdkafka's own retries: in at-least-once
 /// mode any such failure keeps the offsets from being committed.
@@ -118,14 +120,17 @@ fn classify(e: KafkaError) -> SinkError {
 /// (e.g. a commit that timed out: aborting then would be refused as a conflict), for
 /// [`RETRY_FOR`] or until `until`, whichever comes first.
 fn retry(
-    until: Option<Instant>,
+    until: &dyn Fn() -> Option<Instant>,
     mut op: impl FnMut() -> Result<(), SinkError>,
 ) -> Result<(), SinkError> {
-    let deadline = earliest(Instant::now() + RETRY_FOR, until);
+    let started = Instant::now();
     loop {
         match op() {
             Ok(()) => return Ok(()),
-            Err(SinkError::Retriable(e)) if Instant::now() < deadline => {
+            // `until` is asked each time: a stop may begin while a commit is retried.
+            Err(SinkError::Retriable(e))
+                if Instant::now() < earliest(started + RETRY_FOR, until()) =>
+            {
                 tracing::warn!(error = %e, "transactional call failed; retrying it");
             }
             Err(SinkError::Retriable(e)) => return Err(classify(e)),
@@ -144,16 +149,15 @@ fn retry(
 fn guarded(
     producer: &ThreadedProducer<SinkContext>,
     what: &'static str,
-    until: Option<Instant>,
+    until: &dyn Fn() -> Option<Instant>,
     op: impl FnOnce(&ThreadedProducer<SinkContext>, Duration) -> Result<(), KafkaError> + Send + 'static,
 ) -> Result<(), SinkError> {
-    let timeout = call_timeout(until);
-    guarded_for(
-        producer,
-        what,
-        timeout + HUNG_GRACE.min(timeout),
-        move |p| op(p, timeout),
-    )
+    let timeout = call_timeout(until());
+    // A call may overrun its own timeout (that is what this guards against): give it a
+    // grace period. A stop's deadline cuts the wait short (see `guarded_for`).
+    guarded_for(producer, what, timeout + HUNG_GRACE, until, move |p| {
+        op(p, timeout)
+    })
 }
 
 /// The earlier of `at` and `until`.
@@ -168,10 +172,13 @@ fn call_timeout(until: Option<Instant>) -> Duration {
     left.min(TXN_TIMEOUT).max(Duration::from_millis(100))
 }
 
+/// Waits at most `wait` for `op`, or until `until` (asked as it waits, so a stop that
+/// begins during a long call still ends it in time) plus a moment.
 fn guarded_for(
     producer: &ThreadedProducer<SinkContext>,
     what: &'static str,
     wait: Duration,
+    until: &dyn Fn() -> Option<Instant>,
     op: impl FnOnce(&ThreadedProducer<SinkContext>) -> Result<(), KafkaError> + Send + 'static,
 ) -> Result<(), SinkError> {
     let p = producer.clone();
@@ -182,7 +189,19 @@ fn guarded_for(
             let _ = tx.send(op(&p));
         })
         .map_err(|_| SinkError::Hung(what))?;
-    match rx.recv_timeout(wait) {
+    let started = Instant::now();
+    let answer = loop {
+        let deadline = earliest(started + wait, until().map(|u| u + STOP_GRACE));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            other => break other,
+        }
+    };
+    match answer {
         Ok(Ok(())) => Ok(()),
         Ok(Err(KafkaError::Transaction(t))) if t.is_retriable() => {
             Err(SinkError::Retriable(KafkaError::Transaction(t)))
@@ -244,6 +263,7 @@ impl Sink {
             .create_with_context(SinkContext::default())
             .map_err(SinkError::Client)?;
         if guarantee == Guarantee::ExactlyOnce {
+            let until = &|| until;
             retry(until, || {
                 guarded(&producer, "init_transactions", until, |p, t| {
                     p.init_transactions(t)
@@ -289,6 +309,11 @@ impl Sink {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    // A queue that does not drain (the broker is away) must not hold a
+                    // stop past its deadline.
+                    if self.until().is_some_and(|u| Instant::now() >= u) {
+                        return Err(SinkError::Abandoned);
+                    }
                     record = r;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -313,21 +338,21 @@ impl Sink {
                     let cgm: ConsumerGroupMetadata =
                         consumer.group_metadata().ok_or(SinkError::NotInGroup)?;
                     let cgm = std::sync::Arc::new(cgm);
-                    retry(self.until(), || {
+                    retry(&|| self.until(), || {
                         let (offsets, cgm) = (offsets.clone(), cgm.clone());
                         guarded(
                             &self.producer,
                             "send_offsets_to_transaction",
-                            self.until(),
+                            &|| self.until(),
                             move |p, t| p.send_offsets_to_transaction(&offsets, &cgm, t),
                         )
                     })?;
                 }
-                retry(self.until(), || {
+                retry(&|| self.until(), || {
                     guarded(
                         &self.producer,
                         "commit_transaction",
-                        self.until(),
+                        &|| self.until(),
                         |p, t| p.commit_transaction(t),
                     )
                 })?;
@@ -360,10 +385,13 @@ impl Sink {
     pub fn abort(&self) -> Result<(), SinkError> {
         match self.guarantee {
             Guarantee::ExactlyOnce => {
-                retry(self.until(), || {
-                    guarded(&self.producer, "abort_transaction", self.until(), |p, t| {
-                        p.abort_transaction(t)
-                    })
+                retry(&|| self.until(), || {
+                    guarded(
+                        &self.producer,
+                        "abort_transaction",
+                        &|| self.until(),
+                        |p, t| p.abort_transaction(t),
+                    )
                 })?;
                 self.producer.begin_transaction().map_err(classify)
             }
@@ -404,23 +432,60 @@ mod tests {
     fn a_call_that_does_not_return_is_reported_hung_not_waited_for() {
         let p = producer();
         let started = std::time::Instant::now();
-        let r = guarded_for(&p, "test call", Duration::from_millis(100), |_| {
-            std::thread::sleep(Duration::from_secs(3));
-            Ok(())
-        });
+        let r = guarded_for(
+            &p,
+            "test call",
+            Duration::from_millis(100),
+            &|| None,
+            |_| {
+                std::thread::sleep(Duration::from_secs(3));
+                Ok(())
+            },
+        );
         assert!(matches!(r, Err(SinkError::Hung("test call"))), "{r:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
+    fn a_stop_that_begins_during_a_long_call_cuts_the_wait_short() {
+        let p = producer();
+        let started = Instant::now();
+        // The stop's deadline is set while the call is under way.
+        let until = std::sync::Mutex::new(None);
+        let stop_at = started + Duration::from_millis(300);
+        let r = guarded_for(
+            &p,
+            "long call",
+            Duration::from_secs(30),
+            &|| {
+                let mut u = until.lock().unwrap();
+                if Instant::now() >= started + Duration::from_millis(100) {
+                    *u = Some(stop_at);
+                }
+                *u
+            },
+            |_| {
+                std::thread::sleep(Duration::from_secs(5));
+                Ok(())
+            },
+        );
+        assert!(matches!(r, Err(SinkError::Hung("long call"))), "{r:?}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "waited {took:?}, past the stop's deadline"
+        );
+    }
+
+    #[test]
     fn call_results_are_classified() {
         let p = producer();
-        assert!(guarded_for(&p, "ok", Duration::from_secs(5), |_| Ok(())).is_ok());
-        let r = guarded_for(&p, "refused", Duration::from_secs(5), |_| {
+        assert!(guarded_for(&p, "ok", Duration::from_secs(5), &|| None, |_| Ok(())).is_ok());
+        let r = guarded_for(&p, "refused", Duration::from_secs(5), &|| None, |_| {
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::State))
         });
         assert!(matches!(r, Err(SinkError::Abortable(_))), "{r:?}");
-        let fenced = guarded_for(&p, "fenced", Duration::from_secs(5), |_| {
+        let fenced = guarded_for(&p, "fenced", Duration::from_secs(5), &|| None, |_| {
             Err(KafkaError::MessageProduction(
                 RDKafkaErrorCode::ProducerFenced,
             ))
