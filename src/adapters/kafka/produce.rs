@@ -5,15 +5,13 @@
 //! load tests; production input comes from the operator's own mediation.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use super::config::RunConfig;
+use super::sink::SinkContext;
 use crate::adapters::replay::frames;
 use crate::codec::{Format, binary, json};
 
@@ -50,28 +48,6 @@ pub enum ProduceError {
     Undelivered(u64),
 }
 
-/// Counts deliveries the broker refused.
-#[derive(Default)]
-struct Deliveries {
-    failed: AtomicU64,
-    throttle: super::Throttle,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, m)) = r {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            // Topic and error only: the message holds identifiers.
-            if let Some(held) = self.throttle.ready() {
-                tracing::warn!(topic = m.topic(), error = %e, held_back = held, "delivery failed");
-            }
-        }
-    }
-}
-
 fn read(path: &Path) -> Result<Vec<u8>, ProduceError> {
     std::fs::read(path).map_err(|source| ProduceError::Read {
         file: path.display().to_string(),
@@ -99,8 +75,9 @@ pub fn produce_files(
         .set("linger.ms", "5")
         // Java clients' partitioner, like `run`'s, so keys land where Java expects them.
         .set("partitioner", "murmur2_random");
-    let producer: ThreadedProducer<Deliveries> =
-        client.create_with_context(Deliveries::default())?;
+    // The sink's context: delivery failures counted, and logged by topic and error only.
+    let producer: ThreadedProducer<SinkContext> =
+        client.create_with_context(SinkContext::default())?;
     let mut out = Produced::default();
     let mut sent = 0u64;
     let mut send = |topic: &str, key: Option<&[u8]>, payload: &[u8]| -> Result<(), KafkaError> {
@@ -158,7 +135,7 @@ pub fn produce_files(
     }
     producer.flush(Duration::from_secs(120))?;
     progress(sent);
-    match producer.context().failed.load(Ordering::Relaxed) {
+    match producer.context().failed() {
         0 => Ok(out),
         n => Err(ProduceError::Undelivered(n)),
     }

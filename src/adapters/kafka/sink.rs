@@ -37,6 +37,13 @@ pub struct SinkContext {
     delivery_throttle: super::Throttle,
 }
 
+impl SinkContext {
+    /// Deliveries the broker refused so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
 impl ClientContext for SinkContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         super::client_log(&self.throttle, "producer", level, fac, message);
