@@ -20,7 +20,7 @@ use crate::core::purpose::Purpose;
 pub const MIN_SUBSCRIBERS: usize = 5;
 
 /// Anonymised copies of one window, encoded, with `T` for whatever else the writer needs
-/// to send one (Kafka headers).
+/// to write one.
 pub struct Holdback<T> {
     held: Vec<Held<T>>,
     /// Subscribers are told apart by a keyed hash that lives only in memory: a copy never
@@ -56,19 +56,9 @@ impl<T> Holdback<T> {
         });
     }
 
-    /// Copies held.
-    pub fn len(&self) -> usize {
-        self.held.len()
-    }
-
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
-    }
-
-    /// Forgets everything held (an aborted transaction).
-    pub fn clear(&mut self) {
-        self.held.clear();
     }
 
     /// Releases the window: every copy whose content at least `min_subscribers` distinct

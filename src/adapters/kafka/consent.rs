@@ -96,6 +96,8 @@ pub struct ConsentStore {
     suspects: DashMap<Box<str>, Vec<Box<str>>>,
     /// Entries in `suspects`, so the common case (none) costs one atomic load per record.
     suspect_count: std::sync::atomic::AtomicUsize,
+    /// Readable events keyed under another msisdn than they name.
+    pub mismatched_keys: AtomicU64,
     /// Commit-to-effect delays.
     pub delays: DelayHistogram,
 }
@@ -140,6 +142,7 @@ impl ConsentStore {
             refused: AtomicU64::new(0),
             suspects: DashMap::new(),
             suspect_count: std::sync::atomic::AtomicUsize::new(0),
+            mismatched_keys: AtomicU64::new(0),
             delays: DelayHistogram::default(),
         }
     }
@@ -217,15 +220,6 @@ impl ConsentStore {
         }
     }
 
-    /// Whether a readable event's key names another msisdn than its payload (a control
-    /// producer that keys differently would defeat holding back its unreadable events).
-    fn key_names_another(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> bool {
-        let (Some((keyed, _)), Some(p)) = (split_key(key), payload) else {
-            return false;
-        };
-        json::decode_control(p).is_ok_and(|ev| ev.msisdn.as_str() != keyed)
-    }
-
     /// A readable event or a tombstone under `key` replaces whatever was unreadable there.
     fn clear_suspect(&self, key: Option<&[u8]>) {
         if self.suspect_count.load(Ordering::Acquire) == 0 {
@@ -296,6 +290,11 @@ impl ConsentStore {
         match payload {
             Some(p) => {
                 let ev = json::decode_control(p)?;
+                // Unreadable events hold back the subscriber their key names, which only
+                // works if keys spell the msisdn as payloads do.
+                if split_key(key).is_some_and(|(keyed, _)| keyed != ev.msisdn.as_str()) {
+                    self.mismatched_keys.fetch_add(1, Ordering::Relaxed);
+                }
                 self.states
                     .entry(ev.msisdn.as_str().into())
                     .or_default()
@@ -501,6 +500,7 @@ fn apply_events(
     let mut unread: Vec<i32> = partitions.to_vec();
     let throttle = super::Throttle::default();
     let mismatch = super::Throttle::default();
+    let mut mismatches_seen = 0;
     while !stop.load(Ordering::Relaxed) {
         passes.fetch_add(1, Ordering::AcqRel);
         if prover.is_finished() {
@@ -511,18 +511,18 @@ fn apply_events(
             None => {}
             Some(Ok(m)) => match store.apply_message(m.key(), m.payload()) {
                 Ok(()) => {
-                    // Unreadable events hold back the subscriber their key names; that
-                    // only works if keys spell the msisdn as payloads do.
-                    if store.key_names_another(m.key(), m.payload())
-                        && let Some(held) = mismatch.ready()
-                    {
-                        tracing::warn!(
-                            topic,
-                            partition = m.partition(),
-                            offset = m.offset(),
-                            held_back = held,
-                            "control event keyed under another msisdn than it names; key control events msisdn/type[/purpose]"
-                        );
+                    let mismatched = store.mismatched_keys.load(Ordering::Relaxed);
+                    if mismatched > mismatches_seen {
+                        mismatches_seen = mismatched;
+                        if let Some(held) = mismatch.ready() {
+                            tracing::warn!(
+                                topic,
+                                partition = m.partition(),
+                                offset = m.offset(),
+                                held_back = held,
+                                "control event keyed under another msisdn than it names; key control events msisdn/type[/purpose]"
+                            );
+                        }
                     }
                     // Only live events: the initial read replays history, whose age says
                     // nothing about how fast changes take effect.
@@ -851,6 +851,15 @@ mod tests {
         s.apply_message(Some(other.as_bytes()), None).unwrap();
         assert_eq!(s.suspects(), 0);
         assert!(s.view(a, true).consented.contains(Purpose::Analytics));
+        // A readable event keyed under another msisdn is counted: such keys would keep an
+        // unreadable event from holding back the subscriber it names.
+        assert_eq!(s.mismatched_keys.load(Ordering::Relaxed), 0);
+        s.apply_message(
+            Some(format!("{b}/consent/analytics").as_bytes()),
+            Some(format!(r#"{{"type":"consent","msisdn":"{a}","at":"2026-01-03T00:00:00.000Z","purpose":"analytics","granted":true}}"#).as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(s.mismatched_keys.load(Ordering::Relaxed), 1);
         // Without a key naming a subscriber, nobody can be held back; it is only counted.
         assert!(s.apply_message(None, Some(b"nonsense")).is_err());
         assert_eq!(s.suspects(), 0);

@@ -24,7 +24,6 @@ use tokio::sync::Notify;
 use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
-use crate::adapters::holdback::Holdback;
 use crate::codec::{self, Format, binary, json};
 use crate::core::process::{Decision, process_into};
 use crate::core::pseudonym::Keyring;
@@ -171,9 +170,9 @@ struct SlotState {
     windows: WindowBatch,
     /// Set by an abort: seek here before reading on.
     rewind: Option<i64>,
-    /// Anonymised copies made since the last commit, sent sorted at the commit (see
-    /// [`Shared::commit_locked`]).
-    anonymised: Holdback<OwnedHeaders>,
+    /// Anonymised copies made since the last commit (route, copy, headers), sent sorted
+    /// at the commit (see [`Shared::commit_locked`]).
+    anonymised: Vec<(Purpose, Vec<u8>, OwnedHeaders)>,
 }
 
 struct Slot {
@@ -537,13 +536,10 @@ impl Shared {
         // (Fewer subscribers share a transaction than a month of files, so nothing is
         // withheld here; a window with a minimum count needs state that outlives a
         // transaction.)
-        let mut anonymised = Vec::new();
-        for g in guards.iter_mut() {
-            let _ = g.anonymised.release(1, |p, bytes, headers| {
-                anonymised.push((p, bytes.to_vec(), headers));
-                Ok::<(), ()>(())
-            });
-        }
+        let mut anonymised: Vec<_> = guards
+            .iter_mut()
+            .flat_map(|g| g.anonymised.drain(..))
+            .collect();
         anonymised.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         for (p, payload, headers) in anonymised {
             if let Some(topic) = self.cfg.routes[p as usize].as_deref() {
@@ -831,12 +827,8 @@ impl Shared {
                     }
                     let entry = c.schedule_entry();
                     if c.is_anonymised() {
-                        st.anonymised.hold(
-                            c.envelope.purpose,
-                            scratch.buf.clone(),
-                            &r.msisdn,
-                            headers,
-                        );
+                        st.anonymised
+                            .push((c.envelope.purpose, scratch.buf.clone(), headers));
                     } else {
                         self.sink
                             .send(Out {
