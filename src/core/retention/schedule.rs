@@ -1,81 +1,51 @@
-//! The retention schedule: groups copies into windows per route and subscriber, starts
-//! clocks on anchors, and yields one expiry per window once its deadline has passed.
+//! The retention schedule in memory: every open window of one policy's routes, and the
+//! expiries they yield once their deadline has passed.
 //!
-//! Pure and deterministic: time comes in as arguments. The file replay keeps it in
-//! memory; the Kafka retention service persists the same windows per partition.
+//! It must hold millions of windows in little memory (a day of CDRs opens one window per
+//! route, subscriber and day or hour), so most windows are a number: an event-time window
+//! is its UTC day (its bounds and deadline follow from the day and the route's rule), and
+//! an invoice window still waiting for its settlement is its hour. Those are kept as
+//! sorted day or hour numbers per route and subject, 4 bytes each, and event-time windows
+//! are armed per deadline, route and day with the lines that hold one. Windows with bounds
+//! or a deadline of their own (settled periods, contract windows, windows a right ended)
+//! are rare and kept in full.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 
-use serde::Serialize;
+use hashbrown::HashTable;
+use smallvec::SmallVec;
 
-use super::control::{Change, ControlEvent};
-use super::process::{ScheduleEntry, subscriber_ref};
-use super::pseudonym::Keyring;
-use super::purpose::Purpose;
-use super::time::{DAY_MS, HOUR_MS, Millis};
-use super::treat::Text;
+use super::{ENDED_BASE, Expiry, Reason, bucket_of, event_time_deadline, span_of, window_of};
+use crate::core::control::{Change, ControlEvent};
+use crate::core::process::{ScheduleEntry, subscriber_ref};
+use crate::core::pseudonym::Keyring;
+use crate::core::purpose::Purpose;
+use crate::core::time::{DAY_MS, HOUR_MS, Millis};
+use crate::core::treat::Text;
 use crate::policy::{Anchor, Policy, Retention};
 
-/// Why a window expires.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// Consent for the route was withdrawn (Art. 7(3), 17(1)(b)).
+/// Why a window kept in full expires: its rule, or the right that ended it early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    Rule,
     ConsentWithdrawn,
-    /// The subscriber objected (Art. 21).
     Objection,
-    /// The subscriber asked for erasure (Art. 17).
     Erasure,
-    /// The retention rule ran out (carries the rule id).
-    #[serde(untagged)]
-    Rule(String),
 }
 
-/// A retention-expiry event (DESIGN.md): downstream deletes the window's copies.
-///
-/// Its window bounds are bucket bounds (a UTC day or an hour), never a record's own time:
-/// a pseudonymised route's copies carry the hour at most, and an exact time here would let
-/// anyone holding both routes link the pseudonym to a billing record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Expiry {
-    /// Always `retention_expired`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// The route whose store must delete.
-    pub route: &'static str,
-    /// The purpose (same id as the route).
-    pub purpose: Purpose,
-    /// The subscriber as that route's copies carry it; `None` for anonymised copies.
-    pub subscriber: Option<String>,
-    /// Start of the window's first bucket.
-    pub window_start: Millis,
-    /// Last instant of the window's last bucket (inclusive), e.g. `23:59:59.999`.
-    pub window_end: Millis,
-    /// When the copies had to be deleted by.
-    pub deadline: Millis,
-    /// The rule id, or the right that ended the copies early.
-    pub reason: Reason,
-    /// `policy@version`.
-    pub policy: String,
-}
-
-/// Buckets of windows ended early by a right sit far below every day or hour bucket, one
-/// per event instant, so a later right never relabels or re-times an earlier one.
-const ENDED_BASE: i64 = i64::MIN / 2;
-
-/// Whether a bucket key is a window still running under its rule (not one a right ended).
-fn is_rule_bucket(b: i64) -> bool {
-    b >= ENDED_BASE / 2
-}
-
-#[derive(Clone, Debug)]
+/// A window kept in full.
+#[derive(Clone, Copy, Debug)]
 struct Window {
+    /// The hour of a settled period's start, a late invoice hour, 0 for a contract
+    /// window, or `ENDED_BASE + instant` for a window a right ended.
+    bucket: i64,
     /// Start of the first bucket covered.
     from: Millis,
     /// Last instant of the last bucket covered.
     to: Millis,
     deadline: Option<Millis>,
-    reason: Reason,
+    why: Why,
 }
 
 impl Window {
@@ -84,11 +54,6 @@ impl Window {
         self.to = self.to.max(to);
     }
 }
-
-/// All windows of one route and subscriber, by bucket: the day of the record time for
-/// event-time rules, the hour for invoice rules until the invoice is settled (then the
-/// period's first hour holds the merged window), one bucket for contract-anchored rules.
-type Buckets = BTreeMap<i64, Window>;
 
 /// A settled invoice period of one route and subscriber, remembered until its deadline
 /// so a record arriving after the settlement gets the settled deadline at once.
@@ -99,212 +64,193 @@ struct Settlement {
     deadline: Millis,
 }
 
-/// The retention schedule of one policy.
+/// What a line holds besides bare day or hour numbers. Rare, so boxed: most lines never
+/// need it.
 #[derive(Debug, Default)]
-pub struct Schedule {
-    subjects: [HashMap<Box<str>, Buckets>; Purpose::COUNT],
-    due: BTreeSet<(Millis, u8, Box<str>, i64)>,
-    /// Settled periods per route and subject, and when each may be forgotten.
-    settled: [HashMap<Box<str>, Vec<Settlement>>; Purpose::COUNT],
-    forget: BTreeSet<(Millis, u8, Box<str>)>,
-    policy: String,
+struct Rest {
+    windows: Vec<Window>,
+    settled: Vec<Settlement>,
 }
 
-fn bucket_of(anchor: Anchor, t: Millis) -> i64 {
-    match anchor {
-        Anchor::ContractEnd => 0,
-        Anchor::EventTime => t.0.div_euclid(DAY_MS),
-        Anchor::InvoiceSettled => t.0.div_euclid(HOUR_MS),
-    }
-}
-
-/// The record times a copy's window stands for: the UTC day holding `t` (event-time and
-/// contract rules) or its hour (invoice rules), as first and last instant. Expiries and
-/// schedule entries carry only these, never the record's own time, so they reveal no
-/// finer time than any route's copies (generalised copies carry the hour).
-pub fn span_of(anchor: Anchor, t: Millis) -> (Millis, Millis) {
-    let unit = match anchor {
-        Anchor::InvoiceSettled => HOUR_MS,
-        Anchor::EventTime | Anchor::ContractEnd => DAY_MS,
-    };
-    let start = t.0.div_euclid(unit) * unit;
-    (Millis(start), Millis(start + (unit - 1)))
-}
-
-/// The deadline of the event-time window holding `t`: the period after the end of its
-/// UTC day, so never before any of the window's records' own deadline.
-pub fn event_time_deadline(rule: &Retention, t: Millis) -> Millis {
-    rule.period
-        .after(Millis((t.0.div_euclid(DAY_MS) + 1) * DAY_MS))
-}
-
-/// The window a copy falls in (its bucket) and the window's deadline where the copy alone
-/// decides it: event-time rules always, contract-anchored rules once the contract ended.
-/// Invoice-anchored windows wait for their settlement.
-pub fn window_of(e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) -> (i64, Option<Millis>) {
-    let rule = e.rule;
-    let deadline = match rule.anchor {
-        Anchor::EventTime => Some(event_time_deadline(rule, e.record_time)),
-        Anchor::ContractEnd => contract_ended.map(|t| rule.period.after(t)),
-        Anchor::InvoiceSettled => None,
-    };
-    (bucket_of(rule.anchor, e.record_time), deadline)
-}
-
-/// A retention window opened or extended by copies since the last flush: what the Kafka
-/// runtime writes to the schedule topic, in the same transaction as the copies.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct WindowUpdate<'p> {
-    /// Always `retention_window`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// Route holding the copies.
-    pub route: &'static str,
-    /// Purpose (same id as the route).
-    pub purpose: Purpose,
-    /// The subscriber as the route's copies name them; `None` for anonymised copies.
-    pub subscriber: Option<String>,
-    /// Bucket of the window: UTC day (event time), hour (invoice) or 0 (contract).
-    pub bucket: i64,
-    /// Start of the bucket (for contract rules: of the first UTC day with a copy in this
-    /// batch). Never a record's own time (see [`span_of`]).
-    pub window_start: Millis,
-    /// Last instant of the bucket (for contract rules: of the last UTC day with a copy in
-    /// this batch), inclusive.
-    pub window_end: Millis,
-    /// The clock's anchor.
-    pub anchor: &'static str,
-    /// The rule id.
-    pub rule: &'p str,
-    /// The retention period, e.g. `6 months`.
-    pub after: &'p str,
-    /// The deadline if the copies alone decide it, else `None` (set later by a control
-    /// event: invoice settlement or contract end).
-    pub deadline: Option<Millis>,
-    /// `policy@version`.
-    pub policy: &'p str,
-}
-
-impl WindowUpdate<'_> {
-    /// The compaction key: one per route, subscriber and window.
-    pub fn key(&self) -> String {
-        format!(
-            "{}/{}/{}",
-            self.purpose.id(),
-            self.subscriber.as_deref().unwrap_or(""),
-            self.bucket
-        )
-    }
-}
-
+/// One route's windows on one subject.
 #[derive(Debug)]
-struct Pending {
-    from: Millis,
-    to: Millis,
-    deadline: Option<Millis>,
+struct Line {
+    purpose: Purpose,
+    /// The subject as the route's copies name them; empty for anonymised copies.
+    subject: Box<str>,
+    /// Event-time rules: the UTC days of open windows. Invoice rules: the hours of
+    /// windows waiting for their settlement. Ascending.
+    numbers: SmallVec<[i32; 4]>,
+    rest: Option<Box<Rest>>,
+    /// False once every window is gone and the slot waits for reuse.
+    live: bool,
 }
 
-/// Windows touched since the last flush, one entry per route, subscriber and bucket, so a
-/// subscriber with many records in one batch yields one update, not one per copy.
-#[derive(Debug, Default)]
-pub struct WindowBatch {
-    /// By subject first, so the common case (a subscriber already seen in this batch) is
-    /// found without allocating a key; a subject has few windows per batch.
-    windows: HashMap<Box<str>, Vec<(u8, i64, Pending)>>,
-    count: usize,
+impl Line {
+    fn is_empty(&self) -> bool {
+        self.numbers.is_empty()
+            && self
+                .rest
+                .as_ref()
+                .is_none_or(|r| r.windows.is_empty() && r.settled.is_empty())
+    }
+
+    fn windows(&mut self) -> &mut Vec<Window> {
+        &mut self.rest.get_or_insert_default().windows
+    }
+
+    fn window(&mut self, bucket: i64) -> Option<&mut Window> {
+        self.rest
+            .as_mut()?
+            .windows
+            .iter_mut()
+            .find(|w| w.bucket == bucket)
+    }
 }
 
-impl WindowBatch {
-    /// Notes a copy's window.
-    pub fn add(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
-        let (bucket, deadline) = window_of(e, contract_ended);
-        let (from, to) = span_of(e.rule.anchor, e.record_time);
-        let subject = e.subscriber.unwrap_or("");
-        let list = match self.windows.get_mut(subject) {
-            Some(l) => l,
-            None => self.windows.entry(subject.into()).or_default(),
-        };
-        let p = e.purpose as u8;
-        if let Some((_, _, w)) = list.iter_mut().find(|(q, b, _)| *q == p && *b == bucket) {
-            w.from = w.from.min(from);
-            w.to = w.to.max(to);
-            return;
+/// Day and hour numbers fit an `i32` for every instant a record can carry (years 0 to
+/// 9999 are within +-90 million hours of 1970).
+fn number(unit: i64, t: Millis) -> i32 {
+    i32::try_from(t.0.div_euclid(unit)).unwrap_or(if t.0 < 0 { i32::MIN } else { i32::MAX })
+}
+
+fn unit_span(unit: i64, n: i32) -> (Millis, Millis) {
+    let start = n as i64 * unit;
+    (Millis(start), Millis(start + unit - 1))
+}
+
+/// Inserts into an ascending list; false if it was there.
+fn insert_sorted(list: &mut SmallVec<[i32; 4]>, n: i32) -> bool {
+    // Records come in time order, so the new number is almost always the last.
+    match list.last() {
+        Some(&l) if l < n => {
+            list.push(n);
+            true
         }
-        list.push((p, bucket, Pending { from, to, deadline }));
-        self.count += 1;
+        None => {
+            list.push(n);
+            true
+        }
+        _ => match list.binary_search(&n) {
+            Ok(_) => false,
+            Err(i) => {
+                list.insert(i, n);
+                true
+            }
+        },
     }
+}
 
-    /// Windows pending.
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    /// Whether nothing is pending.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Takes every pending update, leaving the batch empty.
-    pub fn drain<'a>(&'a mut self, policy: &'a Policy) -> impl Iterator<Item = WindowUpdate<'a>> {
-        self.count = 0;
-        let flat = self.windows.drain().flat_map(|(subject, l)| {
-            l.into_iter()
-                .map(move |(p, b, w)| (subject.clone(), p, b, w))
-        });
-        flat.filter_map(move |(subject, p, bucket, w)| {
-            let purpose = Purpose::ALL[p as usize];
-            let rule = &policy.rule(purpose)?.retention;
-            Some(WindowUpdate {
-                kind: "retention_window",
-                route: purpose.id(),
-                purpose,
-                subscriber: (!subject.is_empty()).then(|| subject.into_string()),
-                bucket,
-                window_start: w.from,
-                window_end: w.to,
-                anchor: rule.anchor.id(),
-                rule: &rule.rule_id,
-                after: &rule.after,
-                deadline: w.deadline,
-                policy: &policy.tag,
-            })
-        })
-    }
-
-    /// Forgets everything pending (the transaction that would have carried it aborted).
-    pub fn clear(&mut self) {
-        self.windows.clear();
-        self.count = 0;
-    }
+/// The retention schedule of one policy.
+#[derive(Debug)]
+pub struct Schedule {
+    policy: String,
+    /// Each declared purpose's rule.
+    rules: [Option<Retention>; Purpose::COUNT],
+    /// Lines by id; a free line's slot is reused.
+    lines: Vec<Line>,
+    free: Vec<u32>,
+    /// Line ids by route and subject.
+    index: HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+    /// Event-time windows by deadline: for each route and day, the lines holding one.
+    /// A line that lost the day since (a right ended it) is skipped when it comes up.
+    days_due: BTreeMap<(Millis, u8, i32), Vec<u32>>,
+    /// Windows kept in full, by deadline. An entry whose window changed since is skipped
+    /// when it comes up.
+    timed_due: BTreeSet<(Millis, u32, i64)>,
+    /// When each line's remembered settlements may be forgotten.
+    forget: BTreeSet<(Millis, u32)>,
+    open: usize,
 }
 
 impl Schedule {
     /// An empty schedule for a policy's copies.
     pub fn new(policy: &Policy) -> Schedule {
+        let mut rules: [Option<Retention>; Purpose::COUNT] = Default::default();
+        for r in policy.declared() {
+            rules[r.purpose as usize] = Some(r.retention.clone());
+        }
         Schedule {
             policy: policy.tag.clone(),
-            ..Default::default()
+            rules,
+            lines: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+            hasher: Default::default(),
+            days_due: BTreeMap::new(),
+            timed_due: BTreeSet::new(),
+            forget: BTreeSet::new(),
+            open: 0,
         }
     }
 
     /// How many windows are open (for metrics and tests).
     pub fn open_windows(&self) -> usize {
-        self.subjects
-            .iter()
-            .flat_map(|m| m.values())
-            .map(BTreeMap::len)
-            .sum()
+        self.open
     }
 
-    fn arm(&mut self, p: Purpose, subject: &str, bucket: i64, deadline: Millis) {
-        self.due.insert((deadline, p as u8, subject.into(), bucket));
+    fn find(&self, p: Purpose, subject: &str) -> Option<u32> {
+        let h = self.hasher.hash_one((p as u8, subject));
+        self.index
+            .find(h, |&id| {
+                let l = &self.lines[id as usize];
+                l.purpose == p && &*l.subject == subject
+            })
+            .copied()
     }
 
-    fn disarm(&mut self, p: Purpose, subject: &str, bucket: i64, w: &Window) {
-        if let Some(d) = w.deadline {
-            self.due
-                .remove(&(d, p as u8, Box::<str>::from(subject), bucket));
+    /// The line of a route and subject, made if there is none.
+    fn line(&mut self, p: Purpose, subject: &str) -> u32 {
+        if let Some(id) = self.find(p, subject) {
+            return id;
         }
+        let line = Line {
+            purpose: p,
+            subject: subject.into(),
+            numbers: SmallVec::new(),
+            rest: None,
+            live: true,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.lines[id as usize] = line;
+                id
+            }
+            None => {
+                self.lines.push(line);
+                u32::try_from(self.lines.len() - 1).expect("fewer than 2^32 lines")
+            }
+        };
+        let (lines, hasher) = (&self.lines, &self.hasher);
+        let h = hasher.hash_one((p as u8, subject));
+        self.index.insert_unique(h, id, |&i| {
+            let l = &lines[i as usize];
+            hasher.hash_one((l.purpose as u8, &*l.subject))
+        });
+        id
+    }
+
+    /// Frees a line that holds nothing any more.
+    fn release_if_empty(&mut self, id: u32) {
+        let l = &self.lines[id as usize];
+        if !l.live || !l.is_empty() {
+            return;
+        }
+        let h = self.hasher.hash_one((l.purpose as u8, &*l.subject));
+        if let Ok(e) = self.index.find_entry(h, |&i| i == id) {
+            e.remove();
+        }
+        let l = &mut self.lines[id as usize];
+        l.live = false;
+        l.subject = Box::default();
+        l.numbers = SmallVec::new();
+        l.rest = None;
+        self.free.push(id);
+    }
+
+    fn arm(&mut self, id: u32, bucket: i64, deadline: Millis) {
+        self.timed_due.insert((deadline, id, bucket));
     }
 
     /// The bucket and deadline of an invoice-anchored copy at `t`. Inside a remembered
@@ -312,9 +258,14 @@ impl Schedule {
     /// deadline. Before a remembered period, its own period was settled earlier and is
     /// already forgotten (settlements come in period order, see the README), so the
     /// earliest later settlement's deadline bounds it. Otherwise it waits.
-    fn invoice_window(&self, p: Purpose, subject: &str, t: Millis) -> (i64, Option<Millis>) {
+    fn invoice_window(&self, id: u32, t: Millis) -> (i64, Option<Millis>) {
         let hour = bucket_of(Anchor::InvoiceSettled, t);
-        let Some(list) = self.settled[p as usize].get(subject) else {
+        let Some(list) = self.lines[id as usize]
+            .rest
+            .as_ref()
+            .map(|r| &r.settled)
+            .filter(|l| !l.is_empty())
+        else {
             return (hour, None);
         };
         if let Some(s) = list.iter().find(|s| s.start <= t && t < s.end) {
@@ -333,35 +284,85 @@ impl Schedule {
     /// late record on an invoice-anchored route gets its settled deadline the same way.
     pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
         let rule: &Retention = e.rule;
-        let subject = e.subscriber.unwrap_or("");
-        let p = e.purpose;
-        let (bucket, deadline) = match rule.anchor {
-            Anchor::InvoiceSettled => self.invoice_window(p, subject, e.record_time),
-            _ => window_of(e, contract_ended),
-        };
-        let (from, to) = span_of(rule.anchor, e.record_time);
-        let buckets = match self.subjects[p as usize].get_mut(subject) {
-            Some(b) => b,
-            None => self.subjects[p as usize].entry(subject.into()).or_default(),
-        };
-        match buckets.get_mut(&bucket) {
-            // An open window keeps its deadline: it is never earlier than the copy's own
-            // (same day, same contract end, or the same settlement).
-            Some(w) => w.widen(from, to),
-            None => {
-                buckets.insert(
-                    bucket,
-                    Window {
-                        from,
-                        to,
-                        deadline,
-                        reason: Reason::Rule(rule.rule_id.clone()),
-                    },
-                );
-                if let Some(d) = deadline {
-                    self.arm(p, subject, bucket, d);
+        let id = self.line(e.purpose, e.subscriber.unwrap_or(""));
+        match rule.anchor {
+            Anchor::EventTime => {
+                let day = number(DAY_MS, e.record_time);
+                if insert_sorted(&mut self.lines[id as usize].numbers, day) {
+                    self.open += 1;
+                    let deadline = event_time_deadline(rule, e.record_time);
+                    self.days_due
+                        .entry((deadline, e.purpose as u8, day))
+                        .or_default()
+                        .push(id);
                 }
             }
+            Anchor::InvoiceSettled => {
+                let (bucket, deadline) = self.invoice_window(id, e.record_time);
+                let span = span_of(rule.anchor, e.record_time);
+                self.place(id, rule.anchor, bucket, span, deadline);
+            }
+            Anchor::ContractEnd => {
+                let (bucket, deadline) = window_of(e, contract_ended);
+                let span = span_of(rule.anchor, e.record_time);
+                self.place(id, rule.anchor, bucket, span, deadline);
+            }
+        }
+    }
+
+    /// A copy's window on an invoice or contract route. An open window of its bucket
+    /// widens and keeps its deadline: it is never earlier than the copy's own (same
+    /// settlement, same contract end). A new invoice window that waits for its settlement
+    /// is a bare hour; any other is kept in full.
+    fn place(
+        &mut self,
+        id: u32,
+        anchor: Anchor,
+        bucket: i64,
+        (from, to): (Millis, Millis),
+        deadline: Option<Millis>,
+    ) {
+        let line = &mut self.lines[id as usize];
+        if let Some(w) = line.window(bucket) {
+            w.widen(from, to);
+            return;
+        }
+        if anchor == Anchor::InvoiceSettled
+            && let Ok(hour) = i32::try_from(bucket)
+        {
+            let own = unit_span(HOUR_MS, hour) == (from, to);
+            if let Ok(i) = line.numbers.binary_search(&hour) {
+                // Already waiting. A copy from another hour joining it (only possible
+                // after a settlement whose first hour still waits) makes it a full window.
+                if !own {
+                    line.numbers.remove(i);
+                    let (a, z) = unit_span(HOUR_MS, hour);
+                    line.windows().push(Window {
+                        bucket,
+                        from: a.min(from),
+                        to: z.max(to),
+                        deadline: None,
+                        why: Why::Rule,
+                    });
+                }
+                return;
+            }
+            if own && deadline.is_none() {
+                insert_sorted(&mut line.numbers, hour);
+                self.open += 1;
+                return;
+            }
+        }
+        line.windows().push(Window {
+            bucket,
+            from,
+            to,
+            deadline,
+            why: Why::Rule,
+        });
+        self.open += 1;
+        if let Some(d) = deadline {
+            self.timed_due.insert((d, id, bucket));
         }
     }
 
@@ -374,11 +375,11 @@ impl Schedule {
                 Change::Consent {
                     purpose,
                     granted: false,
-                } if rule.consent_key == Some(*purpose) => Some(Reason::ConsentWithdrawn),
+                } if rule.consent_key == Some(*purpose) => Some(Why::ConsentWithdrawn),
                 Change::Objection { purpose } if *purpose == p && rule.objection.stops => {
-                    Some(Reason::Objection)
+                    Some(Why::Objection)
                 }
-                Change::Erasure if rule.erasure.stops => Some(Reason::Erasure),
+                Change::Erasure if rule.erasure.stops => Some(Why::Erasure),
                 _ => None,
             };
             let settles = match (&ev.change, rule.retention.anchor) {
@@ -412,106 +413,115 @@ impl Schedule {
             }
             for (active, subject) in &subjects {
                 let subject = subject.as_str();
-                // No copy is written under an older key any more: only windows it already
-                // holds matter, and no settlement is remembered for it.
-                if !active && !self.subjects[p as usize].contains_key(subject) {
-                    continue;
-                }
-                if let Some(reason) = &ends {
-                    self.end(p, subject, reason.clone(), ev.at);
+                let existing = self.find(p, subject);
+                if let Some(why) = ends {
+                    if let Some(id) = existing {
+                        self.end(id, why, ev.at);
+                    }
                 } else if let Some((start, end)) = settles {
+                    // No copy is written under an older key any more: only windows it
+                    // already holds matter, and no settlement is remembered for it.
+                    let id = match (active, existing) {
+                        (true, _) => self.line(p, subject),
+                        (false, Some(id)) => id,
+                        (false, None) => continue,
+                    };
                     let deadline = rule.retention.period.after(ev.at);
-                    self.settle(p, subject, start, end, deadline, *active);
-                } else {
+                    self.settle(id, start, end, deadline, *active);
+                } else if let Some(id) = existing {
                     // The contract's clock: every window still waiting gets its deadline.
-                    let deadline = rule.retention.period.after(ev.at);
-                    self.start_waiting(p, subject, deadline, |_| true);
+                    self.start_waiting(id, rule.retention.period.after(ev.at));
                 }
             }
         }
     }
 
-    /// Gives every waiting window of a route and subject that `within` accepts a deadline.
-    fn start_waiting(
-        &mut self,
-        p: Purpose,
-        subject: &str,
-        deadline: Millis,
-        within: impl Fn(&Window) -> bool,
-    ) {
-        let Some(buckets) = self.subjects[p as usize].get_mut(subject) else {
-            return;
-        };
-        let mut armed = Vec::new();
-        for (b, w) in buckets.iter_mut() {
-            if is_rule_bucket(*b) && w.deadline.is_none() && within(w) {
-                w.deadline = Some(deadline);
-                armed.push(*b);
+    /// Gives every window of a line still waiting for its anchor a deadline.
+    fn start_waiting(&mut self, id: u32, deadline: Millis) {
+        let mut armed: SmallVec<[i64; 2]> = SmallVec::new();
+        if let Some(r) = self.lines[id as usize].rest.as_mut() {
+            for w in &mut r.windows {
+                if w.why == Why::Rule && w.deadline.is_none() {
+                    w.deadline = Some(deadline);
+                    armed.push(w.bucket);
+                }
             }
         }
         for b in armed {
-            self.arm(p, subject, b, deadline);
+            self.arm(id, b, deadline);
         }
     }
 
     /// Ends everything a route holds on a subject in one window, due at `at`. A window
     /// whose own deadline is at or before `at` is left to its rule: it ran out first.
-    fn end(&mut self, p: Purpose, subject: &str, reason: Reason, at: Millis) {
-        let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
+    fn end(&mut self, id: u32, why: Why, at: Millis) {
+        let p = self.lines[id as usize].purpose;
+        let Some(rule) = self.rules[p as usize].as_ref() else {
             return;
         };
-        let open: Vec<i64> = buckets
-            .iter()
-            .filter(|(b, w)| {
-                is_rule_bucket(**b)
-                    && matches!(w.reason, Reason::Rule(_))
-                    && w.deadline.is_none_or(|d| d > at)
-            })
-            .map(|(b, _)| *b)
-            .collect();
-        let mut merged: Option<Window> = None;
-        for b in open {
-            let Some(w) = buckets.remove(&b) else {
-                continue;
-            };
-            self.disarm(p, subject, b, &w);
-            match merged.as_mut() {
-                None => merged = Some(w),
-                Some(m) => m.widen(w.from, w.to),
-            }
-        }
-        if let Some(mut m) = merged {
-            m.deadline = Some(at);
-            m.reason = reason;
-            let key = ENDED_BASE + at.0;
-            match buckets.get_mut(&key) {
-                // Two rights at the same instant end the same copies once.
-                Some(w) => w.widen(m.from, m.to),
-                None => {
-                    self.arm(p, subject, key, at);
-                    buckets.insert(key, m);
+        let mut merged: Option<(Millis, Millis)> = None;
+        let mut merge = |from: Millis, to: Millis| {
+            merged = Some(merged.map_or((from, to), |(a, z)| (a.min(from), z.max(to))));
+        };
+        let line = &mut self.lines[id as usize];
+        let before = line.numbers.len();
+        match rule.anchor {
+            Anchor::EventTime => line.numbers.retain(|d| {
+                let (from, to) = unit_span(DAY_MS, *d);
+                let open = event_time_deadline(rule, from) > at;
+                if open {
+                    merge(from, to);
+                }
+                !open
+            }),
+            // Waiting hours have no deadline yet: every one is open.
+            _ => {
+                for h in line.numbers.drain(..) {
+                    let (from, to) = unit_span(HOUR_MS, h);
+                    merge(from, to);
                 }
             }
         }
-        if !buckets.is_empty() {
-            self.subjects[p as usize].insert(subject.into(), buckets);
+        let mut removed = before - line.numbers.len();
+        if let Some(r) = line.rest.as_mut() {
+            r.windows.retain(|w| {
+                let open = w.why == Why::Rule && w.deadline.is_none_or(|d| d > at);
+                if open {
+                    merge(w.from, w.to);
+                    removed += 1;
+                }
+                !open
+            });
         }
+        self.open -= removed;
+        if let Some((from, to)) = merged {
+            let key = ENDED_BASE + at.0;
+            match line.window(key) {
+                // Two rights at the same instant end the same copies once.
+                Some(w) => w.widen(from, to),
+                None => {
+                    line.windows().push(Window {
+                        bucket: key,
+                        from,
+                        to,
+                        deadline: Some(at),
+                        why,
+                    });
+                    self.open += 1;
+                    self.timed_due.insert((at, id, key));
+                }
+            }
+        }
+        self.release_if_empty(id);
     }
 
     /// Settles an invoice period: its hour windows still waiting become one window, due
     /// at `deadline`, and the period is remembered until then for late records if
     /// `remember` (records are written under the active key only).
-    fn settle(
-        &mut self,
-        p: Purpose,
-        subject: &str,
-        start: Millis,
-        end: Millis,
-        deadline: Millis,
-        remember: bool,
-    ) {
+    fn settle(&mut self, id: u32, start: Millis, end: Millis, deadline: Millis, remember: bool) {
+        let line = &mut self.lines[id as usize];
         let deadline = if remember {
-            let list = self.settled[p as usize].entry(subject.into()).or_default();
+            let list = &mut line.rest.get_or_insert_default().settled;
             // A repeated settlement of the same period does not restart its clock.
             let deadline = match list.iter_mut().find(|s| s.start == start && s.end == end) {
                 Some(s) => {
@@ -527,108 +537,203 @@ impl Schedule {
                     deadline
                 }
             };
-            self.forget.insert((deadline, p as u8, subject.into()));
+            self.forget.insert((deadline, id));
             deadline
         } else {
             deadline
         };
-        let Some(mut buckets) = self.subjects[p as usize].remove(subject) else {
-            return;
-        };
         // Periods are hour-aligned (control events refuse others), so an hour window is
         // either inside the period or outside it.
-        let inside: Vec<i64> = buckets
-            .iter()
-            .filter(|(b, w)| {
-                is_rule_bucket(**b) && w.deadline.is_none() && w.from >= start && w.to < end
-            })
-            .map(|(b, _)| *b)
-            .collect();
-        let mut merged: Option<Window> = None;
-        for b in inside {
-            if let Some(w) = buckets.remove(&b) {
-                match merged.as_mut() {
-                    None => merged = Some(w),
-                    Some(m) => m.widen(w.from, w.to),
-                }
+        let mut merged: Option<(Millis, Millis)> = None;
+        let mut merge = |from: Millis, to: Millis| {
+            merged = Some(merged.map_or((from, to), |(a, z)| (a.min(from), z.max(to))));
+        };
+        let before = line.numbers.len();
+        line.numbers.retain(|h| {
+            let (from, to) = unit_span(HOUR_MS, *h);
+            let inside = from >= start && to < end;
+            if inside {
+                merge(from, to);
             }
+            !inside
+        });
+        let mut removed = before - line.numbers.len();
+        if let Some(r) = line.rest.as_mut() {
+            r.windows.retain(|w| {
+                let inside =
+                    w.why == Why::Rule && w.deadline.is_none() && w.from >= start && w.to < end;
+                if inside {
+                    merge(w.from, w.to);
+                    removed += 1;
+                }
+                !inside
+            });
         }
-        if let Some(mut m) = merged {
-            let key = bucket_of(Anchor::InvoiceSettled, start);
-            let rearm = match buckets.get_mut(&key) {
-                // The period's first hour already holds a window with a deadline (an
-                // earlier settlement of the period, or a late record bounded by a later
-                // one): the earlier deadline holds for both.
-                Some(w) => {
-                    w.widen(m.from, m.to);
-                    let old = w.deadline;
-                    w.deadline = Some(old.map_or(deadline, |d| d.min(deadline)));
-                    (old != w.deadline).then_some(old)
-                }
-                None => {
-                    m.deadline = Some(deadline);
-                    buckets.insert(key, m);
-                    Some(None)
-                }
-            };
-            if let Some(old) = rearm {
-                if let Some(d) = old {
-                    self.due
-                        .remove(&(d, p as u8, Box::<str>::from(subject), key));
-                }
-                self.arm(p, subject, key, deadline);
+        self.open -= removed;
+        let Some((from, to)) = merged else {
+            return;
+        };
+        let key = bucket_of(Anchor::InvoiceSettled, start);
+        let rearm = match line.window(key) {
+            // The period's first hour already holds a window with a deadline (an earlier
+            // settlement of the period, or a late record bounded by a later one): the
+            // earlier deadline holds for both.
+            Some(w) => {
+                w.widen(from, to);
+                let old = w.deadline;
+                w.deadline = Some(old.map_or(deadline, |d| d.min(deadline)));
+                old != w.deadline
             }
-        }
-        if !buckets.is_empty() {
-            self.subjects[p as usize].insert(subject.into(), buckets);
+            None => {
+                line.windows().push(Window {
+                    bucket: key,
+                    from,
+                    to,
+                    deadline: Some(deadline),
+                    why: Why::Rule,
+                });
+                self.open += 1;
+                true
+            }
+        };
+        if rearm {
+            let d = self.lines[id as usize]
+                .window(key)
+                .and_then(|w| w.deadline)
+                .unwrap_or(deadline);
+            self.arm(id, key, d);
         }
     }
 
     /// Removes and returns every window whose deadline is at or before `now`, deadline
-    /// first. Each window yields exactly one expiry. Settlements whose deadline passed
-    /// are forgotten: a record of theirs arriving now is refused by `process`.
+    /// first (then route, subject and bucket). Each window yields exactly one expiry.
+    /// Settlements whose deadline passed are forgotten: a record of theirs arriving now is
+    /// refused by `process`.
     pub fn due(&mut self, now: Millis) -> Vec<Expiry> {
         let mut out = Vec::new();
-        while self.due.first().is_some_and(|f| f.0 <= now) {
-            let Some((deadline, p, subject, bucket)) = self.due.pop_first() else {
+        let mut batch: Vec<(Purpose, String, i64, Millis, Millis, Why)> = Vec::new();
+        loop {
+            let next = match (
+                self.days_due.first_key_value().map(|(k, _)| k.0),
+                self.timed_due.first().map(|k| k.0),
+            ) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => break,
+            };
+            if next > now {
                 break;
-            };
-            let purpose = Purpose::ALL[p as usize];
-            let map = &mut self.subjects[p as usize];
-            let Some(buckets) = map.get_mut(&subject) else {
-                continue;
-            };
-            let Some(w) = buckets.remove(&bucket) else {
-                continue;
-            };
-            if buckets.is_empty() {
-                map.remove(&subject);
             }
-            out.push(Expiry {
-                kind: "retention_expired",
-                route: purpose.id(),
-                purpose,
-                subscriber: (!subject.is_empty()).then(|| subject.to_string()),
-                window_start: w.from,
-                window_end: w.to,
-                deadline,
-                reason: w.reason,
-                policy: self.policy.clone(),
-            });
-        }
-        while self.forget.first().is_some_and(|f| f.0 <= now) {
-            let Some((_, p, subject)) = self.forget.pop_first() else {
-                break;
-            };
-            let map = &mut self.settled[p as usize];
-            if let Some(list) = map.get_mut(&subject) {
-                list.retain(|s| s.deadline > now);
-                if list.is_empty() {
-                    map.remove(&subject);
+            batch.clear();
+            while let Some(e) = self.days_due.first_entry() {
+                if e.key().0 != next {
+                    break;
+                }
+                let ((_, p, day), ids) = e.remove_entry();
+                for id in ids {
+                    let line = &mut self.lines[id as usize];
+                    if !line.live || line.purpose as u8 != p {
+                        continue;
+                    }
+                    let Ok(i) = line.numbers.binary_search(&day) else {
+                        continue;
+                    };
+                    line.numbers.remove(i);
+                    let (from, to) = unit_span(DAY_MS, day);
+                    batch.push((
+                        line.purpose,
+                        line.subject.to_string(),
+                        day as i64,
+                        from,
+                        to,
+                        Why::Rule,
+                    ));
+                    self.open -= 1;
+                    self.release_if_empty(id);
                 }
             }
+            while let Some(&(d, id, bucket)) = self.timed_due.first() {
+                if d != next {
+                    break;
+                }
+                self.timed_due.pop_first();
+                let line = &mut self.lines[id as usize];
+                if !line.live {
+                    continue;
+                }
+                let Some(r) = line.rest.as_mut() else {
+                    continue;
+                };
+                let Some(i) = r
+                    .windows
+                    .iter()
+                    .position(|w| w.bucket == bucket && w.deadline == Some(d))
+                else {
+                    continue;
+                };
+                let w = r.windows.swap_remove(i);
+                batch.push((
+                    line.purpose,
+                    line.subject.to_string(),
+                    w.bucket,
+                    w.from,
+                    w.to,
+                    w.why,
+                ));
+                self.open -= 1;
+                self.release_if_empty(id);
+            }
+            batch.sort_unstable_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
+            for (purpose, subject, _, from, to, why) in batch.drain(..) {
+                let reason = match why {
+                    Why::ConsentWithdrawn => Reason::ConsentWithdrawn,
+                    Why::Objection => Reason::Objection,
+                    Why::Erasure => Reason::Erasure,
+                    Why::Rule => Reason::Rule(
+                        self.rules[purpose as usize]
+                            .as_ref()
+                            .map_or_else(String::new, |r| r.rule_id.clone()),
+                    ),
+                };
+                out.push(Expiry {
+                    kind: "retention_expired",
+                    route: purpose.id(),
+                    purpose,
+                    subscriber: (!subject.is_empty()).then_some(subject),
+                    window_start: from,
+                    window_end: to,
+                    deadline: next,
+                    reason,
+                    policy: self.policy.clone(),
+                });
+            }
+        }
+        while self.forget.first().is_some_and(|f| f.0 <= now) {
+            let Some((_, id)) = self.forget.pop_first() else {
+                break;
+            };
+            let line = &mut self.lines[id as usize];
+            if !line.live {
+                continue;
+            }
+            if let Some(r) = line.rest.as_mut() {
+                r.settled.retain(|s| s.deadline > now);
+            }
+            self.release_if_empty(id);
         }
         out
+    }
+
+    /// Subjects with remembered settlements on a route (for tests).
+    #[cfg(test)]
+    fn remembered(&self, p: Purpose) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter(|l| {
+                l.live && l.purpose == p && l.rest.as_ref().is_some_and(|r| !r.settled.is_empty())
+            })
+            .map(|l| &*l.subject)
+            .collect()
     }
 }
 
@@ -944,7 +1049,7 @@ mod tests {
         );
         // The settled period is remembered for late records under the active key only:
         // no record is written under the old key again.
-        let remembered: Vec<&str> = f.s.settled[b as usize].keys().map(|k| &**k).collect();
+        let remembered: Vec<&str> = f.s.remembered(b);
         assert_eq!(remembered, [new_b.as_str()]);
         f.control(M, "2026-06-30T00:00:00.000Z", Change::ContractEnded);
         let (d2, d20) = ("2026-03-02T00:00:00.000Z", "2026-03-20T00:00:00.000Z");
@@ -1183,8 +1288,8 @@ mod tests {
             ]
         );
         // Past their deadlines the settlements are forgotten: memory stays bounded.
-        assert!(f.s.settled.iter().all(HashMap::is_empty));
-        assert!(f.s.forget.is_empty());
+        assert!(Purpose::ALL.iter().all(|p| f.s.remembered(*p).is_empty()));
+        assert!(f.s.forget.is_empty(), "nothing left to forget");
     }
 
     #[test]
@@ -1197,9 +1302,9 @@ mod tests {
             "2026-04-01T00:00:00.000Z",
         );
         assert!(f.due("2026-10-15T07:59:59.999Z").is_empty());
-        assert_eq!(f.s.settled[Purpose::Billing as usize].len(), 1);
+        assert_eq!(f.s.remembered(Purpose::Billing).len(), 1);
         assert!(f.due("2026-10-15T08:00:00.000Z").is_empty());
-        assert!(f.s.settled[Purpose::Billing as usize].is_empty());
+        assert!(f.s.remembered(Purpose::Billing).is_empty());
     }
 
     #[test]
@@ -1338,108 +1443,5 @@ mod tests {
         for e in first.iter().chain(&rest) {
             assert!(e.window_end < e.deadline, "{e:?}");
         }
-    }
-
-    #[test]
-    fn window_batch_has_one_update_per_route_subject_and_bucket_with_bucket_bounds() {
-        let policy = policy("excedo");
-        let rule = |p| &policy.rule(p).expect("declared").retention;
-        let entry = |p, s, at| ScheduleEntry {
-            purpose: p,
-            subscriber: s,
-            record_time: t(at),
-            rule: rule(p),
-        };
-        let mut b = WindowBatch::default();
-        assert!(b.is_empty());
-        b.add(
-            &entry(Purpose::Fraud, Some(M), "2026-03-02T10:15:30.250Z"),
-            None,
-        );
-        b.add(
-            &entry(Purpose::Fraud, Some(M), "2026-03-02T19:00:00.001Z"),
-            None,
-        );
-        b.add(
-            &entry(Purpose::Fraud, Some(M), "2026-03-03T01:00:00.000Z"),
-            None,
-        );
-        b.add(
-            &entry(Purpose::Fraud, Some(OTHER), "2026-03-02T10:00:00.000Z"),
-            None,
-        );
-        b.add(
-            &entry(Purpose::Billing, Some(M), "2026-03-02T10:15:30.250Z"),
-            None,
-        );
-        b.add(
-            &entry(Purpose::Billing, Some(M), "2026-03-02T10:59:00.000Z"),
-            None,
-        );
-        let ended = Some(t("2026-06-30T00:00:00.000Z"));
-        let ts = Purpose::Troubleshooting;
-        b.add(&entry(ts, Some(M), "2026-03-02T10:15:30.250Z"), ended);
-        b.add(&entry(ts, Some(M), "2026-03-09T08:00:00.000Z"), ended);
-        assert_eq!(b.len(), 5);
-        let mut got: Vec<(String, String, String, Option<String>)> = b
-            .drain(&policy)
-            .map(|u| {
-                (
-                    u.key(),
-                    u.window_start.to_string(),
-                    u.window_end.to_string(),
-                    u.deadline.map(|d| d.to_string()),
-                )
-            })
-            .collect();
-        got.sort();
-        let day = t("2026-03-02T00:00:00.000Z").0 / DAY_MS;
-        let hour = t("2026-03-02T10:00:00.000Z").0 / HOUR_MS;
-        let want = |k: String, a: &str, z: &str, d: Option<&str>| {
-            (k, a.to_string(), z.to_string(), d.map(str::to_string))
-        };
-        let mut expected = vec![
-            want(
-                format!("billing/{M}/{hour}"),
-                "2026-03-02T10:00:00.000Z",
-                "2026-03-02T10:59:59.999Z",
-                None,
-            ),
-            want(
-                format!("fraud/{M}/{day}"),
-                "2026-03-02T00:00:00.000Z",
-                "2026-03-02T23:59:59.999Z",
-                Some("2026-09-03T00:00:00.000Z"),
-            ),
-            want(
-                format!("fraud/{M}/{}", day + 1),
-                "2026-03-03T00:00:00.000Z",
-                "2026-03-03T23:59:59.999Z",
-                Some("2026-09-04T00:00:00.000Z"),
-            ),
-            want(
-                format!("fraud/{OTHER}/{day}"),
-                "2026-03-02T00:00:00.000Z",
-                "2026-03-02T23:59:59.999Z",
-                Some("2026-09-03T00:00:00.000Z"),
-            ),
-            want(
-                format!("troubleshooting/{M}/0"),
-                "2026-03-02T00:00:00.000Z",
-                "2026-03-09T23:59:59.999Z",
-                Some("2027-06-30T00:00:00.000Z"),
-            ),
-        ];
-        expected.sort();
-        assert_eq!(got, expected);
-        assert!(b.is_empty());
-        assert_eq!(b.drain(&policy).count(), 0);
-        b.add(
-            &entry(Purpose::Fraud, Some(M), "2026-03-02T10:15:30.250Z"),
-            None,
-        );
-        b.clear();
-        assert!(b.is_empty());
-        assert_eq!(b.drain(&policy).count(), 0);
     }
 }
