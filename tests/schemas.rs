@@ -11,7 +11,7 @@ use cdrguard::adapters::demo::write_traffic;
 use cdrguard::adapters::engine::Engine;
 use cdrguard::adapters::files::Outputs;
 use cdrguard::adapters::generate::GenConfig;
-use cdrguard::adapters::replay::{ReplayInput, replay};
+use cdrguard::adapters::replay::{ReplayInput, ReplayLimits, replay};
 use cdrguard::codec::Format;
 use cdrguard::core::pseudonym::{Keyring, MasterKey};
 use cdrguard::core::purpose::Purpose;
@@ -72,13 +72,14 @@ fn traffic(dir: &Path, cfg: &GenConfig) -> (PathBuf, PathBuf) {
 /// Replays the traffic through `policy` into `out`.
 fn run(policy: &Policy, keys: &Keyring, records: &Path, control: &Path, out: &Path) {
     let mut engine = Engine::new(policy, keys);
-    let mut outputs = Outputs::create(out, policy).unwrap();
+    let mut outputs = Outputs::create(out, policy, false).unwrap();
     let input = ReplayInput {
         records: records.to_path_buf(),
         format: Format::Json,
         control: Some(control.to_path_buf()),
         now: Millis::parse("2027-06-01T00:00:00.000Z").unwrap(),
         progress: false,
+        limits: ReplayLimits::default(),
     };
     replay(&input, &mut engine, &mut outputs).unwrap();
     outputs.finish().unwrap();

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::engine::Engine;
-use super::replay::{Bytes, Sink, replay_bytes};
+use super::replay::{Bytes, ReplayLimits, Sink, replay_bytes};
 use crate::codec::{DeadLetter, Format, json as codec_json};
 use crate::core::process::{Decision, subscriber_ref};
 use crate::core::pseudonym::{Keyring, MasterKey};
@@ -394,9 +394,13 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             bytes: &control_lines,
             name: "control",
         }),
-        // Without `now` the case checks no expiries: none is taken.
+        // Without `now` the case checks no expiries: none is taken, and record times are
+        // not checked against a clock.
         now.unwrap_or(Millis(i64::MIN)),
-        false,
+        &ReplayLimits {
+            times: now.and(ReplayLimits::default().times),
+            ..ReplayLimits::any_order()
+        },
         &mut engine,
         &mut got,
     );

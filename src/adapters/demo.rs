@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use super::engine::Engine;
-use super::files::Outputs;
+use super::files::{Outputs, OutputsError};
 use super::generate::{GenConfig, Line, generate_with};
-use super::replay::{ReplayError, ReplayInput, replay};
+use super::replay::{ReplayError, ReplayInput, ReplayLimits, replay};
 use crate::codec::Format;
 use crate::core::pseudonym::Keyring;
 use crate::core::time::{DAY_MS, Millis};
@@ -122,23 +122,40 @@ pub fn write_traffic_with(
 /// Runs the demo: [`DEMO_DAYS`] of traffic before `now`, replayed, with the expiries due
 /// at `now` (long enough for every rule of up to 12 months, anchored on an event or a
 /// contract end, to run out somewhere).
+/// Why the demo stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The output folder could not be prepared or written.
+    #[error(transparent)]
+    Outputs(#[from] OutputsError),
+    /// The replay failed.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// The traffic could not be written.
+    #[error("writing the generated traffic: {0}")]
+    Traffic(#[from] std::io::Error),
+}
+
+/// The demo writes into `out` (which must be missing, empty or an earlier cdrguard
+/// output, unless `force`); the generated input goes to `out/input/`.
 pub fn run(
     policy: &Policy,
     keys: &Keyring,
     out: &Path,
+    force: bool,
     mut cfg: GenConfig,
     now: Millis,
     progress: bool,
-) -> Result<String, ReplayError> {
+) -> Result<String, DemoError> {
     cfg.days = DEMO_DAYS;
     cfg.start = Millis((now.0 - DEMO_DAYS as i64 * DAY_MS).div_euclid(DAY_MS) * DAY_MS);
-    let input_dir = out.join("input");
+    let mut outputs = Outputs::create(out, policy, force)?;
+    let input_dir = outputs.dir().join("input");
     std::fs::create_dir_all(&input_dir)?;
     let records = input_dir.join("records.jsonl");
     let control = input_dir.join("control.jsonl");
     write_traffic_with(&cfg, &records, &control, Format::Json, progress)?;
     let mut engine = Engine::new(policy, keys);
-    let mut outputs = Outputs::create(out, policy)?;
     let counts = replay(
         &ReplayInput {
             records,
@@ -146,6 +163,7 @@ pub fn run(
             control: Some(control),
             now,
             progress,
+            limits: ReplayLimits::default(),
         },
         &mut engine,
         &mut outputs,
@@ -177,6 +195,7 @@ mod tests {
             &policy,
             &test_keyring(),
             dir.path(),
+            false,
             GenConfig::default(),
             now,
             false,
@@ -227,14 +246,15 @@ mod tests {
         let keys = test_keyring();
         let mut engine = Engine::new(&policy, &keys);
         let out = dir.join("out");
-        let mut outputs = Outputs::create(&out, &policy).unwrap();
+        let mut outputs = Outputs::create(&out, &policy, false).unwrap();
         let counts = replay(
             &ReplayInput {
                 records: records.clone(),
                 format: Format::Binary,
                 control: Some(control),
-                now: Millis(0),
+                now: Millis::parse("2026-06-01T00:00:00.000Z").unwrap(),
                 progress: false,
+                limits: ReplayLimits::default(),
             },
             &mut engine,
             &mut outputs,

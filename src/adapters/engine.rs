@@ -1,8 +1,6 @@
 //! The in-memory driver shared by replay, the demo and behaviour cases: subscriber states,
 //! the retention schedule and counters around the pure `process`.
 
-use std::collections::HashMap;
-
 use crate::core::control::{ControlEvent, SubscriberState};
 use crate::core::process::{Decision, Outcome, process_into};
 use crate::core::pseudonym::Keyring;
@@ -43,7 +41,8 @@ impl Stats {
 pub struct Engine<'p> {
     policy: &'p Policy,
     keys: &'p Keyring,
-    states: HashMap<String, SubscriberState>,
+    /// States of subscribers with control events, by msisdn (looked up for every record).
+    states: hashbrown::HashMap<Box<str>, SubscriberState>,
     schedule: Schedule,
     /// Counters.
     pub stats: Stats,
@@ -55,7 +54,7 @@ impl<'p> Engine<'p> {
         Engine {
             policy,
             keys,
-            states: HashMap::new(),
+            states: hashbrown::HashMap::new(),
             schedule: Schedule::new(policy),
             stats: Stats::default(),
         }
@@ -63,10 +62,14 @@ impl<'p> Engine<'p> {
 
     /// Applies a control event to routing (from the next record on) and to retention.
     pub fn control(&mut self, ev: &ControlEvent) {
-        self.states
-            .entry(ev.msisdn.clone())
-            .or_default()
-            .apply(&ev.change, ev.at);
+        match self.states.get_mut(ev.msisdn.as_str()) {
+            Some(s) => s.apply(&ev.change, ev.at),
+            None => self
+                .states
+                .entry(ev.msisdn.as_str().into())
+                .or_default()
+                .apply(&ev.change, ev.at),
+        }
         self.schedule.control(self.policy, self.keys, ev);
         self.stats.controls += 1;
     }
@@ -103,6 +106,19 @@ impl<'p> Engine<'p> {
             self.stats.expiries[e.purpose as usize] += 1;
         }
         out
+    }
+
+    /// [`Engine::due`] handing each expiry to `emit` as it is made.
+    pub fn due_each<E>(
+        &mut self,
+        now: Millis,
+        mut emit: impl FnMut(&Expiry) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let stats = &mut self.stats;
+        self.schedule.due_each(now, |e| {
+            stats.expiries[e.purpose as usize] += 1;
+            emit(&e)
+        })
     }
 
     /// Windows still waiting for their deadline.

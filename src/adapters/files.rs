@@ -1,4 +1,6 @@
-//! File sinks: one JSON-lines file per route, `retention.jsonl` and `dead-letter.jsonl`.
+//! File sinks: one JSON-lines file per route, `retention.jsonl` and `dead-letter.jsonl`,
+//! written into a staging folder that replaces the output folder whole on success (see
+//! [`super::outdir`]).
 //!
 //! Anonymised copies are held back per UTC calendar month of their records and written
 //! when the month is over, sorted by content, and only where at least
@@ -7,10 +9,11 @@
 //! it only keeps their position in the file from telling a finer one.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::Path;
 
-use super::holdback::{Holdback, MIN_SUBSCRIBERS};
+use super::holdback::{Crowds, MIN_SUBSCRIBERS};
+use super::outdir::{OutDirError, Staged};
 use crate::codec::{DeadLetter, json};
 use crate::core::process::Copy;
 use crate::core::purpose::Purpose;
@@ -19,42 +22,93 @@ use crate::policy::Policy;
 
 /// Writers for every output of a run.
 pub struct Outputs {
-    dir: PathBuf,
-    routes: [Option<BufWriter<File>>; Purpose::COUNT],
-    retention: BufWriter<File>,
-    dead_letter: BufWriter<File>,
+    dir: Staged,
+    routes: [Option<Lines>; Purpose::COUNT],
+    retention: Lines,
+    dead_letter: Lines,
     line: Vec<u8>,
-    /// Anonymised copies of the month being written.
-    held: Holdback<()>,
+    /// Anonymised copies of the month being written, counted by content.
+    held: Crowds,
     /// That month, `YYYY-MM` (UTC).
     month: Option<[u8; 7]>,
     /// Anonymised copies not written: too few subscribers shared their content that month.
     withheld: u64,
 }
 
-fn create(path: &Path) -> std::io::Result<BufWriter<File>> {
+/// A file written in large appends. Copies are encoded straight into its buffer, which a
+/// `BufWriter` would copy once more: with several copies per record, that copy shows.
+struct Lines {
+    file: File,
+    buf: Vec<u8>,
+}
+
+/// Bytes gathered before one `write` to the file.
+const FLUSH_AT: usize = 256 * 1024;
+
+impl Lines {
+    /// Writes the buffer out once it is full.
+    fn written(&mut self) -> std::io::Result<()> {
+        if self.buf.len() >= FLUSH_AT {
+            self.file.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+impl Write for Lines {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        self.written()?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.write_all(&self.buf)?;
+        self.buf.clear();
+        self.file.flush()
+    }
+}
+
+fn create(path: &Path) -> std::io::Result<Lines> {
     File::create(path)
-        .map(|f| BufWriter::with_capacity(256 * 1024, f))
+        .map(|file| Lines {
+            file,
+            buf: Vec::with_capacity(FLUSH_AT + 64 * 1024),
+        })
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
+/// Why the outputs could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputsError {
+    /// The folder may not be replaced, or cannot be made.
+    #[error(transparent)]
+    Folder(#[from] OutDirError),
+    /// A file could not be created.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 impl Outputs {
-    /// Creates `dir` and one file per declared route (empty files included, so a reader
-    /// sees that the route exists and received nothing).
-    pub fn create(dir: &Path, policy: &Policy) -> std::io::Result<Outputs> {
-        std::fs::create_dir_all(dir)?;
-        let mut routes: [Option<BufWriter<File>>; Purpose::COUNT] = Default::default();
+    /// Prepares `target` (see [`Staged::new`]: it must be missing, empty or an earlier
+    /// cdrguard output, unless `force`) and creates one file per declared route in the
+    /// folder that will replace it (empty files included, so a reader sees that the route
+    /// exists and received nothing).
+    pub fn create(target: &Path, policy: &Policy, force: bool) -> Result<Outputs, OutputsError> {
+        let staged = Staged::new(target, force)?;
+        let dir = staged.path().to_path_buf();
+        let mut routes: [Option<Lines>; Purpose::COUNT] = Default::default();
         for r in policy.declared() {
             routes[r.purpose as usize] =
                 Some(create(&dir.join(format!("{}.jsonl", r.purpose.id())))?);
         }
         Ok(Outputs {
-            dir: dir.to_path_buf(),
+            dir: staged,
             routes,
             retention: create(&dir.join("retention.jsonl"))?,
             dead_letter: create(&dir.join("dead-letter.jsonl"))?,
             line: Vec::with_capacity(2048),
-            held: Holdback::default(),
+            held: Crowds::new(MIN_SUBSCRIBERS),
             month: None,
             withheld: 0,
         })
@@ -75,18 +129,18 @@ impl Outputs {
     /// Writes the held anonymised copies that enough subscribers share, sorted.
     fn release_held(&mut self) -> std::io::Result<()> {
         let routes = &mut self.routes;
-        self.withheld += self.held.release(MIN_SUBSCRIBERS, |p, line, ()| {
-            match routes[p as usize].as_mut() {
+        self.withheld += self
+            .held
+            .release(|p, line| match routes[p as usize].as_mut() {
                 Some(w) => w.write_all(line),
                 None => Ok(()),
-            }
-        })?;
+            })?;
         Ok(())
     }
 
-    /// The output directory.
+    /// The folder being written (it replaces the target when the run finishes).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// Writes a copy to its route's file; an anonymised copy is held until its month is
@@ -99,16 +153,15 @@ impl Outputs {
             ));
         };
         if c.is_anonymised() {
-            let mut line = Vec::with_capacity(256);
-            json::encode_copy(c, &mut line);
-            line.push(b'\n');
-            self.held.hold(c.envelope.purpose, line, msisdn, ());
+            self.line.clear();
+            json::encode_copy(c, &mut self.line);
+            self.line.push(b'\n');
+            self.held.hold(c.envelope.purpose, &self.line, msisdn);
             return Ok(());
         }
-        self.line.clear();
-        json::encode_copy(c, &mut self.line);
-        self.line.push(b'\n');
-        w.write_all(&self.line)
+        json::encode_copy(c, &mut w.buf);
+        w.buf.push(b'\n');
+        w.written()
     }
 
     /// Writes an expiry event.
@@ -123,15 +176,19 @@ impl Outputs {
         self.dead_letter.write_all(b"\n")
     }
 
-    /// Writes what is held and flushes everything. Returns how many anonymised copies
-    /// were withheld (too few subscribers shared their content in their month).
-    pub fn finish(mut self) -> std::io::Result<u64> {
+    /// Writes what is held, flushes everything and puts the folder in the target's
+    /// place. Returns how many anonymised copies were withheld (too few subscribers shared
+    /// their content in their month). Dropped without finishing, the outputs leave the
+    /// target as it was.
+    pub fn finish(mut self) -> Result<u64, OutputsError> {
         self.release_held()?;
         for w in self.routes.iter_mut().flatten() {
             w.flush()?;
         }
         self.retention.flush()?;
         self.dead_letter.flush()?;
-        Ok(self.withheld)
+        let Outputs { dir, withheld, .. } = self;
+        dir.commit()?;
+        Ok(withheld)
     }
 }

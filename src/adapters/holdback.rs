@@ -10,6 +10,7 @@
 //! that window, none can be narrowed below that many by joining it with the window's
 //! billing copies (the billing crowd contains those subscribers).
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 
@@ -100,9 +101,116 @@ impl<T> Holdback<T> {
     }
 }
 
+/// Anonymised copies of one window counted by content instead of held one by one, for
+/// writers that need nothing else per copy (files): memory follows the distinct contents
+/// of a window (a few thousand: anonymised copies are generalised), not its copies.
+pub struct Crowds {
+    /// Per purpose (in route order), by content.
+    groups: [HashMap<Box<[u8]>, Crowd>; Purpose::COUNT],
+    hasher: RandomState,
+    min_subscribers: usize,
+}
+
+struct Crowd {
+    copies: u64,
+    /// Distinct subscribers seen, up to the threshold (more are not needed to decide).
+    subscribers: smallvec::SmallVec<[u64; MIN_SUBSCRIBERS]>,
+}
+
+impl Crowds {
+    /// Crowds released when at least `min_subscribers` distinct subscribers share them.
+    pub fn new(min_subscribers: usize) -> Crowds {
+        Crowds {
+            groups: Default::default(),
+            hasher: RandomState::new(),
+            min_subscribers,
+        }
+    }
+
+    /// Counts one copy of `purpose`, encoded as `bytes`, made from a record of `msisdn`.
+    pub fn hold(&mut self, purpose: Purpose, bytes: &[u8], msisdn: &str) {
+        let subscriber = self.hasher.hash_one(msisdn);
+        let map = &mut self.groups[purpose as usize];
+        let crowd = match map.get_mut(bytes) {
+            Some(c) => c,
+            None => map.entry(bytes.into()).or_insert_with(|| Crowd {
+                copies: 0,
+                subscribers: smallvec::SmallVec::new(),
+            }),
+        };
+        crowd.copies += 1;
+        if crowd.subscribers.len() < self.min_subscribers
+            && !crowd.subscribers.contains(&subscriber)
+        {
+            crowd.subscribers.push(subscriber);
+        }
+    }
+
+    /// Releases the window: every content enough subscribers share goes to `emit`, once
+    /// per copy, route by route in content order; the others are dropped. Returns how
+    /// many copies were dropped.
+    pub fn release<E>(
+        &mut self,
+        mut emit: impl FnMut(Purpose, &[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let mut withheld = 0;
+        for (purpose, map) in Purpose::ALL.into_iter().zip(&mut self.groups) {
+            let mut groups: Vec<_> = map.drain().collect();
+            groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (bytes, crowd) in groups {
+                if crowd.subscribers.len() >= self.min_subscribers {
+                    for _ in 0..crowd.copies {
+                        emit(purpose, &bytes)?;
+                    }
+                } else {
+                    withheld += crowd.copies;
+                }
+            }
+        }
+        Ok(withheld)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Crowds decide exactly as the copy-by-copy holdback does.
+    #[test]
+    fn crowds_release_what_the_holdback_releases() {
+        let mut h = Holdback::default();
+        let mut c = Crowds::new(MIN_SUBSCRIBERS);
+        for i in 0..400u32 {
+            let content = format!("c{}", i % 17).into_bytes();
+            let who = format!("+46{}", (i * 7) % (3 + i % 11));
+            let p = if i % 5 == 0 {
+                Purpose::Marketing
+            } else {
+                Purpose::Analytics
+            };
+            h.hold(p, content.clone(), &who, ());
+            c.hold(p, &content, &who);
+        }
+        let mut a = Vec::new();
+        let wa = h
+            .release(MIN_SUBSCRIBERS, |p, b, ()| {
+                a.push((p, b.to_vec()));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        let mut b = Vec::new();
+        let wb = c
+            .release(|p, x| {
+                b.push((p, x.to_vec()));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert!(
+            wa > 0 && !a.is_empty(),
+            "some crowds are released, some withheld"
+        );
+        assert_eq!((a, wa), (b, wb));
+    }
 
     fn released(h: &mut Holdback<u32>, k: usize) -> (Vec<(Vec<u8>, u32)>, u64) {
         let mut out = Vec::new();

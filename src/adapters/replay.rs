@@ -1,19 +1,27 @@
 //! File replay: records and control events from files through the same core, every route
 //! to a JSON-lines file, expiries due at `now`, bad input to the dead letter.
 //!
-//! The loop itself ([`replay_bytes`]) works on bytes and a [`Sink`], so behaviour cases
-//! run through exactly the code `cdrguard replay` and the demo run.
+//! It streams: records and control events are read one at a time, put in time order by
+//! bounded reorder buffers, and merged by time, so memory follows the settings and the
+//! number of subscribers and open windows, never the size of the input. The loop itself
+//! works on readers and a [`Sink`], so behaviour cases run through exactly the code
+//! `cdrguard replay` and the demo run.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use super::engine::Engine;
 use super::files::Outputs;
+use super::frames::{Frame, FrameReader, Place};
+use super::reorder::Reorder;
 use crate::codec::{DeadLetter, DecodeError, Format, binary, json};
+use crate::core::bounds::{TimeBounds, TimeLimits};
 use crate::core::control::ControlEvent;
 use crate::core::process::Decision;
 use crate::core::record::Record;
 use crate::core::retention::Expiry;
-use crate::core::time::Millis;
+use crate::core::time::{HOUR_MS, Millis};
 
 /// Where a replay's results go: files for `cdrguard replay`, memory for behaviour cases.
 pub trait Sink {
@@ -51,6 +59,40 @@ pub struct Bytes<'b> {
     pub name: &'b str,
 }
 
+/// How replay bounds its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayLimits {
+    /// A record (or control event) more than this behind the latest one seen is refused:
+    /// it can no longer be put in time order.
+    pub max_reorder_ms: i64,
+    /// Records (and, apart, control events) held at most for reordering; past it the
+    /// earliest is processed early. This bounds the buffer's memory.
+    pub reorder_capacity: usize,
+    /// The record times accepted around the clock (`now`); `None` accepts every time.
+    pub times: Option<TimeLimits>,
+}
+
+impl Default for ReplayLimits {
+    fn default() -> Self {
+        ReplayLimits {
+            max_reorder_ms: HOUR_MS,
+            reorder_capacity: 100_000,
+            times: Some(TimeLimits::default()),
+        }
+    }
+}
+
+impl ReplayLimits {
+    /// Inputs in any order (behaviour cases, whose inputs are small and in memory).
+    pub fn any_order() -> ReplayLimits {
+        ReplayLimits {
+            max_reorder_ms: i64::MAX,
+            reorder_capacity: usize::MAX,
+            ..ReplayLimits::default()
+        }
+    }
+}
+
 /// What to replay.
 #[derive(Clone, Debug)]
 pub struct ReplayInput {
@@ -60,10 +102,13 @@ pub struct ReplayInput {
     pub format: Format,
     /// Control events (JSON lines), if any.
     pub control: Option<PathBuf>,
-    /// Expiries due at this instant are written.
+    /// Expiries due at this instant are written; it is also the clock record times are
+    /// checked against.
     pub now: Millis,
     /// Show a progress bar.
     pub progress: bool,
+    /// Reorder buffers and accepted times.
+    pub limits: ReplayLimits,
 }
 
 /// Why a replay stopped (bad records never stop it; they go to the dead letter).
@@ -82,77 +127,20 @@ pub enum ReplayError {
     Write(#[from] std::io::Error),
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, ReplayError> {
-    std::fs::read(path).map_err(|source| ReplayError::Read {
+fn open(path: &Path) -> Result<(BufReader<File>, u64), ReplayError> {
+    let err = |source| ReplayError::Read {
         file: path.display().to_string(),
         source,
-    })
-}
-
-/// A slice of the input and where it was.
-struct Item<'b> {
-    bytes: &'b [u8],
-    position: String,
-}
-
-/// Where a frame of an input file starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Place {
-    /// 1-based line (JSON lines).
-    Line(usize),
-    /// Byte offset of its length prefix (binary).
-    Offset(usize),
-}
-
-/// The frames of an input file: its non-blank lines (JSON; a trailing `\r` removed), or
-/// its length-prefixed frames (binary: a little-endian u32 length, then the record). A
-/// truncated trailing frame is a frame of its own, so it reaches the dead letter.
-pub fn frames(buf: &[u8], format: Format) -> Vec<(Place, &[u8])> {
-    let mut out = Vec::new();
-    match format {
-        Format::Json => {
-            for (i, line) in buf.split(|b| *b == b'\n').enumerate() {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if !line.iter().all(u8::is_ascii_whitespace) {
-                    out.push((Place::Line(i + 1), line));
-                }
-            }
-        }
-        Format::Binary => {
-            let mut off = 0usize;
-            while off < buf.len() {
-                let Some(len) = buf.get(off..off + 4) else {
-                    out.push((Place::Offset(off), &buf[off..]));
-                    break;
-                };
-                let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-                let end = (off + 4).saturating_add(len).min(buf.len());
-                out.push((Place::Offset(off), &buf[off + 4..end]));
-                off = end;
-            }
-        }
-    }
-    out
-}
-
-/// [`frames`] with their positions as dead letters name them (`name:line`,
-/// `name@offset`).
-fn split<'b>(buf: &'b [u8], format: Format, name: &str) -> Vec<Item<'b>> {
-    frames(buf, format)
-        .into_iter()
-        .map(|(place, bytes)| Item {
-            bytes,
-            position: match place {
-                Place::Line(l) => format!("{name}:{l}"),
-                Place::Offset(o) => format!("{name}@{o}"),
-            },
-        })
-        .collect()
+    };
+    let f = File::open(path).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    Ok((BufReader::with_capacity(256 * 1024, f), len))
 }
 
 fn original(bytes: &[u8], format: Format) -> String {
     match (format, std::str::from_utf8(bytes)) {
         (Format::Json, Ok(s)) => s.to_string(),
+        (Format::Json, Err(_)) => String::from_utf8_lossy(bytes).into_owned(),
         _ => hex::encode(bytes),
     }
 }
@@ -165,77 +153,38 @@ pub struct ReplayCounts {
     pub control_dead_letters: u64,
 }
 
-/// Reads and sorts control events; bad ones go to the dead letter with their line, and
-/// are counted in `counts`.
-pub fn read_controls(
-    path: &Path,
-    out: &mut impl Sink,
-    counts: &mut ReplayCounts,
-) -> Result<Vec<ControlEvent>, ReplayError> {
-    let buf = read(path)?;
-    let name = path.display().to_string();
-    parse_controls(
-        Bytes {
-            bytes: &buf,
-            name: &name,
-        },
-        out,
-        counts,
-    )
-}
-
-/// Parses and sorts control events (JSON lines); bad ones go to the dead letter and are
-/// counted in `counts`.
-pub fn parse_controls(
-    input: Bytes<'_>,
-    out: &mut impl Sink,
-    counts: &mut ReplayCounts,
-) -> Result<Vec<ControlEvent>, ReplayError> {
-    let mut events = Vec::new();
-    for item in split(input.bytes, Format::Json, input.name) {
-        match json::decode_control(item.bytes) {
-            Ok(e) => events.push(e),
-            Err(reason) => {
-                counts.control_dead_letters += 1;
-                out.dead_letter(&DeadLetter {
-                    reason,
-                    position: item.position,
-                    original: original(item.bytes, Format::Json),
-                })?
-            }
-        }
-    }
-    // Stable: events with the same instant keep their file order.
-    events.sort_by_key(|e| e.at);
-    Ok(events)
-}
-
 /// Replays the files through `engine`, writing to `out`. Each record is processed at its
 /// own start time (the stream as it happened), with every control event up to that
 /// instant applied first; then the remaining control events; then expiries due at `now`.
+/// Both files are opened before anything is written, so a missing one writes nothing.
 pub fn replay(
     input: &ReplayInput,
     engine: &mut Engine<'_>,
     out: &mut Outputs,
 ) -> Result<ReplayCounts, ReplayError> {
-    let control = match &input.control {
-        Some(p) => Some((read(p)?, p.display().to_string())),
-        None => None,
+    let (control, control_name) = match &input.control {
+        Some(p) => (Some(open(p)?.0), p.display().to_string()),
+        None => (None, String::new()),
     };
-    let buf = read(&input.records)?;
+    let (records, len) = open(&input.records)?;
     let name = input.records.display().to_string();
-    replay_bytes(
-        Bytes {
-            bytes: &buf,
-            name: &name,
-        },
+    let bar = if input.progress {
+        indicatif::ProgressBar::new(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let counts = run(
+        (records, &name),
         input.format,
-        control.as_ref().map(|(bytes, name)| Bytes { bytes, name }),
+        control.map(|r| (control_name.as_str(), r)),
         input.now,
-        input.progress,
+        &input.limits,
+        &|n| bar.set_position(n),
         engine,
         out,
-    )
+    )?;
+    bar.finish_and_clear();
+    Ok(counts)
 }
 
 /// [`replay`] on inputs already in memory, into any [`Sink`].
@@ -244,62 +193,286 @@ pub fn replay_bytes(
     format: Format,
     control: Option<Bytes<'_>>,
     now: Millis,
-    progress: bool,
+    limits: &ReplayLimits,
+    engine: &mut Engine<'_>,
+    out: &mut impl Sink,
+) -> Result<ReplayCounts, ReplayError> {
+    run(
+        (records.bytes, records.name),
+        format,
+        control.map(|c| (c.name, c.bytes)),
+        now,
+        limits,
+        &|_| {},
+        engine,
+        out,
+    )
+}
+
+/// A record waiting in the reorder buffer: where it was and its bytes, decoded when it
+/// leaves (decoding borrows from the bytes, so a decoded record cannot wait).
+type Waiting = (Place, Vec<u8>);
+
+/// Control events, read ahead only as far as the records need them.
+struct Controls<'n, R> {
+    frames: Option<FrameReader<R>>,
+    name: &'n str,
+    buffer: Reorder<ControlEvent>,
+    /// The latest record time events were applied up to: an event at or before it that
+    /// arrives now comes too late to apply before the records it precedes.
+    applied_through: Option<Millis>,
+    capacity: usize,
+}
+
+impl<R: BufRead> Controls<'_, R> {
+    /// Reads one line; false at the end of the file.
+    fn read_one(
+        &mut self,
+        out: &mut impl Sink,
+        counts: &mut ReplayCounts,
+    ) -> Result<bool, ReplayError> {
+        let Some(frames) = self.frames.as_mut() else {
+            return Ok(false);
+        };
+        let read = frames.next_frame().map_err(|source| ReplayError::Read {
+            file: self.name.to_string(),
+            source,
+        })?;
+        let (place, bytes) = match read {
+            None => {
+                self.frames = None;
+                return Ok(false);
+            }
+            Some(Frame::TooLarge { place, len, head }) => {
+                (place, Err((crate::codec::too_large(len), head)))
+            }
+            Some(Frame::Whole(place, bytes)) => (place, Ok(bytes)),
+        };
+        let (reason, bytes) = match bytes {
+            Err(refused) => refused,
+            Ok(bytes) => {
+                let reason = match json::decode_control(bytes) {
+                    Err(reason) => reason,
+                    Ok(ev) if self.applied_through.is_some_and(|t| ev.at <= t) => format!(
+                        "control event arrived after records later than it were processed (the control reorder buffer, {} events, was full)",
+                        self.capacity
+                    ),
+                    Ok(ev) => match self.buffer.push(ev.at, ev) {
+                        Ok(()) => return Ok(true),
+                        Err((late, _)) => format!("control event {late}"),
+                    },
+                };
+                (reason, bytes)
+            }
+        };
+        counts.control_dead_letters += 1;
+        out.dead_letter(&DeadLetter {
+            reason,
+            position: place.describe(self.name),
+            original: original(bytes, Format::Json),
+        })?;
+        Ok(true)
+    }
+
+    /// Applies every event at or before `t` (reading on until no earlier one can come).
+    fn apply_through(
+        &mut self,
+        t: Millis,
+        engine: &mut Engine<'_>,
+        out: &mut impl Sink,
+        counts: &mut ReplayCounts,
+    ) -> Result<(), ReplayError> {
+        while !self.buffer.settled_through(t) && self.buffer.len() < self.capacity {
+            if !self.read_one(out, counts)? {
+                break;
+            }
+        }
+        while self.buffer.peek_time().is_some_and(|at| at <= t) {
+            if let Some((_, ev)) = self.buffer.pop() {
+                engine.control(&ev);
+            }
+        }
+        self.applied_through = Some(self.applied_through.map_or(t, |a| a.max(t)));
+        Ok(())
+    }
+
+    /// Reads and applies the rest, in time order.
+    fn finish(
+        &mut self,
+        engine: &mut Engine<'_>,
+        out: &mut impl Sink,
+        counts: &mut ReplayCounts,
+    ) -> Result<(), ReplayError> {
+        loop {
+            while let Some((_, ev)) = self.buffer.pop_ready() {
+                engine.control(&ev);
+            }
+            if !self.read_one(out, counts)? {
+                break;
+            }
+        }
+        while let Some((_, ev)) = self.buffer.pop() {
+            engine.control(&ev);
+        }
+        Ok(())
+    }
+}
+
+/// The replay loop over any readers. `progress` is told the record bytes read now and
+/// then.
+#[allow(clippy::too_many_arguments)]
+fn run<R: BufRead, C: BufRead>(
+    (records, name): (R, &str),
+    format: Format,
+    control: Option<(&str, C)>,
+    now: Millis,
+    limits: &ReplayLimits,
+    progress: &dyn Fn(u64),
     engine: &mut Engine<'_>,
     out: &mut impl Sink,
 ) -> Result<ReplayCounts, ReplayError> {
     let mut counts = ReplayCounts::default();
-    let controls = match control {
-        Some(c) => parse_controls(c, out, &mut counts)?,
-        None => Vec::new(),
+    let bounds = limits
+        .times
+        .map(|l| TimeBounds::new(engine.policy(), now, l));
+    let (control_name, control_reader) = match control {
+        Some((n, r)) => (n, Some(FrameReader::new(r, Format::Json))),
+        None => ("", None),
     };
-    let items = split(records.bytes, format, records.name);
-
-    let mut decoded: Vec<(usize, Record<'_>)> = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let r: Result<Record<'_>, DecodeError> = match format {
-            Format::Json => json::decode_record(item.bytes),
-            Format::Binary => binary::decode_record(item.bytes),
+    let mut controls = Controls {
+        frames: control_reader,
+        name: control_name,
+        buffer: Reorder::new(limits.max_reorder_ms, limits.reorder_capacity),
+        applied_through: None,
+        capacity: limits.reorder_capacity,
+    };
+    let mut frames = FrameReader::new(records, format);
+    let mut waiting: Reorder<Waiting> =
+        Reorder::new(limits.max_reorder_ms, limits.reorder_capacity);
+    // Buffers of records that left, reused for the next ones.
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut step = Step {
+        format,
+        name,
+        now,
+        clock: None,
+    };
+    let mut n = 0u64;
+    loop {
+        let frame = frames.next_frame().map_err(|source| ReplayError::Read {
+            file: name.to_string(),
+            source,
+        })?;
+        let refused = match frame {
+            None => break,
+            Some(Frame::TooLarge { place, len, head }) => {
+                Err((place, crate::codec::too_large(len), head.to_vec()))
+            }
+            Some(Frame::Whole(place, bytes)) => {
+                let at = match format {
+                    Format::Json => json::start_time_hint(bytes).ok_or(()),
+                    Format::Binary => Err(()),
+                };
+                let at = match at {
+                    Ok(t) => Ok(t),
+                    Err(()) => decode(bytes, format).map(|r| r.start_time),
+                };
+                match at {
+                    Err(e) => Err((place, e.to_string(), bytes.to_vec())),
+                    Ok(at) => match bounds.as_ref().map_or(Ok(()), |b| b.check(at)) {
+                        Err(e) => Err((place, e.to_string(), bytes.to_vec())),
+                        Ok(()) => Ok((place, at)),
+                    },
+                }
+            }
         };
-        match r {
-            Ok(r) => decoded.push((i, r)),
+        let refused = match refused {
+            Err(r) => Some(r),
+            Ok((place, at)) => {
+                let buf = frames.take_frame(spare.pop().unwrap_or_default());
+                match waiting.push(at, (place, buf)) {
+                    Ok(()) => None,
+                    Err((late, (place, buf))) => Some((place, format!("record {late}"), buf)),
+                }
+            }
+        };
+        if let Some((place, reason, bytes)) = refused {
+            engine.stats.dead_letters += 1;
+            out.dead_letter(&DeadLetter {
+                reason,
+                position: place.describe(name),
+                original: original(&bytes, format),
+            })?;
+        }
+        while let Some((_, (place, buf))) = waiting.pop_ready() {
+            step.record(place, &buf, &mut controls, engine, out, &mut counts)?;
+            spare.push(buf);
+        }
+        n += 1;
+        if n.is_multiple_of(4096) {
+            progress(frames.consumed());
+        }
+    }
+    while let Some((_, (place, buf))) = waiting.pop() {
+        step.record(place, &buf, &mut controls, engine, out, &mut counts)?;
+    }
+    progress(frames.consumed());
+    controls.finish(engine, out, &mut counts)?;
+    engine.due_each(now, |e| out.expiry(e))?;
+    Ok(counts)
+}
+
+fn decode(bytes: &[u8], format: Format) -> Result<Record<'_>, DecodeError> {
+    match format {
+        Format::Json => json::decode_record(bytes),
+        Format::Binary => binary::decode_record(bytes),
+    }
+}
+
+/// Processing of records as they leave the reorder buffer, in time order.
+struct Step<'n> {
+    format: Format,
+    name: &'n str,
+    now: Millis,
+    /// The latest record time processed: the stream's own clock.
+    clock: Option<Millis>,
+}
+
+impl Step<'_> {
+    fn record<R: BufRead>(
+        &mut self,
+        place: Place,
+        bytes: &[u8],
+        controls: &mut Controls<'_, R>,
+        engine: &mut Engine<'_>,
+        out: &mut impl Sink,
+        counts: &mut ReplayCounts,
+    ) -> Result<(), ReplayError> {
+        let r = match decode(bytes, self.format) {
+            Ok(r) => r,
             Err(e) => {
                 engine.stats.dead_letters += 1;
-                out.dead_letter(&DeadLetter {
+                return Ok(out.dead_letter(&DeadLetter {
                     reason: e.to_string(),
-                    position: item.position.clone(),
-                    original: original(item.bytes, format),
-                })?;
+                    position: place.describe(self.name),
+                    original: original(bytes, self.format),
+                })?);
             }
+        };
+        let t = r.start_time;
+        controls.apply_through(t, engine, out, counts)?;
+        // A fresh decision per record costs nothing (its copies are an empty inline
+        // array); it borrows the record, whose bytes live only for this call.
+        let mut d = Decision::default();
+        engine.record(&r, t, &mut d);
+        out.decision(&r, &d)?;
+        // Windows whose deadline the stream has passed can no longer change (a later
+        // right leaves them to their rule, a later record of theirs is refused as
+        // expired): write them now, so they do not pile up in memory.
+        if self.clock.is_none_or(|c| t > c) {
+            self.clock = Some(t);
+            engine.due_each(t.min(self.now), |e| out.expiry(e))?;
         }
+        Ok(())
     }
-    // Stable by start time, then by position, so equal instants keep file order.
-    decoded.sort_by_key(|(i, r)| (r.start_time, *i));
-
-    let bar = if progress {
-        indicatif::ProgressBar::new(decoded.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let mut next = 0;
-    let mut d = Decision::default();
-    for (n, (_, r)) in decoded.iter().enumerate() {
-        while let Some(c) = controls.get(next).filter(|c| c.at <= r.start_time) {
-            engine.control(c);
-            next += 1;
-        }
-        engine.record(r, r.start_time, &mut d);
-        out.decision(r, &d)?;
-        if n % 4096 == 0 {
-            bar.set_position(n as u64);
-        }
-    }
-    bar.finish_and_clear();
-    for c in &controls[next..] {
-        engine.control(c);
-    }
-    for e in engine.due(now) {
-        out.expiry(&e)?;
-    }
-    Ok(counts)
 }

@@ -13,6 +13,7 @@ use crate::adapters::files::Outputs;
 use crate::adapters::generate::GenConfig;
 use crate::adapters::{cases, demo, keyfile, replay, report};
 use crate::codec::Format;
+use crate::core::bounds::TimeLimits;
 use crate::core::pseudonym::{Keyring, MasterKey};
 use crate::core::purpose::Purpose;
 use crate::core::time::Millis;
@@ -164,6 +165,9 @@ struct DemoArgs {
     /// The instant the demo runs at (default: now). Traffic covers the two years before.
     #[arg(long)]
     now: Option<String>,
+    /// Replace --out even if it holds files cdrguard did not write.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -183,9 +187,31 @@ struct ReplayArgs {
     /// Expiries due at this instant are written (default: now).
     #[arg(long)]
     now: Option<String>,
-    /// Output directory: one file per route, retention.jsonl, dead-letter.jsonl.
+    /// Output directory: one file per route, retention.jsonl, dead-letter.jsonl. It is
+    /// written beside and replaces the folder whole when the replay succeeds; a folder
+    /// cdrguard did not write is refused unless --force.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out even if it holds files cdrguard did not write.
+    #[arg(long)]
+    force: bool,
+    /// Records (and control events) are put in time order within this much (e.g. 90s,
+    /// 1h); one arriving later than that behind the latest seen goes to the dead letter.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    max_reorder: i64,
+    /// At most this many records (and, apart, control events) wait for reordering; past
+    /// it the earliest is processed early. Bounds the reorder buffer's memory (about 500
+    /// bytes a JSON record).
+    #[arg(long, default_value_t = 100_000)]
+    reorder_capacity: usize,
+    /// Records later than --now by more than this go to the dead letter.
+    #[arg(long, default_value = "1d", value_parser = parse_duration)]
+    max_future: i64,
+    /// Records older than this before --now go to the dead letter where a route waits on a
+    /// settlement or contract end (a year counts 365 days); on other routes a record is
+    /// refused when every route's retention has run out for it.
+    #[arg(long, default_value = "10y", value_parser = parse_duration)]
+    anchored_floor: i64,
     /// Pseudonym key file (or set CDRGUARD_KEY_FILE); make one with `cdrguard keys
     /// generate`. Required unless --ephemeral-keys is given.
     #[arg(long, env = "CDRGUARD_KEY_FILE")]
@@ -351,7 +377,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 ..GenConfig::default()
             };
             cfg.validate()?;
-            let summary = demo::run(&policy, &keys, &a.out, cfg, now, progress)?;
+            let summary = demo::run(&policy, &keys, &a.out, a.force, cfg, now, progress)?;
             out!("{summary}")?;
             outln!(
                 "wrote every route to {}/ (input in {}/input/); pseudonym key: a throwaway key for this run",
@@ -364,14 +390,21 @@ fn run_cli(cli: Cli) -> Result<()> {
             let now = parse_now(a.now.as_deref())?;
             let keys = replay_keys(a.keys.as_deref(), a.ephemeral_keys)?;
             let mut engine = Engine::new(&policy, &keys);
-            let mut outputs = Outputs::create(&a.out, &policy)
-                .with_context(|| format!("creating {}", a.out.display()))?;
+            let mut outputs = Outputs::create(&a.out, &policy, a.force)?;
             let input = replay::ReplayInput {
                 records: a.input,
                 format: a.input_format,
                 control: a.control,
                 now,
                 progress,
+                limits: replay::ReplayLimits {
+                    max_reorder_ms: a.max_reorder,
+                    reorder_capacity: a.reorder_capacity,
+                    times: Some(TimeLimits {
+                        max_future_ms: a.max_future,
+                        anchored_floor_ms: a.anchored_floor,
+                    }),
+                },
             };
             let counts = replay::replay(&input, &mut engine, &mut outputs)?;
             let withheld = outputs.finish()?;
@@ -678,6 +711,29 @@ pub fn load_policy_ref(which: PolicyRef<'_>) -> Result<Policy> {
             ),
         },
     }
+}
+
+/// A duration from the command line: a whole number and a unit, `ms`, `s`, `m`, `h`, `d`
+/// or `y` (365 days), e.g. `90s`, `1h`, `10y`. In milliseconds.
+fn parse_duration(s: &str) -> std::result::Result<i64, String> {
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit; write e.g. 90s, 1h, 1d or 10y"))?;
+    let (n, unit) = s.split_at(split);
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "y" => 365 * 86_400_000,
+        _ => return Err(format!("unit {unit:?} is not one of ms, s, m, h, d, y")),
+    };
+    n.checked_mul(ms)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// A purpose id from the command line.

@@ -24,6 +24,21 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     Ok(r)
 }
 
+/// The record's `start_time`, found without decoding the rest, so a reorder buffer can
+/// place a line by its time and decode it once, when it leaves. `None` unless the key is
+/// written plainly with a canonical time (`"start_time":"2026-03-02T10:15:30.250Z"`):
+/// then decode the record. In a record that decodes, the first such match is its
+/// `start_time` key: the quote after the name is unescaped, so it cannot sit inside a
+/// string, and unknown or duplicate keys are refused.
+pub fn start_time_hint(bytes: &[u8]) -> Option<crate::core::time::Millis> {
+    const KEY: &[u8] = b"\"start_time\":\"";
+    let at = memchr::memmem::find(bytes, KEY)? + KEY.len();
+    if bytes.get(at + 24) != Some(&b'"') {
+        return None;
+    }
+    crate::core::time::Millis::parse_canonical(bytes.get(at..at + 24)?)
+}
+
 /// Decodes and checks one control event.
 pub fn decode_control(bytes: &[u8]) -> Result<ControlEvent, String> {
     let raw: RawControl<'_> = serde_json::from_slice(bytes).map_err(|e| describe(bytes, &e))?;

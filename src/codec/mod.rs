@@ -13,6 +13,17 @@ use std::fmt::Write;
 use crate::core::process::{ConsentTag, Copy};
 use crate::policy::{EnvelopeBytes, PurposeRule, Treatment};
 
+/// The largest record accepted, in both modes: a CDR is a few hundred bytes, so anything
+/// this large is a broken feed, and the limit bounds what one record can cost in memory.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// The dead-letter reason of a record over [`MAX_RECORD_BYTES`], the same in both modes.
+pub fn too_large(len: u64) -> String {
+    format!(
+        "record of {len} bytes is larger than the limit of {MAX_RECORD_BYTES} bytes; the dead letter holds its first {MAX_RECORD_BYTES} bytes"
+    )
+}
+
 /// Input and output encodings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]

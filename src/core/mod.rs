@@ -2,6 +2,7 @@
 //!
 //! Everything here is a function of its arguments; "now" arrives as a [`time::Millis`].
 
+pub mod bounds;
 pub mod control;
 pub mod ff1;
 pub mod process;

@@ -31,6 +31,12 @@ impl Millis {
             .map_err(|_| TimeError(s.chars().take(40).collect()))
     }
 
+    /// Parses only the canonical form (`2026-03-02T10:15:30.250Z`), without allocating;
+    /// `None` for anything else (which [`Millis::parse`] may still accept).
+    pub fn parse_canonical(b: &[u8]) -> Option<Millis> {
+        parse_canonical(b)
+    }
+
     /// The start of the hour holding this instant (the "generalise" treatment of time).
     pub fn floor_hour(self) -> Millis {
         Millis(self.0.div_euclid(HOUR_MS) * HOUR_MS)

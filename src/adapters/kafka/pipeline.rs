@@ -36,8 +36,9 @@ use crate::policy::Policy;
 /// Records a partition task processes before it lets others (and commits) in.
 const BATCH: usize = 512;
 
-/// The largest input record routed; larger ones go to the dead letter, truncated.
-pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// The largest input record routed (the same limit as replay's); larger ones go to the
+/// dead letter, truncated.
+pub use crate::codec::MAX_RECORD_BYTES;
 
 /// The longest input key a dead letter carries; a longer one is cut, so a dead letter
 /// always fits the broker's message size and cannot wedge its partition.
@@ -753,23 +754,19 @@ impl Shared {
         // A record this large is no CDR; refusing it here keeps every copy and dead
         // letter far below the broker's message size, so one record cannot wedge a
         // partition.
-        let (payload, decoded): (&[u8], Result<Record<'_>, String>) = if full.len()
-            > MAX_RECORD_BYTES
-        {
-            (
-                &full[..MAX_RECORD_BYTES],
-                Err(format!(
-                    "record of {} bytes is larger than {MAX_RECORD_BYTES}; the dead letter holds its first {MAX_RECORD_BYTES} bytes",
-                    full.len()
-                )),
-            )
-        } else {
-            let d = match self.cfg.input_format {
-                Format::Json => json::decode_record(full),
-                Format::Binary => binary::decode_record(full),
+        let (payload, decoded): (&[u8], Result<Record<'_>, String>) =
+            if full.len() > MAX_RECORD_BYTES {
+                (
+                    &full[..MAX_RECORD_BYTES],
+                    Err(crate::codec::too_large(full.len() as u64)),
+                )
+            } else {
+                let d = match self.cfg.input_format {
+                    Format::Json => json::decode_record(full),
+                    Format::Binary => binary::decode_record(full),
+                };
+                (full, d.map_err(|e| e.to_string()))
             };
-            (full, d.map_err(|e| e.to_string()))
-        };
         match decoded {
             Err(reason) => {
                 let headers = OwnedHeaders::new_with_capacity(4)

@@ -12,7 +12,7 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use super::config::RunConfig;
 use super::sink::SinkContext;
-use crate::adapters::replay::frames;
+use crate::adapters::frames::{Frame, FrameReader};
 use crate::codec::{Format, binary, json};
 
 /// What was sent.
@@ -25,7 +25,8 @@ pub struct Produced {
     pub control_skipped: u64,
     /// Records sent, keyed by msisdn.
     pub records: u64,
-    /// Unreadable records sent as they are, without a key (for the dead-letter path).
+    /// Unreadable records sent as they are (cut to 900 KiB, below the broker's message
+    /// limit), without a key, so the dead-letter path can be tried too.
     pub records_unkeyed: u64,
 }
 
@@ -48,11 +49,36 @@ pub enum ProduceError {
     Undelivered(u64),
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, ProduceError> {
-    std::fs::read(path).map_err(|source| ProduceError::Read {
+/// Frames larger than this are sent cut to it: below the broker's default message limit
+/// (1 MB), and far above cdrguard's own record limit, so `run` refuses them as too large.
+const SEND_LIMIT: usize = 900 * 1024;
+
+/// The frames of a file, read one at a time.
+fn frames(path: &Path, format: Format) -> Result<FrameReader<impl std::io::BufRead>, ProduceError> {
+    let f = std::fs::File::open(path).map_err(|source| ProduceError::Read {
         file: path.display().to_string(),
         source,
-    })
+    })?;
+    Ok(FrameReader::with_limit(
+        std::io::BufReader::with_capacity(256 * 1024, f),
+        format,
+        SEND_LIMIT,
+    ))
+}
+
+/// The next frame's bytes (a frame over [`SEND_LIMIT`] cut to it), `None` at the end.
+fn next<'r>(
+    r: &'r mut FrameReader<impl std::io::BufRead>,
+    path: &Path,
+) -> Result<Option<(&'r [u8], bool)>, ProduceError> {
+    let frame = r.next_frame().map_err(|source| ProduceError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    Ok(frame.map(|f| match f {
+        Frame::Whole(_, b) => (b, true),
+        Frame::TooLarge { head, .. } => (head, false),
+    }))
 }
 
 /// Sends `control` (JSON lines) to the control topic, then `records` (in `format`) to the
@@ -103,30 +129,30 @@ pub fn produce_files(
         Ok(())
     };
     if let Some(path) = control {
-        let buf = read(path)?;
-        for (_, line) in frames(&buf, Format::Json) {
-            match json::decode_control(line) {
-                Ok(ev) => {
+        let mut lines = frames(path, Format::Json)?;
+        while let Some((line, whole)) = next(&mut lines, path)? {
+            match json::decode_control(line).ok().filter(|_| whole) {
+                Some(ev) => {
                     send(&cfg.control_topic, Some(ev.key().as_bytes()), line)?;
                     out.control += 1;
                 }
-                Err(_) => out.control_skipped += 1,
+                None => out.control_skipped += 1,
             }
         }
     }
     if let Some(path) = records {
-        let buf = read(path)?;
-        for (_, frame) in frames(&buf, format) {
+        let mut reader = frames(path, format)?;
+        while let Some((frame, whole)) = next(&mut reader, path)? {
             let decoded = match format {
                 Format::Json => json::decode_record(frame),
                 Format::Binary => binary::decode_record(frame),
             };
-            match decoded {
-                Ok(r) => {
+            match decoded.ok().filter(|_| whole) {
+                Some(r) => {
                     send(&cfg.input_topic, Some(r.msisdn.as_bytes()), frame)?;
                     out.records += 1;
                 }
-                Err(_) => {
+                None => {
                     send(&cfg.input_topic, None, frame)?;
                     out.records_unkeyed += 1;
                 }

@@ -611,6 +611,20 @@ impl Schedule {
     /// refused by `process`.
     pub fn due(&mut self, now: Millis) -> Vec<Expiry> {
         let mut out = Vec::new();
+        let _ = self.due_each(now, |e| {
+            out.push(e);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        out
+    }
+
+    /// [`Schedule::due`] handing each expiry to `emit` as it is made, so that millions due
+    /// at once are never held together; stops at `emit`'s first error.
+    pub fn due_each<E>(
+        &mut self,
+        now: Millis,
+        mut emit: impl FnMut(Expiry) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut batch: Vec<(Purpose, String, i64, Millis, Millis, Why)> = Vec::new();
         loop {
             let next = match (
@@ -695,7 +709,7 @@ impl Schedule {
                             .map_or_else(String::new, |r| r.rule_id.clone()),
                     ),
                 };
-                out.push(Expiry {
+                emit(Expiry {
                     kind: "retention_expired",
                     route: purpose.id(),
                     purpose,
@@ -705,7 +719,7 @@ impl Schedule {
                     deadline: next,
                     reason,
                     policy: self.policy.clone(),
-                });
+                })?;
             }
         }
         while self.forget.first().is_some_and(|f| f.0 <= now) {
@@ -721,7 +735,7 @@ impl Schedule {
             }
             self.release_if_empty(id);
         }
-        out
+        Ok(())
     }
 
     /// Subjects with remembered settlements on a route (for tests).
