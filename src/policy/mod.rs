@@ -245,6 +245,10 @@ pub struct PurposeRule {
     /// The route's default topic (`topic` in the file, else `cdr.<purpose id>`); a
     /// deployment may still map the route elsewhere.
     pub topic: String,
+    /// Where `topic` is set, for errors that name it: the `topic` key, or the purpose's
+    /// table when the topic is the default.
+    #[serde(skip)]
+    pub topic_at: Place,
     /// Legal bases per data category, primary first; empty when the category is not used.
     pub basis: [Vec<Basis>; 2],
     /// Where the bases are stated.
@@ -281,6 +285,15 @@ pub struct PurposeRule {
     /// `ConsentTag as usize`), encoded when the policy is loaded; see [`EnvelopeBytes`].
     #[serde(skip)]
     pub envelopes: [EnvelopeBytes; 3],
+}
+
+/// A key's place in a policy file: its 1-based line and dotted path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Place {
+    /// 1-based line.
+    pub line: usize,
+    /// Dotted path, e.g. `purposes.analytics.topic`.
+    pub path: String,
 }
 
 /// What a copy's envelope holds that is the same for every copy of one purpose in one
