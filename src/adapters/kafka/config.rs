@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
+use crate::adapters::keyfile::{self, KeyFileError};
 use crate::codec::Format;
+use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 
 /// The environment prefix; `__` separates key levels (`CDRGUARD_KAFKA__GROUP_ID`).
 pub const ENV_PREFIX: &str = "CDRGUARD_";
@@ -77,6 +79,19 @@ pub struct ConfigProblem {
     pub key: String,
     /// What is wrong.
     pub message: String,
+}
+
+impl ConfigProblem {
+    /// Where it is listed: file lines in order, then the environment, then what the file
+    /// lacks, then policy lines.
+    fn order(&self) -> (u8, usize) {
+        match self.origin {
+            Origin::Line(l) => (0, l),
+            Origin::Env(_) => (1, 0),
+            Origin::Default => (2, 0),
+            Origin::Policy { line, .. } => (3, line),
+        }
+    }
 }
 
 /// A refused configuration: every problem found.
@@ -841,12 +856,7 @@ pub fn parse(
     s.problems.extend(clashes(&cfg.topic_uses(), file, |u| {
         u.origin != Origin::Default
     }));
-    s.problems.sort_by_key(|p| match p.origin {
-        Origin::Line(l) => (0, l),
-        Origin::Env(_) => (1, 0),
-        Origin::Default => (2, 0),
-        Origin::Policy { line, .. } => (3, line),
-    });
+    s.problems.sort_by_key(ConfigProblem::order);
     if !s.problems.is_empty() {
         return Err(ConfigError {
             file: file.to_string(),
@@ -877,6 +887,99 @@ pub fn parse(
             problems,
             partial: Some(Box::new(cfg)),
         })
+    }
+}
+
+/// What `run` needs, each part loaded and checked against the others.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration, its routes filled in from the policy.
+    pub config: RunConfig,
+    /// The policy it names.
+    pub policy: Policy,
+    /// The keys of the key file it names.
+    pub keys: Keyring,
+}
+
+/// Why `run` cannot start: every problem of the configuration, of the policy it names and
+/// of its key file, found in one pass.
+#[derive(Debug, thiserror::Error)]
+pub struct SetupError {
+    /// The configuration's problems, the clashes of its topics with the policy's included.
+    pub config: Option<ConfigError>,
+    /// The policy's.
+    pub policy: Option<PolicyError>,
+    /// The key file's.
+    pub keys: Option<KeyFileError>,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(e) = &self.config {
+            write!(f, "{e}")?;
+        }
+        if let Some(e) = &self.policy {
+            write!(f, "{e}")?;
+        }
+        if let Some(e) = &self.keys {
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads a configuration with the policy and key file it names. Those are loaded even
+/// when the configuration has other problems (from what could be read of it), so that
+/// one run lists every problem rather than one file's at a time; only a file whose own
+/// key was refused is not looked for.
+pub fn load_all(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, Box<SetupError>> {
+    let (cfg, mut config_error) = match load(path, env) {
+        Ok(c) => (Some(c), None),
+        Err(mut e) => (e.partial.take().map(|c| *c), Some(e)),
+    };
+    let refused = |key: &str| {
+        config_error
+            .as_ref()
+            .is_some_and(|e| e.problems.iter().any(|p| p.key == key))
+    };
+    let policy = cfg
+        .as_ref()
+        .filter(|_| !refused("processing.policy"))
+        .map(|c| crate::policy::load_file(&c.policy));
+    let keys = cfg
+        .as_ref()
+        .filter(|_| !refused("processing.key_file"))
+        .map(|c| keyfile::load(&c.key_file));
+    let cfg = match (cfg, &policy) {
+        (Some(c), Some(Ok(p))) => match c.with_policy(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                match &mut config_error {
+                    Some(c) => {
+                        c.problems.extend(e.problems);
+                        c.problems.sort_by_key(ConfigProblem::order);
+                    }
+                    None => config_error = Some(e),
+                }
+                None
+            }
+        },
+        (c, _) => c,
+    };
+    match (config_error, cfg, policy, keys) {
+        (None, Some(config), Some(Ok(policy)), Some(Ok(keys))) => Ok(Loaded {
+            config,
+            policy,
+            keys,
+        }),
+        (config, _, policy, keys) => Err(Box::new(SetupError {
+            config,
+            policy: policy.and_then(Result::err),
+            keys: keys.and_then(Result::err),
+        })),
     }
 }
 
@@ -1144,6 +1247,66 @@ commit_interval_ms = 5
                 "{s}"
             );
         }
+    }
+
+    /// Regression: `run --check` showed the policy's problems only once the
+    /// configuration was fixed, and the key file's only after that.
+    #[test]
+    fn load_all_lists_the_problems_of_config_policy_and_key_file_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = crate::policy::shipped("excedo").unwrap().replace(
+            "[purposes.analytics]\n",
+            "[purposes.analytics]\ncolour = \"red\"\n",
+        );
+        std::fs::write(dir.path().join("p"), policy).unwrap();
+        std::fs::write(dir.path().join("k"), "[[keys]]\nid = \"k1\"\n").unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            with_routes("billing = \"cdr.analytics\"")
+                .replace("[processing]", "[processing]\ncommit_interval_ms = 1"),
+        )
+        .unwrap();
+        let e = load_all(&config, env(&[])).unwrap_err();
+        let shown = e.to_string();
+        let c = config.display();
+        let d = dir.path().display();
+        for want in [
+            format!("\n  {c}:7: processing.commit_interval_ms: 1 is out of range"),
+            format!("policy {d}/p refused: 1 problem(s)\n"),
+            format!("\n  {d}/p:130: purposes.analytics.colour: unknown key"),
+            format!("key file {d}/k refused: 2 problem(s)\n"),
+            format!("\n  {d}/k: readable or writable by group or others"),
+            format!("\n  {d}/k:1: not a key file"),
+        ] {
+            assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+        }
+        // With a good policy, the topics of the broken configuration are checked against
+        // it in the same pass.
+        std::fs::write(
+            dir.path().join("p"),
+            crate::policy::shipped("excedo").unwrap(),
+        )
+        .unwrap();
+        let e = load_all(&config, env(&[])).unwrap_err();
+        let shown = e.to_string();
+        for want in [
+            format!(
+                "config {c} refused: 2 problem(s)\n  {c}:5: topics.routes.billing: topic \"cdr.analytics\" is also used"
+            ),
+            format!("\n  {c}:7: processing.commit_interval_ms: 1 is out of range"),
+        ] {
+            assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+        }
+        assert!(e.policy.is_none(), "{shown}");
+        // A key the configuration refused is not followed.
+        std::fs::write(
+            &config,
+            "[kafka]\nbrokers = 'b'\n[processing]\npolicy = 7\n",
+        )
+        .unwrap();
+        let e = load_all(&config, env(&[])).unwrap_err();
+        assert!(e.policy.is_none() && e.keys.is_none(), "{e}");
     }
 
     #[test]
