@@ -177,3 +177,94 @@ fn run_logs_to_a_pipe_without_colour_codes() {
     assert!(log.contains("starting"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
 }
+
+/// The UTF-8 byte-order mark some editors write at the start of a file.
+const BOM: &str = "\u{feff}";
+
+/// Record and control files saved with a byte-order mark: their first lines are read, not
+/// sent to the dead letter.
+#[test]
+fn replay_reads_files_that_start_with_a_byte_order_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (records, control) = (
+        dir.path().join("cdrs.jsonl"),
+        dir.path().join("events.jsonl"),
+    );
+    let o = run(&mut cdrguard(&[
+        "generate",
+        "--records",
+        "20",
+        "--subscribers",
+        "5",
+        "--malformed-rate",
+        "0",
+        "--out-records",
+        records.to_str().unwrap(),
+        "--out-control",
+        control.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [&records, &control] {
+        let text = std::fs::read_to_string(f).unwrap();
+        assert!(!text.is_empty());
+        std::fs::write(f, format!("{BOM}{text}")).unwrap();
+    }
+    let out = dir.path().join("out");
+    let o = run(&mut cdrguard(&[
+        "replay",
+        "--policy",
+        "excedo",
+        "--input",
+        records.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+        "--now",
+        "2026-03-01T00:00:00.000Z",
+        "--out",
+        out.to_str().unwrap(),
+        "--ephemeral-keys",
+    ]));
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        summary.contains(": 20 records, ") && summary.contains(" 0 dead letters "),
+        "{summary}"
+    );
+}
+
+/// Configuration, policy and key files saved with a byte-order mark load as they are.
+#[test]
+fn toml_files_that_start_with_a_byte_order_mark_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(shipped("excedo")).unwrap();
+    std::fs::write(dir.path().join("policy.toml"), format!("{BOM}{policy}")).unwrap();
+    write_private(
+        &dir.path().join("keys.toml"),
+        &format!(
+            "{BOM}[[keys]]\nid = \"k1\"\nsecret_hex = \"4f0e9c2a7be13d58c6a1f29e07b45d8c3ea6f1127d90b4c5e83a2f6d1c07b9e4\"\n"
+        ),
+    );
+    let config = dir.path().join("cdrguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{BOM}[kafka]\nbrokers = \"127.0.0.1:1\"\ntransactional_id = \"t\"\n\
+             [processing]\npolicy = \"policy.toml\"\nkey_file = \"keys.toml\"\n"
+        ),
+    )
+    .unwrap();
+    let o = run(&mut cdrguard(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--check",
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let policy = dir.path().join("policy.toml");
+    let o = run(&mut cdrguard(&[
+        "policy",
+        "check",
+        policy.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
