@@ -10,6 +10,7 @@ pub mod load;
 
 use serde::Serialize;
 
+use crate::core::control::Change;
 use crate::core::process::ConsentTag;
 use crate::core::purpose::{Category, Field, Purpose};
 
@@ -415,6 +416,23 @@ impl Policy {
     /// The rule for a purpose, if declared.
     pub fn rule(&self, p: Purpose) -> Option<&PurposeRule> {
         self.purposes[p as usize].as_ref()
+    }
+    /// The purpose a consent or objection event names when it changes nothing under this
+    /// policy: a consent for a purpose neither declared nor whose consent a declared
+    /// purpose takes, an objection to a purpose not declared. Such an event usually means
+    /// that the consent system and the policy name purposes differently, so it is counted
+    /// and reported rather than passed over.
+    pub fn undeclared(&self, change: &Change) -> Option<Purpose> {
+        match *change {
+            Change::Consent { purpose, .. }
+                if self.rule(purpose).is_none()
+                    && !self.declared().any(|r| r.consent_key == Some(purpose)) =>
+            {
+                Some(purpose)
+            }
+            Change::Objection { purpose } if self.rule(purpose).is_none() => Some(purpose),
+            _ => None,
+        }
     }
 }
 
