@@ -391,6 +391,8 @@ impl Leaf {
 
 struct Settings {
     leaves: BTreeMap<String, (Leaf, Origin)>,
+    /// Where each key read so far was set, for checks across keys.
+    taken: BTreeMap<String, Origin>,
     problems: Vec<ConfigProblem>,
 }
 
@@ -468,7 +470,9 @@ impl Settings {
     }
 
     fn take(&mut self, key: &str) -> Option<(Leaf, Origin)> {
-        self.leaves.remove(key)
+        let leaf = self.leaves.remove(key)?;
+        self.taken.insert(key.to_string(), leaf.1.clone());
+        Some(leaf)
     }
 
     fn string(&mut self, key: &str, default: Option<&str>) -> Option<(String, Origin)> {
@@ -639,6 +643,7 @@ pub fn parse(
     lines.extend(text.match_indices('\n').map(|(i, _)| i + 1));
     let mut s = Settings {
         leaves: BTreeMap::new(),
+        taken: BTreeMap::new(),
         problems: Vec::new(),
     };
     match DeTable::parse(text) {
@@ -708,28 +713,13 @@ pub fn parse(
     let control = s.string("topics.control", Some("subscriber.control"));
     let dead_letter = s.string("topics.dead_letter", Some("cdr.dead-letter"));
     let schedule = s.string("topics.retention_schedule", Some("cdr.retention.schedule"));
-    let mut topic_origins = BTreeMap::new();
-    for (k, v) in [
-        ("topics.input", &input),
-        ("topics.control", &control),
-        ("topics.dead_letter", &dead_letter),
-        ("topics.retention_schedule", &schedule),
-    ] {
-        if let Some((_, o)) = v {
-            topic_origins.insert(k.to_string(), o.clone());
-        }
-    }
     // A route not named here takes the topic its policy declares (see `with_policy`).
     let mut routes: [Option<String>; Purpose::COUNT] = Default::default();
     for p in Purpose::ALL {
-        let key = route_key(p);
-        if let Some((t, o)) = s
-            .string(&key, Some(""))
+        routes[p as usize] = s
+            .string(&route_key(p), Some(""))
             .filter(|(_, o)| *o != Origin::Default)
-        {
-            topic_origins.insert(key, o);
-            routes[p as usize] = Some(t);
-        }
+            .map(|(t, _)| t);
     }
 
     let policy = s.string("processing.policy", None);
@@ -851,7 +841,10 @@ pub fn parse(
         queued_max_kbytes: queued_kb as u32,
         shutdown_timeout: Duration::from_millis(shutdown_ms as u64),
         file: file.to_string(),
-        topic_origins,
+        topic_origins: std::mem::take(&mut s.taken)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("topics."))
+            .collect(),
     };
     s.problems.extend(clashes(&cfg.topic_uses(), file, |u| {
         u.origin != Origin::Default
