@@ -601,11 +601,7 @@ fn run(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     // Colour codes only for a terminal: in a file or a log collector's pipe they are noise.
-    init_logs(
-        a.log_format,
-        std::io::stderr,
-        std::io::stderr().is_terminal(),
-    );
+    init_logs(a.log_format, std::io::stderr().is_terminal());
     tracing::info!(
         policy = %policy.tag,
         guarantee = ?cfg.guarantee,
@@ -664,17 +660,14 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Installs `run`'s log output: `RUST_LOG` (default `info`), in `format`, to `writer`,
-/// with terminal colours only when `ansi`.
-fn init_logs<W>(format: LogFormat, writer: W, ansi: bool)
-where
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
+/// Installs `run`'s log output on stderr: `RUST_LOG` (default `info`), in `format`, with
+/// terminal colours only when `ansi`.
+fn init_logs(format: LogFormat, ansi: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(std::io::stderr)
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
