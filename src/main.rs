@@ -1,5 +1,5 @@
 //! The `cdrguard` binary: everything is in the library's `cli` module.
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     cdrguard::cli::main()
 }

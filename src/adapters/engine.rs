@@ -19,6 +19,9 @@ pub struct Stats {
     pub dead_letters: u64,
     /// Control events applied.
     pub controls: u64,
+    /// Of those, consent and objection events naming a purpose the policy does not
+    /// declare (see [`Policy::undeclared`]), per purpose: they change nothing.
+    pub undeclared: [u64; Purpose::COUNT],
     /// `[purpose][outcome]` counts.
     pub outcomes: [[u64; Outcome::ALL.len()]; Purpose::COUNT],
     /// Expiries emitted per purpose.
@@ -72,6 +75,9 @@ impl<'p> Engine<'p> {
         }
         self.schedule.control(self.policy, self.keys, ev);
         self.stats.controls += 1;
+        if let Some(p) = self.policy.undeclared(&ev.change) {
+            self.stats.undeclared[p as usize] += 1;
+        }
     }
 
     /// Processes one valid record into `d` (emptied first); the caller writes the copies

@@ -11,12 +11,55 @@ use crate::core::purpose::Purpose;
 
 /// Why a key file was refused: every problem, with its place.
 #[derive(Debug, thiserror::Error)]
-#[error("key file {file} refused:\n{}", problems.join("\n"))]
 pub struct KeyFileError {
     /// The file.
     pub file: String,
-    /// Each problem as `where: what` (never a secret).
-    pub problems: Vec<String>,
+    /// Every problem found (never quoting a secret).
+    pub problems: Vec<KeyProblem>,
+}
+
+/// One thing wrong with a key file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyProblem {
+    /// 1-based line, 0 when it concerns the whole file.
+    pub line: usize,
+    /// The entry and key, e.g. `keys[1].secret_hex`; empty when it concerns the file.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl KeyProblem {
+    fn file(message: impl Into<String>) -> KeyProblem {
+        KeyProblem {
+            line: 0,
+            key: String::new(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "key file {} refused: {} problem(s)",
+            self.file,
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            // `file:line: key: what`, leaving out the parts a whole-file problem lacks.
+            write!(f, "  {}", self.file)?;
+            if p.line > 0 {
+                write!(f, ":{}", p.line)?;
+            }
+            if !p.key.is_empty() {
+                write!(f, ": {}", p.key)?;
+            }
+            writeln!(f, ": {}", p.message)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -31,15 +74,15 @@ struct RawFile {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKey {
-    id: String,
-    secret_hex: String,
+    id: toml::Spanned<String>,
+    secret_hex: toml::Spanned<String>,
 }
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTokenKey {
-    key_id: String,
-    secret_hex: String,
+    key_id: toml::Spanned<String>,
+    secret_hex: toml::Spanned<String>,
 }
 
 /// What a key file holds.
@@ -89,24 +132,25 @@ fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
     };
     // The parser's message may quote the offending line, which could hold a secret.
     let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let at = e.span().map_or(0, |s| line_of(text, s.start));
-        fail(vec![format!(
-            "line {at}: not a key file (expected [[keys]] with id and secret_hex, or [[token_keys]] with key_id and secret_hex)"
-        )])
+        fail(vec![KeyProblem {
+            line: e.span().map_or(0, |s| line_of(text, s.start)),
+            key: String::new(),
+            message: "not a key file (expected [[keys]] with id and secret_hex, or [[token_keys]] with key_id and secret_hex)".into(),
+        }])
     })?;
     let mut problems = Vec::new();
     match (raw.keys.is_empty(), raw.token_keys.is_empty()) {
-        (true, true) => problems.push("no [[keys]] entry".into()),
-        (false, false) => problems.push(
-            "holds both [[keys]] and [[token_keys]]: a token key file is exported on its own, so it can be handed out without the master keys".into(),
-        ),
+        (true, true) => problems.push(KeyProblem::file("no [[keys]] entry")),
+        (false, false) => problems.push(KeyProblem::file(
+            "holds both [[keys]] and [[token_keys]]: a token key file is exported on its own, so it can be handed out without the master keys",
+        )),
         _ => {}
     }
     let keys = checked(
         text,
         "keys",
         &raw.keys,
-        |k| (&k.id, &k.secret_hex),
+        |k| (("id", &k.id), &k.secret_hex),
         MasterKey::new,
         &mut problems,
     );
@@ -114,7 +158,7 @@ fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
         text,
         "token_keys",
         &raw.token_keys,
-        |k| (&k.key_id, &k.secret_hex),
+        |k| (("key_id", &k.key_id), &k.secret_hex),
         TokenKey::new,
         &mut problems,
     );
@@ -129,40 +173,109 @@ fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
 }
 
 /// The entries of one key table, each made into a key by `make` from its id and decoded
-/// secret; every refused entry adds a problem at its line (never its secret).
+/// secret; every refused entry adds a problem at the line of the key at fault (never its
+/// secret).
 fn checked<R, K>(
     text: &str,
     table: &str,
     entries: &[toml::Spanned<R>],
-    fields: impl Fn(&R) -> (&String, &String),
+    fields: impl Fn(
+        &R,
+    ) -> (
+        (&'static str, &toml::Spanned<String>),
+        &toml::Spanned<String>,
+    ),
     make: impl Fn(&str, &[u8]) -> Result<K, KeyError>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<KeyProblem>,
 ) -> Vec<K> {
     let mut out = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
-        let line = line_of(text, entry.span().start);
-        let (id, secret_hex) = fields(entry.get_ref());
+        let ((id_name, id), secret_hex) = fields(entry.get_ref());
+        let at = |key: &str, v: &toml::Spanned<String>, message: String| KeyProblem {
+            line: line_of(text, v.span().start),
+            key: format!("{table}[{i}].{key}"),
+            message,
+        };
         if let Some(j) = entries[..i]
             .iter()
-            .position(|o| fields(o.get_ref()).0 == id)
+            .position(|o| fields(o.get_ref()).0.1.get_ref() == id.get_ref())
         {
             let first = line_of(text, entries[j].span().start);
-            problems.push(format!(
-                "line {line}: {table}[{i}]: key id {id:?} is already used by {table}[{j}] (line {first})"
+            problems.push(at(
+                id_name,
+                id,
+                format!(
+                    "key id {:?} is already used by {table}[{j}] (line {first})",
+                    id.get_ref()
+                ),
             ));
             continue;
         }
-        match hex::decode(secret_hex.trim()) {
-            Ok(secret) => match make(id, &secret) {
-                Ok(k) => out.push(k),
-                Err(e) => problems.push(format!("line {line}: {table}[{i}]: {e}")),
+        let secret = match hex::decode(secret_hex.get_ref().trim()) {
+            Ok(s) => s,
+            Err(_) => {
+                problems.push(at(
+                    "secret_hex",
+                    secret_hex,
+                    format!("not hex (key {:?})", id.get_ref()),
+                ));
+                continue;
+            }
+        };
+        match make(id.get_ref(), &secret) {
+            Ok(k) => match weak(&secret) {
+                None => out.push(k),
+                Some(why) => problems.push(at(
+                    "secret_hex",
+                    secret_hex,
+                    format!(
+                        "the secret of key {:?} {why}: it does not look random; make a key with `cdrguard keys generate`",
+                        id.get_ref()
+                    ),
+                )),
             },
-            Err(_) => problems.push(format!(
-                "line {line}: {table}[{i}] ({id}): secret_hex is not hex"
-            )),
+            Err(
+                e @ (KeyError::BadId(_) | KeyError::BadTokenKeyId(_)),
+            ) => problems.push(at(id_name, id, e.to_string())),
+            Err(e) => problems.push(at("secret_hex", secret_hex, e.to_string())),
         }
     }
     out
+}
+
+/// Why a secret cannot have been drawn at random, if it cannot: a key typed by hand or
+/// left as a placeholder (all zeros, `00112233...`, a counter, a phrase pasted twice)
+/// would make every pseudonym guessable by whoever guesses the key. Three checks, each
+/// over the whole secret (32 bytes or more):
+///
+/// - fewer than 16 distinct byte values (all zeros, any pattern of period 15 or less);
+/// - fewer than 16 distinct differences between neighbouring bytes (counters, arithmetic
+///   sequences, patterns of period 15 or less however shifted);
+/// - a period of at most half its length (a 16-byte block repeated).
+///
+/// A uniformly random 32-byte secret fails the first with probability 3.2e-17, the
+/// second (its 31 neighbour differences are again uniform and independent) with 4.6e-16,
+/// and the third with 3e-39 (exact counts via Stirling numbers): together under 5e-16, so
+/// a key from `keys generate` is never refused in practice. Longer secrets fail less.
+fn weak(secret: &[u8]) -> Option<&'static str> {
+    let distinct = |bytes: &mut dyn Iterator<Item = u8>| {
+        let mut seen = [false; 256];
+        bytes
+            .filter(|b| !std::mem::replace(&mut seen[*b as usize], true))
+            .count()
+    };
+    if distinct(&mut secret.iter().copied()) < 16 {
+        return Some("has fewer than 16 distinct byte values");
+    }
+    if distinct(&mut secret.windows(2).map(|w| w[1].wrapping_sub(w[0]))) < 16 {
+        return Some(
+            "steps from byte to byte by fewer than 16 distinct amounts (a counter or a repeated pattern)",
+        );
+    }
+    if (1..=secret.len() / 2).any(|p| secret[p..] == secret[..secret.len() - p]) {
+        return Some("repeats itself");
+    }
+    None
 }
 
 /// The master keys of a master key file, in file order. An exported token key file is
@@ -172,13 +285,13 @@ fn master_keys(text: &str, file: &str) -> Result<Vec<MasterKey>, KeyFileError> {
         Keys::Master(k) => Ok(k),
         Keys::Tokens(t) => Err(KeyFileError {
             file: file.to_string(),
-            problems: vec![format!(
+            problems: vec![KeyProblem::file(format!(
                 "holds only the token keys {} (written by `cdrguard keys export`): it reverses those tokens and nothing else; this needs the master key file ([[keys]])",
                 t.iter()
                     .map(TokenKey::key_id)
                     .collect::<Vec<_>>()
                     .join(", ")
-            )],
+            ))],
         }),
     }
 }
@@ -186,7 +299,7 @@ fn master_keys(text: &str, file: &str) -> Result<Vec<MasterKey>, KeyFileError> {
 fn no_key(file: &str) -> KeyFileError {
     KeyFileError {
         file: file.to_string(),
-        problems: vec!["no usable key".into()],
+        problems: vec![KeyProblem::file("no usable key")],
     }
 }
 
@@ -204,35 +317,68 @@ pub fn parse_any(text: &str, file: &str) -> Result<KeyFile, KeyFileError> {
     .ok_or_else(|| no_key(file))
 }
 
-/// Reads a key file's text. Warns (on stderr, without the secret) when others may read it.
-fn read(path: &Path) -> Result<(String, String), KeyFileError> {
+/// Reads a key file and parses it with `parse`. A file that group or others may read or
+/// write is refused, as ssh refuses such a private key: whoever reads the secret can
+/// compute every pseudonym and reverse every token, and whoever writes it can swap it.
+/// The refusal says which `chmod` fixes it, and lists the file's other problems too.
+fn read<T>(
+    path: &Path,
+    parse: impl FnOnce(&str, &str) -> Result<T, KeyFileError>,
+) -> Result<T, KeyFileError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| KeyFileError {
         file: name.clone(),
-        problems: vec![format!("cannot read: {e}")],
+        problems: vec![KeyProblem::file(format!("cannot read: {e}"))],
     })?;
+    let mut problems = Vec::new();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(meta) = std::fs::metadata(path)
             && meta.permissions().mode() & 0o077 != 0
         {
-            eprintln!("warning: key file {name} is readable by other users; chmod 600 it");
+            problems.push(KeyProblem::file(format!(
+                "readable or writable by group or others (mode {:o}); a key file must be its owner's alone: run `chmod 600 {}`",
+                meta.permissions().mode() & 0o777,
+                shell_word(&name)
+            )));
         }
     }
-    Ok((text, name))
+    match parse(&text, &name) {
+        Ok(v) if problems.is_empty() => Ok(v),
+        Ok(_) => Err(KeyFileError {
+            file: name,
+            problems,
+        }),
+        Err(mut e) => {
+            problems.append(&mut e.problems);
+            e.problems = problems;
+            Err(e)
+        }
+    }
+}
+
+/// `s` as one shell word, so the `chmod` line can be pasted as it is.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Reads a master key file (see [`parse`]).
 pub fn load(path: &Path) -> Result<Keyring, KeyFileError> {
-    let (text, name) = read(path)?;
-    parse(&text, &name)
+    read(path, parse)
 }
 
 /// Reads a key file of either kind (see [`parse_any`]).
 pub fn load_any(path: &Path) -> Result<KeyFile, KeyFileError> {
-    let (text, name) = read(path)?;
-    parse_any(&text, &name)
+    read(path, parse_any)
 }
 
 /// Makes a new key file's text with a fresh random 256-bit secret.
@@ -286,8 +432,7 @@ pub enum ExportError {
 /// Writes a token key file for `purpose` from the master key file at `keys`, readable
 /// by its owner only. Returns the key ids written.
 pub fn export(keys: &Path, purpose: Purpose, out: &Path) -> Result<Vec<String>, ExportError> {
-    let (text, name) = read(keys)?;
-    let masters = master_keys(&text, &name)?;
+    let masters = read(keys, master_keys)?;
     write_private(out, &export_text(&masters, purpose)).map_err(|source| ExportError::Write {
         file: out.display().to_string(),
         source,
@@ -331,8 +476,111 @@ mod tests {
         let e = parse(bad, "bad.toml").unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         assert!(!e.to_string().contains("zz"));
-        assert!(e.problems[0].starts_with("line 1: keys[0]"), "{e}");
-        assert!(e.problems[1].starts_with("line 4: keys[1] (k2)"), "{e}");
+        assert!(
+            e.to_string().contains("\n  bad.toml:2: keys[0].id: key id"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("\n  bad.toml:6: keys[1].secret_hex: not hex (key \"k2\")"),
+            "{e}"
+        );
+    }
+
+    /// A key file with `secret` as the secret of its one key.
+    fn with_secret(secret: &[u8]) -> String {
+        format!(
+            "[[keys]]\nid = \"k1\"\nsecret_hex = \"{}\"\n",
+            hex::encode(secret)
+        )
+    }
+
+    /// Regression: an all-zero secret (or `00112233...`) was accepted, and a bad secret
+    /// was reported at its `[[keys]]` line rather than its own.
+    #[test]
+    fn a_secret_that_is_not_random_is_refused_at_its_own_line() {
+        let counter: Vec<u8> = (0..32).collect();
+        // 16 random bytes twice: 16 distinct values and 16 distinct steps, yet half a key.
+        let half = hex::decode("76fe013b822806fd4768bcb1c79e3d3f").unwrap();
+        let halves = [half.clone(), half].concat();
+        let pairs: Vec<u8> = (0..32).map(|i| [0x00, 0x11, 0x22, 0x33][i % 4]).collect();
+        for (secret, why) in [
+            (&[0u8; 32][..], "fewer than 16 distinct byte values"),
+            (&pairs, "fewer than 16 distinct byte values"),
+            (&counter, "fewer than 16 distinct amounts"),
+            (&halves, "repeats itself"),
+        ] {
+            let text = with_secret(secret);
+            let e = parse(&text, "k.toml").unwrap_err();
+            let shown = e.to_string();
+            assert_eq!(e.problems.len(), 1, "{shown}");
+            assert!(
+                shown.contains("\n  k.toml:3: keys[0].secret_hex: the secret of key \"k1\" ")
+                    && shown.contains(why),
+                "{why}: {shown}"
+            );
+            assert!(!shown.contains(&hex::encode(secret)), "{shown}");
+            // Token key files are held to the same test.
+            let token = text
+                .replace("[[keys]]", "[[token_keys]]")
+                .replace("id = \"k1\"", "key_id = \"k1.marketing\"");
+            let e = parse_any(&token, "t.toml").unwrap_err();
+            assert!(
+                e.to_string().contains("t.toml:3: token_keys[0].secret_hex"),
+                "{e}"
+            );
+        }
+        // A short secret is also reported at the secret, not the table.
+        let e = parse(&with_secret(&[1, 2, 3]), "k.toml").unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "k.toml:3: keys[0].secret_hex: key \"k1\": the secret must be at least 32 bytes"
+            ),
+            "{e}"
+        );
+        // Random secrets pass (the odds of refusing one are below 1e-15).
+        for _ in 0..1000 {
+            assert!(parse(&generate("k1"), "gen").is_ok());
+        }
+    }
+
+    /// Regression: a key file readable by others was only warned about.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_may_read_or_write_is_refused_with_the_chmod_that_fixes_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my keys.toml");
+        std::fs::write(&path, generate("k1")).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load(&path).unwrap_err().to_string();
+            let want = format!(
+                "(mode {mode:o}); a key file must be its owner's alone: run `chmod 600 '{}'`",
+                path.display()
+            );
+            assert!(e.contains(&want), "{mode:o}: {e}");
+            assert!(load_any(&path).is_err(), "{mode:o}");
+            let out = dir.path().join(format!("export-{mode:o}.toml"));
+            assert!(export(&path, Purpose::Marketing, &out).is_err(), "{mode:o}");
+            assert!(!out.exists());
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(load(&path).is_ok(), "{mode:o}");
+            assert!(load_any(&path).is_ok(), "{mode:o}");
+        }
+        // The file's other problems are listed with it.
+        std::fs::write(&path, with_secret(&[0; 32])).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load(&path).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert_eq!(
+            shell_word("/etc/cdrguard/keys.toml"),
+            "/etc/cdrguard/keys.toml"
+        );
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word("-k.toml"), "'-k.toml'");
     }
 
     /// Regression: an error at the start of line 3 was reported on line 2 (the text before
@@ -352,10 +600,7 @@ mod tests {
             ),
         ] {
             let e = parse(&text, "k.toml").unwrap_err();
-            assert!(
-                e.problems[0].starts_with(&format!("line {line}:")),
-                "{e}\n{text}"
-            );
+            assert_eq!(e.problems[0].line, line, "{e}\n{text}");
             assert!(!e.to_string().contains(&secret));
         }
     }
@@ -436,7 +681,7 @@ mod tests {
     fn export_writes_a_new_file_for_its_owner_only_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let (keys, out) = (dir.path().join("keys.toml"), dir.path().join("m.toml"));
-        std::fs::write(&keys, rotated()).unwrap();
+        write_private(&keys, &rotated()).unwrap();
         let ids = export(&keys, Purpose::Marketing, &out).unwrap();
         assert_eq!(ids, ["k2.marketing", "k1.marketing"]);
         #[cfg(unix)]
@@ -467,13 +712,21 @@ mod tests {
         let exported = export_text(&master_keys(&master, "m").unwrap(), Purpose::Marketing);
         let mixed = format!("{master}{exported}");
         let e = parse_any(&mixed, "x.toml").unwrap_err();
-        assert!(e.problems[0].contains("holds both"), "{e}");
+        assert!(e.problems[0].message.contains("holds both"), "{e}");
         let bad = "[[token_keys]]\nkey_id = \"k1\"\nsecret_hex = \"00\"\n\
                    [[token_keys]]\nkey_id = \"k1.marketing\"\nsecret_hex = \"0011\"\n";
         let e = parse_any(bad, "bad.toml").unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
-        assert!(e.problems[0].starts_with("line 1: token_keys[0]"), "{e}");
-        assert!(e.problems[1].contains("exactly 32 bytes"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("\n  bad.toml:2: token_keys[0].key_id: token key id"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("\n  bad.toml:6: token_keys[1].secret_hex: token key \"k1.marketing\": the secret must be exactly 32 bytes"),
+            "{e}"
+        );
     }
 
     /// Regression: two keys with one id were accepted; a token names its key by id.
@@ -487,9 +740,10 @@ mod tests {
         let e = parse(&text, "k.toml").unwrap_err();
         assert_eq!(e.problems.len(), 1, "{e}");
         assert!(
-            e.problems[0].contains("key id \"k1\" is already used by keys[0] (line 3)"),
+            e.to_string().contains(
+                "\n  k.toml:7: keys[1].id: key id \"k1\" is already used by keys[0] (line 3)"
+            ),
             "{e}"
         );
-        assert!(e.problems[0].starts_with("line 6: keys[1]"), "{e}");
     }
 }

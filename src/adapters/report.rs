@@ -69,6 +69,19 @@ pub fn summary(
             undeclared.join(", ")
         );
     }
+    let undeclared: Vec<String> = crate::core::purpose::Purpose::ALL
+        .iter()
+        .filter(|p| stats.undeclared[**p as usize] > 0)
+        .map(|p| format!("{} {}", p.id(), stats.undeclared[*p as usize]))
+        .collect();
+    if !undeclared.is_empty() {
+        let _ = writeln!(
+            o,
+            "control events for a purpose this policy does not declare, ignored: {} ({})",
+            stats.undeclared.iter().sum::<u64>(),
+            undeclared.join(", ")
+        );
+    }
     let anonymised: u64 = policy
         .declared()
         .map(|r| stats.count(r.purpose, Outcome::Anonymised))
@@ -87,6 +100,66 @@ pub fn summary(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::engine::Engine;
+    use crate::core::control::{Change, ControlEvent};
+    use crate::core::purpose::Purpose;
+    use crate::core::time::Millis;
+
+    /// Regression: a consent or objection event for a purpose the policy does not
+    /// declare was applied without a trace; a consent system that spells a purpose
+    /// differently from the policy went unnoticed.
+    #[test]
+    fn control_events_for_undeclared_purposes_are_counted_and_reported() {
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "x").unwrap();
+        let keys = crate::core::pseudonym::tests::test_keyring();
+        let mut engine = Engine::new(&policy, &keys);
+        let event = |change| ControlEvent {
+            msisdn: "+46701234567".into(),
+            at: Millis(0),
+            change,
+        };
+        let care = Purpose::CustomerCare;
+        assert!(
+            policy.rule(care).is_none(),
+            "Excedo declares no customer care"
+        );
+        for change in [
+            Change::Consent {
+                purpose: care,
+                granted: true,
+            },
+            Change::Objection { purpose: care },
+            Change::Consent {
+                purpose: care,
+                granted: false,
+            },
+            // Declared purposes, and events that name none, are not counted.
+            Change::Consent {
+                purpose: Purpose::Marketing,
+                granted: true,
+            },
+            Change::Objection {
+                purpose: Purpose::Analytics,
+            },
+            Change::Erasure,
+        ] {
+            engine.control(&event(change));
+        }
+        assert_eq!(engine.stats.controls, 6);
+        assert_eq!(engine.stats.undeclared[care as usize], 3);
+        assert_eq!(engine.stats.undeclared.iter().sum::<u64>(), 3);
+        let s = summary(&policy, &engine.stats, 0, 0, 0);
+        assert!(
+            s.contains(
+                "\ncontrol events for a purpose this policy does not declare, ignored: 3 (customer_care 3)\n"
+            ),
+            "{s}"
+        );
+        // Nothing is said when there are none.
+        let s = summary(&policy, &Stats::default(), 0, 0, 0);
+        assert!(!s.contains("does not declare, ignored"), "{s}");
+    }
 
     /// Regression: refused control lines went to the dead letter but not into the count.
     #[test]

@@ -228,9 +228,9 @@ enum PolicyCmd {
     ///
     /// Example: cdrguard policy check policies/*.toml
     Check {
-        /// Policy files.
+        /// Policy files (or shipped policies' names where no such file exists).
         #[arg(required = true)]
-        files: Vec<PathBuf>,
+        files: Vec<String>,
     },
     /// Print the GDPR Art. 30 record of processing derived from a policy.
     ///
@@ -348,11 +348,36 @@ enum KeysCmd {
 }
 
 /// Runs the command line. A closed stdout (the output piped into `head`) ends it quietly.
-pub fn main() -> Result<()> {
+/// An error is printed as `error: ` and its chain of causes, exit status 1: returning it
+/// from `main` would print a stack trace with `RUST_BACKTRACE` set, which tells a user
+/// nothing about a file they mistyped (a panic still prints one).
+pub fn main() -> std::process::ExitCode {
     match run_cli(Cli::parse()) {
-        Err(e) if is_broken_pipe(&e) => Ok(()),
-        r => r,
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+/// An error and its causes, joined by `: `. A list of problems keeps its lines; a cause
+/// whose text the message already ends with (`#[error("...: {0}")]` over a `#[source]`)
+/// is not repeated.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if out.is_empty() {
+            out.push_str(text);
+        } else if !out.ends_with(text) {
+            out.push_str(": ");
+            out.push_str(text);
+        }
+    }
+    out
 }
 
 /// Whether an error is stdout going away under us.
@@ -423,19 +448,19 @@ fn run_cli(cli: Cli) -> Result<()> {
         Command::Policy(PolicyCmd::Check { files }) => {
             let mut failed = 0;
             for f in &files {
-                match policy::load_file(f) {
+                match load_policy(f) {
                     Ok(p) => {
                         let n = p.declared().count();
                         outln!(
                             "{}: ok ({}, {n} {})",
-                            f.display(),
+                            p.file,
                             p.tag,
                             if n == 1 { "purpose" } else { "purposes" }
                         )?;
                     }
                     Err(e) => {
                         failed += 1;
-                        eprint!("{e}");
+                        eprintln!("{}", error_text(&e));
                     }
                 }
             }
@@ -589,10 +614,14 @@ fn run(a: RunArgs) -> Result<()> {
 
     use crate::adapters::kafka::{self, RunHandles, config};
 
-    let cfg = config::load(&a.config, std::env::vars())?;
-    let policy = Arc::new(policy::load_file(&cfg.policy)?);
-    let cfg = cfg.with_policy(&policy)?;
-    let keys = Arc::new(keyfile::load(&cfg.key_file)?);
+    // Configuration, policy and key file are checked together, so one run (with --check
+    // or without) lists every problem of all three.
+    let config::Loaded {
+        config: cfg,
+        policy,
+        keys,
+    } = config::load_all(&a.config, std::env::vars())?;
+    let (policy, keys) = (Arc::new(policy), Arc::new(keys));
     if a.check {
         outln!(
             "{}: ok (policy {}, {} routes, guarantee {:?}, input {})",
@@ -604,15 +633,8 @@ fn run(a: RunArgs) -> Result<()> {
         )?;
         return Ok(());
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match a.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    // Colour codes only for a terminal: in a file or a log collector's pipe they are noise.
+    init_logs(a.log_format, std::io::stderr().is_terminal());
     tracing::info!(
         policy = %policy.tag,
         guarantee = ?cfg.guarantee,
@@ -669,6 +691,21 @@ fn run(a: RunArgs) -> Result<()> {
     })?;
     tracing::info!(stats = %stats.line(), "stopped");
     Ok(())
+}
+
+/// Installs `run`'s log output on stderr: `RUST_LOG` (default `info`), in `format`, with
+/// terminal colours only when `ansi`.
+fn init_logs(format: LogFormat, ansi: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 /// Ends the process at once with `code`, from any thread. `std::process::exit` would run
@@ -864,6 +901,64 @@ mod tests {
             .context("writing the summary");
         assert!(is_broken_pipe(&e));
         assert!(!is_broken_pipe(&anyhow::anyhow!("policy refused")));
+    }
+
+    /// Regression: `policy check excedo` looked for a file named `excedo` only, while
+    /// `policy explain excedo` took the shipped policy.
+    #[test]
+    fn policy_check_takes_shipped_names_and_lists_every_refused_file() {
+        run_cli(parse(&["policy", "check", "excedo", "alleato"]).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[policy]\n").unwrap();
+        let bad = bad.to_str().unwrap();
+        let e = run_cli(parse(&["policy", "check", bad, "excedo", "no-such-policy"]).unwrap())
+            .unwrap_err();
+        assert_eq!(error_text(&e), "2 of 3 policy file(s) refused");
+    }
+
+    /// Regression: `topics --dry-run` listed `cdr.analytics` for both billing and
+    /// analytics when the configuration put billing on the policy's analytics topic.
+    #[test]
+    fn topics_refuses_a_configuration_whose_routes_share_a_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.toml");
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/excedo.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[kafka]\nbrokers = \"b:9092\"\ntransactional_id = \"t\"\n[topics.routes]\nbilling = \"cdr.analytics\"\n[processing]\npolicy = \"{}\"\nkey_file = \"k\"\n",
+                policy.display()
+            ),
+        )
+        .unwrap();
+        let args = ["topics", "--config", config.to_str().unwrap(), "--dry-run"];
+        let e = error_text(&run_cli(parse(&args).unwrap()).unwrap_err());
+        assert!(
+            e.contains(":5: topics.routes.billing: topic \"cdr.analytics\" is also used by topics.routes.analytics"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_error_prints_with_its_causes_once_each() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::from(io).context("writing out/billing.jsonl");
+        assert_eq!(error_text(&e), "writing out/billing.jsonl: disk on fire");
+        // A message that already ends with its cause does not repeat it.
+        #[derive(Debug, thiserror::Error)]
+        #[error("admin client: {0}")]
+        struct Wrapper(#[source] std::io::Error);
+        let e = anyhow::Error::from(Wrapper(std::io::Error::other("refused")));
+        assert_eq!(error_text(&e), "admin client: refused");
+        // A list of problems keeps its lines, without a blank one at the end.
+        let e = crate::policy::load_file(Path::new("/nonexistent/p.toml")).unwrap_err();
+        let text = error_text(&anyhow::Error::from(e));
+        assert!(
+            text.starts_with("policy /nonexistent/p.toml refused: 1 problem(s)\n  /nonexistent/p.toml: cannot read")
+                && !text.ends_with('\n'),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -11,8 +11,10 @@ use crate::core::record::Record;
 use crate::core::treat::{Text, Treated};
 use crate::policy::{Retention, Treatment};
 
-/// Decodes and validates one record; strings borrow from `bytes` where unescaped.
+/// Decodes and validates one record; strings borrow from `bytes` where unescaped. A
+/// leading byte-order mark (the first line of a file saved with one) is skipped.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
+    let bytes = super::strip_bom(bytes);
     let r = match super::json_fast::record(bytes) {
         Some(r) => r,
         None => serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed {
@@ -39,8 +41,9 @@ pub fn start_time_hint(bytes: &[u8]) -> Option<crate::core::time::Millis> {
     crate::core::time::Millis::parse_canonical(bytes.get(at..at + 24)?)
 }
 
-/// Decodes and checks one control event.
+/// Decodes and checks one control event; a leading byte-order mark is skipped.
 pub fn decode_control(bytes: &[u8]) -> Result<ControlEvent, String> {
+    let bytes = super::strip_bom(bytes);
     let raw: RawControl<'_> = serde_json::from_slice(bytes).map_err(|e| describe(bytes, &e))?;
     raw.into_event().map_err(|e| e.to_string())
 }
@@ -556,6 +559,36 @@ mod serialisation {
     use crate::core::record::tests::data_record;
     use crate::core::time::Millis;
     use crate::policy::{parse_policy, shipped};
+
+    /// Regression: the first line of a records or control file saved with a byte-order
+    /// mark went to the dead letter as malformed JSON.
+    #[test]
+    fn a_byte_order_mark_before_a_record_or_event_is_skipped() {
+        let r = data_record();
+        let text = [&b"\xEF\xBB\xBF"[..], &serde_json::to_vec(&r).unwrap()].concat();
+        assert_eq!(decode_record(&text).unwrap(), r);
+        // serde's path as well as the fast one (an escape sends a record to serde).
+        let escaped = serde_json::to_string(&r)
+            .unwrap()
+            .replacen("\"+", "\"\\u002b", 1);
+        assert!(escaped.contains("\\u002b"), "{escaped}");
+        let escaped = [&b"\xEF\xBB\xBF"[..], escaped.as_bytes()].concat();
+        assert_eq!(decode_record(&escaped).unwrap(), r);
+        let event =
+            br#"{"type":"erasure","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z"}"#;
+        let with_bom = [&b"\xEF\xBB\xBF"[..], &event[..]].concat();
+        assert_eq!(decode_control(&with_bom), decode_control(event));
+        assert!(decode_control(event).is_ok());
+        // Only at the start: anywhere else it is not JSON.
+        let inside = [&event[..1], &b"\xEF\xBB\xBF"[..], &event[1..]].concat();
+        assert!(decode_control(&inside).is_err());
+        assert_eq!(strip_bom_twice(), b"\xEF\xBB\xBF{}");
+    }
+
+    /// One mark is skipped, not every one.
+    fn strip_bom_twice() -> &'static [u8] {
+        crate::codec::strip_bom(b"\xEF\xBB\xBF\xEF\xBB\xBF{}")
+    }
 
     #[test]
     fn a_record_survives_a_json_round_trip() {

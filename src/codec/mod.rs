@@ -34,6 +34,17 @@ pub enum Format {
     Binary,
 }
 
+/// The UTF-8 byte-order mark that some editors (Notepad, Excel's "UTF-8 CSV") write at
+/// the start of a text file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `bytes` without a leading UTF-8 byte-order mark. A JSON-lines file saved with one
+/// carries it at the start of its first line, which is otherwise a good record or event:
+/// the decoders skip it rather than send that line to the dead letter.
+pub fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(BOM).unwrap_or(bytes)
+}
+
 /// Why a record could not be processed: goes to the dead letter with its position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

@@ -11,7 +11,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Anchor, Basis, Cite, Note, Period, Policy, PurposeRule, Retention, RightRule, Treatment,
+    Anchor, Basis, Cite, Note, Period, Place, Policy, PurposeRule, Retention, RightRule, Treatment,
     WithoutConsent, citation,
 };
 use crate::core::process::ConsentTag;
@@ -276,6 +276,7 @@ fn compile(cx: &mut Cx, root: &Spanned<DeTable<'_>>, file: &str) -> Option<Polic
         }
         ps.finish(cx);
     }
+    distinct_topics(cx, &purposes);
 
     let recipients = statements(cx, &mut top, "recipients");
     let measures = statements(cx, &mut top, "measures");
@@ -475,6 +476,36 @@ fn consent_part(cx: &mut Cx, t: &mut Tbl<'_, '_>) -> Option<ConsentPart> {
     })
 }
 
+/// Refuses two purposes on one topic: one purpose's consumers would read the other's
+/// copies (raw identifiers where only pseudonyms may go). Each clash is reported at the
+/// later of the two in the file, at its `topic` key, or its table when it is the default.
+fn distinct_topics(cx: &mut Cx, purposes: &[Option<PurposeRule>]) {
+    let mut rules: Vec<&PurposeRule> = purposes.iter().flatten().collect();
+    rules.sort_by_key(|r| r.topic_at.line);
+    let explicit = |r: &PurposeRule| r.topic_at.path.ends_with(".topic");
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(first) = rules[..i].iter().find(|o| o.topic == r.topic) {
+            let which = if explicit(r) {
+                "topic"
+            } else {
+                "default topic"
+            };
+            let by = if explicit(first) { "" } else { ", by default" };
+            cx.problems.push(Problem {
+                line: r.topic_at.line,
+                path: r.topic_at.path.clone(),
+                message: format!(
+                    "{which} {:?} is also the topic of purpose {} ({} at line {}{by}): each purpose needs a topic of its own, or its consumers read the other's copies",
+                    r.topic,
+                    first.purpose.id(),
+                    first.topic_at.path,
+                    first.topic_at.line,
+                ),
+            });
+        }
+    }
+}
+
 /// A Kafka topic name: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
 fn valid_topic(s: &str) -> bool {
     (1..=249).contains(&s.len())
@@ -491,7 +522,7 @@ fn purpose_rule(
     policy_id: &str,
 ) -> Option<PurposeRule> {
     let description = t.str(cx, "description", true);
-    let topic = match t.str(cx, "topic", false) {
+    let (topic, topic_at) = match t.str(cx, "topic", false) {
         Some((s, at)) => {
             if !valid_topic(&s) {
                 cx.err(
@@ -500,9 +531,9 @@ fn purpose_rule(
                     "not a Kafka topic name: 1 to 249 of letters, digits, '.', '_' and '-'",
                 );
             }
-            s
+            (s, (at, t.sub("topic")))
         }
-        None => format!("cdr.{}", purpose.id()),
+        None => (format!("cdr.{}", purpose.id()), (t.at, t.path.clone())),
     };
     let basis = t.table(cx, "basis", true).map(|mut b| {
         let r = bases(cx, &mut b);
@@ -593,6 +624,10 @@ fn purpose_rule(
         purpose,
         description: description.map(|d| d.0).unwrap_or_default(),
         topic,
+        topic_at: Place {
+            line: cx.lines.line(topic_at.0),
+            path: topic_at.1,
+        },
         basis,
         basis_cite: basis_cite.unwrap_or(Cite::Assumption(String::new())),
         consent_key,
@@ -1610,6 +1645,40 @@ fields = { msisdn = "pseudonymise", source = {S} }
                 .any(|m| m.starts_with("11:purposes.billing.topic:")),
             "{:?}",
             problems(&bad)
+        );
+    }
+
+    /// Regression: `[purposes.analytics] topic = "cdr.billing"` passed `policy check`, so
+    /// billing copies (raw msisdn) went where analytics consumers read.
+    #[test]
+    fn two_purposes_may_not_share_a_topic() {
+        let both = with_analytics("msisdn = \"pseudonymise\"", "no_copy", "");
+        assert_eq!(problems(&both), Vec::<String>::new());
+        let explicit = both.replace(
+            "description = \"stats\"",
+            "description = \"stats\"\ntopic = \"cdr.billing\"",
+        );
+        let at = line_of(&explicit, "topic = \"cdr.billing\"");
+        let billing = line_of(&explicit, "[purposes.billing]");
+        assert_eq!(
+            problems(&explicit),
+            [format!(
+                "{at}:purposes.analytics.topic: topic \"cdr.billing\" is also the topic of purpose billing (purposes.billing at line {billing}, by default): each purpose needs a topic of its own, or its consumers read the other's copies"
+            )]
+        );
+        // The second is a default: the problem is at its purpose's table.
+        let default = both.replace(
+            "description = \"billing\"",
+            "description = \"billing\"\ntopic = \"cdr.analytics\"",
+        );
+        let header = line_of(&default, "[purposes.analytics]");
+        let msgs = problems(&default);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            msgs[0].starts_with(&format!(
+                "{header}:purposes.analytics: default topic \"cdr.analytics\" is also the topic of purpose billing (purposes.billing.topic at line 11)"
+            )),
+            "{msgs:?}"
         );
     }
 

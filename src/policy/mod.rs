@@ -10,6 +10,7 @@ pub mod load;
 
 use serde::Serialize;
 
+use crate::core::control::Change;
 use crate::core::process::ConsentTag;
 use crate::core::purpose::{Category, Field, Purpose};
 
@@ -245,6 +246,10 @@ pub struct PurposeRule {
     /// The route's default topic (`topic` in the file, else `cdr.<purpose id>`); a
     /// deployment may still map the route elsewhere.
     pub topic: String,
+    /// Where `topic` is set, for errors that name it: the `topic` key, or the purpose's
+    /// table when the topic is the default.
+    #[serde(skip)]
+    pub topic_at: Place,
     /// Legal bases per data category, primary first; empty when the category is not used.
     pub basis: [Vec<Basis>; 2],
     /// Where the bases are stated.
@@ -281,6 +286,15 @@ pub struct PurposeRule {
     /// `ConsentTag as usize`), encoded when the policy is loaded; see [`EnvelopeBytes`].
     #[serde(skip)]
     pub envelopes: [EnvelopeBytes; 3],
+}
+
+/// A key's place in a policy file: its 1-based line and dotted path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Place {
+    /// 1-based line.
+    pub line: usize,
+    /// Dotted path, e.g. `purposes.analytics.topic`.
+    pub path: String,
 }
 
 /// What a copy's envelope holds that is the same for every copy of one purpose in one
@@ -402,6 +416,23 @@ impl Policy {
     /// The rule for a purpose, if declared.
     pub fn rule(&self, p: Purpose) -> Option<&PurposeRule> {
         self.purposes[p as usize].as_ref()
+    }
+    /// The purpose a consent or objection event names when it changes nothing under this
+    /// policy: a consent for a purpose neither declared nor whose consent a declared
+    /// purpose takes, an objection to a purpose not declared. Such an event usually means
+    /// that the consent system and the policy name purposes differently, so it is counted
+    /// and reported rather than passed over.
+    pub fn undeclared(&self, change: &Change) -> Option<Purpose> {
+        match *change {
+            Change::Consent { purpose, .. }
+                if self.rule(purpose).is_none()
+                    && !self.declared().any(|r| r.consent_key == Some(purpose)) =>
+            {
+                Some(purpose)
+            }
+            Change::Objection { purpose } if self.rule(purpose).is_none() => Some(purpose),
+            _ => None,
+        }
     }
 }
 

@@ -140,14 +140,26 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A fixed test key, written to `dir/keys.toml`.
+/// A fixed test key (drawn at random once: cdrguard refuses a patterned secret), written
+/// to `dir/keys.toml` with mode 600 from the start (cdrguard refuses a key file others may
+/// read).
 pub fn key_file(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let p = dir.join("keys.toml");
-    std::fs::write(
-        &p,
-        "[[keys]]\nid = \"test1\"\nsecret_hex = \"8f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0\"\n",
-    )
-    .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .and_then(|mut f| {
+            f.write_all(
+                b"[[keys]]\nid = \"test1\"\nsecret_hex = \"fdcb03b6aaeee403a0d9dc3208039a68631dcb3f10911c314aeb4d272ff3908a\"\n",
+            )
+        })
+        .unwrap();
+    // `mode` applies only when the file is created; a second call finds it made.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
+use crate::adapters::keyfile::{self, KeyFileError};
 use crate::codec::Format;
+use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 
 /// The environment prefix; `__` separates key levels (`CDRGUARD_KAFKA__GROUP_ID`).
 pub const ENV_PREFIX: &str = "CDRGUARD_";
@@ -28,6 +30,44 @@ pub enum Origin {
     Env(String),
     /// The built-in default.
     Default,
+    /// A policy file: a route's topic the configuration does not name.
+    Policy {
+        /// The policy file.
+        file: String,
+        /// 1-based line of the key.
+        line: usize,
+        /// Its dotted key in the policy, e.g. `purposes.analytics.topic`.
+        key: String,
+    },
+}
+
+impl Origin {
+    /// Where a setting of config `file` came from, as `file:line`, `env VAR`, or `file`
+    /// alone when there is no line to name (a default, or a file that cannot be read).
+    fn place(&self, file: &str) -> String {
+        match self {
+            Origin::Line(0) | Origin::Default => file.to_string(),
+            Origin::Line(l) => format!("{file}:{l}"),
+            Origin::Env(v) => format!("env {v}"),
+            Origin::Policy { file, line: 0, .. } => file.clone(),
+            Origin::Policy { file, line, .. } => format!("{file}:{line}"),
+        }
+    }
+
+    /// Where a setting came from, in a sentence about another one.
+    fn describe(&self, file: &str) -> String {
+        match self {
+            Origin::Default => "by default".to_string(),
+            Origin::Policy { key, .. } => format!("the policy's, {}: {key}", self.place(file)),
+            o => o.place(file),
+        }
+    }
+
+    /// Whether someone chose this setting for this deployment (the file or the
+    /// environment), rather than it following from a default or the policy.
+    fn chosen(&self) -> bool {
+        matches!(self, Origin::Line(_) | Origin::Env(_))
+    }
 }
 
 /// One problem with the configuration.
@@ -41,6 +81,19 @@ pub struct ConfigProblem {
     pub message: String,
 }
 
+impl ConfigProblem {
+    /// Where it is listed: file lines in order, then the environment, then what the file
+    /// lacks, then policy lines.
+    fn order(&self) -> (u8, usize) {
+        match self.origin {
+            Origin::Line(l) => (0, l),
+            Origin::Env(_) => (1, 0),
+            Origin::Default => (2, 0),
+            Origin::Policy { line, .. } => (3, line),
+        }
+    }
+}
+
 /// A refused configuration: every problem found.
 #[derive(Clone, Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -48,6 +101,10 @@ pub struct ConfigError {
     pub file: String,
     /// All problems, file lines first.
     pub problems: Vec<ConfigProblem>,
+    /// The configuration as far as it could be read (each refused key empty or at its
+    /// default), when the file was read and parsed: enough for `run --check` to check the
+    /// policy and key file it names, and its topics against the policy's, in the same run.
+    pub partial: Option<Box<RunConfig>>,
 }
 
 impl fmt::Display for ConfigError {
@@ -59,12 +116,13 @@ impl fmt::Display for ConfigError {
             self.problems.len()
         )?;
         for p in &self.problems {
-            match &p.origin {
-                Origin::Line(l) => writeln!(f, "  {}:{l}: {}: {}", self.file, p.key, p.message)?,
-                Origin::Env(v) if p.key.is_empty() => writeln!(f, "  env {v}: {}", p.message)?,
-                Origin::Env(v) => writeln!(f, "  env {v}: {}: {}", p.key, p.message)?,
-                Origin::Default => writeln!(f, "  (default): {}: {}", p.key, p.message)?,
+            // `file:line: key: what`, leaving out a part that is not there (no line for a
+            // key that is missing, no key for a file that cannot be read).
+            write!(f, "  {}", p.origin.place(&self.file))?;
+            if !p.key.is_empty() {
+                write!(f, ": {}", p.key)?;
             }
+            writeln!(f, ": {}", p.message)?;
         }
         Ok(())
     }
@@ -132,6 +190,19 @@ pub struct RunConfig {
     /// How long a stop (SIGTERM, SIGINT) may take to commit or abort and leave the group
     /// before the process exits anyway (with status 1).
     pub shutdown_timeout: Duration,
+    /// The config file as named by the caller, for errors found after loading.
+    file: String,
+    /// Where each topic key that was set came from (`topics.input`,
+    /// `topics.routes.billing`, ...); a key not here took its default.
+    topic_origins: BTreeMap<String, Origin>,
+}
+
+/// One topic cdrguard reads or writes: its name, the key that sets it and where that came
+/// from.
+struct TopicUse<'a> {
+    topic: &'a str,
+    key: String,
+    origin: Origin,
 }
 
 impl fmt::Debug for RunConfig {
@@ -152,40 +223,126 @@ impl fmt::Debug for RunConfig {
 
 impl RunConfig {
     /// Fills the routes the configuration does not name with the topics the policy
-    /// declares, and refuses a policy topic that collides with another topic.
+    /// declares, and refuses the result unless every topic is distinct: a route's topic
+    /// shared with another route or a service topic would hand one purpose's copies (raw
+    /// identifiers, say) to another purpose's consumers, or feed cdrguard its own output.
     pub fn with_policy(mut self, policy: &Policy) -> Result<RunConfig, ConfigError> {
-        let mut problems = Vec::new();
+        let mut filled = Vec::new();
         for r in policy.declared() {
             let slot = &mut self.routes[r.purpose as usize];
             if slot.is_none() {
-                let used = [
-                    &self.input_topic,
-                    &self.control_topic,
-                    &self.dead_letter_topic,
-                    &self.schedule_topic,
-                ];
-                if used.contains(&&r.topic) {
-                    problems.push(ConfigProblem {
-                        origin: Origin::Default,
-                        key: format!("topics.routes.{}", r.purpose.id()),
-                        message: format!(
-                            "the policy's topic {:?} for this route is also an input or service topic",
-                            r.topic
-                        ),
-                    });
-                }
                 *slot = Some(r.topic.clone());
+                let key = route_key(r.purpose);
+                self.topic_origins.insert(
+                    key.clone(),
+                    Origin::Policy {
+                        file: policy.file.clone(),
+                        line: r.topic_at.line,
+                        key: r.topic_at.path.clone(),
+                    },
+                );
+                filled.push(key);
             }
         }
+        // The configuration's own topics were checked against each other when it was
+        // loaded; what the policy filled in is checked against everything.
+        let problems = clashes(&self.topic_uses(), &self.file, |u| filled.contains(&u.key));
         if problems.is_empty() {
             Ok(self)
         } else {
             Err(ConfigError {
-                file: policy.file.clone(),
+                file: self.file.clone(),
                 problems,
+                partial: None,
             })
         }
     }
+
+    /// Every topic cdrguard reads or writes, with the key that sets it. They must all be
+    /// distinct (see [`clashes`]); a topic added to the configuration is one more line
+    /// here.
+    fn topic_uses(&self) -> Vec<TopicUse<'_>> {
+        let mut v = vec![
+            (self.input_topic.as_str(), "topics.input".to_string()),
+            (self.control_topic.as_str(), "topics.control".to_string()),
+            (
+                self.dead_letter_topic.as_str(),
+                "topics.dead_letter".to_string(),
+            ),
+            (
+                self.schedule_topic.as_str(),
+                "topics.retention_schedule".to_string(),
+            ),
+        ];
+        for p in Purpose::ALL {
+            if let Some(t) = &self.routes[p as usize] {
+                v.push((t.as_str(), route_key(p)));
+            }
+        }
+        v.into_iter()
+            .map(|(topic, key)| TopicUse {
+                topic,
+                origin: self
+                    .topic_origins
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or(Origin::Default),
+                key,
+            })
+            .collect()
+    }
+}
+
+/// The key of a route's topic.
+fn route_key(p: Purpose) -> String {
+    format!("topics.routes.{}", p.id())
+}
+
+/// One problem per topic used twice where at least one of the two uses is `checked`. It
+/// is reported where someone chose the topic (the file or the environment) rather than
+/// where it followed from a default or the policy, else at the later use, and it names
+/// where the other use came from. Config `file` names lines of the configuration.
+fn clashes(
+    uses: &[TopicUse<'_>],
+    file: &str,
+    checked: impl Fn(&TopicUse<'_>) -> bool,
+) -> Vec<ConfigProblem> {
+    let mut out = Vec::new();
+    for (i, later) in uses.iter().enumerate() {
+        // An empty name was refused already (and left empty); it clashes with nothing.
+        if later.topic.is_empty() {
+            continue;
+        }
+        for earlier in &uses[..i] {
+            if earlier.topic != later.topic || !(checked(earlier) || checked(later)) {
+                continue;
+            }
+            let (at, other) = if earlier.origin.chosen() && !later.origin.chosen() {
+                (earlier, later)
+            } else {
+                (later, earlier)
+            };
+            let (key, route) = match &at.origin {
+                // At a policy line the policy's key is what is there; the message says
+                // which route it is the topic of.
+                Origin::Policy { key, .. } => {
+                    (key.clone(), format!(" (the policy's topic for {})", at.key))
+                }
+                _ => (at.key.clone(), String::new()),
+            };
+            out.push(ConfigProblem {
+                origin: at.origin.clone(),
+                key,
+                message: format!(
+                    "topic {:?}{route} is also used by {} ({}): every topic cdrguard reads or writes must be its own",
+                    at.topic,
+                    other.key,
+                    other.origin.describe(file)
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// The producer's transaction timeout unless a property sets another: short, because a
@@ -234,6 +391,8 @@ impl Leaf {
 
 struct Settings {
     leaves: BTreeMap<String, (Leaf, Origin)>,
+    /// Where each key read so far was set, for checks across keys.
+    taken: BTreeMap<String, Origin>,
     problems: Vec<ConfigProblem>,
 }
 
@@ -311,7 +470,9 @@ impl Settings {
     }
 
     fn take(&mut self, key: &str) -> Option<(Leaf, Origin)> {
-        self.leaves.remove(key)
+        let leaf = self.leaves.remove(key)?;
+        self.taken.insert(key.to_string(), leaf.1.clone());
+        Some(leaf)
     }
 
     fn string(&mut self, key: &str, default: Option<&str>) -> Option<(String, Origin)> {
@@ -465,6 +626,7 @@ pub fn load(
             key: String::new(),
             message: format!("cannot read: {e}"),
         }],
+        partial: None,
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&text, &file, base, env)
@@ -481,6 +643,7 @@ pub fn parse(
     lines.extend(text.match_indices('\n').map(|(i, _)| i + 1));
     let mut s = Settings {
         leaves: BTreeMap::new(),
+        taken: BTreeMap::new(),
         problems: Vec::new(),
     };
     match DeTable::parse(text) {
@@ -497,6 +660,7 @@ pub fn parse(
                     key: String::new(),
                     message: format!("not valid TOML: {}", e.message()),
                 }],
+                partial: None,
             });
         }
     }
@@ -551,36 +715,11 @@ pub fn parse(
     let schedule = s.string("topics.retention_schedule", Some("cdr.retention.schedule"));
     // A route not named here takes the topic its policy declares (see `with_policy`).
     let mut routes: [Option<String>; Purpose::COUNT] = Default::default();
-    let mut named: Vec<(String, Origin, String)> = Vec::new();
     for p in Purpose::ALL {
-        let key = format!("topics.routes.{}", p.id());
-        if let Some((t, o)) = s
-            .string(&key, Some(""))
+        routes[p as usize] = s
+            .string(&route_key(p), Some(""))
             .filter(|(_, o)| *o != Origin::Default)
-        {
-            named.push((t.clone(), o, key));
-            routes[p as usize] = Some(t);
-        }
-    }
-    for (k, o) in [
-        ("topics.input", &input),
-        ("topics.control", &control),
-        ("topics.dead_letter", &dead_letter),
-        ("topics.retention_schedule", &schedule),
-    ] {
-        if let Some((t, origin)) = o {
-            named.push((t.clone(), origin.clone(), k.to_string()));
-        }
-    }
-    // A topic used for two things would mix copies of different purposes, or feed
-    // cdrguard its own output.
-    for i in 0..named.len() {
-        for j in 0..i {
-            if named[i].0 == named[j].0 {
-                let (t, o, k) = named[i].clone();
-                s.problem(o, &k, format!("topic {t:?} is also used by {}", named[j].2));
-            }
-        }
+            .map(|(t, _)| t);
     }
 
     let policy = s.string("processing.policy", None);
@@ -674,17 +813,9 @@ pub fn parse(
         ),
     }
 
-    s.problems.sort_by_key(|p| match p.origin {
-        Origin::Line(l) => (0, l),
-        Origin::Env(_) => (1, 0),
-        Origin::Default => (2, 0),
-    });
-    if !s.problems.is_empty() {
-        return Err(ConfigError {
-            file: file.to_string(),
-            problems: s.problems,
-        });
-    }
+    // Built even when something was refused (a refused key left empty or at its
+    // default), so the topics can be checked in the same pass and `run --check` can still
+    // check the policy and key file it names.
     let get = |v: Option<(String, Origin)>| v.map(|(s, _)| s).unwrap_or_default();
     let cfg = RunConfig {
         brokers: get(brokers),
@@ -709,7 +840,23 @@ pub fn parse(
         stale_pause: Duration::from_millis(stale_pause as u64),
         queued_max_kbytes: queued_kb as u32,
         shutdown_timeout: Duration::from_millis(shutdown_ms as u64),
+        file: file.to_string(),
+        topic_origins: std::mem::take(&mut s.taken)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("topics."))
+            .collect(),
     };
+    s.problems.extend(clashes(&cfg.topic_uses(), file, |u| {
+        u.origin != Origin::Default
+    }));
+    s.problems.sort_by_key(ConfigProblem::order);
+    if !s.problems.is_empty() {
+        return Err(ConfigError {
+            file: file.to_string(),
+            problems: s.problems,
+            partial: Some(Box::new(cfg)),
+        });
+    }
     // librdkafka checks each property's name and value when it is set: do that now, so a
     // typo is refused at load instead of failing every start.
     let mut problems = Vec::new();
@@ -731,7 +878,101 @@ pub fn parse(
         Err(ConfigError {
             file: file.to_string(),
             problems,
+            partial: Some(Box::new(cfg)),
         })
+    }
+}
+
+/// What `run` needs, each part loaded and checked against the others.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration, its routes filled in from the policy.
+    pub config: RunConfig,
+    /// The policy it names.
+    pub policy: Policy,
+    /// The keys of the key file it names.
+    pub keys: Keyring,
+}
+
+/// Why `run` cannot start: every problem of the configuration, of the policy it names and
+/// of its key file, found in one pass.
+#[derive(Debug, thiserror::Error)]
+pub struct SetupError {
+    /// The configuration's problems, the clashes of its topics with the policy's included.
+    pub config: Option<ConfigError>,
+    /// The policy's.
+    pub policy: Option<PolicyError>,
+    /// The key file's.
+    pub keys: Option<KeyFileError>,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(e) = &self.config {
+            write!(f, "{e}")?;
+        }
+        if let Some(e) = &self.policy {
+            write!(f, "{e}")?;
+        }
+        if let Some(e) = &self.keys {
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads a configuration with the policy and key file it names. Those are loaded even
+/// when the configuration has other problems (from what could be read of it), so that
+/// one run lists every problem rather than one file's at a time; only a file whose own
+/// key was refused is not looked for.
+pub fn load_all(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, Box<SetupError>> {
+    let (cfg, mut config_error) = match load(path, env) {
+        Ok(c) => (Some(c), None),
+        Err(mut e) => (e.partial.take().map(|c| *c), Some(e)),
+    };
+    let refused = |key: &str| {
+        config_error
+            .as_ref()
+            .is_some_and(|e| e.problems.iter().any(|p| p.key == key))
+    };
+    let policy = cfg
+        .as_ref()
+        .filter(|_| !refused("processing.policy"))
+        .map(|c| crate::policy::load_file(&c.policy));
+    let keys = cfg
+        .as_ref()
+        .filter(|_| !refused("processing.key_file"))
+        .map(|c| keyfile::load(&c.key_file));
+    let cfg = match (cfg, &policy) {
+        (Some(c), Some(Ok(p))) => match c.with_policy(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                match &mut config_error {
+                    Some(c) => {
+                        c.problems.extend(e.problems);
+                        c.problems.sort_by_key(ConfigProblem::order);
+                    }
+                    None => config_error = Some(e),
+                }
+                None
+            }
+        },
+        (c, _) => c,
+    };
+    match (config_error, cfg, policy, keys) {
+        (None, Some(config), Some(Ok(policy)), Some(Ok(keys))) => Ok(Loaded {
+            config,
+            policy,
+            keys,
+        }),
+        (config, _, policy, keys) => Err(Box::new(SetupError {
+            config,
+            policy: policy.and_then(Result::err),
+            keys: keys.and_then(Result::err),
+        })),
     }
 }
 
@@ -872,6 +1113,193 @@ commit_interval_ms = 5
             assert!(shown.contains(want), "missing {want:?} in:\n{shown}");
         }
         assert_eq!(e.problems.len(), 6, "{shown}");
+    }
+
+    fn excedo() -> Policy {
+        crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "excedo.toml")
+            .unwrap()
+    }
+
+    /// Minimal config text with `routes` under `[topics.routes]`.
+    fn with_routes(routes: &str) -> String {
+        format!(
+            "[kafka]\nbrokers = \"b:9092\"\ntransactional_id = \"t\"\n[topics.routes]\n{routes}\n[processing]\npolicy = \"p\"\nkey_file = \"k\"\n"
+        )
+    }
+
+    /// Where Excedo's topic for a purpose is set, as a problem would name it.
+    fn excedo_place(p: Purpose) -> String {
+        let policy = excedo();
+        let at = &policy.rule(p).unwrap().topic_at;
+        format!("excedo.toml:{}: {}", at.line, at.path)
+    }
+
+    /// Regression: `billing = "cdr.analytics"` (or `"cdr.fraud"`) passed `run --check`
+    /// and `topics --dry-run` listed the topic for both routes: billing copies (raw
+    /// msisdn and imsi) would land where analytics consumers read.
+    #[test]
+    fn a_route_on_another_routes_policy_topic_is_refused_from_the_file() {
+        for (taken, purpose) in [
+            ("cdr.analytics", Purpose::Analytics),
+            ("cdr.fraud", Purpose::Fraud),
+        ] {
+            let text = with_routes(&format!("billing = \"{taken}\""));
+            let c = parse(&text, "c.toml", Path::new("."), env(&[])).unwrap();
+            let e = c.with_policy(&excedo()).unwrap_err();
+            let shown = e.to_string();
+            let want = format!(
+                "  c.toml:5: topics.routes.billing: topic \"{taken}\" is also used by topics.routes.{} (the policy's, {}): every topic",
+                purpose.id(),
+                excedo_place(purpose)
+            );
+            assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+            assert_eq!(e.problems.len(), 1, "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_route_on_another_routes_policy_topic_is_refused_from_the_environment() {
+        let c = parse(
+            &with_routes(""),
+            "c.toml",
+            Path::new("."),
+            env(&[("CDRGUARD_TOPICS__ROUTES__BILLING", "cdr.analytics")]),
+        )
+        .unwrap();
+        let e = c.with_policy(&excedo()).unwrap_err();
+        let shown = e.to_string();
+        let want = format!(
+            "  env CDRGUARD_TOPICS__ROUTES__BILLING: topics.routes.billing: topic \"cdr.analytics\" is also used by topics.routes.analytics (the policy's, {}): every topic",
+            excedo_place(Purpose::Analytics)
+        );
+        assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+    }
+
+    /// A policy's topic that is also a service topic nobody set is reported at the
+    /// policy's line; one the file set is reported at the file's line.
+    #[test]
+    fn a_policy_topic_on_a_service_topic_is_refused_where_it_was_set() {
+        let text = crate::policy::shipped("excedo").unwrap().replace(
+            "[purposes.analytics]\n",
+            "[purposes.analytics]\ntopic = \"cdr.raw\"\n",
+        );
+        let policy = crate::policy::parse_policy(&text, "e.toml").unwrap();
+        let at = &policy.rule(Purpose::Analytics).unwrap().topic_at;
+        assert_eq!(at.path, "purposes.analytics.topic");
+        let c = parse(&with_routes(""), "c.toml", Path::new("."), env(&[])).unwrap();
+        let e = c.clone().with_policy(&policy).unwrap_err();
+        let want = format!(
+            "  e.toml:{}: purposes.analytics.topic: topic \"cdr.raw\" (the policy's topic for topics.routes.analytics) is also used by topics.input (by default): every topic",
+            at.line
+        );
+        assert!(e.to_string().contains(&want), "missing {want:?} in:\n{e}");
+        // The file moves the input elsewhere and names the route's old topic instead.
+        let text = with_routes("").replace(
+            "[topics.routes]",
+            "[topics]\ninput = \"cdr.in\"\ncontrol = \"cdr.billing\"\n[topics.routes]",
+        );
+        let c = parse(&text, "c.toml", Path::new("."), env(&[])).unwrap();
+        let e = c.with_policy(&excedo()).unwrap_err();
+        let want = format!(
+            "  c.toml:6: topics.control: topic \"cdr.billing\" is also used by topics.routes.billing (the policy's, {}): every topic",
+            excedo_place(Purpose::Billing)
+        );
+        assert!(e.to_string().contains(&want), "missing {want:?} in:\n{e}");
+        // A configuration whose topics are all distinct passes, twice (run calls it again).
+        let c = parse(
+            &with_routes("billing = \"ops.billing\""),
+            "c.toml",
+            Path::new("."),
+            env(&[]),
+        )
+        .unwrap();
+        let c = c.with_policy(&excedo()).unwrap();
+        assert!(c.with_policy(&excedo()).is_ok());
+    }
+
+    #[test]
+    fn problems_without_a_line_or_key_print_no_empty_parts() {
+        let e = load(Path::new("/nonexistent/c.toml"), env(&[])).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("\n  /nonexistent/c.toml: cannot read:"),
+            "{shown}"
+        );
+        let e = parse("[kafka\n", "c.toml", Path::new("."), env(&[])).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("\n  c.toml:1: not valid TOML"), "{shown}");
+        let e = parse("", "c.toml", Path::new("."), env(&[])).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("\n  c.toml: kafka.brokers: missing"),
+            "{shown}"
+        );
+        for s in [shown.as_str(), &e.to_string()] {
+            assert!(
+                !s.contains(": :") && !s.contains(":0:") && !s.contains("(default)"),
+                "{s}"
+            );
+        }
+    }
+
+    /// Regression: `run --check` showed the policy's problems only once the
+    /// configuration was fixed, and the key file's only after that.
+    #[test]
+    fn load_all_lists_the_problems_of_config_policy_and_key_file_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = crate::policy::shipped("excedo").unwrap().replace(
+            "[purposes.analytics]\n",
+            "[purposes.analytics]\ncolour = \"red\"\n",
+        );
+        std::fs::write(dir.path().join("p"), policy).unwrap();
+        std::fs::write(dir.path().join("k"), "[[keys]]\nid = \"k1\"\n").unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            with_routes("billing = \"cdr.analytics\"")
+                .replace("[processing]", "[processing]\ncommit_interval_ms = 1"),
+        )
+        .unwrap();
+        let e = load_all(&config, env(&[])).unwrap_err();
+        let shown = e.to_string();
+        let c = config.display();
+        let d = dir.path().display();
+        for want in [
+            format!("\n  {c}:7: processing.commit_interval_ms: 1 is out of range"),
+            format!("policy {d}/p refused: 1 problem(s)\n"),
+            format!("\n  {d}/p:130: purposes.analytics.colour: unknown key"),
+            format!("key file {d}/k refused: 2 problem(s)\n"),
+            format!("\n  {d}/k: readable or writable by group or others"),
+            format!("\n  {d}/k:1: not a key file"),
+        ] {
+            assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+        }
+        // With a good policy, the topics of the broken configuration are checked against
+        // it in the same pass.
+        std::fs::write(
+            dir.path().join("p"),
+            crate::policy::shipped("excedo").unwrap(),
+        )
+        .unwrap();
+        let e = load_all(&config, env(&[])).unwrap_err();
+        let shown = e.to_string();
+        for want in [
+            format!(
+                "config {c} refused: 2 problem(s)\n  {c}:5: topics.routes.billing: topic \"cdr.analytics\" is also used"
+            ),
+            format!("\n  {c}:7: processing.commit_interval_ms: 1 is out of range"),
+        ] {
+            assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+        }
+        assert!(e.policy.is_none(), "{shown}");
+        // A key the configuration refused is not followed.
+        std::fs::write(
+            &config,
+            "[kafka]\nbrokers = 'b'\n[processing]\npolicy = 7\n",
+        )
+        .unwrap();
+        let e = load_all(&config, env(&[])).unwrap_err();
+        assert!(e.policy.is_none() && e.keys.is_none(), "{e}");
     }
 
     #[test]

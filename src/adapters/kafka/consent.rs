@@ -16,6 +16,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use crate::codec::json;
 use crate::core::control::SubscriberState;
 use crate::core::purpose::Purpose;
+use crate::policy::Policy;
 
 /// Upper bounds (ms) of the delay histogram's buckets; the last bucket is open.
 const DELAY_BOUNDS_MS: [u64; 16] = [
@@ -98,6 +99,11 @@ pub struct ConsentStore {
     suspect_count: std::sync::atomic::AtomicUsize,
     /// Readable events keyed under another msisdn than they name.
     pub mismatched_keys: AtomicU64,
+    /// The policy events are checked against (see [`ConsentStore::heed`]).
+    policy: std::sync::OnceLock<Arc<Policy>>,
+    /// Consent and objection events naming a purpose the policy does not declare, per
+    /// purpose: applied, but they change nothing (see [`Policy::undeclared`]).
+    pub undeclared: [AtomicU64; Purpose::COUNT],
     /// Commit-to-effect delays.
     pub delays: DelayHistogram,
 }
@@ -143,7 +149,30 @@ impl ConsentStore {
             suspects: DashMap::new(),
             suspect_count: std::sync::atomic::AtomicUsize::new(0),
             mismatched_keys: AtomicU64::new(0),
+            policy: std::sync::OnceLock::new(),
+            undeclared: Default::default(),
             delays: DelayHistogram::default(),
+        }
+    }
+
+    /// Checks every event applied from now on against `policy`, the one the run routes
+    /// with: an event for a purpose it does not declare is counted in `undeclared` and
+    /// logged the first time per purpose. A run has one policy; a second call is ignored.
+    pub fn heed(&self, policy: Arc<Policy>) {
+        let _ = self.policy.set(policy);
+    }
+
+    /// Counts an event for a purpose the policy does not declare. The first per purpose
+    /// is logged (by purpose only, never the msisdn): more would say nothing new, and a
+    /// consent system that names a purpose differently sends many.
+    fn undeclared(&self, p: Purpose) {
+        metrics::counter!("cdrguard_control_undeclared_purpose_total", "purpose" => p.id())
+            .increment(1);
+        if self.undeclared[p as usize].fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                purpose = p.id(),
+                "control event for a purpose the policy does not declare: it changes nothing; further ones for this purpose are only counted"
+            );
         }
     }
 
@@ -294,6 +323,9 @@ impl ConsentStore {
                 // works if keys spell the msisdn as payloads do.
                 if split_key(key).is_some_and(|(keyed, _)| keyed != ev.msisdn.as_str()) {
                     self.mismatched_keys.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(p) = self.policy.get().and_then(|p| p.undeclared(&ev.change)) {
+                    self.undeclared(p);
                 }
                 self.states
                     .entry(ev.msisdn.as_str().into())
@@ -779,6 +811,41 @@ mod tests {
         );
         assert!(s.apply_message(Some(b"+46701234567/colour"), None).is_err());
         assert!(s.apply_message(None, Some(b"{not json")).is_err());
+    }
+
+    /// Regression: a consent or objection for a purpose the policy does not declare was
+    /// applied without a trace.
+    #[test]
+    fn events_for_undeclared_purposes_are_counted() {
+        let s = ConsentStore::new(Duration::from_secs(10));
+        let event = |purpose: &str| {
+            format!(
+                r#"{{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"{purpose}","granted":true}}"#
+            )
+        };
+        let care = event("customer_care");
+        let objection = br#"{"type":"objection","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"customer_care"}"#;
+        // Before the run names its policy nothing is counted.
+        s.apply_message(None, Some(care.as_bytes())).unwrap();
+        let counted = |s: &ConsentStore| {
+            s.undeclared
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counted(&s), [0; Purpose::COUNT]);
+        let excedo =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "x").unwrap();
+        s.heed(Arc::new(excedo));
+        s.apply_message(None, Some(care.as_bytes())).unwrap();
+        s.apply_message(None, Some(objection)).unwrap();
+        s.apply_message(None, Some(event("marketing").as_bytes()))
+            .unwrap();
+        let mut want = [0; Purpose::COUNT];
+        want[Purpose::CustomerCare as usize] = 2;
+        assert_eq!(counted(&s), want);
+        // They are still applied, so the table equals a fresh read of the topic.
+        assert_eq!(s.applied.load(Ordering::Relaxed), 4);
     }
 
     #[test]

@@ -208,6 +208,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let RunHandles { store, stats } = handles;
     let cfg = cfg.with_policy(&policy)?;
+    store.heed(policy.clone());
     let follower_stop = Arc::new(AtomicBool::new(false));
     let follower_cfg = FollowerConfig {
         client: {

@@ -1,0 +1,270 @@
+//! The `cdrguard` binary as a user meets it: what it prints on stderr and how it exits.
+//! No broker: `run` is only started where it fails or logs before it needs one.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary, with no `CDRGUARD_` variable, `RUST_LOG` or `NO_COLOR` of the caller's: a
+/// test's setup is exactly what it sets.
+fn cdrguard(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdrguard"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CDRGUARD_") || k == "RUST_LOG" || k == "NO_COLOR" {
+            cmd.env_remove(&*k);
+        }
+    }
+    cmd.args(args);
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A file readable by its owner only, as key files must be.
+fn write_private(path: &Path, text: &str) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+/// A shipped policy file of the repository.
+fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("policies")
+        .join(format!("{name}.toml"))
+}
+
+/// Regression: with RUST_BACKTRACE=1 a mistyped file name printed a stack trace after the
+/// message (anyhow's report of an error returned from `main`).
+#[test]
+fn a_user_error_prints_one_error_line_and_no_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let missing = missing.to_str().unwrap();
+    for (args, first) in [
+        (
+            vec!["run", "--config", missing, "--check"],
+            format!("error: config {missing} refused: 1 problem(s)\n  {missing}: cannot read: "),
+        ),
+        (
+            vec!["keys", "reverse", "--keys", missing, "t"],
+            format!("error: key file {missing} refused: 1 problem(s)\n  {missing}: cannot read: "),
+        ),
+        (
+            vec![
+                "replay", "--policy", "excedo", "--input", missing, "--out", missing,
+            ],
+            "error: ".to_string(),
+        ),
+    ] {
+        for backtrace in ["1", "full"] {
+            let o = run(cdrguard(&args).env("RUST_BACKTRACE", backtrace));
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.starts_with(&first), "{args:?}: {err}");
+            assert!(!err.to_lowercase().contains("backtrace"), "{args:?}: {err}");
+            assert!(!err.contains("Caused by"), "{args:?}: {err}");
+            assert_eq!(
+                err.matches("error: ").count(),
+                1,
+                "one error, printed once: {err}"
+            );
+        }
+    }
+}
+
+/// Regression: `run --check` listed the policy's problems only once the configuration was
+/// fixed, and the key file's only after that; `run` itself failed the same way.
+#[test]
+fn run_lists_the_problems_of_config_policy_and_key_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(shipped("excedo"))
+        .unwrap()
+        .replace("[purposes.fraud]\n", "[purposes.fraud]\ncolour = \"red\"\n");
+    std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+    write_private(
+        &dir.path().join("keys.toml"),
+        &format!(
+            "[[keys]]\nid = \"k1\"\nsecret_hex = \"{}\"\n",
+            "00".repeat(32)
+        ),
+    );
+    let config = dir.path().join("cdrguard.toml");
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\ntransactional_id = \"t\"\ngrup_id = \"typo\"\n\
+         [processing]\npolicy = \"policy.toml\"\nkey_file = \"keys.toml\"\n",
+    )
+    .unwrap();
+    let c = config.display().to_string();
+    let d = dir.path().display().to_string();
+    for check in [true, false] {
+        let mut args = vec!["run", "--config", &c];
+        if check {
+            args.push("--check");
+        }
+        let o = run(&mut cdrguard(&args));
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        for want in [
+            format!("error: config {c} refused: 1 problem(s)\n  {c}:4: kafka.grup_id: unknown key"),
+            format!("\npolicy {d}/policy.toml refused: 1 problem(s)\n"),
+            "purposes.fraud.colour: unknown key".to_string(),
+            format!("\nkey file {d}/keys.toml refused: 1 problem(s)\n"),
+            format!("\n  {d}/keys.toml:3: keys[0].secret_hex: the secret of key \"k1\""),
+        ] {
+            assert!(
+                err.contains(&want),
+                "--check {check}: missing {want:?} in:\n{err}"
+            );
+        }
+        assert!(!err.contains("starting"), "{err}");
+    }
+}
+
+/// Regression: `run`'s logs carried terminal colour codes into files and pipes.
+#[test]
+fn run_logs_to_a_pipe_without_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_private(
+        &dir.path().join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret_hex = \"4f0e9c2a7be13d58c6a1f29e07b45d8c3ea6f1127d90b4c5e83a2f6d1c07b9e4\"\n",
+    );
+    let config = dir.path().join("cdrguard.toml");
+    // Nothing listens on port 1: run logs its start, then waits for the broker.
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\ntransactional_id = \"t\"\n\
+             [processing]\npolicy = \"{}\"\nkey_file = \"keys.toml\"\nshutdown_timeout_ms = 1000\n",
+            shipped("excedo").display()
+        ),
+    )
+    .unwrap();
+    let mut child = cdrguard(&["run", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log.contains("starting") && Instant::now() < deadline {
+        if lines.read_line(&mut log).unwrap() == 0 {
+            break;
+        }
+    }
+    // SIGTERM: a stop while it waits for the broker ends it within shutdown_timeout_ms.
+    // SAFETY: kill takes no pointers; the pid is our own child's, not yet waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    lines.read_to_string(&mut log).unwrap();
+    child.wait().unwrap();
+    assert!(log.contains("starting"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
+}
+
+/// The UTF-8 byte-order mark some editors write at the start of a file.
+const BOM: &str = "\u{feff}";
+
+/// Record and control files saved with a byte-order mark: their first lines are read, not
+/// sent to the dead letter.
+#[test]
+fn replay_reads_files_that_start_with_a_byte_order_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (records, control) = (
+        dir.path().join("cdrs.jsonl"),
+        dir.path().join("events.jsonl"),
+    );
+    let o = run(&mut cdrguard(&[
+        "generate",
+        "--records",
+        "20",
+        "--subscribers",
+        "5",
+        "--malformed-rate",
+        "0",
+        "--out-records",
+        records.to_str().unwrap(),
+        "--out-control",
+        control.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [&records, &control] {
+        let text = std::fs::read_to_string(f).unwrap();
+        assert!(!text.is_empty());
+        std::fs::write(f, format!("{BOM}{text}")).unwrap();
+    }
+    let out = dir.path().join("out");
+    let o = run(&mut cdrguard(&[
+        "replay",
+        "--policy",
+        "excedo",
+        "--input",
+        records.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+        "--now",
+        "2026-03-01T00:00:00.000Z",
+        "--out",
+        out.to_str().unwrap(),
+        "--ephemeral-keys",
+    ]));
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        summary.contains(": 20 records, ") && summary.contains(" 0 dead letters "),
+        "{summary}"
+    );
+}
+
+/// Configuration, policy and key files saved with a byte-order mark load as they are.
+#[test]
+fn toml_files_that_start_with_a_byte_order_mark_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(shipped("excedo")).unwrap();
+    std::fs::write(dir.path().join("policy.toml"), format!("{BOM}{policy}")).unwrap();
+    write_private(
+        &dir.path().join("keys.toml"),
+        &format!(
+            "{BOM}[[keys]]\nid = \"k1\"\nsecret_hex = \"4f0e9c2a7be13d58c6a1f29e07b45d8c3ea6f1127d90b4c5e83a2f6d1c07b9e4\"\n"
+        ),
+    );
+    let config = dir.path().join("cdrguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{BOM}[kafka]\nbrokers = \"127.0.0.1:1\"\ntransactional_id = \"t\"\n\
+             [processing]\npolicy = \"policy.toml\"\nkey_file = \"keys.toml\"\n"
+        ),
+    )
+    .unwrap();
+    let o = run(&mut cdrguard(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--check",
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let policy = dir.path().join("policy.toml");
+    let o = run(&mut cdrguard(&[
+        "policy",
+        "check",
+        policy.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
