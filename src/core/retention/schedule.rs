@@ -1,14 +1,19 @@
 //! The retention schedule in memory: every open window of one policy's routes, and the
 //! expiries they yield once their deadline has passed.
 //!
-//! It must hold millions of windows in little memory (a day of CDRs opens one window per
-//! route, subscriber and day or hour), so most windows are a number: an event-time window
-//! is its UTC day (its bounds and deadline follow from the day and the route's rule), and
-//! an invoice window still waiting for its settlement is its hour. Those are kept as
-//! sorted day or hour numbers per route and subject, 4 bytes each, and event-time windows
-//! are armed per deadline, route and day with the lines that hold one. Windows with bounds
-//! or a deadline of their own (settled periods, contract windows, windows a right ended)
-//! are rare and kept in full.
+//! It must hold millions of windows in little memory and be cheap per copy (a day of CDRs
+//! opens one window per route, subscriber and day or hour, and every copy looks its window
+//! up). So:
+//!
+//! - Most windows are a number. An event-time window is its UTC day (its bounds and
+//!   deadline follow from the day and the route's rule); an invoice window still waiting
+//!   for its settlement is its hour. Those are sorted day or hour numbers per route and
+//!   subject, 4 bytes each; event-time windows are armed per deadline, route and day with
+//!   the subjects that hold one. Windows with bounds or a deadline of their own (settled
+//!   periods, contract windows, windows a right ended) are rare and kept in full.
+//! - Windows are grouped by subject first, then route: a record's billing, fraud and
+//!   troubleshooting copies name the subscriber the same way, so its three windows are
+//!   found with one look-up (the last subject found is remembered).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::BuildHasher;
@@ -64,8 +69,8 @@ struct Settlement {
     deadline: Millis,
 }
 
-/// What a line holds besides bare day or hour numbers. Rare, so boxed: most lines never
-/// need it.
+/// What a route holds besides bare day or hour numbers. Rare, so boxed: most routes
+/// never need it.
 #[derive(Debug, Default)]
 struct Rest {
     windows: Vec<Window>,
@@ -74,19 +79,25 @@ struct Rest {
 
 /// One route's windows on one subject.
 #[derive(Debug)]
-struct Line {
+struct Route {
     purpose: Purpose,
-    /// The subject as the route's copies name them; empty for anonymised copies.
-    subject: Box<str>,
     /// Event-time rules: the UTC days of open windows. Invoice rules: the hours of
-    /// windows waiting for their settlement. Ascending.
+    /// windows waiting for their settlement. Ascending. Contract rules: the first and
+    /// last day of the window waiting for the contract to end (every copy widens it, so
+    /// it sits here rather than behind a pointer).
     numbers: SmallVec<[i32; 4]>,
     rest: Option<Box<Rest>>,
-    /// False once every window is gone and the slot waits for reuse.
-    live: bool,
 }
 
-impl Line {
+impl Route {
+    fn new(purpose: Purpose) -> Route {
+        Route {
+            purpose,
+            numbers: SmallVec::new(),
+            rest: None,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.numbers.is_empty()
             && self
@@ -105,6 +116,56 @@ impl Line {
             .windows
             .iter_mut()
             .find(|w| w.bucket == bucket)
+    }
+}
+
+/// A subject's name, kept inline when short (an msisdn, a marketing token), so finding a
+/// subject costs one memory access less: at millions of subjects, each is a cache miss.
+#[derive(Debug)]
+enum Name {
+    Inline { len: u8, bytes: [u8; 30] },
+    Heap(Box<str>),
+}
+
+impl Name {
+    fn new(s: &str) -> Name {
+        match u8::try_from(s.len()) {
+            Ok(len) if s.len() <= 30 => {
+                let mut bytes = [0u8; 30];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                Name::Inline { len, bytes }
+            }
+            _ => Name::Heap(s.into()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Name::Inline { len, bytes } => &bytes[..*len as usize],
+            Name::Heap(s) => s.as_bytes(),
+        }
+    }
+
+    fn to_text(&self) -> String {
+        // Made from a `&str`, so always UTF-8.
+        String::from_utf8_lossy(self.bytes()).into_owned()
+    }
+}
+
+/// Every route's windows on one subject (as the routes' copies name them; empty for
+/// anonymised copies). The routes sit inline: an msisdn names the subscriber on up to
+/// three routes (billing, fraud, troubleshooting), found together.
+#[derive(Debug)]
+struct Subject {
+    name: Name,
+    routes: SmallVec<[Route; 3]>,
+    /// False once every window is gone and the slot waits for reuse.
+    live: bool,
+}
+
+impl Subject {
+    fn route(&mut self, p: Purpose) -> Option<&mut Route> {
+        self.routes.iter_mut().find(|r| r.purpose == p)
     }
 }
 
@@ -147,20 +208,24 @@ pub struct Schedule {
     policy: String,
     /// Each declared purpose's rule.
     rules: [Option<Retention>; Purpose::COUNT],
-    /// Lines by id; a free line's slot is reused.
-    lines: Vec<Line>,
+    /// Subjects by id; a free slot is reused.
+    subjects: Vec<Subject>,
     free: Vec<u32>,
-    /// Line ids by route and subject.
+    /// Subject ids by name.
     index: HashTable<u32>,
     hasher: hashbrown::DefaultHashBuilder,
-    /// Event-time windows by deadline: for each route and day, the lines holding one.
-    /// A line that lost the day since (a right ended it) is skipped when it comes up.
+    /// The subjects found last: a record's copies name the subscriber the same way on
+    /// several routes (and one or two other ways on the others).
+    recent: [u32; 4],
+    recent_next: usize,
+    /// Event-time windows by deadline: for each route and day, the subjects holding one.
+    /// A subject that lost the day since (a right ended it) is skipped when it comes up.
     days_due: BTreeMap<(Millis, u8, i32), Vec<u32>>,
-    /// Windows kept in full, by deadline. An entry whose window changed since is skipped
-    /// when it comes up.
-    timed_due: BTreeSet<(Millis, u32, i64)>,
-    /// When each line's remembered settlements may be forgotten.
-    forget: BTreeSet<(Millis, u32)>,
+    /// Windows kept in full, by deadline, subject, route and bucket. An entry whose
+    /// window changed since is skipped when it comes up.
+    timed_due: BTreeSet<(Millis, u32, u8, i64)>,
+    /// When each route's remembered settlements on a subject may be forgotten.
+    forget: BTreeSet<(Millis, u32, u8)>,
     open: usize,
 }
 
@@ -174,10 +239,12 @@ impl Schedule {
         Schedule {
             policy: policy.tag.clone(),
             rules,
-            lines: Vec::new(),
+            subjects: Vec::new(),
             free: Vec::new(),
             index: HashTable::new(),
             hasher: Default::default(),
+            recent: [u32::MAX; 4],
+            recent_next: 0,
             days_due: BTreeMap::new(),
             timed_due: BTreeSet::new(),
             forget: BTreeSet::new(),
@@ -190,67 +257,88 @@ impl Schedule {
         self.open
     }
 
-    fn find(&self, p: Purpose, subject: &str) -> Option<u32> {
-        let h = self.hasher.hash_one((p as u8, subject));
-        self.index
-            .find(h, |&id| {
-                let l = &self.lines[id as usize];
-                l.purpose == p && &*l.subject == subject
-            })
-            .copied()
+    fn find(&mut self, name: &str) -> Option<u32> {
+        for &id in &self.recent {
+            if let Some(s) = self.subjects.get(id as usize)
+                && s.live
+                && s.name.bytes() == name.as_bytes()
+            {
+                return Some(id);
+            }
+        }
+        let h = self.hasher.hash_one(name.as_bytes());
+        let subjects = &self.subjects;
+        let id = *self
+            .index
+            .find(h, |&id| subjects[id as usize].name.bytes() == name.as_bytes())?;
+        self.remember(id);
+        Some(id)
     }
 
-    /// The line of a route and subject, made if there is none.
-    fn line(&mut self, p: Purpose, subject: &str) -> u32 {
-        if let Some(id) = self.find(p, subject) {
+    fn remember(&mut self, id: u32) {
+        self.recent[self.recent_next] = id;
+        self.recent_next = (self.recent_next + 1) % self.recent.len();
+    }
+
+    /// The subject of a name, made if there is none.
+    fn subject(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.find(name) {
             return id;
         }
-        let line = Line {
-            purpose: p,
-            subject: subject.into(),
-            numbers: SmallVec::new(),
-            rest: None,
+        let subject = Subject {
+            name: Name::new(name),
+            routes: SmallVec::new(),
             live: true,
         };
         let id = match self.free.pop() {
             Some(id) => {
-                self.lines[id as usize] = line;
+                self.subjects[id as usize] = subject;
                 id
             }
             None => {
-                self.lines.push(line);
-                u32::try_from(self.lines.len() - 1).expect("fewer than 2^32 lines")
+                self.subjects.push(subject);
+                u32::try_from(self.subjects.len() - 1).expect("fewer than 2^32 subjects")
             }
         };
-        let (lines, hasher) = (&self.lines, &self.hasher);
-        let h = hasher.hash_one((p as u8, subject));
-        self.index.insert_unique(h, id, |&i| {
-            let l = &lines[i as usize];
-            hasher.hash_one((l.purpose as u8, &*l.subject))
+        let (subjects, hasher) = (&self.subjects, &self.hasher);
+        self.index.insert_unique(hasher.hash_one(name.as_bytes()), id, |&i| {
+            hasher.hash_one(subjects[i as usize].name.bytes())
         });
+        self.remember(id);
         id
     }
 
-    /// Frees a line that holds nothing any more.
-    fn release_if_empty(&mut self, id: u32) {
-        let l = &self.lines[id as usize];
-        if !l.live || !l.is_empty() {
+    /// A subject's route, made if there is none.
+    fn route(&mut self, id: u32, p: Purpose) -> &mut Route {
+        let s = &mut self.subjects[id as usize];
+        match s.routes.iter().position(|r| r.purpose == p) {
+            Some(i) => &mut s.routes[i],
+            None => {
+                s.routes.push(Route::new(p));
+                s.routes.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    /// Drops a route that holds nothing any more, and a subject left without routes.
+    fn release_if_empty(&mut self, id: u32, p: Purpose) {
+        let s = &mut self.subjects[id as usize];
+        if !s.live {
             return;
         }
-        let h = self.hasher.hash_one((l.purpose as u8, &*l.subject));
+        s.routes.retain(|r| r.purpose != p || !r.is_empty());
+        if !s.routes.is_empty() {
+            return;
+        }
+        let h = self.hasher.hash_one(s.name.bytes());
         if let Ok(e) = self.index.find_entry(h, |&i| i == id) {
             e.remove();
         }
-        let l = &mut self.lines[id as usize];
-        l.live = false;
-        l.subject = Box::default();
-        l.numbers = SmallVec::new();
-        l.rest = None;
+        let s = &mut self.subjects[id as usize];
+        s.live = false;
+        s.name = Name::new("");
+        s.routes = SmallVec::new();
         self.free.push(id);
-    }
-
-    fn arm(&mut self, id: u32, bucket: i64, deadline: Millis) {
-        self.timed_due.insert((deadline, id, bucket));
     }
 
     /// The bucket and deadline of an invoice-anchored copy at `t`. Inside a remembered
@@ -258,9 +346,9 @@ impl Schedule {
     /// deadline. Before a remembered period, its own period was settled earlier and is
     /// already forgotten (settlements come in period order, see the README), so the
     /// earliest later settlement's deadline bounds it. Otherwise it waits.
-    fn invoice_window(&self, id: u32, t: Millis) -> (i64, Option<Millis>) {
+    fn invoice_window(route: &Route, t: Millis) -> (i64, Option<Millis>) {
         let hour = bucket_of(Anchor::InvoiceSettled, t);
-        let Some(list) = self.lines[id as usize]
+        let Some(list) = route
             .rest
             .as_ref()
             .map(|r| &r.settled)
@@ -284,28 +372,41 @@ impl Schedule {
     /// late record on an invoice-anchored route gets its settled deadline the same way.
     pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
         let rule: &Retention = e.rule;
-        let id = self.line(e.purpose, e.subscriber.unwrap_or(""));
+        let p = e.purpose;
+        let id = self.subject(e.subscriber.unwrap_or(""));
         match rule.anchor {
             Anchor::EventTime => {
                 let day = number(DAY_MS, e.record_time);
-                if insert_sorted(&mut self.lines[id as usize].numbers, day) {
+                if insert_sorted(&mut self.route(id, p).numbers, day) {
                     self.open += 1;
                     let deadline = event_time_deadline(rule, e.record_time);
                     self.days_due
-                        .entry((deadline, e.purpose as u8, day))
+                        .entry((deadline, p as u8, day))
                         .or_default()
                         .push(id);
                 }
             }
             Anchor::InvoiceSettled => {
-                let (bucket, deadline) = self.invoice_window(id, e.record_time);
+                let (bucket, deadline) = Self::invoice_window(self.route(id, p), e.record_time);
                 let span = span_of(rule.anchor, e.record_time);
-                self.place(id, rule.anchor, bucket, span, deadline);
+                self.place(id, p, rule.anchor, bucket, span, deadline);
             }
             Anchor::ContractEnd => {
                 let (bucket, deadline) = window_of(e, contract_ended);
-                let span = span_of(rule.anchor, e.record_time);
-                self.place(id, rule.anchor, bucket, span, deadline);
+                let day = number(DAY_MS, e.record_time);
+                let route = self.route(id, p);
+                // A window still waiting keeps waiting (an open window keeps its
+                // deadline); it only widens.
+                if let [first, last] = route.numbers.as_mut_slice() {
+                    *first = (*first).min(day);
+                    *last = (*last).max(day);
+                } else if deadline.is_none() && route.window(bucket).is_none() {
+                    route.numbers.extend([day, day]);
+                    self.open += 1;
+                } else {
+                    let span = span_of(rule.anchor, e.record_time);
+                    self.place(id, p, rule.anchor, bucket, span, deadline);
+                }
             }
         }
     }
@@ -317,13 +418,24 @@ impl Schedule {
     fn place(
         &mut self,
         id: u32,
+        p: Purpose,
         anchor: Anchor,
         bucket: i64,
         (from, to): (Millis, Millis),
         deadline: Option<Millis>,
     ) {
-        let line = &mut self.lines[id as usize];
-        if let Some(w) = line.window(bucket) {
+        let route = self.route(id, p);
+        // The common case first: records come in time order, so a copy mostly falls in
+        // the hour already waiting last (bucket keys are unique across bare hours and
+        // full windows, so no full window can hold it).
+        if anchor == Anchor::InvoiceSettled
+            && deadline.is_none()
+            && route.numbers.last().is_some_and(|&h| i64::from(h) == bucket)
+            && unit_span(HOUR_MS, route.numbers[route.numbers.len() - 1]) == (from, to)
+        {
+            return;
+        }
+        if let Some(w) = route.window(bucket) {
             w.widen(from, to);
             return;
         }
@@ -331,13 +443,13 @@ impl Schedule {
             && let Ok(hour) = i32::try_from(bucket)
         {
             let own = unit_span(HOUR_MS, hour) == (from, to);
-            if let Ok(i) = line.numbers.binary_search(&hour) {
+            if let Ok(i) = route.numbers.binary_search(&hour) {
                 // Already waiting. A copy from another hour joining it (only possible
                 // after a settlement whose first hour still waits) makes it a full window.
                 if !own {
-                    line.numbers.remove(i);
+                    route.numbers.remove(i);
                     let (a, z) = unit_span(HOUR_MS, hour);
-                    line.windows().push(Window {
+                    route.windows().push(Window {
                         bucket,
                         from: a.min(from),
                         to: z.max(to),
@@ -348,12 +460,12 @@ impl Schedule {
                 return;
             }
             if own && deadline.is_none() {
-                insert_sorted(&mut line.numbers, hour);
+                insert_sorted(&mut route.numbers, hour);
                 self.open += 1;
                 return;
             }
         }
-        line.windows().push(Window {
+        route.windows().push(Window {
             bucket,
             from,
             to,
@@ -362,7 +474,7 @@ impl Schedule {
         });
         self.open += 1;
         if let Some(d) = deadline {
-            self.timed_due.insert((d, id, bucket));
+            self.timed_due.insert((d, id, p as u8, bucket));
         }
     }
 
@@ -403,43 +515,57 @@ impl Schedule {
             // their time, so their windows sit under that key's reference: the event
             // reaches every key's. A reference the same under every key (a kept msisdn)
             // is handled once.
-            let mut subjects: Vec<(bool, Text<'_>)> = Vec::new();
+            let mut names: Vec<(bool, Text<'_>)> = Vec::new();
             for (i, k) in keys.each_key().enumerate() {
                 if let Some(s) = subscriber_ref(rule, k, &ev.msisdn)
-                    && !subjects.iter().any(|(_, t)| t.as_str() == s.as_str())
+                    && !names.iter().any(|(_, t)| t.as_str() == s.as_str())
                 {
-                    subjects.push((i == 0, s));
+                    names.push((i == 0, s));
                 }
             }
-            for (active, subject) in &subjects {
-                let subject = subject.as_str();
-                let existing = self.find(p, subject);
+            for (active, name) in &names {
+                let existing = self
+                    .find(name.as_str())
+                    .filter(|&id| self.subjects[id as usize].route(p).is_some());
                 if let Some(why) = ends {
                     if let Some(id) = existing {
-                        self.end(id, why, ev.at);
+                        self.end(id, p, why, ev.at);
                     }
                 } else if let Some((start, end)) = settles {
                     // No copy is written under an older key any more: only windows it
                     // already holds matter, and no settlement is remembered for it.
                     let id = match (active, existing) {
-                        (true, _) => self.line(p, subject),
+                        (true, _) => self.subject(name.as_str()),
                         (false, Some(id)) => id,
                         (false, None) => continue,
                     };
                     let deadline = rule.retention.period.after(ev.at);
-                    self.settle(id, start, end, deadline, *active);
+                    self.settle(id, p, start, end, deadline, *active);
                 } else if let Some(id) = existing {
                     // The contract's clock: every window still waiting gets its deadline.
-                    self.start_waiting(id, rule.retention.period.after(ev.at));
+                    self.start_waiting(id, p, rule.retention.period.after(ev.at));
                 }
             }
         }
     }
 
-    /// Gives every window of a line still waiting for its anchor a deadline.
-    fn start_waiting(&mut self, id: u32, deadline: Millis) {
+    /// Gives every window of a route still waiting for its anchor a deadline.
+    fn start_waiting(&mut self, id: u32, p: Purpose, deadline: Millis) {
         let mut armed: SmallVec<[i64; 2]> = SmallVec::new();
-        if let Some(r) = self.lines[id as usize].rest.as_mut() {
+        let route = self.route(id, p);
+        // The waiting contract window becomes a full one, with its deadline.
+        if let [first, last] = route.numbers[..] {
+            route.numbers.clear();
+            route.windows().push(Window {
+                bucket: 0,
+                from: unit_span(DAY_MS, first).0,
+                to: unit_span(DAY_MS, last).1,
+                deadline: Some(deadline),
+                why: Why::Rule,
+            });
+            armed.push(0);
+        }
+        if let Some(r) = route.rest.as_mut() {
             for w in &mut r.windows {
                 if w.why == Why::Rule && w.deadline.is_none() {
                     w.deadline = Some(deadline);
@@ -448,14 +574,13 @@ impl Schedule {
             }
         }
         for b in armed {
-            self.arm(id, b, deadline);
+            self.timed_due.insert((deadline, id, p as u8, b));
         }
     }
 
     /// Ends everything a route holds on a subject in one window, due at `at`. A window
     /// whose own deadline is at or before `at` is left to its rule: it ran out first.
-    fn end(&mut self, id: u32, why: Why, at: Millis) {
-        let p = self.lines[id as usize].purpose;
+    fn end(&mut self, id: u32, p: Purpose, why: Why, at: Millis) {
         let Some(rule) = self.rules[p as usize].as_ref() else {
             return;
         };
@@ -463,10 +588,12 @@ impl Schedule {
         let mut merge = |from: Millis, to: Millis| {
             merged = Some(merged.map_or((from, to), |(a, z)| (a.min(from), z.max(to))));
         };
-        let line = &mut self.lines[id as usize];
-        let before = line.numbers.len();
+        let Some(route) = self.subjects[id as usize].route(p) else {
+            return;
+        };
+        let before = route.numbers.len();
         match rule.anchor {
-            Anchor::EventTime => line.numbers.retain(|d| {
+            Anchor::EventTime => route.numbers.retain(|d| {
                 let (from, to) = unit_span(DAY_MS, *d);
                 let open = event_time_deadline(rule, from) > at;
                 if open {
@@ -475,15 +602,24 @@ impl Schedule {
                 !open
             }),
             // Waiting hours have no deadline yet: every one is open.
-            _ => {
-                for h in line.numbers.drain(..) {
+            Anchor::InvoiceSettled => {
+                for h in route.numbers.drain(..) {
                     let (from, to) = unit_span(HOUR_MS, h);
                     merge(from, to);
                 }
             }
+            Anchor::ContractEnd => {}
         }
-        let mut removed = before - line.numbers.len();
-        if let Some(r) = line.rest.as_mut() {
+        let mut removed = before - route.numbers.len();
+        // The waiting contract window (its first and last day) is one window.
+        if rule.anchor == Anchor::ContractEnd
+            && let [first, last] = route.numbers[..]
+        {
+            route.numbers.clear();
+            merge(unit_span(DAY_MS, first).0, unit_span(DAY_MS, last).1);
+            removed += 1;
+        }
+        if let Some(r) = route.rest.as_mut() {
             r.windows.retain(|w| {
                 let open = w.why == Why::Rule && w.deadline.is_none_or(|d| d > at);
                 if open {
@@ -496,11 +632,11 @@ impl Schedule {
         self.open -= removed;
         if let Some((from, to)) = merged {
             let key = ENDED_BASE + at.0;
-            match line.window(key) {
+            match route.window(key) {
                 // Two rights at the same instant end the same copies once.
                 Some(w) => w.widen(from, to),
                 None => {
-                    line.windows().push(Window {
+                    route.windows().push(Window {
                         bucket: key,
                         from,
                         to,
@@ -508,20 +644,28 @@ impl Schedule {
                         why,
                     });
                     self.open += 1;
-                    self.timed_due.insert((at, id, key));
+                    self.timed_due.insert((at, id, p as u8, key));
                 }
             }
         }
-        self.release_if_empty(id);
+        self.release_if_empty(id, p);
     }
 
     /// Settles an invoice period: its hour windows still waiting become one window, due
     /// at `deadline`, and the period is remembered until then for late records if
     /// `remember` (records are written under the active key only).
-    fn settle(&mut self, id: u32, start: Millis, end: Millis, deadline: Millis, remember: bool) {
-        let line = &mut self.lines[id as usize];
+    fn settle(
+        &mut self,
+        id: u32,
+        p: Purpose,
+        start: Millis,
+        end: Millis,
+        deadline: Millis,
+        remember: bool,
+    ) {
+        let route = self.route(id, p);
         let deadline = if remember {
-            let list = &mut line.rest.get_or_insert_default().settled;
+            let list = &mut route.rest.get_or_insert_default().settled;
             // A repeated settlement of the same period does not restart its clock.
             let deadline = match list.iter_mut().find(|s| s.start == start && s.end == end) {
                 Some(s) => {
@@ -537,19 +681,20 @@ impl Schedule {
                     deadline
                 }
             };
-            self.forget.insert((deadline, id));
+            self.forget.insert((deadline, id, p as u8));
             deadline
         } else {
             deadline
         };
+        let route = self.route(id, p);
         // Periods are hour-aligned (control events refuse others), so an hour window is
         // either inside the period or outside it.
         let mut merged: Option<(Millis, Millis)> = None;
         let mut merge = |from: Millis, to: Millis| {
             merged = Some(merged.map_or((from, to), |(a, z)| (a.min(from), z.max(to))));
         };
-        let before = line.numbers.len();
-        line.numbers.retain(|h| {
+        let before = route.numbers.len();
+        route.numbers.retain(|h| {
             let (from, to) = unit_span(HOUR_MS, *h);
             let inside = from >= start && to < end;
             if inside {
@@ -557,8 +702,8 @@ impl Schedule {
             }
             !inside
         });
-        let mut removed = before - line.numbers.len();
-        if let Some(r) = line.rest.as_mut() {
+        let mut removed = before - route.numbers.len();
+        if let Some(r) = route.rest.as_mut() {
             r.windows.retain(|w| {
                 let inside =
                     w.why == Why::Rule && w.deadline.is_none() && w.from >= start && w.to < end;
@@ -569,12 +714,12 @@ impl Schedule {
                 !inside
             });
         }
-        self.open -= removed;
         let Some((from, to)) = merged else {
+            self.open -= removed;
             return;
         };
         let key = bucket_of(Anchor::InvoiceSettled, start);
-        let rearm = match line.window(key) {
+        let (rearm, added) = match route.window(key) {
             // The period's first hour already holds a window with a deadline (an earlier
             // settlement of the period, or a late record bounded by a later one): the
             // earlier deadline holds for both.
@@ -582,26 +727,22 @@ impl Schedule {
                 w.widen(from, to);
                 let old = w.deadline;
                 w.deadline = Some(old.map_or(deadline, |d| d.min(deadline)));
-                old != w.deadline
+                ((old != w.deadline).then_some(w.deadline).flatten(), 0)
             }
             None => {
-                line.windows().push(Window {
+                route.windows().push(Window {
                     bucket: key,
                     from,
                     to,
                     deadline: Some(deadline),
                     why: Why::Rule,
                 });
-                self.open += 1;
-                true
+                (Some(deadline), 1)
             }
         };
-        if rearm {
-            let d = self.lines[id as usize]
-                .window(key)
-                .and_then(|w| w.deadline)
-                .unwrap_or(deadline);
-            self.arm(id, key, d);
+        self.open = self.open + added - removed;
+        if let Some(d) = rearm {
+            self.timed_due.insert((d, id, p as u8, key));
         }
     }
 
@@ -644,38 +785,43 @@ impl Schedule {
                     break;
                 }
                 let ((_, p, day), ids) = e.remove_entry();
+                let p = Purpose::ALL[p as usize];
                 for id in ids {
-                    let line = &mut self.lines[id as usize];
-                    if !line.live || line.purpose as u8 != p {
+                    let s = &mut self.subjects[id as usize];
+                    if !s.live {
                         continue;
                     }
-                    let Ok(i) = line.numbers.binary_search(&day) else {
+                    let name = &s.name;
+                    let Some(route) = s.routes.iter_mut().find(|r| r.purpose == p) else {
                         continue;
                     };
-                    line.numbers.remove(i);
+                    let Ok(i) = route.numbers.binary_search(&day) else {
+                        continue;
+                    };
+                    route.numbers.remove(i);
                     let (from, to) = unit_span(DAY_MS, day);
-                    batch.push((
-                        line.purpose,
-                        line.subject.to_string(),
-                        day as i64,
-                        from,
-                        to,
-                        Why::Rule,
-                    ));
+                    batch.push((p, name.to_text(), day as i64, from, to, Why::Rule));
                     self.open -= 1;
-                    self.release_if_empty(id);
+                    self.release_if_empty(id, p);
                 }
             }
-            while let Some(&(d, id, bucket)) = self.timed_due.first() {
+            while let Some(&(d, id, p, bucket)) = self.timed_due.first() {
                 if d != next {
                     break;
                 }
                 self.timed_due.pop_first();
-                let line = &mut self.lines[id as usize];
-                if !line.live {
+                let p = Purpose::ALL[p as usize];
+                let s = &mut self.subjects[id as usize];
+                if !s.live {
                     continue;
                 }
-                let Some(r) = line.rest.as_mut() else {
+                let name = &s.name;
+                let Some(r) = s
+                    .routes
+                    .iter_mut()
+                    .find(|r| r.purpose == p)
+                    .and_then(|r| r.rest.as_mut())
+                else {
                     continue;
                 };
                 let Some(i) = r
@@ -686,16 +832,9 @@ impl Schedule {
                     continue;
                 };
                 let w = r.windows.swap_remove(i);
-                batch.push((
-                    line.purpose,
-                    line.subject.to_string(),
-                    w.bucket,
-                    w.from,
-                    w.to,
-                    w.why,
-                ));
+                batch.push((p, name.to_text(), w.bucket, w.from, w.to, w.why));
                 self.open -= 1;
-                self.release_if_empty(id);
+                self.release_if_empty(id, p);
             }
             batch.sort_unstable_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
             for (purpose, subject, _, from, to, why) in batch.drain(..) {
@@ -723,17 +862,18 @@ impl Schedule {
             }
         }
         while self.forget.first().is_some_and(|f| f.0 <= now) {
-            let Some((_, id)) = self.forget.pop_first() else {
+            let Some((_, id, p)) = self.forget.pop_first() else {
                 break;
             };
-            let line = &mut self.lines[id as usize];
-            if !line.live {
+            let p = Purpose::ALL[p as usize];
+            let s = &mut self.subjects[id as usize];
+            if !s.live {
                 continue;
             }
-            if let Some(r) = line.rest.as_mut() {
+            if let Some(r) = s.route(p).and_then(|r| r.rest.as_mut()) {
                 r.settled.retain(|s| s.deadline > now);
             }
-            self.release_if_empty(id);
+            self.release_if_empty(id, p);
         }
         Ok(())
     }
@@ -741,12 +881,15 @@ impl Schedule {
     /// Subjects with remembered settlements on a route (for tests).
     #[cfg(test)]
     fn remembered(&self, p: Purpose) -> Vec<&str> {
-        self.lines
+        self.subjects
             .iter()
-            .filter(|l| {
-                l.live && l.purpose == p && l.rest.as_ref().is_some_and(|r| !r.settled.is_empty())
+            .filter(|s| {
+                s.live
+                    && s.routes.iter().any(|r| {
+                        r.purpose == p && r.rest.as_ref().is_some_and(|x| !x.settled.is_empty())
+                    })
             })
-            .map(|l| &*l.subject)
+            .map(|s| std::str::from_utf8(s.name.bytes()).unwrap_or_default())
             .collect()
     }
 }
