@@ -60,6 +60,9 @@ enum Command {
     Policy(PolicyCmd),
     /// Write realistic synthetic records and control events.
     ///
+    /// Both files are written beside their targets and renamed into place together once
+    /// both are complete: a failed or interrupted run leaves the targets as they were.
+    ///
     /// Example: cdrguard generate --records 100000 --subscribers 5000 --seed 7
     ///   --out-records cdrs.jsonl --out-control events.jsonl
     Generate(GenerateArgs),
