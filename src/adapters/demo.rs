@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::engine::Engine;
 use super::files::{Outputs, OutputsError};
-use super::generate::{GenConfig, Line, generate_with};
+use super::generate::{GenConfig, GenError, Line, Synthetic, generate_with};
+use super::outdir::{OutDirError, StagedFiles};
 use super::replay::{ReplayError, ReplayInput, ReplayLimits, replay};
 use crate::codec::Format;
 use crate::core::pseudonym::Keyring;
@@ -30,6 +31,25 @@ pub struct Written {
     pub malformed_controls: u64,
 }
 
+/// Why generated traffic was not written. Neither target was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrafficError {
+    /// The settings make no sense; nothing was generated.
+    #[error(transparent)]
+    Settings(#[from] GenError),
+    /// The files could not be put in place.
+    #[error(transparent)]
+    Place(#[from] OutDirError),
+    /// Writing a file failed.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file being written.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
 /// Writes generated traffic: records (JSON lines or length-prefixed binary frames) and
 /// control events (JSON lines), malformed ones among them.
 pub fn write_traffic(
@@ -37,21 +57,23 @@ pub fn write_traffic(
     records: &Path,
     control: &Path,
     format: Format,
-) -> std::io::Result<u64> {
+) -> Result<u64, TrafficError> {
     write_traffic_with(cfg, records, control, format, false).map(|w| w.records)
 }
 
 /// [`write_traffic`] with a progress bar on stderr when `progress` is set (a terminal).
+/// The two files are a pair (the control events are those of the records' subscribers),
+/// so they are written beside their targets and renamed into place together only when
+/// both are complete: a failed or killed run leaves both targets as they were.
 pub fn write_traffic_with(
     cfg: &GenConfig,
     records: &Path,
     control: &Path,
     format: Format,
     progress: bool,
-) -> std::io::Result<Written> {
-    use std::io::Write;
-    cfg.validate()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+) -> Result<Written, TrafficError> {
+    cfg.validate()?;
+    let staged = StagedFiles::new(&[records, control])?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(cfg.records);
         b.set_message("generating");
@@ -61,8 +83,28 @@ pub fn write_traffic_with(
     };
     let s = generate_with(cfg, &|n| bar.set_position(n));
     bar.set_message("writing");
+    // Named by the target, which is what the user gave.
+    let failed = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| TrafficError::Write { path, source }
+    };
+    let mut written = write_records(cfg, &s, format, staged.file(0)).map_err(failed(records))?;
+    write_controls(&s, staged.file(1), &mut written).map_err(failed(control))?;
+    staged.commit()?;
+    bar.finish_and_clear();
+    Ok(written)
+}
+
+/// Writes the record lines (or frames) to `out`.
+fn write_records(
+    cfg: &GenConfig,
+    s: &Synthetic,
+    format: Format,
+    out: &std::fs::File,
+) -> std::io::Result<Written> {
+    use std::io::Write;
     let mut written = Written::default();
-    let mut w = std::io::BufWriter::new(std::fs::File::create(records)?);
+    let mut w = std::io::BufWriter::new(out);
     let mut buf = Vec::new();
     for l in &s.lines {
         match (l, format) {
@@ -99,7 +141,17 @@ pub fn write_traffic_with(
         written.malformed_records += 1;
     }
     w.flush()?;
-    let mut c = std::io::BufWriter::new(std::fs::File::create(control)?);
+    Ok(written)
+}
+
+/// Writes the control lines to `out`, malformed ones where they were generated.
+fn write_controls(
+    s: &Synthetic,
+    out: &std::fs::File,
+    written: &mut Written,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut c = std::io::BufWriter::new(out);
     let mut bad = s.malformed_controls.iter().peekable();
     for (i, e) in s.controls.iter().enumerate() {
         while let Some((_, m)) = bad.next_if(|(at, _)| *at <= i) {
@@ -115,13 +167,9 @@ pub fn write_traffic_with(
     }
     c.flush()?;
     written.controls = s.controls.len() as u64 + written.malformed_controls;
-    bar.finish_and_clear();
-    Ok(written)
+    Ok(())
 }
 
-/// Runs the demo: [`DEMO_DAYS`] of traffic before `now`, replayed, with the expiries due
-/// at `now` (long enough for every rule of up to 12 months, anchored on an event or a
-/// contract end, to run out somewhere).
 /// Why the demo stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -133,9 +181,12 @@ pub enum DemoError {
     Replay(#[from] ReplayError),
     /// The traffic could not be written.
     #[error("writing the generated traffic: {0}")]
-    Traffic(#[from] std::io::Error),
+    Traffic(#[from] TrafficError),
 }
 
+/// Runs the demo: [`DEMO_DAYS`] of traffic before `now`, replayed, with the expiries due
+/// at `now` (long enough for every rule of up to 12 months, anchored on an event or a
+/// contract end, to run out somewhere).
 /// The demo writes into `out` (which must be missing, empty or an earlier cdrguard
 /// output, unless `force`); the generated input goes to `out/input/`.
 pub fn run(
@@ -151,7 +202,10 @@ pub fn run(
     cfg.start = Millis((now.0 - DEMO_DAYS as i64 * DAY_MS).div_euclid(DAY_MS) * DAY_MS);
     let mut outputs = Outputs::create(out, policy, force)?;
     let input_dir = outputs.dir().join("input");
-    std::fs::create_dir_all(&input_dir)?;
+    std::fs::create_dir_all(&input_dir).map_err(|source| TrafficError::Write {
+        path: input_dir.display().to_string(),
+        source,
+    })?;
     let records = input_dir.join("records.jsonl");
     let control = input_dir.join("control.jsonl");
     write_traffic_with(&cfg, &records, &control, Format::Json, progress)?;
@@ -217,6 +271,72 @@ mod tests {
             .filter(|l| l.contains(r#""reason":"excedo.troubleshooting""#))
             .count();
         assert!(anchored > 0, "no contract-anchored expiry: {summary}");
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Regression: the records file was written in place, then the control file; a
+    /// control file that could not be written left new records beside old (or no)
+    /// control events. Now both targets stay as they were, and nothing is left beside
+    /// them.
+    #[test]
+    fn a_failed_write_leaves_both_targets_as_they_were_and_nothing_beside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("cdrs.jsonl");
+        let cfg = GenConfig {
+            records: 200,
+            subscribers: 20,
+            ..GenConfig::default()
+        };
+        // The control file's folder does not exist: found before anything is generated.
+        let nowhere = dir.path().join("missing").join("control.jsonl");
+        let e = write_traffic_with(&cfg, &records, &nowhere, Format::Json, false).unwrap_err();
+        assert!(
+            !records.exists(),
+            "records written without their control events"
+        );
+        assert_eq!(names(dir.path()), Vec::<String>::new());
+        assert!(matches!(e, TrafficError::Place(_)), "{e}");
+
+        // The control target is a folder: both files are written, and the second rename
+        // fails after the first put the records in place. That one is undone.
+        std::fs::write(&records, "earlier records\n").unwrap();
+        let folder = dir.path().join("control.jsonl");
+        std::fs::create_dir(&folder).unwrap();
+        let e = write_traffic_with(&cfg, &records, &folder, Format::Json, false).unwrap_err();
+        assert!(e.to_string().contains("control.jsonl"), "{e}");
+        assert!(
+            std::fs::read_to_string(&records).unwrap() == "earlier records\n",
+            "the records target was replaced although its control events were not written"
+        );
+        assert_eq!(names(dir.path()), ["cdrs.jsonl", "control.jsonl"]);
+        assert_eq!(names(&folder), Vec::<String>::new());
+
+        // Without an earlier file, the records target is not created.
+        std::fs::remove_file(&records).unwrap();
+        write_traffic_with(&cfg, &records, &folder, Format::Json, false).unwrap_err();
+        assert_eq!(names(dir.path()), ["control.jsonl"]);
+
+        // One file for both is refused before anything is written.
+        let e = write_traffic_with(&cfg, &records, &records, Format::Json, false).unwrap_err();
+        assert!(e.to_string().contains("given for two outputs"), "{e}");
+        assert_eq!(names(dir.path()), ["control.jsonl"]);
+
+        // A run that succeeds replaces both, and leaves nothing else.
+        std::fs::remove_dir(&folder).unwrap();
+        std::fs::write(&records, "earlier records\n").unwrap();
+        std::fs::write(&folder, "earlier control events\n").unwrap();
+        let w = write_traffic_with(&cfg, &records, &folder, Format::Json, false).unwrap();
+        let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count() as u64;
+        assert_eq!((lines(&records), lines(&folder)), (w.records, w.controls));
+        assert_eq!(names(dir.path()), ["cdrs.jsonl", "control.jsonl"]);
     }
 
     /// Generated binary traffic ends in a truncated frame, and every malformed line (records

@@ -1,7 +1,9 @@
 //! Output folders written whole or not at all. A run writes into a fresh folder beside its
 //! target and swaps it into place only when it succeeded, so a failed or killed run never
 //! leaves a half-written set, and no file of an earlier run (another policy's route with
-//! raw identifiers, say) survives next to a new run's.
+//! raw identifiers, say) survives next to a new run's. Files that belong together (the
+//! records and control events `generate` writes) go the same way: written beside their
+//! targets, and renamed into place together only when all are complete.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,23 @@ pub enum OutDirError {
     Foreign {
         /// The folder.
         dir: String,
+    },
+    /// Two of the files to write together are one and the same.
+    #[error("{path} is given for two outputs: each needs a file of its own")]
+    SamePath {
+        /// The file.
+        path: String,
+    },
+    /// A set of files failed to go in place, and putting a target's earlier content back
+    /// failed too: it is kept beside the target.
+    #[error("{cause}; the earlier {target} could not be put back and is kept as {kept}")]
+    NotRestored {
+        /// Why the set did not go in place.
+        cause: Box<OutDirError>,
+        /// The target now holding new content.
+        target: String,
+        /// Where its earlier content is.
+        kept: String,
     },
     /// The file system refused.
     #[error("{dir}: {source}")]
@@ -143,6 +162,180 @@ impl Drop for Staged {
     }
 }
 
+/// Files written beside their targets (hidden, `.NAME.partial-PID`) and renamed into
+/// place together by [`StagedFiles::commit`], so that a failed or killed run leaves every
+/// target as it was: never one file of a set new and another old or half written.
+/// Dropped without a commit, the files written are removed. Only a kill between the
+/// renames (one system call each, after everything else is done) can leave a mix, with
+/// the earlier content of the renamed targets beside them as `.NAME.old-PID`.
+#[derive(Debug)]
+pub struct StagedFiles {
+    /// Each target, the file written for it and that file, open until the commit.
+    files: Vec<(PathBuf, PathBuf, Option<std::fs::File>)>,
+}
+
+impl StagedFiles {
+    /// Creates an empty file beside each target (in its folder, so that the rename is
+    /// one step of one file system). Done before the caller spends time on the content,
+    /// so a folder that is missing or not writable is found at once. Leftovers of runs
+    /// that were killed (their process is gone) are removed.
+    pub fn new(targets: &[&Path]) -> Result<StagedFiles, OutDirError> {
+        let mut staged = StagedFiles { files: Vec::new() };
+        for target in targets {
+            let (temp, prefix) = sibling(target, "partial");
+            if staged.files.iter().any(|(_, t, _)| *t == temp) {
+                return Err(OutDirError::SamePath {
+                    path: target.display().to_string(),
+                });
+            }
+            let parent = temp.parent().unwrap_or(Path::new("."));
+            remove_leftover_files(parent, &prefix);
+            let file = std::fs::File::create(&temp).map_err(io(&temp))?;
+            staged.files.push((target.to_path_buf(), temp, Some(file)));
+        }
+        Ok(staged)
+    }
+
+    /// The open file to write for the `i`th target.
+    pub fn file(&self, i: usize) -> &std::fs::File {
+        self.files[i]
+            .2
+            .as_ref()
+            .expect("files stay open until the commit, which consumes them")
+    }
+
+    /// The path of the file written for the `i`th target.
+    pub fn path(&self, i: usize) -> &Path {
+        &self.files[i].1
+    }
+
+    /// Puts every written file in its target's place. Each is flushed to disk first, so
+    /// that after a crash a target holds the new content or the old, never a file the
+    /// rename got to before the data did. A target that exists is replaced only by the
+    /// rename, and keeps its permissions. If one rename fails, the targets already
+    /// renamed get their earlier content back (or are removed, if they had none), so
+    /// the set stays as it was.
+    pub fn commit(mut self) -> Result<(), OutDirError> {
+        for (_, temp, file) in &mut self.files {
+            if let Some(f) = file.take() {
+                f.sync_all().map_err(io(temp))?;
+            }
+        }
+        // A link to each existing target's content, so that a later failed rename can
+        // put it back.
+        let mut kept: Vec<Option<PathBuf>> = Vec::new();
+        let mut failed = None;
+        for (target, temp, _) in &self.files {
+            match keep_old(target, temp) {
+                Ok(old) => kept.push(old),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut renamed = 0;
+        if failed.is_none() {
+            for (target, temp, _) in &self.files {
+                if let Err(e) = std::fs::rename(temp, target) {
+                    failed = Some(io(target)(e));
+                    break;
+                }
+                renamed += 1;
+            }
+        }
+        if failed.is_some() {
+            // Best effort: the first failure is what the caller needs to hear. An earlier
+            // content that cannot be put back stays beside its target, never removed.
+            for ((target, _, _), old) in self.files.iter().zip(&mut kept).take(renamed) {
+                match old.take() {
+                    Some(o) if std::fs::rename(&o, target).is_err() => {
+                        failed = failed.map(|cause| OutDirError::NotRestored {
+                            cause: Box::new(cause),
+                            target: target.display().to_string(),
+                            kept: o.display().to_string(),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = std::fs::remove_file(target);
+                    }
+                }
+            }
+        }
+        // What is still kept is a second name for content that stays in its target.
+        for old in kept.iter().flatten() {
+            let _ = std::fs::remove_file(old);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // The renames are entries of the folders: flushed too, so that after a crash the
+        // files are not found by their old names. Best effort: not every system can.
+        for (_, temp, _) in &self.files {
+            if let Some(parent) = temp.parent() {
+                let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+            }
+        }
+        self.files.clear();
+        Ok(())
+    }
+}
+
+impl Drop for StagedFiles {
+    fn drop(&mut self) {
+        for (_, temp, file) in self.files.drain(..) {
+            drop(file);
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+/// Before `temp` replaces `target`: gives `temp` the target's permissions and links the
+/// target's content to a hidden sibling (`.NAME.old-PID`, copied where the file system
+/// has no hard links), returned so a failed commit can put it back. `None` when there is
+/// nothing to keep: no target, or a folder (which the rename then refuses).
+fn keep_old(target: &Path, temp: &Path) -> Result<Option<PathBuf>, OutDirError> {
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if !m.is_dir() => {
+            if m.is_file() {
+                std::fs::set_permissions(temp, m.permissions()).map_err(io(temp))?;
+            }
+            let (old, _) = sibling(target, "old");
+            let _ = std::fs::remove_file(&old);
+            if std::fs::hard_link(target, &old).is_err() {
+                std::fs::copy(target, &old).map_err(io(target))?;
+            }
+            Ok(Some(old))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(target)(e)),
+    }
+}
+
+/// Removes `PREFIX<pid>` files in `parent` whose process no longer runs: what a killed
+/// run of [`StagedFiles`] left. Only names that are exactly the prefix and a number.
+fn remove_leftover_files(parent: &Path, prefix: &OsString) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let prefix = prefix.to_string_lossy();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let Some(pid) = name.strip_prefix(prefix.as_ref()) else {
+            continue;
+        };
+        let dead = pid
+            .parse::<u32>()
+            .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+        if dead && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Removes `PREFIX<pid>` folders in `parent` whose process no longer runs.
 fn remove_leftovers(parent: &Path, prefix: &OsString) {
     let Ok(entries) = std::fs::read_dir(parent) else {
@@ -258,6 +451,43 @@ mod tests {
         Staged::new(&empty, false).unwrap().commit().unwrap();
         Staged::new(&out, true).unwrap().commit().unwrap();
         assert_eq!(files(&out), [MARKER]);
+    }
+
+    #[test]
+    fn staged_files_replace_their_targets_keeping_permissions_and_clear_leftovers() {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("a.jsonl"), root.path().join("b.jsonl"));
+        std::fs::write(&a, "old a").unwrap();
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // What a killed run left: its process id cannot be running.
+        let dead = root.path().join(".b.jsonl.partial-4294967295");
+        std::fs::write(&dead, "half").unwrap();
+        let s = StagedFiles::new(&[&a, &b]).unwrap();
+        assert!(!dead.exists());
+        s.file(0).write_all(b"new a").unwrap();
+        s.file(1).write_all(b"new b").unwrap();
+        // Nothing changes before the commit.
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "old a");
+        assert!(!b.exists());
+        assert!(s.path(0).starts_with(root.path()));
+        s.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "new a");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "new b");
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the replaced file keeps its permissions"
+        );
+        assert_eq!(files(root.path()), ["a.jsonl", "b.jsonl"]);
+        // Dropped without a commit: nothing changes, nothing is left.
+        let s = StagedFiles::new(&[&a, &b]).unwrap();
+        s.file(0).write_all(b"newer a").unwrap();
+        drop(s);
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "new a");
+        assert_eq!(files(root.path()), ["a.jsonl", "b.jsonl"]);
     }
 
     #[test]

@@ -60,6 +60,9 @@ enum Command {
     Policy(PolicyCmd),
     /// Write realistic synthetic records and control events.
     ///
+    /// Both files are written beside their targets and renamed into place together once
+    /// both are complete: a failed or interrupted run leaves the targets as they were.
+    ///
     /// Example: cdrguard generate --records 100000 --subscribers 5000 --seed 7
     ///   --out-records cdrs.jsonl --out-control events.jsonl
     Generate(GenerateArgs),
@@ -156,7 +159,9 @@ struct DemoArgs {
     /// Records to generate.
     #[arg(long, default_value_t = 20_000)]
     records: u64,
-    /// Subscribers to generate.
+    /// Subscribers to generate, at most --records: each is built (with its consent
+    /// events and invoices) before the records are drawn, so more would cost memory and
+    /// time and add no traffic. More are refused.
     #[arg(long, default_value_t = 1_000)]
     subscribers: u32,
     /// Seed for the generator.
@@ -278,7 +283,9 @@ struct GenerateArgs {
     /// Records (malformed included).
     #[arg(long, default_value_t = 20_000)]
     records: u64,
-    /// Subscribers.
+    /// Subscribers, at most --records: each is built (with its consent events and
+    /// invoices) before the records are drawn, so more would cost memory and time and add
+    /// no traffic. More are refused.
     #[arg(long, default_value_t = 1_000)]
     subscribers: u32,
     /// Seed.

@@ -361,9 +361,13 @@ impl ConsentStore {
     }
 
     #[cfg(test)]
-    pub(crate) fn mark_caught_up_for_test(&self) {
-        self.mark_caught_up(Instant::now());
-        self.confirm(Instant::now());
+    /// Caught up and proven current now; returns that instant, for tests to ask about
+    /// freshness at a given instant rather than at whenever the clock is read next.
+    pub(crate) fn mark_caught_up_for_test(&self) -> Instant {
+        let now = Instant::now();
+        self.mark_caught_up(now);
+        self.confirm(now);
+        now
     }
 }
 
@@ -794,8 +798,7 @@ mod tests {
             Some(br#"{"type":"consent","msisdn":"+46701234567","at":"2026-01-01T00:00:00.000Z","purpose":"marketing","granted":true}"#),
         )
         .unwrap();
-        s.mark_caught_up_for_test();
-        let now = Instant::now();
+        let now = s.mark_caught_up_for_test();
         assert!(s.fresh(now));
         assert!(
             s.view("+46701234567", true)
@@ -862,8 +865,8 @@ mod tests {
         assert!(!v.consented.contains(Purpose::Analytics));
         assert!(v.restricted);
         assert!(Purpose::ALL.iter().all(|p| v.objected.contains(*p)));
-        s.mark_caught_up_for_test();
-        assert!(!s.fresh(Instant::now() + Duration::from_secs(11)));
+        let now = s.mark_caught_up_for_test();
+        assert!(!s.fresh(now + Duration::from_secs(11)));
         // What can only stop copies survives the fail-closed view.
         s.apply_message(
             None,

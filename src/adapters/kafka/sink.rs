@@ -435,53 +435,67 @@ mod tests {
             .unwrap()
     }
 
+    /// A call that returns only when the test lets it (or, as a backstop, after a
+    /// minute), and a flag set when it returned. Whether the wait ended before the call
+    /// did is read from the flag, not the clock: a timed bound failed under load.
+    fn held_call() -> (
+        Call,
+        std::sync::mpsc::Sender<()>,
+        std::sync::Arc<AtomicBool>,
+    ) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let returned = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = returned.clone();
+        let call = move |_: &ThreadedProducer<SinkContext>| {
+            // The backstop only turns a regression (waiting for the call) into a failure
+            // instead of a hang; a pass never comes near it.
+            let _ = held.recv_timeout(Duration::from_secs(60));
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        };
+        (Box::new(call), release, returned)
+    }
+
+    type Call = Box<dyn FnOnce(&ThreadedProducer<SinkContext>) -> Result<(), KafkaError> + Send>;
+
     #[test]
     fn a_call_that_does_not_return_is_reported_hung_not_waited_for() {
         let p = producer();
-        let started = std::time::Instant::now();
-        let r = guarded_for(
-            &p,
-            "test call",
-            Duration::from_millis(100),
-            &|| None,
-            |_| {
-                std::thread::sleep(Duration::from_secs(3));
-                Ok(())
-            },
-        );
+        let (call, release, returned) = held_call();
+        let r = guarded_for(&p, "test call", Duration::from_millis(100), &|| None, call);
         assert!(matches!(r, Err(SinkError::Hung("test call"))), "{r:?}");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "the wait ended only when the call returned"
+        );
+        let _ = release.send(());
     }
 
     #[test]
     fn a_stop_that_begins_during_a_long_call_cuts_the_wait_short() {
         let p = producer();
-        let started = Instant::now();
-        // The stop's deadline is set while the call is under way.
-        let until = std::sync::Mutex::new(None);
-        let stop_at = started + Duration::from_millis(300);
+        let (call, release, returned) = held_call();
+        // No stop when the call starts; from the second look on, a stop due at that
+        // look. The call may take an hour: only the stop can end the wait before it.
+        let looks = std::sync::atomic::AtomicU32::new(0);
+        let stop = std::sync::OnceLock::new();
         let r = guarded_for(
             &p,
             "long call",
-            Duration::from_secs(30),
-            &|| {
-                let mut u = until.lock().unwrap();
-                if Instant::now() >= started + Duration::from_millis(100) {
-                    *u = Some(stop_at);
-                }
-                *u
-            },
-            |_| {
-                std::thread::sleep(Duration::from_secs(5));
-                Ok(())
-            },
+            Duration::from_secs(3_600),
+            &|| (looks.fetch_add(1, Ordering::SeqCst) > 0).then(|| *stop.get_or_init(Instant::now)),
+            call,
         );
         assert!(matches!(r, Err(SinkError::Hung("long call"))), "{r:?}");
-        let took = started.elapsed();
         assert!(
-            took < Duration::from_secs(2),
-            "waited {took:?}, past the stop's deadline"
+            !returned.load(Ordering::SeqCst),
+            "the wait went on past the stop's deadline until the call returned"
         );
+        assert!(
+            looks.load(Ordering::SeqCst) > 1,
+            "the stop was asked for again"
+        );
+        let _ = release.send(());
     }
 
     #[test]
