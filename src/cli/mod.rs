@@ -159,11 +159,12 @@ struct DemoArgs {
     /// Records to generate.
     #[arg(long, default_value_t = 20_000)]
     records: u64,
-    /// Subscribers to generate, at most --records: each is built (with its consent
-    /// events and invoices) before the records are drawn, so more would cost memory and
-    /// time and add no traffic. More are refused.
-    #[arg(long, default_value_t = 1_000)]
-    subscribers: u32,
+    /// Subscribers to generate (default: 1,000, or --records if fewer), at most
+    /// --records: each is built (with its consent events and invoices) before the records
+    /// are drawn, so more would cost memory and time and add no traffic. More are
+    /// refused.
+    #[arg(long)]
+    subscribers: Option<u32>,
     /// Seed for the generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -404,7 +405,9 @@ fn run_cli(cli: Cli) -> Result<()> {
             let keys = ephemeral_keys();
             let cfg = GenConfig {
                 records: a.records,
-                subscribers: a.subscribers,
+                subscribers: a
+                    .subscribers
+                    .unwrap_or_else(|| u32::try_from(a.records.min(1_000)).unwrap_or(1_000)),
                 seed: a.seed,
                 ..GenConfig::default()
             };

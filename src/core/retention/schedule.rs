@@ -268,9 +268,9 @@ impl Schedule {
         }
         let h = self.hasher.hash_one(name.as_bytes());
         let subjects = &self.subjects;
-        let id = *self
-            .index
-            .find(h, |&id| subjects[id as usize].name.bytes() == name.as_bytes())?;
+        let id = *self.index.find(h, |&id| {
+            subjects[id as usize].name.bytes() == name.as_bytes()
+        })?;
         self.remember(id);
         Some(id)
     }
@@ -301,9 +301,10 @@ impl Schedule {
             }
         };
         let (subjects, hasher) = (&self.subjects, &self.hasher);
-        self.index.insert_unique(hasher.hash_one(name.as_bytes()), id, |&i| {
-            hasher.hash_one(subjects[i as usize].name.bytes())
-        });
+        self.index
+            .insert_unique(hasher.hash_one(name.as_bytes()), id, |&i| {
+                hasher.hash_one(subjects[i as usize].name.bytes())
+            });
         self.remember(id);
         id
     }
@@ -430,7 +431,10 @@ impl Schedule {
         // full windows, so no full window can hold it).
         if anchor == Anchor::InvoiceSettled
             && deadline.is_none()
-            && route.numbers.last().is_some_and(|&h| i64::from(h) == bucket)
+            && route
+                .numbers
+                .last()
+                .is_some_and(|&h| i64::from(h) == bucket)
             && unit_span(HOUR_MS, route.numbers[route.numbers.len() - 1]) == (from, to)
         {
             return;
