@@ -8,11 +8,11 @@
 //! [`super::holdback`]). They carry no time, so the month costs their readers nothing:
 //! it only keeps their position in the file from telling a finer one.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
 use super::holdback::{Crowds, MIN_SUBSCRIBERS};
+use super::lines::Lines;
 use super::outdir::{OutDirError, Staged};
 use crate::codec::{DeadLetter, json};
 use crate::core::process::Copy;
@@ -33,49 +33,6 @@ pub struct Outputs {
     month: Option<[u8; 7]>,
     /// Anonymised copies not written: too few subscribers shared their content that month.
     withheld: u64,
-}
-
-/// A file written in large appends. Copies are encoded straight into its buffer, which a
-/// `BufWriter` would copy once more: with several copies per record, that copy shows.
-struct Lines {
-    file: File,
-    buf: Vec<u8>,
-}
-
-/// Bytes gathered before one `write` to the file.
-const FLUSH_AT: usize = 256 * 1024;
-
-impl Lines {
-    /// Writes the buffer out once it is full.
-    fn written(&mut self) -> std::io::Result<()> {
-        if self.buf.len() >= FLUSH_AT {
-            self.file.write_all(&self.buf)?;
-            self.buf.clear();
-        }
-        Ok(())
-    }
-}
-
-impl Write for Lines {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(b);
-        self.written()?;
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.write_all(&self.buf)?;
-        self.buf.clear();
-        self.file.flush()
-    }
-}
-
-fn create(path: &Path) -> std::io::Result<Lines> {
-    File::create(path)
-        .map(|file| Lines {
-            file,
-            buf: Vec::with_capacity(FLUSH_AT + 64 * 1024),
-        })
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Why the outputs could not be set up.
@@ -99,14 +56,15 @@ impl Outputs {
         let dir = staged.path().to_path_buf();
         let mut routes: [Option<Lines>; Purpose::COUNT] = Default::default();
         for r in policy.declared() {
-            routes[r.purpose as usize] =
-                Some(create(&dir.join(format!("{}.jsonl", r.purpose.id())))?);
+            routes[r.purpose as usize] = Some(Lines::create(
+                &dir.join(format!("{}.jsonl", r.purpose.id())),
+            )?);
         }
         Ok(Outputs {
             dir: staged,
             routes,
-            retention: create(&dir.join("retention.jsonl"))?,
-            dead_letter: create(&dir.join("dead-letter.jsonl"))?,
+            retention: Lines::create(&dir.join("retention.jsonl"))?,
+            dead_letter: Lines::create(&dir.join("dead-letter.jsonl"))?,
             line: Vec::with_capacity(2048),
             held: Crowds::new(MIN_SUBSCRIBERS),
             month: None,
@@ -159,9 +117,7 @@ impl Outputs {
             self.held.hold(c.envelope.purpose, &self.line, msisdn);
             return Ok(());
         }
-        json::encode_copy(c, &mut w.buf);
-        w.buf.push(b'\n');
-        w.written()
+        w.line(|b| json::encode_copy(c, b))
     }
 
     /// Writes an expiry event.
@@ -183,10 +139,10 @@ impl Outputs {
     pub fn finish(mut self) -> Result<u64, OutputsError> {
         self.release_held()?;
         for w in self.routes.iter_mut().flatten() {
-            w.flush()?;
+            w.finish()?;
         }
-        self.retention.flush()?;
-        self.dead_letter.flush()?;
+        self.retention.finish()?;
+        self.dead_letter.finish()?;
         let Outputs { dir, withheld, .. } = self;
         dir.commit()?;
         Ok(withheld)

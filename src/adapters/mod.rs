@@ -10,6 +10,7 @@ pub mod generate;
 pub mod holdback;
 pub mod kafka;
 pub mod keyfile;
+pub mod lines;
 pub mod outdir;
 pub mod reorder;
 pub mod replay;
