@@ -305,3 +305,105 @@ fn generate_refuses_more_subscribers_than_records_and_writes_nothing() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(records.is_file() && control.is_file());
 }
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Regression: a second run into the same folder left the first run's route files there
+/// (Excedo's fraud file, with raw identifiers, beside a Select Telecom run that never
+/// routes fraud), and a failed replay first truncated the earlier run's files to zero.
+#[test]
+fn runs_replace_their_output_folder_whole_and_only_on_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d");
+    let out_s = out.to_str().unwrap();
+    let now = "2026-12-01T00:00:00.000Z";
+    let demo = |policy: &str| {
+        let o = run(&mut cdrguard(&[
+            "demo",
+            "--policy",
+            policy,
+            "--records",
+            "300",
+            "--out",
+            out_s,
+            "--now",
+            now,
+        ]));
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    demo("excedo");
+    assert!(out.join("fraud.jsonl").exists());
+    demo("select-telecom");
+    assert!(
+        !out.join("fraud.jsonl").exists(),
+        "Excedo's fraud copies survived a Select Telecom run: {:?}",
+        names(&out)
+    );
+    let billing = std::fs::read(out.join("billing.jsonl")).unwrap();
+    assert!(!billing.is_empty());
+
+    // A replay that fails (its control file is missing) leaves the folder as it was.
+    let keys = dir.path().join("keys.toml");
+    let o = run(&mut cdrguard(&[
+        "keys",
+        "generate",
+        "--out",
+        keys.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let input = out.join("input/records.jsonl");
+    let o = run(&mut cdrguard(&[
+        "replay",
+        "--policy",
+        "excedo",
+        "--input",
+        input.to_str().unwrap(),
+        "--control",
+        dir.path().join("missing.jsonl").to_str().unwrap(),
+        "--out",
+        out_s,
+        "--keys",
+        keys.to_str().unwrap(),
+    ]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing.jsonl"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("billing.jsonl")).unwrap(), billing);
+    assert_eq!(
+        names(dir.path()),
+        ["d", "keys.toml"],
+        "no half-written folder beside it"
+    );
+
+    // A folder cdrguard did not write is refused, unless --force.
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    let into_mine = |force: bool| {
+        let mut args = vec![
+            "demo",
+            "--records",
+            "300",
+            "--out",
+            mine.to_str().unwrap(),
+            "--now",
+            now,
+        ];
+        if force {
+            args.push("--force");
+        }
+        run(&mut cdrguard(&args))
+    };
+    let o = into_mine(false);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert!(mine.join("notes.txt").exists());
+    assert!(into_mine(true).status.success());
+    assert!(!mine.join("notes.txt").exists());
+}

@@ -123,6 +123,59 @@ fn objection(msisdn: &str, purpose: &str) -> (Option<Vec<u8>>, Vec<u8>) {
     )
 }
 
+/// Records dated where no route could use them go to the dead letter in Kafka mode as in
+/// replay: the year 1, 1900 and 1970 (older than the 10-year floor of a route waiting on
+/// an invoice settlement) and 9999 (beyond the clock's day of tolerance). The plausible
+/// records beside them are routed.
+#[test]
+fn implausible_record_times_go_to_the_dead_letter() {
+    let b = broker();
+    let dir = scratch("times");
+    let prefix = unique("times");
+    let (_, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 1, 1);
+    let s = "+46709990002";
+    let mut records = records_of(s, "plausible", 3);
+    let odd = [
+        "0001-01-01T00:00:00.000Z",
+        "1900-06-01T00:00:00.000Z",
+        "1970-01-01T00:00:00.000Z",
+        "9999-12-31T23:59:59.999Z",
+    ];
+    for (i, t) in odd.iter().enumerate() {
+        let (k, v) = records_of(s, &format!("odd-{i}"), 1).remove(0);
+        let mut r: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        r["start_time"] = (*t).into();
+        records.push((k, serde_json::to_vec(&r).unwrap()));
+    }
+    let run = InProcess::start(&cfg);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    finish(&b.bootstrap, &cfg, [run.into()]);
+    let mut reasons: Vec<String> = read_to_end(&b.bootstrap, &cfg.dead_letter_topic)
+        .iter()
+        .map(|d| header(d, "dlq.reason").unwrap_or_default().to_string())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    let (past, future): (Vec<&String>, Vec<&String>) = reasons
+        .iter()
+        .partition(|r| r.contains("3650 days before the clock"));
+    assert_eq!(past.len(), 3, "{reasons:?}");
+    assert!(
+        future[0].contains("more than 1 day after the clock"),
+        "{reasons:?}"
+    );
+    let billing = cfg.routes[Purpose::Billing as usize].as_deref().unwrap();
+    assert_eq!(
+        read_to_end(&b.bootstrap, billing).len(),
+        3,
+        "the plausible records are billed"
+    );
+}
+
 /// Binary input (the bincode-compatible layout of schemas/binary.md, one record per
 /// message): routed exactly like JSON, and what is not a binary record reaches the dead
 /// letter.

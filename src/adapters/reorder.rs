@@ -16,7 +16,8 @@ use crate::core::time::Millis;
 pub enum Late {
     /// It was more than `max_delay` earlier than the newest item seen.
     #[error(
-        "arrived more than {max_delay_ms} ms after a later one (--max-reorder): too late to be put in time order"
+        "arrived more than {} after a later one (--max-reorder): too late to be put in time order",
+        crate::core::bounds::describe_ms(*max_delay_ms)
     )]
     Delay {
         /// The bound.

@@ -476,3 +476,249 @@ impl Step<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::io::Read;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::adapters::generate::{GenConfig, Line, generate};
+    use crate::core::pseudonym::tests::test_keyring;
+
+    fn policy() -> crate::policy::Policy {
+        crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "excedo").unwrap()
+    }
+
+    /// What a replay handed its sink, with the input bytes read by the first decision.
+    #[derive(Default)]
+    struct Seen {
+        read: Rc<Cell<u64>>,
+        read_at_first_decision: Option<u64>,
+        records: Vec<(String, Millis)>,
+        dead: Vec<DeadLetter>,
+        expiries: usize,
+    }
+
+    impl Sink for Seen {
+        fn decision(&mut self, r: &Record<'_>, _: &Decision<'_>) -> std::io::Result<()> {
+            self.read_at_first_decision.get_or_insert(self.read.get());
+            self.records.push((r.record_id.to_string(), r.start_time));
+            Ok(())
+        }
+        fn expiry(&mut self, _: &Expiry) -> std::io::Result<()> {
+            self.expiries += 1;
+            Ok(())
+        }
+        fn dead_letter(&mut self, d: &DeadLetter) -> std::io::Result<()> {
+            self.dead.push(d.clone());
+            Ok(())
+        }
+    }
+
+    /// A reader that counts what it hands out.
+    struct Counting<R> {
+        inner: R,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    fn lines(records: &[String]) -> Vec<u8> {
+        records
+            .iter()
+            .flat_map(|r| format!("{r}\n").into_bytes())
+            .collect()
+    }
+
+    fn generated(n: u64) -> Vec<String> {
+        let cfg = GenConfig {
+            records: n,
+            subscribers: 50,
+            malformed_rate: 0.0,
+            ..GenConfig::default()
+        };
+        generate(&cfg)
+            .lines
+            .into_iter()
+            .map(|l| match l {
+                Line::Record(r) => serde_json::to_string(&r).unwrap(),
+                Line::Malformed(m) => m,
+            })
+            .collect()
+    }
+
+    fn replay_lines(input: &[u8], now: Millis, limits: &ReplayLimits) -> Seen {
+        let policy = policy();
+        let keys = test_keyring();
+        let mut engine = Engine::new(&policy, &keys);
+        let mut seen = Seen::default();
+        let reader = std::io::BufReader::with_capacity(
+            8 * 1024,
+            Counting {
+                inner: input,
+                read: seen.read.clone(),
+            },
+        );
+        run(
+            (reader, "r"),
+            Format::Json,
+            None::<(&str, &[u8])>,
+            now,
+            limits,
+            &|_| {},
+            &mut engine,
+            &mut seen,
+        )
+        .unwrap();
+        seen
+    }
+
+    fn now() -> Millis {
+        Millis::parse("2026-03-01T00:00:00.000Z").unwrap()
+    }
+
+    /// Regression: replay read its whole input and sorted it before the first record,
+    /// so memory grew with the input. It now processes records while it reads, an hour
+    /// of stream time behind.
+    #[test]
+    fn records_are_processed_while_the_input_is_read() {
+        let input = lines(&generated(20_000));
+        let seen = replay_lines(&input, now(), &ReplayLimits::default());
+        assert_eq!(seen.records.len(), 20_000);
+        let at = seen.read_at_first_decision.unwrap();
+        assert!(
+            at < input.len() as u64 / 20,
+            "the first record was processed after {at} of {} bytes were read",
+            input.len()
+        );
+        assert!(seen.records.windows(2).all(|w| w[0].1 <= w[1].1));
+    }
+
+    /// Stragglers within --max-reorder are put in time order; one later than that goes
+    /// to the dead letter with its reason and position, and the run goes on.
+    #[test]
+    fn a_record_later_than_the_reorder_bound_is_dead_lettered_the_rest_sorted() {
+        let mut records = generated(200);
+        let mut shift = |i: usize, by_ms: i64| {
+            let mut v: serde_json::Value = serde_json::from_str(&records[i]).unwrap();
+            let t = Millis::parse(v["start_time"].as_str().unwrap()).unwrap();
+            v["start_time"] = Millis(t.0 + by_ms).to_string().into();
+            records[i] = v.to_string();
+        };
+        // Record 100 arrives 30 minutes late: within the hour, reordered.
+        shift(100, -30 * 60_000);
+        // Record 150 arrives two days late: refused.
+        shift(150, -2 * 86_400_000);
+        let seen = replay_lines(&lines(&records), now(), &ReplayLimits::default());
+        assert_eq!(seen.records.len(), 199);
+        assert!(
+            seen.records.windows(2).all(|w| w[0].1 <= w[1].1),
+            "time order"
+        );
+        assert_eq!(seen.dead.len(), 1, "{:?}", seen.dead);
+        assert_eq!(seen.dead[0].position, "r:151");
+        assert!(
+            seen.dead[0].reason.contains("--max-reorder"),
+            "{}",
+            seen.dead[0].reason
+        );
+        assert!(
+            seen.dead[0].reason.contains("more than 1 h after"),
+            "{}",
+            seen.dead[0].reason
+        );
+        // A buffer of 10 records refuses what it can no longer place, however long the
+        // delay it would allow.
+        let small = ReplayLimits {
+            reorder_capacity: 10,
+            max_reorder_ms: 365 * 86_400_000,
+            ..ReplayLimits::default()
+        };
+        let mut records = generated(200);
+        let v: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
+        records.insert(100, {
+            let mut early = v.clone();
+            early["record_id"] = "early".into();
+            early.to_string()
+        });
+        let seen = replay_lines(&lines(&records), now(), &small);
+        assert_eq!(seen.dead.len(), 1, "{:?}", seen.dead);
+        assert!(
+            seen.dead[0].reason.contains("--reorder-capacity"),
+            "{:?}",
+            seen.dead
+        );
+    }
+
+    /// One limit in both modes: a record over 64 KiB goes to the dead letter with the
+    /// reason Kafka mode gives, holding its first 64 KiB, and the records after it pass.
+    #[test]
+    fn a_record_over_the_size_limit_is_dead_lettered_as_in_kafka_mode() {
+        let mut records = generated(20);
+        let mut huge: serde_json::Value = serde_json::from_str(&records[5]).unwrap();
+        huge["recording_entity"] = "x".repeat(10_000_000).into();
+        records[5] = huge.to_string();
+        let seen = replay_lines(&lines(&records), now(), &ReplayLimits::default());
+        assert_eq!(seen.records.len(), 19);
+        assert_eq!(seen.dead.len(), 1);
+        let d = &seen.dead[0];
+        assert_eq!(
+            d.reason,
+            crate::codec::too_large(records[5].len() as u64),
+            "the same reason as Kafka mode's"
+        );
+        assert_eq!(d.original.len(), crate::codec::MAX_RECORD_BYTES);
+        assert_eq!(d.position, "r:6");
+    }
+
+    /// Records from the year 1, 1900, 1970 and 9999 are refused against the clock: the
+    /// ancient ones would be copied to every route and expired at once, the future one
+    /// would open windows that never close.
+    #[test]
+    fn implausible_record_times_are_dead_lettered_against_the_clock() {
+        let mut records = generated(20);
+        for (i, t) in [
+            "0001-01-01T00:00:00.000Z",
+            "1900-06-01T00:00:00.000Z",
+            "1970-01-01T00:00:00.000Z",
+            "9999-12-31T23:59:59.999Z",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut v: serde_json::Value = serde_json::from_str(&records[i]).unwrap();
+            v["start_time"] = (*t).into();
+            records[i] = v.to_string();
+        }
+        let seen = replay_lines(&lines(&records), now(), &ReplayLimits::default());
+        assert_eq!(seen.records.len(), 16);
+        let reasons: Vec<&str> = seen.dead.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert_eq!(
+            reasons
+                .iter()
+                .filter(|r| r.contains("3650 days before the clock"))
+                .count(),
+            3,
+            "{reasons:?}"
+        );
+        assert!(reasons.iter().any(|r| r.contains("1 day after the clock")));
+        // Without a clock to check against (behaviour cases without `now`), all pass.
+        let any = ReplayLimits {
+            times: None,
+            ..ReplayLimits::any_order()
+        };
+        assert_eq!(
+            replay_lines(&lines(&records), now(), &any).records.len(),
+            20
+        );
+    }
+}

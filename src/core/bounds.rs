@@ -75,11 +75,14 @@ pub struct TimeBounds {
     policy: String,
 }
 
-fn describe_ms(ms: i64) -> String {
+/// A duration as people write it: `1 day`, `3650 days`, `1 h`, `90 s`, `250 ms`.
+pub fn describe_ms(ms: i64) -> String {
     match ms {
-        ms if ms % DAY_MS == 0 && ms == DAY_MS => "1 day".into(),
-        ms if ms % DAY_MS == 0 => format!("{} days", ms / DAY_MS),
-        ms if ms % 3_600_000 == 0 => format!("{} h", ms / 3_600_000),
+        DAY_MS => "1 day".into(),
+        ms if ms != 0 && ms % DAY_MS == 0 => format!("{} days", ms / DAY_MS),
+        ms if ms != 0 && ms % 3_600_000 == 0 => format!("{} h", ms / 3_600_000),
+        ms if ms != 0 && ms % 60_000 == 0 => format!("{} min", ms / 60_000),
+        ms if ms != 0 && ms % 1_000 == 0 => format!("{} s", ms / 1_000),
         ms => format!("{ms} ms"),
     }
 }

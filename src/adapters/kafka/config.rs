@@ -14,6 +14,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::adapters::keyfile::{self, KeyFileError};
 use crate::codec::Format;
+use crate::core::bounds::TimeLimits;
 use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
 use crate::policy::{Policy, PolicyError};
@@ -190,6 +191,8 @@ pub struct RunConfig {
     /// How long a stop (SIGTERM, SIGINT) may take to commit or abort and leave the group
     /// before the process exits anyway (with status 1).
     pub shutdown_timeout: Duration,
+    /// The record times accepted around the wall clock (the same rule as replay's).
+    pub time_limits: TimeLimits,
     /// The config file as named by the caller, for errors found after loading.
     file: String,
     /// Where each topic key that was set came from (`topics.input`,
@@ -756,6 +759,17 @@ pub fn parse(
     let stale_pause = s.integer("processing.stale_pause_ms", 120_000, (0, 86_400_000));
     let queued_kb = s.integer("processing.queued_max_kbytes", 8_192, (64, 2_097_151));
     let shutdown_ms = s.integer("processing.shutdown_timeout_ms", 25_000, (1_000, 600_000));
+    let limits = TimeLimits::default();
+    let max_future_ms = s.integer(
+        "processing.max_future_ms",
+        limits.max_future_ms,
+        (0, 366 * 86_400_000),
+    );
+    let anchored_floor_days = s.integer(
+        "processing.anchored_floor_days",
+        limits.anchored_floor_ms / 86_400_000,
+        (1, 100 * 366),
+    );
 
     for (k, (_, o)) in std::mem::take(&mut s.leaves) {
         s.problem(o, &k, "unknown key");
@@ -840,6 +854,10 @@ pub fn parse(
         stale_pause: Duration::from_millis(stale_pause as u64),
         queued_max_kbytes: queued_kb as u32,
         shutdown_timeout: Duration::from_millis(shutdown_ms as u64),
+        time_limits: TimeLimits {
+            max_future_ms,
+            anchored_floor_ms: anchored_floor_days * 86_400_000,
+        },
         file: file.to_string(),
         topic_origins: std::mem::take(&mut s.taken)
             .into_iter()
@@ -1028,6 +1046,32 @@ policy = "policies/excedo.toml"
 key_file = "/etc/cdrguard/keys.toml"
 commit_interval_ms = 250
 "#;
+
+    /// The documented example sets every key to its default, so it loads, and the
+    /// time limits it shows are the ones replay uses too.
+    #[test]
+    fn the_documented_example_loads_with_replays_time_limits() {
+        let c = parse(
+            include_str!("../../../deploy/cdrguard.toml"),
+            "deploy/cdrguard.toml",
+            Path::new("deploy"),
+            env(&[("HOSTNAME", "h")]),
+        )
+        .unwrap();
+        assert_eq!(c.time_limits, TimeLimits::default());
+        let e = parse(
+            &format!("{GOOD}max_future_ms = -1\nanchored_floor_days = 0\n"),
+            "c.toml",
+            Path::new("/srv"),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("processing.max_future_ms") && e.contains("processing.anchored_floor_days"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_good_file_loads_with_defaults_and_env_overrides() {

@@ -25,6 +25,7 @@ use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
 use crate::codec::{self, Format, binary, json};
+use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
 use crate::core::pseudonym::Keyring;
 use crate::core::purpose::Purpose;
@@ -667,6 +668,7 @@ impl Shared {
                     }
                 }
                 let now = now_millis();
+                scratch.bounds = Some(TimeBounds::new(&self.policy, now, self.cfg.time_limits));
                 let instant = Instant::now();
                 let fresh = self.store.fresh(instant);
                 // A stale table first pauses routing: the records wait in Kafka, so a
@@ -765,7 +767,15 @@ impl Shared {
                     Format::Json => json::decode_record(full),
                     Format::Binary => binary::decode_record(full),
                 };
-                (full, d.map_err(|e| e.to_string()))
+                // A record from the future or older than every route keeps anything is
+                // refused, as replay refuses it.
+                let d = d.map_err(|e| e.to_string()).and_then(|r| {
+                    match scratch.bounds.as_ref().map(|b| b.check(r.start_time)) {
+                        Some(Err(e)) => Err(e.to_string()),
+                        _ => Ok(r),
+                    }
+                });
+                (full, d)
             };
         match decoded {
             Err(reason) => {
@@ -860,6 +870,8 @@ impl Shared {
 struct Scratch {
     buf: Vec<u8>,
     treatments: String,
+    /// The record times accepted at the batch's clock.
+    bounds: Option<TimeBounds>,
 }
 
 /// The shared inputs of a pipeline run.
