@@ -13,7 +13,7 @@ use std::hint::black_box;
 use cdrguard::codec::{binary, json};
 use cdrguard::core::control::SubscriberState;
 use cdrguard::core::process::{Decision, process_into};
-use cdrguard::core::time::Millis;
+use cdrguard::vocab::time::Millis;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn bench(c: &mut Criterion) {
@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
                 process_into(&r, policy, st, keys, now, &mut d);
                 out.clear();
                 for c in &d.copies {
-                    json::encode_copy(c, &mut out);
+                    json::encode_copy(&f.envelopes, c, &mut out);
                 }
                 black_box(&out);
             }
@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
                 process_into(&r, policy, st, keys, now, &mut d);
                 out.clear();
                 for c in &d.copies {
-                    binary::encode_copy(c, &mut out);
+                    binary::encode_copy(&f.envelopes, c, &mut out);
                 }
                 black_box(&out);
             }

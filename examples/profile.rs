@@ -25,7 +25,7 @@ use cdrguard::codec::{binary, json};
 use cdrguard::core::control::SubscriberState;
 use cdrguard::core::process::{Decision, process_into};
 use cdrguard::core::record::Record;
-use cdrguard::core::time::Millis;
+use cdrguard::vocab::time::Millis;
 
 /// One pass of a stage over every record; never inlined so callgrind can toggle on it.
 #[inline(never)]
@@ -41,7 +41,7 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
                 process_into(&r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
                 out.clear();
                 for c in &d.copies {
-                    json::encode_copy(c, out);
+                    json::encode_copy(&f.envelopes, c, out);
                 }
                 black_box(&out);
             }
@@ -53,7 +53,7 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
                 process_into(&r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
                 out.clear();
                 for c in &d.copies {
-                    binary::encode_copy(c, out);
+                    binary::encode_copy(&f.envelopes, c, out);
                 }
                 black_box(&out);
             }

@@ -2,6 +2,8 @@
 //!
 //! # Layout, in the order data flows
 //!
+//! - [`vocab`]: the words everything else shares: purposes, record fields, data
+//!   categories, instants, consent states, field treatments. It stands on nothing.
 //! - [`codec`]: decodes records and control events from JSON or the bincode-compatible
 //!   binary form, and encodes copies and expiry events.
 //! - [`policy`]: loads an operator policy file into the decision table the core consults,
@@ -20,3 +22,4 @@ pub mod cli;
 pub mod codec;
 pub mod core;
 pub mod policy;
+pub mod vocab;

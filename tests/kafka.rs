@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cdrguard::adapters::kafka::consent;
-use cdrguard::core::purpose::Purpose;
+use cdrguard::vocab::purpose::Purpose;
 use rdkafka::message::Message;
 use util::*;
 

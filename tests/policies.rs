@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use cdrguard::core::purpose::{Category, Purpose};
 use cdrguard::policy::citation;
 use cdrguard::policy::{Anchor, Basis, Cite, Period, Policy, load_file};
+use cdrguard::vocab::purpose::{Category, Purpose};
 
 const SHIPPED: [&str; 5] = [
     "hektor-mobil",
@@ -202,7 +202,7 @@ fn cites(p: &Policy) -> Vec<(String, Cite)> {
         ] {
             for (i, n) in notes.iter().enumerate() {
                 if let Some(c) = n {
-                    let f = cdrguard::core::purpose::Field::ALL[i].name();
+                    let f = cdrguard::vocab::purpose::Field::ALL[i].name();
                     out.push((format!("{id}.{what}.{f}"), c.clone()));
                 }
             }

@@ -3,14 +3,16 @@
 //! the treated record nor anywhere in the bytes the JSON and binary encoders write for the
 //! whole copy, and pseudonyms are stable under one key yet differ across purposes and keys.
 
+use cdrguard::codec::Envelopes;
 use cdrguard::codec::{binary, json};
 use cdrguard::core::control::SubscriberState;
-use cdrguard::core::process::{ConsentTag, process};
+use cdrguard::core::process::process;
 use cdrguard::core::pseudonym::{Keyring, MasterKey};
-use cdrguard::core::purpose::{Field, Purpose, PurposeSet};
 use cdrguard::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
-use cdrguard::core::time::Millis;
 use cdrguard::policy::{Policy, SHIPPED, parse_policy};
+use cdrguard::vocab::consent::ConsentTag;
+use cdrguard::vocab::purpose::{Field, Purpose, PurposeSet};
+use cdrguard::vocab::time::Millis;
 use proptest::prelude::*;
 
 fn policies() -> Vec<Policy> {
@@ -128,6 +130,7 @@ proptest! {
         }).collect();
         for policy in policies() {
             let d = process(&r, &policy, &state, &keys, Millis(0));
+            let envelopes = Envelopes::new(&policy);
             for c in &d.copies {
                 let p = c.envelope.purpose;
                 let rule = policy.rule(p).expect("copies only for declared purposes");
@@ -136,8 +139,8 @@ proptest! {
                 // What is written out: the hand-written encoders' bytes of the whole copy,
                 // envelope included, not only the treated record as serde sees it.
                 let (mut as_json, mut as_binary) = (Vec::new(), Vec::new());
-                json::encode_copy(c, &mut as_json);
-                binary::encode_copy(c, &mut as_binary);
+                json::encode_copy(&envelopes, c, &mut as_json);
+                binary::encode_copy(&envelopes, c, &mut as_binary);
                 for (f, v) in &raw {
                     let digits = v.trim_start_matches('+');
                     if gated_without_consent || p == Purpose::Analytics {

@@ -14,10 +14,10 @@ use cdrguard::adapters::generate::GenConfig;
 use cdrguard::adapters::replay::{ReplayInput, ReplayLimits, replay};
 use cdrguard::codec::Format;
 use cdrguard::core::pseudonym::{Keyring, MasterKey};
-use cdrguard::core::purpose::Purpose;
-use cdrguard::core::time::Millis;
 use cdrguard::core::treat::{duration_class, volume_class};
 use cdrguard::policy::{Policy, SHIPPED, parse_policy, shipped};
+use cdrguard::vocab::purpose::Purpose;
+use cdrguard::vocab::time::Millis;
 use serde_json::Value;
 
 fn validator(name: &str) -> jsonschema::Validator {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use cdrguard::adapters::generate::{GenConfig, Line, generate};
+use cdrguard::codec::Envelopes;
 use cdrguard::codec::binary;
 use cdrguard::core::control::{Change, SubscriberState};
 use cdrguard::core::pseudonym::{Keyring, MasterKey};
@@ -19,6 +20,8 @@ pub struct Fixture {
     pub states: HashMap<String, SubscriberState>,
     /// The Excedo policy.
     pub policy: Policy,
+    /// Its envelopes, encoded once.
+    pub envelopes: Envelopes,
     /// A bench-only key from a fixed seed: the bench measures speed, not secrecy.
     pub keys: Keyring,
 }
@@ -54,11 +57,13 @@ pub fn fixture() -> Fixture {
             .or_default()
             .apply(&e.change, e.at);
     }
+    let policy = parse_policy(shipped("excedo").unwrap(), "excedo").unwrap();
     Fixture {
         json_lines,
         bin_frames,
         states,
-        policy: parse_policy(shipped("excedo").unwrap(), "excedo").unwrap(),
+        envelopes: Envelopes::new(&policy),
+        policy,
         keys: Keyring::new(&[MasterKey::new("bench", &[0x5a; 32]).unwrap()]).unwrap(),
     }
 }

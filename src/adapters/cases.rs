@@ -11,13 +11,14 @@ use serde_json::{Value, json};
 use super::engine::Engine;
 use super::replay::{Bytes, ReplayLimits, Sink, replay_bytes};
 use crate::codec::{DeadLetter, Format, json as codec_json};
-use crate::core::process::{Decision, subscriber_ref};
+use crate::core::process::Decision;
 use crate::core::pseudonym::{Keyring, MasterKey};
-use crate::core::purpose::{Field, Purpose};
 use crate::core::record::Record;
 use crate::core::retention::Expiry;
-use crate::core::time::Millis;
+use crate::core::treat::subscriber_ref;
 use crate::policy::Policy;
+use crate::vocab::purpose::{Field, Purpose};
+use crate::vocab::time::Millis;
 
 /// Why a case file could not be run at all (a failing expectation is not an error).
 #[derive(Debug, thiserror::Error)]
@@ -281,8 +282,9 @@ fn field_of(v: &Value, f: &str) -> Option<Value> {
 }
 
 /// What a case's replay produced, kept in memory for the checks.
-#[derive(Default)]
 struct Collected {
+    /// The policy's envelopes, as the route files encode them.
+    envelopes: crate::codec::Envelopes,
     /// Every copy as `cdrguard replay` writes it: record id, purpose, JSON.
     copies: Vec<(String, Purpose, Value)>,
     /// Every purpose's outcome per record.
@@ -306,7 +308,7 @@ impl Sink for Collected {
         for c in &d.copies {
             // The same encoder the replay's route files use.
             self.line.clear();
-            codec_json::encode_copy(c, &mut self.line);
+            codec_json::encode_copy(&self.envelopes, c, &mut self.line);
             let v = serde_json::from_slice(&self.line).map_err(std::io::Error::other)?;
             self.copies.push((id.clone(), c.envelope.purpose, v));
         }
@@ -383,7 +385,15 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
         None => None,
     };
     let mut engine = Engine::new(policy, keys);
-    let mut got = Collected::default();
+    let mut got = Collected {
+        envelopes: crate::codec::Envelopes::new(policy),
+        copies: Vec::new(),
+        outcomes: Vec::new(),
+        inputs: Vec::new(),
+        expiries: Vec::new(),
+        dead: Vec::new(),
+        line: Vec::new(),
+    };
     let run = replay_bytes(
         Bytes {
             bytes: &record_lines,
@@ -524,7 +534,7 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             for f in Field::ALL.iter().filter(|f| f.is_personal_identifier()) {
                 let raw = input.get(f.name()).and_then(Value::as_str);
                 let got = field_of(v, f.name());
-                if rule.treatment(*f) != crate::policy::Treatment::Keep
+                if rule.treatment(*f) != crate::vocab::treatment::Treatment::Keep
                     && raw.is_some()
                     && got.as_ref().and_then(Value::as_str) == raw
                 {

@@ -10,8 +10,8 @@ use super::outdir::{OutDirError, StagedFiles};
 use super::replay::{ReplayError, ReplayInput, ReplayLimits, replay};
 use crate::codec::Format;
 use crate::core::pseudonym::Keyring;
-use crate::core::time::{DAY_MS, Millis};
 use crate::policy::Policy;
+use crate::vocab::time::{DAY_MS, Millis};
 
 /// Days of traffic the demo generates: two years, so that rules anchored on a contract
 /// end (Excedo troubleshooting: 12 months after it) run out for contracts that ended in

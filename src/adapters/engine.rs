@@ -4,11 +4,11 @@
 use crate::core::control::{ControlEvent, SubscriberState};
 use crate::core::process::{Decision, Outcome, process_into};
 use crate::core::pseudonym::Keyring;
-use crate::core::purpose::Purpose;
 use crate::core::record::Record;
 use crate::core::retention::{Expiry, Schedule};
-use crate::core::time::Millis;
 use crate::policy::Policy;
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::Millis;
 
 /// Counts per purpose and outcome, dead letters and expiries.
 #[derive(Clone, Debug, Default)]
@@ -75,7 +75,7 @@ impl<'p> Engine<'p> {
         }
         self.schedule.control(self.policy, self.keys, ev);
         self.stats.controls += 1;
-        if let Some(p) = self.policy.undeclared(&ev.change) {
+        if let Some(p) = ev.change.undeclared_purpose(self.policy) {
             self.stats.undeclared[p as usize] += 1;
         }
     }

@@ -14,11 +14,11 @@ use std::path::Path;
 use super::holdback::{Crowds, MIN_SUBSCRIBERS};
 use super::lines::Lines;
 use super::outdir::{OutDirError, Staged};
-use crate::codec::{DeadLetter, json};
+use crate::codec::{DeadLetter, Envelopes, json};
 use crate::core::process::Copy;
-use crate::core::purpose::Purpose;
 use crate::core::retention::Expiry;
 use crate::policy::Policy;
+use crate::vocab::purpose::Purpose;
 
 /// Writers for every output of a run.
 pub struct Outputs {
@@ -27,6 +27,8 @@ pub struct Outputs {
     retention: Lines,
     dead_letter: Lines,
     line: Vec<u8>,
+    /// The policy's envelopes, encoded once.
+    envelopes: Envelopes,
     /// Anonymised copies of the month being written, counted by content.
     held: Crowds,
     /// That month, `YYYY-MM` (UTC).
@@ -66,6 +68,7 @@ impl Outputs {
             retention: Lines::create(&dir.join("retention.jsonl"))?,
             dead_letter: Lines::create(&dir.join("dead-letter.jsonl"))?,
             line: Vec::with_capacity(2048),
+            envelopes: Envelopes::new(policy),
             held: Crowds::new(MIN_SUBSCRIBERS),
             month: None,
             withheld: 0,
@@ -74,7 +77,7 @@ impl Outputs {
 
     /// Records of `at`'s month come next (they arrive in time order, as replay feeds
     /// them): a new month writes the anonymised copies held for the previous one.
-    pub fn advance_to(&mut self, at: crate::core::time::Millis) -> std::io::Result<()> {
+    pub fn advance_to(&mut self, at: crate::vocab::time::Millis) -> std::io::Result<()> {
         let mut month = [0u8; 7];
         month.copy_from_slice(&at.to_buf().as_bytes()[..7]);
         if self.month != Some(month) {
@@ -112,12 +115,13 @@ impl Outputs {
         };
         if c.is_anonymised() {
             self.line.clear();
-            json::encode_copy(c, &mut self.line);
+            json::encode_copy(&self.envelopes, c, &mut self.line);
             self.line.push(b'\n');
             self.held.hold(c.envelope.purpose, &self.line, msisdn);
             return Ok(());
         }
-        w.line(|b| json::encode_copy(c, b))
+        let envelopes = &self.envelopes;
+        w.line(|b| json::encode_copy(envelopes, c, b))
     }
 
     /// Writes an expiry event.

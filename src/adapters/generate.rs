@@ -8,9 +8,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::core::control::{Change, ControlEvent};
-use crate::core::purpose::Purpose;
 use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
-use crate::core::time::{DAY_MS, HOUR_MS, Millis};
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::{DAY_MS, HOUR_MS, Millis};
 
 /// What to generate.
 #[derive(Clone, Debug)]

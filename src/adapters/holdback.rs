@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 
-use crate::core::purpose::Purpose;
+use crate::vocab::purpose::Purpose;
 
 /// The fewest subscribers that must share an anonymised copy's content within its window
 /// for the copy to be released (k-anonymity against the window's clear copies).

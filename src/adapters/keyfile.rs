@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::core::pseudonym::{KeyError, Keyring, MasterKey, TokenKey, TokenKeyring};
-use crate::core::purpose::Purpose;
+use crate::vocab::purpose::Purpose;
 
 /// Why a key file was refused: every problem, with its place.
 #[derive(Debug, thiserror::Error)]
@@ -469,7 +469,7 @@ mod tests {
     fn generated_files_parse_and_bad_ones_list_every_problem() {
         let k = parse(&generate("k1"), "gen").unwrap();
         assert_eq!(
-            k.key_id(crate::core::purpose::Purpose::Analytics),
+            k.key_id(crate::vocab::purpose::Purpose::Analytics),
             "k1.analytics"
         );
         let bad = "[[keys]]\nid = \"k 1\"\nsecret_hex = \"00\"\n[[keys]]\nid = \"k2\"\nsecret_hex = \"zz\"\n";

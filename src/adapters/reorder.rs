@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use crate::core::time::Millis;
+use crate::vocab::time::Millis;
 
 /// Why an item was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

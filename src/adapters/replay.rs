@@ -21,7 +21,7 @@ use crate::core::control::ControlEvent;
 use crate::core::process::Decision;
 use crate::core::record::Record;
 use crate::core::retention::Expiry;
-use crate::core::time::{HOUR_MS, Millis};
+use crate::vocab::time::{HOUR_MS, Millis};
 
 /// Where a replay's results go: files for `cdrguard replay`, memory for behaviour cases.
 pub trait Sink {

@@ -57,7 +57,7 @@ pub fn summary(
             stats.expiries[p as usize]
         );
     }
-    let undeclared: Vec<&str> = crate::core::purpose::Purpose::ALL
+    let undeclared: Vec<&str> = crate::vocab::purpose::Purpose::ALL
         .iter()
         .filter(|p| policy.rule(**p).is_none())
         .map(|p| p.id())
@@ -69,7 +69,7 @@ pub fn summary(
             undeclared.join(", ")
         );
     }
-    let undeclared: Vec<String> = crate::core::purpose::Purpose::ALL
+    let undeclared: Vec<String> = crate::vocab::purpose::Purpose::ALL
         .iter()
         .filter(|p| stats.undeclared[**p as usize] > 0)
         .map(|p| format!("{} {}", p.id(), stats.undeclared[*p as usize]))
@@ -102,8 +102,8 @@ mod tests {
     use super::*;
     use crate::adapters::engine::Engine;
     use crate::core::control::{Change, ControlEvent};
-    use crate::core::purpose::Purpose;
-    use crate::core::time::Millis;
+    use crate::vocab::purpose::Purpose;
+    use crate::vocab::time::Millis;
 
     /// Regression: a consent or objection event for a purpose the policy does not
     /// declare was applied without a trace; a consent system that spells a purpose

@@ -15,9 +15,9 @@ use crate::adapters::{cases, demo, keyfile, replay, report};
 use crate::codec::Format;
 use crate::core::bounds::TimeLimits;
 use crate::core::pseudonym::{Keyring, MasterKey};
-use crate::core::purpose::Purpose;
-use crate::core::time::Millis;
 use crate::policy::{self, Policy};
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::Millis;
 
 /// Writes to stdout, returning the error instead of panicking, so that a closed pipe
 /// (`cdrguard policy explain x | head`) ends the command quietly.

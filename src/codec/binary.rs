@@ -7,13 +7,13 @@ use std::mem::MaybeUninit;
 
 use wincode::{SchemaRead, SchemaWrite};
 
-use super::DecodeError;
+use super::{DecodeError, EnvelopeBytes, Envelopes};
 use crate::core::process::{Copy, Envelope};
-use crate::core::purpose::Field;
 use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
-use crate::core::time::Millis;
 use crate::core::treat::Text;
-use crate::policy::Treatment;
+use crate::vocab::purpose::Field;
+use crate::vocab::time::Millis;
+use crate::vocab::treatment::Treatment;
 
 /// The serving cell on the wire.
 #[derive(SchemaWrite, SchemaRead, Debug)]
@@ -177,10 +177,10 @@ pub fn treatment_code(t: Treatment) -> u8 {
 /// The treatment code of every field of the copy, in record order: the field map's codes
 /// (encoded with the policy), then `0xFF` over every field the input did not carry.
 #[inline(always)]
-fn treatment_codes(e: &Envelope<'_>) -> [u8; Field::COUNT] {
+fn treatment_codes(fixed: &EnvelopeBytes, e: &Envelope<'_>) -> [u8; Field::COUNT] {
     // The presence bits are spread to one byte each, eight fields at a time, without a
     // branch.
-    let mut codes = e.encoded.binary_codes;
+    let mut codes = fixed.binary_codes;
     for (i, chunk) in codes.chunks_exact_mut(8).enumerate() {
         let bits = u64::from((e.present >> (8 * i)) & 0xFF);
         // Byte j keeps bit j of `bits`; adding 0x7F sets its high bit iff that bit is set.
@@ -325,7 +325,7 @@ impl Cursor<'_> {
 
     /// The `CopyWire` layout of `schemas/binary.md`; `None` if it does not fit.
     #[inline(always)]
-    fn copy(&mut self, c: &Copy<'_>) -> Option<()> {
+    fn copy(&mut self, env: &Envelopes, c: &Copy<'_>) -> Option<()> {
         let r = &c.record;
         let e = &c.envelope;
         self.text(&r.record_id)?;
@@ -363,10 +363,11 @@ impl Cursor<'_> {
         self.text(&r.recording_entity)?;
         self.option8(r.local_seq_no)?;
         self.text(&e.record_id)?;
-        self.bytes(&e.encoded.binary_tags)?;
-        self.put(treatment_codes(e))?;
+        let fixed = env.of(e);
+        self.bytes(&fixed.binary_tags)?;
+        self.put(treatment_codes(fixed, e))?;
         self.option_str(e.key_id)?;
-        self.bytes(&e.encoded.binary_rule)
+        self.bytes(&fixed.binary_rule)
     }
 }
 
@@ -374,14 +375,14 @@ impl Cursor<'_> {
 /// byte for byte what wincode writes for it (a test holds the two equal over every
 /// shipped policy). Written field by field because wincode's generic writer cost a third
 /// of the binary pipeline. Enum values are their variant index (declaration order).
-pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     let start = out.len();
     out.reserve(CHUNK);
     let n = match <&mut [MaybeUninit<u8>; CHUNK]>::try_from(&mut out.spare_capacity_mut()[..CHUNK])
     {
         Ok(buf) => {
             let mut w = Cursor { buf, pos: 0 };
-            w.copy(c).map(|()| w.pos)
+            w.copy(env, c).map(|()| w.pos)
         }
         Err(_) => None,
     };
@@ -389,7 +390,7 @@ pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
         // SAFETY: the cursor initialised the first `n` bytes of the spare capacity (see
         // `Cursor`), and `n <= CHUNK` fits in it.
         Some(n) => unsafe { out.set_len(start + n) },
-        None => encode_copy_vec(c, out),
+        None => encode_copy_vec(env, c, out),
     }
 }
 
@@ -436,7 +437,7 @@ fn text(out: &mut Vec<u8>, t: &Option<Text<'_>>) {
 
 /// [`encode_copy`] for a copy too large for its stack buffer, written straight into `out`.
 #[inline(never)]
-fn encode_copy_vec(c: &Copy<'_>, out: &mut Vec<u8>) {
+fn encode_copy_vec(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     let r = &c.record;
     let e = &c.envelope;
     text(out, &r.record_id);
@@ -474,10 +475,11 @@ fn encode_copy_vec(c: &Copy<'_>, out: &mut Vec<u8>) {
     text(out, &r.recording_entity);
     option8(out, r.local_seq_no);
     text(out, &e.record_id);
-    out.extend_from_slice(&e.encoded.binary_tags);
-    out.extend_from_slice(&treatment_codes(e));
+    let fixed = env.of(e);
+    out.extend_from_slice(&fixed.binary_tags);
+    out.extend_from_slice(&treatment_codes(fixed, e));
     option_str(out, e.key_id);
-    out.extend_from_slice(&e.encoded.binary_rule);
+    out.extend_from_slice(&fixed.binary_rule);
 }
 
 #[cfg(test)]
@@ -586,14 +588,14 @@ mod tests {
     #[test]
     fn hand_written_copies_are_byte_for_byte_wincode() {
         let (mut copies, mut out, mut want) = (0, Vec::new(), Vec::new());
-        crate::codec::tests::for_every_copy(|c| {
+        crate::codec::tests::for_every_copy(|env, c| {
             // The chunk is not zeroed: a byte the encoder skipped would show this filler.
             let filler = if copies % 2 == 0 { 0xA5 } else { 0x5A };
             out.clear();
             out.resize(4096, filler);
             out.clear();
             want.clear();
-            encode_copy(c, &mut out);
+            encode_copy(env, c, &mut out);
             reference_encode(c, &mut want);
             assert_eq!(out, want);
             copies += 1;

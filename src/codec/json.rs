@@ -3,13 +3,14 @@
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 
-use super::DecodeError;
+use super::{DecodeError, Envelopes};
 use crate::core::control::{ControlEvent, RawControl};
 use crate::core::process::{Copy, Envelope};
-use crate::core::purpose::Field;
 use crate::core::record::Record;
 use crate::core::treat::{Text, Treated};
-use crate::policy::{Retention, Treatment};
+use crate::policy::Retention;
+use crate::vocab::purpose::Field;
+use crate::vocab::treatment::Treatment;
 
 /// Decodes and validates one record; strings borrow from `bytes` where unescaped. A
 /// leading byte-order mark (the first line of a file saved with one) is skipped.
@@ -32,13 +33,13 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
 /// then decode the record. In a record that decodes, the first such match is its
 /// `start_time` key: the quote after the name is unescaped, so it cannot sit inside a
 /// string, and unknown or duplicate keys are refused.
-pub fn start_time_hint(bytes: &[u8]) -> Option<crate::core::time::Millis> {
+pub fn start_time_hint(bytes: &[u8]) -> Option<crate::vocab::time::Millis> {
     const KEY: &[u8] = b"\"start_time\":\"";
     let at = memchr::memmem::find(bytes, KEY)? + KEY.len();
     if bytes.get(at + 24) != Some(&b'"') {
         return None;
     }
-    crate::core::time::Millis::parse_canonical(bytes.get(at..at + 24)?)
+    crate::vocab::time::Millis::parse_canonical(bytes.get(at..at + 24)?)
 }
 
 /// Decodes and checks one control event; a leading byte-order mark is skipped.
@@ -68,7 +69,7 @@ const KNOWN_KEYS: [&str; 14] = [
 ];
 
 fn known_key(k: &str) -> bool {
-    KNOWN_KEYS.contains(&k) || crate::core::purpose::Field::from_name(k).is_some()
+    KNOWN_KEYS.contains(&k) || crate::vocab::purpose::Field::from_name(k).is_some()
 }
 
 /// The key whose value ends at `offset`: the last `"key":` before it, if it is a name the
@@ -222,11 +223,11 @@ impl Serialize for Copy<'_> {
 /// The bytes are exactly those `serde_json` writes for the copy's `Serialize` impls (a test
 /// holds the two equal over every shipped policy). Written by hand because serde's generic
 /// path, one escaped write per key and value, cost two thirds of the JSON pipeline.
-pub fn encode_copy(c: &Copy<'_>, out: &mut Vec<u8>) {
+pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"record\":");
     record(&c.record, out);
     out.extend_from_slice(b",\"envelope\":");
-    envelope(&c.envelope, out);
+    envelope(env, &c.envelope, out);
     out.push(b'}');
 }
 
@@ -388,17 +389,17 @@ fn record(r: &Treated<'_>, out: &mut Vec<u8>) {
     m.close();
 }
 
-fn envelope(e: &Envelope<'_>, out: &mut Vec<u8>) {
+fn envelope(env: &Envelopes, e: &Envelope<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"record_id\":");
     match &e.record_id {
         Some(t) => string(out, t.as_str()),
         None => out.extend_from_slice(b"null"),
     }
-    let fixed = e.encoded;
+    let fixed = env.of(e);
     out.extend_from_slice(&fixed.json_tags);
     // The changed fields the input carried, in record order.
     let mut t = Members { out, first: true };
-    let mut changed = fixed.changed & e.present;
+    let mut changed = e.facts.changed & e.present;
     while changed != 0 {
         let f = Field::ALL[changed.trailing_zeros() as usize];
         changed &= changed - 1;
@@ -458,17 +459,18 @@ pub(crate) fn envelope_tail(r: &Retention) -> Box<[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::process::ConsentTag;
     use crate::core::record::{CloseCause, Kind, Rat};
-    use crate::policy::{Anchor, Basis, Treatment};
+    use crate::policy::{Anchor, Basis};
+    use crate::vocab::consent::ConsentTag;
+    use crate::vocab::treatment::Treatment;
 
     #[test]
     fn hand_written_copies_are_byte_for_byte_serde_json() {
         let (mut copies, mut anonymised, mut escaped) = (0, 0, 0);
         let mut out = Vec::new();
-        super::super::tests::for_every_copy(|c| {
+        super::super::tests::for_every_copy(|env, c| {
             out.clear();
-            encode_copy(c, &mut out);
+            encode_copy(env, c, &mut out);
             let want = serde_json::to_vec(c).unwrap();
             assert_eq!(
                 String::from_utf8_lossy(&out),
@@ -502,7 +504,7 @@ mod tests {
     #[test]
     fn vocabulary_written_unescaped_needs_no_escape() {
         let fields = Field::ALL.map(Field::name);
-        let purposes = crate::core::purpose::Purpose::ALL.map(|p| p.id());
+        let purposes = crate::vocab::purpose::Purpose::ALL.map(|p| p.id());
         let treatments = [
             Treatment::Keep,
             Treatment::Drop,
@@ -555,10 +557,10 @@ mod serialisation {
     use crate::core::control::SubscriberState;
     use crate::core::process::process;
     use crate::core::pseudonym::tests::test_keyring;
-    use crate::core::purpose::{Purpose, PurposeSet};
     use crate::core::record::tests::data_record;
-    use crate::core::time::Millis;
     use crate::policy::{parse_policy, shipped};
+    use crate::vocab::purpose::{Purpose, PurposeSet};
+    use crate::vocab::time::Millis;
 
     /// Regression: the first line of a records or control file saved with a byte-order
     /// mark went to the dead letter as malformed JSON.
@@ -599,7 +601,7 @@ mod serialisation {
         let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
         let names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         for n in names {
-            assert!(crate::core::purpose::Field::from_name(n).is_some(), "{n}");
+            assert!(crate::vocab::purpose::Field::from_name(n).is_some(), "{n}");
         }
     }
 
@@ -621,7 +623,7 @@ mod serialisation {
             .iter()
             .map(|c| {
                 let mut line = Vec::new();
-                encode_copy(c, &mut line);
+                encode_copy(&Envelopes::new(&p), c, &mut line);
                 serde_json::from_slice(&line).unwrap()
             })
             .collect();

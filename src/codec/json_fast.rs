@@ -7,9 +7,9 @@
 
 use std::borrow::Cow;
 
-use crate::core::purpose::Field;
 use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
-use crate::core::time::Millis;
+use crate::vocab::purpose::Field;
+use crate::vocab::time::Millis;
 
 /// The record in `b`, or `None` when the input is not in the plain form (it may still be
 /// valid JSON: serde decides).

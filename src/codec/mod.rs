@@ -10,8 +10,11 @@ mod json_fast;
 
 use std::fmt::Write;
 
-use crate::core::process::{ConsentTag, Copy};
-use crate::policy::{EnvelopeBytes, PurposeRule, Treatment};
+use crate::core::process::Copy;
+use crate::core::process::Envelope;
+use crate::policy::{Policy, PurposeRule};
+use crate::vocab::consent::ConsentTag;
+use crate::vocab::purpose::Purpose;
 
 /// The largest record accepted, in both modes: a CDR is a few hundred bytes, so anything
 /// this large is a broken feed, and the limit bounds what one record can cost in memory.
@@ -82,15 +85,62 @@ pub struct DeadLetter {
     pub original: String,
 }
 
-/// The constant part of the envelopes of one purpose's copies in one consent state under
-/// the policy tagged `policy`, in both encodings: built when the policy is loaded.
-pub(crate) fn envelope_bytes(
-    rule: &PurposeRule,
-    consent: ConsentTag,
-    policy: &str,
-) -> EnvelopeBytes {
+/// The constant runs of the envelopes of one purpose's copies in one consent state,
+/// encoded once per policy: the encoders copy each in one piece instead of writing its
+/// tags one by one. Only the record id, the key id and which fields the input carried
+/// vary per copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvelopeBytes {
+    /// Binary: `purpose`, `legal_basis`, `gdpr_article`, `policy` and `consent`, each a
+    /// string (rows 21-25 of `CopyWire` in `schemas/binary.md`).
+    pub binary_tags: Box<[u8]>,
+    /// Binary: the treatment code of every field (row 26) as if the input carried them
+    /// all, padded to 24 bytes; a copy sets 0xFF over the fields its input lacked.
+    pub binary_codes: [u8; 24],
+    /// Binary: the retention rule id (row 28).
+    pub binary_rule: Box<[u8]>,
+    /// JSON: from `,"purpose":` to the opening brace of `"treatments"`.
+    pub json_tags: Box<[u8]>,
+    /// JSON: from `,"retention":` to the envelope's closing brace.
+    pub json_tail: Box<[u8]>,
+}
+
+/// Every envelope's constant runs for one policy, built from the compiled policy once
+/// (the policy itself knows nothing of encodings). Copies are encoded with the table of
+/// the policy that made them.
+#[derive(Clone, Debug)]
+pub struct Envelopes {
+    policy: String,
+    table: [[EnvelopeBytes; 3]; Purpose::COUNT],
+}
+
+impl Envelopes {
+    /// The table of `policy`'s declared purposes in every consent state.
+    pub fn new(policy: &Policy) -> Envelopes {
+        let mut table: [[EnvelopeBytes; 3]; Purpose::COUNT] = Default::default();
+        for rule in policy.declared() {
+            table[rule.purpose as usize] =
+                ConsentTag::ALL.map(|c| envelope_bytes(rule, c, &policy.tag));
+        }
+        Envelopes {
+            policy: policy.tag.clone(),
+            table,
+        }
+    }
+
+    /// The constant runs of a copy's envelope.
+    #[inline(always)]
+    pub(crate) fn of(&self, e: &Envelope<'_>) -> &EnvelopeBytes {
+        debug_assert_eq!(
+            e.policy, self.policy,
+            "a copy encoded with another policy's table"
+        );
+        &self.table[e.purpose as usize][e.consent as usize]
+    }
+}
+
+fn envelope_bytes(rule: &PurposeRule, consent: ConsentTag, policy: &str) -> EnvelopeBytes {
     let (legal_basis, gdpr_article) = rule.basis_tags(consent);
-    let map = rule.map(consent);
     let tags = [
         rule.purpose.id(),
         legal_basis,
@@ -99,26 +149,15 @@ pub(crate) fn envelope_bytes(
         consent.id(),
     ];
     let mut binary_codes = [0u8; 24];
-    for (code, t) in binary_codes.iter_mut().zip(map) {
+    for (code, t) in binary_codes.iter_mut().zip(rule.map(consent)) {
         *code = binary::treatment_code(*t);
     }
-    let changed = map
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t != Treatment::Keep)
-        .fold(0u32, |bits, (i, _)| bits | 1 << i);
-    let keyed = map
-        .iter()
-        .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
     EnvelopeBytes {
         binary_tags: binary::strings(&tags),
         binary_codes,
         binary_rule: binary::strings(&[&rule.retention.rule_id]),
         json_tags: json::envelope_tags(tags),
         json_tail: json::envelope_tail(&rule.retention),
-        changed,
-        keyed,
-        basis_tags: (legal_basis, gdpr_article),
     }
 }
 
@@ -152,13 +191,13 @@ pub(crate) mod tests {
     use crate::core::control::SubscriberState;
     use crate::core::process::{Copy, process};
     use crate::core::pseudonym::tests::test_keyring;
-    use crate::core::purpose::{Purpose, PurposeSet};
     use crate::policy::{SHIPPED, parse_policy};
+    use crate::vocab::purpose::{Purpose, PurposeSet};
 
     /// Runs `check` on every copy that the generator's records make under every shipped
     /// policy and a range of subscriber states, so hand-written encoders can be compared
     /// with their reference. Some records carry strings that JSON must escape.
-    pub(crate) fn for_every_copy(mut check: impl FnMut(&Copy<'_>)) {
+    pub(crate) fn for_every_copy(mut check: impl FnMut(&super::Envelopes, &Copy<'_>)) {
         let cfg = GenConfig {
             records: 1_500,
             subscribers: 100,
@@ -210,10 +249,11 @@ pub(crate) mod tests {
         let keys = test_keyring();
         for (name, text) in SHIPPED {
             let policy = parse_policy(text, name).unwrap();
+            let envelopes = super::Envelopes::new(&policy);
             for r in &records {
                 for s in &states {
                     for c in &process(r, &policy, s, &keys, r.start_time).copies {
-                        check(c);
+                        check(&envelopes, c);
                     }
                 }
             }

@@ -2,8 +2,8 @@
 //! older than every route could keep it, is refused (to the dead letter) rather than
 //! copied and expired at once, or left in a window that never closes.
 
-use super::time::{DAY_MS, Millis};
 use crate::policy::{Anchor, Policy};
+use crate::vocab::time::{DAY_MS, Millis};
 
 /// The settings: how far ahead of the clock a record may be, and how old a record may be
 /// on a route that waits for a settlement or a contract end (whose deadline is unknown
@@ -160,8 +160,8 @@ impl TimeBounds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::purpose::Purpose;
     use crate::core::retention::event_time_deadline;
+    use crate::vocab::purpose::Purpose;
 
     fn policy(name: &str) -> Policy {
         crate::policy::parse_policy(crate::policy::shipped(name).unwrap(), name).unwrap()

@@ -5,8 +5,9 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::purpose::{Purpose, PurposeSet};
-use super::time::{HOUR_MS, Millis};
+use crate::policy::Policy;
+use crate::vocab::purpose::{Purpose, PurposeSet};
+use crate::vocab::time::{HOUR_MS, Millis};
 
 /// What a control event sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +40,26 @@ pub enum Change {
         /// End of the invoiced period (exclusive).
         period_end: Millis,
     },
+}
+
+impl Change {
+    /// The purpose a consent or objection event names when it changes nothing under this
+    /// policy: a consent for a purpose neither declared nor whose consent a declared
+    /// purpose takes, an objection to a purpose not declared. Such an event usually means
+    /// that the consent system and the policy name purposes differently, so it is counted
+    /// and reported rather than passed over.
+    pub fn undeclared_purpose(&self, policy: &Policy) -> Option<Purpose> {
+        match *self {
+            Change::Consent { purpose, .. }
+                if policy.rule(purpose).is_none()
+                    && !policy.declared().any(|r| r.consent_key == Some(purpose)) =>
+            {
+                Some(purpose)
+            }
+            Change::Objection { purpose } if policy.rule(purpose).is_none() => Some(purpose),
+            _ => None,
+        }
+    }
 }
 
 /// One control event.

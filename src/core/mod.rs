@@ -7,8 +7,6 @@ pub mod control;
 pub mod ff1;
 pub mod process;
 pub mod pseudonym;
-pub mod purpose;
 pub mod record;
 pub mod retention;
-pub mod time;
 pub mod treat;

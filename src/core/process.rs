@@ -6,40 +6,14 @@ use serde::Serialize;
 
 use super::control::SubscriberState;
 use super::pseudonym::Keyring;
-use super::purpose::{Field, Purpose};
 use super::record::Record;
-use super::time::Millis;
+use super::retention::ScheduleEntry;
 use super::treat::{self, Text, Treated};
-use crate::policy::{Anchor, EnvelopeBytes, Policy, PurposeRule, Retention, Treatment};
-
-/// Consent as the envelope states it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsentTag {
-    /// The purpose rests on consent and the subscriber gave it.
-    Granted,
-    /// The purpose does not rest on consent.
-    NotRequired,
-    /// The purpose rests on consent, none is recorded: only an anonymised copy is made.
-    Absent,
-}
-
-impl ConsentTag {
-    /// Every state, in declaration order (the index of `PurposeRule::envelopes`).
-    pub const ALL: [ConsentTag; 3] = [
-        ConsentTag::Granted,
-        ConsentTag::NotRequired,
-        ConsentTag::Absent,
-    ];
-    /// The header value.
-    pub const fn id(self) -> &'static str {
-        match self {
-            ConsentTag::Granted => "granted",
-            ConsentTag::NotRequired => "not_required",
-            ConsentTag::Absent => "absent",
-        }
-    }
-}
+use crate::policy::{Anchor, ConsentFacts, Policy, PurposeRule, Retention};
+use crate::vocab::consent::ConsentTag;
+use crate::vocab::purpose::{Field, Purpose};
+use crate::vocab::time::Millis;
+use crate::vocab::treatment::Treatment;
 
 /// What happened for one purpose, for counting and for the demo's summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -115,8 +89,9 @@ pub struct Envelope<'a> {
     pub key_id: Option<&'a str>,
     /// The retention rule.
     pub retention: &'a Retention,
-    /// The tags above and the field map's treatment codes, encoded once per policy.
-    pub encoded: &'a EnvelopeBytes,
+    /// What holds for every copy of this purpose in this consent state (decided when
+    /// the policy was loaded).
+    pub facts: &'a ConsentFacts,
 }
 
 impl Envelope<'_> {
@@ -141,19 +116,6 @@ pub struct Copy<'a> {
     /// Whether the copy's msisdn is the route's subscriber reference (false for anonymised
     /// copies and routes that drop it).
     pub names_subscriber: bool,
-}
-
-/// An entry the retention schedule needs to know this copy exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ScheduleEntry<'c> {
-    /// Route.
-    pub purpose: Purpose,
-    /// The subscriber as the route's copies name them; `None` for anonymised copies.
-    pub subscriber: Option<&'c str>,
-    /// When the record happened.
-    pub record_time: Millis,
-    /// The rule.
-    pub rule: &'c Retention,
 }
 
 impl Copy<'_> {
@@ -332,9 +294,9 @@ pub fn process_into<'a>(
                 &r.record_id,
             ))),
         };
-        let encoded = rule.envelope_bytes(consent);
-        let (legal_basis, gdpr_article) = encoded.basis_tags;
-        let uses_keys = matches!(record_id, Some(Text::Inline(_))) || encoded.keyed;
+        let facts = rule.facts(consent);
+        let (legal_basis, gdpr_article) = facts.basis_tags;
+        let uses_keys = matches!(record_id, Some(Text::Inline(_))) || facts.keyed;
         d.copies.push(Copy {
             record: Treated::default(),
             envelope: Envelope {
@@ -348,7 +310,7 @@ pub fn process_into<'a>(
                 present,
                 key_id: uses_keys.then(|| keys.key_id(p)),
                 retention: &rule.retention,
-                encoded,
+                facts,
             },
             record_time: r.start_time,
             names_subscriber: !anonymised && rule.subscriber_field.is_some(),
@@ -363,17 +325,6 @@ pub fn process_into<'a>(
             Outcome::Copied
         });
     }
-}
-
-/// How a route's copies name a subscriber: the msisdn under that route's treatment.
-/// Rights arrive keyed by msisdn; this finds the same reference the copies carry.
-pub fn subscriber_ref<'m>(rule: &PurposeRule, keys: &Keyring, msisdn: &'m str) -> Option<Text<'m>> {
-    let f = rule.subscriber_field?;
-    let cx = treat::Ctx {
-        purpose: rule.purpose,
-        keys,
-    };
-    treat::text(&cx, f, rule.treatment(f), msisdn)
 }
 
 #[cfg(test)]
@@ -646,12 +597,12 @@ mod tests {
                         .iter()
                         .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise));
                     assert_eq!(
-                        rule.envelope_bytes(c).keyed,
+                        rule.facts(c).keyed,
                         scanned,
                         "{name} {:?} {c:?}",
                         rule.purpose
                     );
-                    assert_eq!(rule.envelope_bytes(c).basis_tags, rule.basis_tags(c));
+                    assert_eq!(rule.facts(c).basis_tags, rule.basis_tags(c));
                 }
             }
         }
@@ -705,7 +656,7 @@ mod tests {
         let rule = p.rule(Purpose::Analytics).expect("declared");
         assert_eq!(
             analytics.subscriber,
-            subscriber_ref(rule, &k, "+46701234567")
+            treat::subscriber_ref(rule, &k, "+46701234567")
                 .as_ref()
                 .map(Text::as_str)
         );

@@ -10,7 +10,7 @@ use arrayvec::ArrayString;
 
 use super::ff1::{self, Ff1};
 
-use super::purpose::Purpose;
+use crate::vocab::purpose::Purpose;
 
 /// Longest master key id accepted; keeps every token within its inline buffer.
 pub const MAX_KEY_ID: usize = 15;

@@ -4,8 +4,8 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::purpose::Field;
-use super::time::Millis;
+use crate::vocab::purpose::Field;
+use crate::vocab::time::Millis;
 
 /// The kind of usage a record describes.
 #[derive(

@@ -5,10 +5,11 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::pseudonym::{Keyring, Token};
-use super::purpose::{Field, Purpose};
 use super::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
-use super::time::Millis;
-use crate::policy::Treatment;
+use crate::policy::PurposeRule;
+use crate::vocab::purpose::{Field, Purpose};
+use crate::vocab::time::Millis;
+use crate::vocab::treatment::Treatment;
 
 /// A text value of a copy: borrowed from the input, or derived and held inline.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -353,6 +354,17 @@ pub fn treat_into<'a>(
         Some(&r.recording_entity),
     );
     out.local_seq_no = plain(t(Field::LocalSeqNo), r.local_seq_no);
+}
+
+/// How a route's copies name a subscriber: the msisdn under that route's treatment.
+/// Rights arrive keyed by msisdn; this finds the same reference the copies carry.
+pub fn subscriber_ref<'m>(rule: &PurposeRule, keys: &Keyring, msisdn: &'m str) -> Option<Text<'m>> {
+    let f = rule.subscriber_field?;
+    let cx = Ctx {
+        purpose: rule.purpose,
+        keys,
+    };
+    text(&cx, f, rule.treatment(f), msisdn)
 }
 
 #[cfg(test)]

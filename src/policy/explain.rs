@@ -7,8 +7,9 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
-use super::{Anchor, Cite, Note, Policy, PurposeRule, Treatment, WithoutConsent};
-use crate::core::purpose::{Category, Field};
+use super::{Anchor, Cite, Note, Policy, PurposeRule, WithoutConsent};
+use crate::vocab::purpose::{Category, Field};
+use crate::vocab::treatment::Treatment;
 
 /// How Markdown marks a rule the source does not state.
 pub const ASSUMPTION: &str = "**ASSUMPTION**";
@@ -500,12 +501,12 @@ mod tests {
     fn retention_phases_follow_the_anchor() {
         let excedo = policy("excedo");
         let trouble = excedo
-            .rule(crate::core::purpose::Purpose::Troubleshooting)
+            .rule(crate::vocab::purpose::Purpose::Troubleshooting)
             .unwrap();
         let ph = phases(trouble);
         assert!(ph[0].open_ended && ph[0].text.contains("while the subscriber's contract runs"));
         assert_eq!(ph[1].text, "then deleted 1 year after the contract ends");
-        let fraud = excedo.rule(crate::core::purpose::Purpose::Fraud).unwrap();
+        let fraud = excedo.rule(crate::vocab::purpose::Purpose::Fraud).unwrap();
         let ph = phases(fraud);
         assert_eq!(ph.len(), 1);
         assert!(!ph[0].open_ended && ph[0].text == "deleted 6 months after the record's own time");

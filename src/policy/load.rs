@@ -11,11 +11,12 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Anchor, Basis, Cite, Note, Period, Place, Policy, PurposeRule, Retention, RightRule, Treatment,
+    Anchor, Basis, Cite, Note, Period, Place, Policy, PurposeRule, Retention, RightRule,
     WithoutConsent, citation,
 };
-use crate::core::process::ConsentTag;
-use crate::core::purpose::{Category, Field, Purpose};
+use crate::vocab::consent::ConsentTag;
+use crate::vocab::purpose::{Category, Field, Purpose};
+use crate::vocab::treatment::Treatment;
 
 /// One thing wrong with a policy file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -286,7 +287,7 @@ fn compile(cx: &mut Cx, root: &Spanned<DeTable<'_>>, file: &str) -> Option<Polic
     let (id, version) = (id?.0, version?.0);
     let tag = format!("{id}@{version}");
     for rule in purposes.iter_mut().flatten() {
-        rule.envelopes = ConsentTag::ALL.map(|c| crate::codec::envelope_bytes(rule, c, &tag));
+        rule.facts = ConsentTag::ALL.map(|c| rule.consent_facts(c));
     }
     Some(Policy {
         tag,
@@ -660,7 +661,7 @@ fn purpose_rule(
             Treatment::Keep | Treatment::Pseudonymise | Treatment::Tokenise
         )
         .then_some(Field::Msisdn),
-        envelopes: Default::default(),
+        facts: Default::default(),
     };
     check_rule(cx, &rule, &path, &spans, known);
     Some(rule)

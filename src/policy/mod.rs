@@ -10,9 +10,9 @@ pub mod load;
 
 use serde::Serialize;
 
-use crate::core::control::Change;
-use crate::core::process::ConsentTag;
-use crate::core::purpose::{Category, Field, Purpose};
+use crate::vocab::consent::ConsentTag;
+use crate::vocab::purpose::{Category, Field, Purpose};
+use crate::vocab::treatment::Treatment;
 
 pub use load::{PolicyError, Problem, load_file, parse_policy};
 
@@ -95,48 +95,6 @@ impl Cite {
     }
 }
 
-/// What happens to one field in a purpose's copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Treatment {
-    /// Passed as it is.
-    Keep,
-    /// Absent from the copy.
-    Drop,
-    /// Reduced: time to the hour, cell to its area, IP to its network, IMEI to its TAC,
-    /// a duration to its class, volumes to their order of magnitude (see `core::treat`).
-    Generalise,
-    /// Only the first and last characters kept, the rest replaced by `*`.
-    Mask {
-        /// Characters kept at the start.
-        first: u8,
-        /// Characters kept at the end.
-        last: u8,
-    },
-    /// Replaced by a keyed, irreversible pseudonym (per-purpose key).
-    Pseudonymise,
-    /// Replaced by a reversible FF1 token that the key holder can decrypt.
-    Tokenise,
-}
-
-impl Treatment {
-    /// The name used in envelopes and headers.
-    pub const fn id(self) -> &'static str {
-        match self {
-            Treatment::Keep => "keep",
-            Treatment::Drop => "drop",
-            Treatment::Generalise => "generalise",
-            Treatment::Mask { .. } => "mask",
-            Treatment::Pseudonymise => "pseudonymise",
-            Treatment::Tokenise => "tokenise",
-        }
-    }
-    /// Whether the copy holds any value derived from the field.
-    pub const fn passes_data(self) -> bool {
-        !matches!(self, Treatment::Drop)
-    }
-}
-
 /// What a purpose does without the consent it requires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -191,11 +149,11 @@ pub enum Period {
 
 impl Period {
     /// Adds the period to an instant.
-    pub fn after(self, t: crate::core::time::Millis) -> crate::core::time::Millis {
+    pub fn after(self, t: crate::vocab::time::Millis) -> crate::vocab::time::Millis {
         match self {
-            Period::Days(d) => {
-                crate::core::time::Millis(t.0.saturating_add(d as i64 * crate::core::time::DAY_MS))
-            }
+            Period::Days(d) => crate::vocab::time::Millis(
+                t.0.saturating_add(d as i64 * crate::vocab::time::DAY_MS),
+            ),
             Period::Months(m) => t.add_months(m),
         }
     }
@@ -206,7 +164,7 @@ impl Period {
             Period::Days(d) => d as i64,
             Period::Months(m) => m as i64 * 28,
         };
-        days.saturating_mul(crate::core::time::DAY_MS)
+        days.saturating_mul(crate::vocab::time::DAY_MS)
     }
     /// Human form, e.g. `6 months`.
     pub fn describe(self) -> String {
@@ -282,10 +240,10 @@ pub struct PurposeRule {
     pub retention: Retention,
     /// The field naming the subscriber in this route's copies (and in its expiries).
     pub subscriber_field: Option<Field>,
-    /// The constant part of this purpose's envelopes, per consent state (indexed by
-    /// `ConsentTag as usize`), encoded when the policy is loaded; see [`EnvelopeBytes`].
+    /// What holds for every copy of this purpose in each consent state (indexed by
+    /// `ConsentTag as usize`), decided when the policy is loaded; see [`ConsentFacts`].
     #[serde(skip)]
-    pub envelopes: [EnvelopeBytes; 3],
+    pub facts: [ConsentFacts; 3],
 }
 
 /// A key's place in a policy file: its 1-based line and dotted path.
@@ -297,29 +255,15 @@ pub struct Place {
     pub path: String,
 }
 
-/// What a copy's envelope holds that is the same for every copy of one purpose in one
-/// consent state, encoded once when the policy is loaded (by `codec::envelope_bytes`): the
-/// encoders copy each constant run in one piece instead of writing its tags one by one.
-/// Only the record id, the key id and which fields the input carried vary per copy.
+/// What holds for every copy of one purpose in one consent state, decided once when the
+/// policy is loaded, not for every copy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EnvelopeBytes {
-    /// Binary: `purpose`, `legal_basis`, `gdpr_article`, `policy` and `consent`, each a
-    /// string (rows 21-25 of `CopyWire` in `schemas/binary.md`).
-    pub binary_tags: Box<[u8]>,
-    /// Binary: the treatment code of every field (row 26) as if the input carried them
-    /// all, padded to 24 bytes; a copy sets 0xFF over the fields its input lacked.
-    pub binary_codes: [u8; 24],
-    /// Binary: the retention rule id (row 28).
-    pub binary_rule: Box<[u8]>,
-    /// JSON: from `,"purpose":` to the opening brace of `"treatments"`.
-    pub json_tags: Box<[u8]>,
-    /// JSON: from `,"retention":` to the envelope's closing brace.
-    pub json_tail: Box<[u8]>,
-    /// The fields whose treatment changes them (bit per field): the JSON envelope lists
-    /// those the input carried.
+pub struct ConsentFacts {
+    /// The fields whose treatment changes them (bit per field): the envelope lists those
+    /// the input carried.
     pub changed: u32,
     /// Whether the field map pseudonymises or tokenises a field, so the copy names its
-    /// key (decided here, not by scanning the map for every copy).
+    /// key.
     pub keyed: bool,
     /// The copy's `legal_basis` and `gdpr_article` tags ([`PurposeRule::basis_tags`]).
     pub basis_tags: (&'static str, &'static str),
@@ -358,10 +302,25 @@ impl PurposeRule {
             }
         }
     }
-    /// The constant part of the envelope of a copy made in this consent state.
+    /// What holds for every copy made in this consent state.
     #[inline(always)]
-    pub fn envelope_bytes(&self, consent: ConsentTag) -> &EnvelopeBytes {
-        &self.envelopes[consent as usize]
+    pub fn facts(&self, consent: ConsentTag) -> &ConsentFacts {
+        &self.facts[consent as usize]
+    }
+    /// Works out [`PurposeRule::facts`] for one consent state from the rule.
+    pub fn consent_facts(&self, consent: ConsentTag) -> ConsentFacts {
+        let map = self.map(consent);
+        ConsentFacts {
+            changed: map
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| **t != Treatment::Keep)
+                .fold(0u32, |bits, (i, _)| bits | 1 << i),
+            keyed: map
+                .iter()
+                .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise)),
+            basis_tags: self.basis_tags(consent),
+        }
     }
     /// The treatment of one field.
     pub fn treatment(&self, f: Field) -> Treatment {
@@ -417,23 +376,6 @@ impl Policy {
     pub fn rule(&self, p: Purpose) -> Option<&PurposeRule> {
         self.purposes[p as usize].as_ref()
     }
-    /// The purpose a consent or objection event names when it changes nothing under this
-    /// policy: a consent for a purpose neither declared nor whose consent a declared
-    /// purpose takes, an objection to a purpose not declared. Such an event usually means
-    /// that the consent system and the policy name purposes differently, so it is counted
-    /// and reported rather than passed over.
-    pub fn undeclared(&self, change: &Change) -> Option<Purpose> {
-        match *change {
-            Change::Consent { purpose, .. }
-                if self.rule(purpose).is_none()
-                    && !self.declared().any(|r| r.consent_key == Some(purpose)) =>
-            {
-                Some(purpose)
-            }
-            Change::Objection { purpose } if self.rule(purpose).is_none() => Some(purpose),
-            _ => None,
-        }
-    }
 }
 
 /// The policies shipped with cdrguard, built into the binary so the demo runs anywhere.
@@ -459,7 +401,7 @@ pub fn shipped(name: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::time::Millis;
+    use crate::vocab::time::Millis;
 
     fn t(s: &str) -> Millis {
         Millis::parse(s).unwrap()

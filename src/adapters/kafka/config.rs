@@ -16,8 +16,8 @@ use crate::adapters::keyfile::{self, KeyFileError};
 use crate::codec::Format;
 use crate::core::bounds::TimeLimits;
 use crate::core::pseudonym::Keyring;
-use crate::core::purpose::Purpose;
 use crate::policy::{Policy, PolicyError};
+use crate::vocab::purpose::Purpose;
 
 /// The environment prefix; `__` separates key levels (`CDRGUARD_KAFKA__GROUP_ID`).
 pub const ENV_PREFIX: &str = "CDRGUARD_";

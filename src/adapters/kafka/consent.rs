@@ -15,8 +15,8 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::codec::json;
 use crate::core::control::SubscriberState;
-use crate::core::purpose::Purpose;
 use crate::policy::Policy;
+use crate::vocab::purpose::Purpose;
 
 /// Upper bounds (ms) of the delay histogram's buckets; the last bucket is open.
 const DELAY_BOUNDS_MS: [u64; 16] = [
@@ -324,7 +324,11 @@ impl ConsentStore {
                 if split_key(key).is_some_and(|(keyed, _)| keyed != ev.msisdn.as_str()) {
                     self.mismatched_keys.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Some(p) = self.policy.get().and_then(|p| p.undeclared(&ev.change)) {
+                if let Some(p) = self
+                    .policy
+                    .get()
+                    .and_then(|p| ev.change.undeclared_purpose(p))
+                {
                     self.undeclared(p);
                 }
                 self.states

@@ -24,15 +24,15 @@ use tokio::sync::Notify;
 use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Out, Sink, SinkError};
-use crate::codec::{self, Format, binary, json};
+use crate::codec::{self, Envelopes, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
 use crate::core::pseudonym::Keyring;
-use crate::core::purpose::Purpose;
 use crate::core::record::Record;
 use crate::core::retention::WindowBatch;
-use crate::core::time::Millis;
 use crate::policy::Policy;
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::Millis;
 
 /// Records a partition task processes before it lets others (and commits) in.
 const BATCH: usize = 512;
@@ -208,6 +208,8 @@ impl Slot {
 pub struct Shared {
     cfg: RunConfig,
     policy: Arc<Policy>,
+    /// The policy's envelopes, encoded once.
+    envelopes: Envelopes,
     keys: Arc<Keyring>,
     store: Arc<ConsentStore>,
     sink: Arc<Sink>,
@@ -822,8 +824,8 @@ impl Shared {
                     };
                     scratch.buf.clear();
                     match self.cfg.output_format {
-                        Format::Json => json::encode_copy(c, &mut scratch.buf),
-                        Format::Binary => binary::encode_copy(c, &mut scratch.buf),
+                        Format::Json => json::encode_copy(&self.envelopes, c, &mut scratch.buf),
+                        Format::Binary => binary::encode_copy(&self.envelopes, c, &mut scratch.buf),
                     }
                     let mut headers = OwnedHeaders::new_with_capacity(9);
                     for (k, v) in codec::headers(c, &mut scratch.treatments) {
@@ -905,6 +907,7 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         policy: inputs.policy.clone(),
+        envelopes: Envelopes::new(&inputs.policy),
         keys: inputs.keys.clone(),
         store: inputs.store.clone(),
         sink: Arc::new(sink),

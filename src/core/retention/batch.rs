@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::{span_of, window_of};
-use crate::core::process::ScheduleEntry;
-use crate::core::purpose::Purpose;
-use crate::core::time::Millis;
+use crate::core::retention::ScheduleEntry;
 use crate::policy::Policy;
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::Millis;
 
 /// A retention window opened or extended by copies since the last flush: what the Kafka
 /// runtime writes to the schedule topic, in the same transaction as the copies.
@@ -141,7 +141,7 @@ impl WindowBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::time::{DAY_MS, HOUR_MS};
+    use crate::vocab::time::{DAY_MS, HOUR_MS};
 
     const M: &str = "+46701234567";
     const OTHER: &str = "+46701112233";

@@ -11,13 +11,25 @@ pub mod schedule;
 
 use serde::Serialize;
 
-use super::process::ScheduleEntry;
-use super::purpose::Purpose;
-use super::time::{DAY_MS, HOUR_MS, Millis};
 use crate::policy::{Anchor, Retention};
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::{DAY_MS, HOUR_MS, Millis};
 
 pub use batch::{WindowBatch, WindowUpdate};
 pub use schedule::Schedule;
+
+/// An entry the retention schedule needs to know this copy exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScheduleEntry<'c> {
+    /// Route.
+    pub purpose: Purpose,
+    /// The subscriber as the route's copies name them; `None` for anonymised copies.
+    pub subscriber: Option<&'c str>,
+    /// When the record happened.
+    pub record_time: Millis,
+    /// The rule.
+    pub rule: &'c Retention,
+}
 
 /// Why a window expires.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

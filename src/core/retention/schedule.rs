@@ -23,12 +23,13 @@ use smallvec::SmallVec;
 
 use super::{ENDED_BASE, Expiry, Reason, bucket_of, event_time_deadline, span_of, window_of};
 use crate::core::control::{Change, ControlEvent};
-use crate::core::process::{ScheduleEntry, subscriber_ref};
 use crate::core::pseudonym::Keyring;
-use crate::core::purpose::Purpose;
-use crate::core::time::{DAY_MS, HOUR_MS, Millis};
+use crate::core::retention::ScheduleEntry;
 use crate::core::treat::Text;
+use crate::core::treat::subscriber_ref;
 use crate::policy::{Anchor, Policy, Retention};
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::{DAY_MS, HOUR_MS, Millis};
 
 /// Why a window kept in full expires: its rule, or the right that ended it early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
