@@ -87,6 +87,9 @@ pub struct ConsentStore {
     caught_up_ms: AtomicU64,
     epoch: Instant,
     max_staleness: Duration,
+    /// Woken whenever the table is proven current (or caught up), for whoever waits for
+    /// it to become fresh.
+    proven: tokio::sync::Notify,
     /// Control events applied.
     pub applied: AtomicU64,
     /// Control events refused (malformed); each is logged with its position.
@@ -144,6 +147,7 @@ impl ConsentStore {
             caught_up_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             max_staleness,
+            proven: tokio::sync::Notify::new(),
             applied: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             suspects: DashMap::new(),
@@ -287,12 +291,29 @@ impl ConsentStore {
     fn confirm(&self, at: Instant) {
         let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
         self.confirmed_ms.fetch_max(ms + 1, Ordering::AcqRel);
+        self.proven.notify_waiters();
+    }
+
+    /// Waits until the table is fresh (caught up and proven current), woken by each proof
+    /// rather than polling.
+    pub async fn until_fresh(&self) {
+        loop {
+            let proven = self.proven.notified();
+            tokio::pin!(proven);
+            // Registered before the check, so a proof between the two is not missed.
+            proven.as_mut().enable();
+            if self.fresh(Instant::now()) {
+                return;
+            }
+            proven.await;
+        }
     }
 
     fn mark_caught_up(&self, at: Instant) {
         let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
         self.caught_up_ms.store(ms, Ordering::Release);
         self.caught_up.store(true, Ordering::Release);
+        self.proven.notify_waiters();
     }
 
     /// Applies one control-topic message: an event, or a tombstone (no payload) that

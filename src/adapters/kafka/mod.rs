@@ -5,7 +5,8 @@
 //!
 //! - [`config`]: the TOML file and environment overrides, validated in one pass.
 //! - [`consent`]: the consent table and the thread that follows the control topic.
-//! - [`pipeline`]: group consumer, per-partition tasks, commits and rebalances.
+//! - [`pipeline`]: group membership, per-partition tasks, the commit coordinator.
+//! - [`stats`]: the run's counters.
 //! - [`sink`]: the producer and the two delivery guarantees.
 //! - [`topics`]: the topics a configuration needs, and their creation.
 //! - [`produce`]: feeds record and control files into a configuration's topics.
@@ -15,6 +16,7 @@ pub mod consent;
 pub mod pipeline;
 pub mod produce;
 pub mod sink;
+pub mod stats;
 pub mod topics;
 
 use std::sync::Arc;
@@ -26,7 +28,8 @@ use tokio::sync::Notify;
 
 use self::config::{Guarantee, RunConfig};
 use self::consent::{ConsentStore, FollowError, FollowerConfig, spawn_follower};
-use self::pipeline::{PipelineError, PipelineInputs, RunStats, run_pipeline};
+use self::pipeline::{PipelineError, PipelineInputs, run_pipeline};
+use self::stats::RunStats;
 use crate::core::pseudonym::Keyring;
 use crate::policy::Policy;
 
@@ -210,106 +213,15 @@ pub async fn run(
     let cfg = cfg.with_policy(&policy)?;
     store.heed(policy.clone());
     let follower_stop = Arc::new(AtomicBool::new(false));
-    let follower_cfg = FollowerConfig {
-        client: {
-            let mut c = common(&cfg);
-            for (k, v) in &cfg.consumer_properties {
-                c.set(k, v);
-            }
-            c.set("group.id", format!("{}.control-reader", cfg.group_id));
-            c
-        },
-        topic: cfg.control_topic.clone(),
+    let Some(follower) = start_follower(&cfg, &store, &follower_stop, &stop).await? else {
+        return Ok(());
     };
-    let stopping = Arc::new(AtomicBool::new(false));
-    // A broker that does not answer yet (the instance started before its cluster) is
-    // waited for, with backoff; a control topic that does not exist is the operator's to
-    // create, and stops the run.
-    let follower = {
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            let (cfg, store, follower_stop) = (
-                FollowerConfig {
-                    client: follower_cfg.client.clone(),
-                    topic: follower_cfg.topic.clone(),
-                },
-                store.clone(),
-                follower_stop.clone(),
-            );
-            // Asking for the control topic's partitions blocks: not on a worker.
-            match tokio::task::spawn_blocking(move || spawn_follower(cfg, store, follower_stop))
-                .await
-                .map_err(|e| RunError::Internal(e.to_string()))?
-            {
-                Ok(h) => break h,
-                Err(e @ FollowError::Missing(_)) => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "cannot read the control topic yet; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.notified() => return Ok(()),
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
-    };
-    let follower = Arc::new(std::sync::Mutex::new(Some(follower)));
-    // Set when the follower thread ended on its own (a panic): the table would never be
-    // confirmed again, so routing would stay paused, then fail closed, for good. The run
-    // stops instead, so that its supervisor restarts it.
-    let follower_died = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let stop = stop.clone();
-        let stopping = stopping.clone();
-        let inner = Arc::new(Notify::new());
-        let inner2 = inner.clone();
-        let (follower, died) = (follower.clone(), follower_died.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = stop.notified() => {
-                        stopping.store(true, Ordering::Release);
-                        break;
-                    }
-                    _ = tick.tick() => {
-                        let ended = follower
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .as_ref()
-                            .is_some_and(|h| h.is_finished());
-                        if ended {
-                            tracing::error!("the control-topic follower stopped; stopping the run");
-                            died.store(true, Ordering::Release);
-                            break;
-                        }
-                    }
-                }
-            }
-            inner2.notify_one();
-        });
-        inner
-    };
-
+    let watch = Watch::start(stop, follower);
     let result = async {
         // Fail closed from the first record: none is routed before the table is whole and
         // proven current (a round trip after the initial read; routing before it would
         // pause, or with a short stale_pause_ms route fail closed, at every start).
-        let mut waited = 0u64;
-        while !store.fresh(std::time::Instant::now()) {
-            if stopping.load(Ordering::Acquire) || follower_died.load(Ordering::Acquire) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 20;
-            if waited.is_multiple_of(5000) {
-                tracing::info!(
-                    events = store.applied.load(Ordering::Relaxed),
-                    "reading the control topic before routing any record"
-                );
-            }
-        }
+        wait_until_fresh(&store, &watch).await;
         let inputs = PipelineInputs {
             consumer_config: consumer_config(&cfg),
             producer_config: producer_config(&cfg),
@@ -319,83 +231,347 @@ pub async fn run(
             store: store.clone(),
             stats: stats.clone(),
         };
-        let reporter = {
-            let stats = stats.clone();
-            let store = store.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    tracing::info!(
-                        stats = %stats.line(),
-                        control_events = store.applied.load(Ordering::Relaxed),
-                        control_delay_p99_ms = store.delays.quantile_upper_ms(0.99),
-                        "progress"
-                    );
-                }
-            })
-        };
-        // A pipeline is rebuilt after every failure a fresh consumer and producer can
-        // overcome (a broker outage, a timed-out or fenced transaction), with a backoff
-        // that grows while failures repeat and resets after a healthy minute.
-        let mut backoff = Duration::from_millis(500);
-        let mut fenced: Vec<std::time::Instant> = Vec::new();
-        let out = loop {
-            let started = std::time::Instant::now();
-            if follower_died.load(Ordering::Acquire) {
-                break Err(RunError::Internal("the control-topic follower stopped".into()));
-            }
-            if stopping.load(Ordering::Acquire) {
-                break Ok(());
-            }
-            match run_pipeline(&inputs, &watcher).await {
-                Ok(()) if follower_died.load(Ordering::Acquire) => {
-                    break Err(RunError::Internal("the control-topic follower stopped".into()));
-                }
-                Ok(()) => break Ok(()),
-                // A stop whose last commit failed: its transaction was ended (or is left
-                // to the broker's timeout), and records not committed are read again by
-                // whoever owns them next. Nothing is lost, so the stop is still a clean one
-                // (logged by the pipeline).
-                Err(PipelineError::FinalCommit(_)) => break Ok(()),
-                // A failure a rebuild would overcome, met while stopping: there is nothing
-                // left to rebuild for.
-                Err(e) if stopping.load(Ordering::Acquire) && e.restartable() => {
-                    tracing::warn!(error = %e, "the pipeline failed while stopping");
-                    break Ok(());
-                }
-                Err(e) if e.restartable() => {
-                    if e.fenced() {
-                        fenced.retain(|t| t.elapsed() < FENCING_WINDOW);
-                        fenced.push(std::time::Instant::now());
-                        if fenced.len() >= MAX_FENCED {
-                            tracing::error!(
-                                transactional_id = %cfg.transactional_id,
-                                "fenced {MAX_FENCED} times within {FENCING_WINDOW:?}: another instance uses this transactional id"
-                            );
-                            break Err(e.into());
-                        }
-                    }
-                    if started.elapsed() > Duration::from_secs(60) {
-                        backoff = Duration::from_millis(500);
-                    }
-                    tracing::warn!(error = %e, ?backoff, "rebuilding the pipeline");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = watcher.notified() => continue,
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                Err(e) => break Err(e.into()),
-            }
-        };
+        let reporter = spawn_reporter(stats.clone(), store.clone());
+        let out = rebuild_loop(&inputs, &watch).await;
         reporter.abort();
         out
     }
     .await;
     follower_stop.store(true, Ordering::Release);
-    let handle = follower.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let handle = watch
+        .follower
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(h) = handle {
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
     }
     result
+}
+
+/// Starts the thread that follows the control topic. A broker that does not answer yet
+/// (the instance started before its cluster) is waited for, with backoff; a control
+/// topic that does not exist is the operator's to create, and stops the run. `None` when
+/// a stop came first.
+async fn start_follower(
+    cfg: &RunConfig,
+    store: &Arc<ConsentStore>,
+    follower_stop: &Arc<AtomicBool>,
+    stop: &Notify,
+) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
+    let client = {
+        let mut c = common(cfg);
+        for (k, v) in &cfg.consumer_properties {
+            c.set(k, v);
+        }
+        c.set("group.id", format!("{}.control-reader", cfg.group_id));
+        c
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let (follower_cfg, store, follower_stop) = (
+            FollowerConfig {
+                client: client.clone(),
+                topic: cfg.control_topic.clone(),
+            },
+            store.clone(),
+            follower_stop.clone(),
+        );
+        // Asking for the control topic's partitions blocks: not on a worker.
+        match tokio::task::spawn_blocking(move || {
+            spawn_follower(follower_cfg, store, follower_stop)
+        })
+        .await
+        .map_err(|e| RunError::Internal(e.to_string()))?
+        {
+            Ok(h) => return Ok(Some(h)),
+            Err(e @ FollowError::Missing(_)) => return Err(e.into()),
+            Err(e) => {
+                let wait = backoff.next();
+                tracing::warn!(error = %e, backoff = ?wait, "cannot read the control topic yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.notified() => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// What ends a run from outside the pipeline: a stop (SIGTERM, SIGINT), or the control
+/// follower's death (a panic: the table would never be proven current again, so routing
+/// would stay paused, then fail closed, for good; the run stops instead, so that its
+/// supervisor restarts it). Either wakes `ended`.
+struct Watch {
+    stopping: Arc<AtomicBool>,
+    follower_died: Arc<AtomicBool>,
+    follower: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    ended: Arc<Notify>,
+}
+
+impl Watch {
+    fn start(stop: Arc<Notify>, follower: std::thread::JoinHandle<()>) -> Watch {
+        let w = Watch {
+            stopping: Arc::new(AtomicBool::new(false)),
+            follower_died: Arc::new(AtomicBool::new(false)),
+            follower: Arc::new(std::sync::Mutex::new(Some(follower))),
+            ended: Arc::new(Notify::new()),
+        };
+        let (stopping, died, follower, ended) = (
+            w.stopping.clone(),
+            w.follower_died.clone(),
+            w.follower.clone(),
+            w.ended.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => {
+                        stopping.store(true, Ordering::Release);
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        let gone = follower
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .is_some_and(|h| h.is_finished());
+                        if gone {
+                            tracing::error!("the control-topic follower stopped; stopping the run");
+                            died.store(true, Ordering::Release);
+                            break;
+                        }
+                    }
+                }
+            }
+            ended.notify_one();
+        });
+        w
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn follower_died(&self) -> bool {
+        self.follower_died.load(Ordering::Acquire)
+    }
+}
+
+/// Waits until the consent table is whole and proven current, woken by each proof, or
+/// until the run ends; logs now and then while it reads.
+async fn wait_until_fresh(store: &ConsentStore, watch: &Watch) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    loop {
+        if watch.stopping() || watch.follower_died() {
+            return;
+        }
+        tokio::select! {
+            _ = store.until_fresh() => return,
+            _ = tick.tick() => tracing::info!(
+                events = store.applied.load(Ordering::Relaxed),
+                "reading the control topic before routing any record"
+            ),
+            // The watch's end wakes this once; the flags above tell why.
+            _ = watch.ended.notified() => {
+                watch.ended.notify_one();
+                return;
+            }
+        }
+    }
+}
+
+/// Logs the counters every 10 s.
+fn spawn_reporter(stats: Arc<RunStats>, store: Arc<ConsentStore>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            tracing::info!(
+                stats = %stats.line(),
+                control_events = store.applied.load(Ordering::Relaxed),
+                control_delay_p99_ms = store.delays.quantile_upper_ms(0.99),
+                "progress"
+            );
+        }
+    })
+}
+
+/// Runs pipelines until a stop, rebuilding after every failure a fresh consumer and
+/// producer can overcome (a broker outage, a timed-out or fenced transaction).
+async fn rebuild_loop(inputs: &PipelineInputs, watch: &Watch) -> Result<(), RunError> {
+    let mut backoff = Backoff::default();
+    let mut fencing = Fencing::default();
+    loop {
+        let started = std::time::Instant::now();
+        if watch.follower_died() {
+            return Err(RunError::Internal(
+                "the control-topic follower stopped".into(),
+            ));
+        }
+        if watch.stopping() {
+            return Ok(());
+        }
+        let outcome = run_pipeline(inputs, &watch.ended).await;
+        let e = match decide(outcome, watch.stopping(), watch.follower_died()) {
+            Next::Done(r) => return r,
+            Next::Rebuild(e) => e,
+        };
+        if e.fenced() && fencing.too_often(std::time::Instant::now()) {
+            tracing::error!(
+                transactional_id = %inputs.cfg.transactional_id,
+                "fenced {MAX_FENCED} times within {FENCING_WINDOW:?}: another instance uses this transactional id"
+            );
+            return Err(e.into());
+        }
+        // A pipeline that ran healthy for a minute starts the backoff over.
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Backoff::default();
+        }
+        let wait = backoff.next();
+        tracing::warn!(error = %e, backoff = ?wait, "rebuilding the pipeline");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = watch.ended.notified() => {}
+        }
+    }
+}
+
+/// What follows a pipeline that ended.
+#[derive(Debug)]
+enum Next {
+    /// The run ends with this.
+    Done(Result<(), RunError>),
+    /// Build a new pipeline (after the backoff).
+    Rebuild(PipelineError),
+}
+
+/// Decides what follows a pipeline's end.
+fn decide(outcome: Result<(), PipelineError>, stopping: bool, follower_died: bool) -> Next {
+    match outcome {
+        Ok(()) if follower_died => Next::Done(Err(RunError::Internal(
+            "the control-topic follower stopped".into(),
+        ))),
+        Ok(()) => Next::Done(Ok(())),
+        // A stop whose last commit failed: its transaction was ended (or is left to the
+        // broker's timeout), and records not committed are read again by whoever owns them
+        // next. Nothing is lost, so the stop is still a clean one (logged by the pipeline).
+        Err(PipelineError::FinalCommit(_)) => Next::Done(Ok(())),
+        // A failure a rebuild would overcome, met while stopping: there is nothing left to
+        // rebuild for.
+        Err(e) if stopping && e.restartable() => {
+            tracing::warn!(error = %e, "the pipeline failed while stopping");
+            Next::Done(Ok(()))
+        }
+        Err(e) if e.restartable() => Next::Rebuild(e),
+        Err(e) => Next::Done(Err(e.into())),
+    }
+}
+
+/// A wait that doubles while failures repeat, from half a second to [`MAX_BACKOFF`].
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(500))
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt.
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        now
+    }
+}
+
+/// The times this instance's producer was fenced, within [`FENCING_WINDOW`].
+#[derive(Debug, Default)]
+struct Fencing(Vec<std::time::Instant>);
+
+impl Fencing {
+    /// Notes a fencing at `now`; true when it happened [`MAX_FENCED`] times within the
+    /// window: another live instance shares the transactional id, and rebuilding would only
+    /// fence it back.
+    fn too_often(&mut self, now: std::time::Instant) -> bool {
+        self.0
+            .retain(|t| now.saturating_duration_since(*t) < FENCING_WINDOW);
+        self.0.push(now);
+        self.0.len() >= MAX_FENCED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    use super::*;
+    use crate::adapters::kafka::sink::SinkError;
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling() {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..9).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(
+            waits,
+            [
+                500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000
+            ]
+        );
+    }
+
+    #[test]
+    fn three_fencings_within_the_window_mean_a_shared_transactional_id() {
+        let t0 = std::time::Instant::now();
+        let mut f = Fencing::default();
+        assert!(!f.too_often(t0));
+        assert!(!f.too_often(t0 + Duration::from_secs(10)));
+        assert!(f.too_often(t0 + Duration::from_secs(20)));
+        // Spread out beyond the window, fencings are outages, not a rival instance.
+        let mut f = Fencing::default();
+        for i in 0..10 {
+            assert!(!f.too_often(t0 + FENCING_WINDOW * i), "fencing {i}");
+        }
+    }
+
+    #[test]
+    fn a_pipeline_is_rebuilt_only_for_failures_a_fresh_one_overcomes() {
+        let timed_out = || {
+            PipelineError::Sink(SinkError::Abortable(KafkaError::Global(
+                RDKafkaErrorCode::OperationTimedOut,
+            )))
+        };
+        assert!(matches!(decide(Ok(()), false, false), Next::Done(Ok(()))));
+        assert!(matches!(decide(Ok(()), false, true), Next::Done(Err(_))));
+        assert!(matches!(
+            decide(Err(timed_out()), false, false),
+            Next::Rebuild(_)
+        ));
+        assert!(
+            matches!(decide(Err(timed_out()), true, false), Next::Done(Ok(()))),
+            "nothing to rebuild for while stopping"
+        );
+        assert!(matches!(
+            decide(
+                Err(PipelineError::FinalCommit(Box::new(timed_out()))),
+                true,
+                false
+            ),
+            Next::Done(Ok(()))
+        ));
+        assert!(
+            matches!(
+                decide(
+                    Err(PipelineError::Topics("missing: x".into())),
+                    false,
+                    false
+                ),
+                Next::Done(Err(_))
+            ),
+            "a missing topic is the operator's to create"
+        );
+    }
 }

@@ -1,0 +1,384 @@
+//! A partition's task: records from its queue, through the pure core, to the producer;
+//! refused records to the dead letter; windows and offsets kept for the next commit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::Offset;
+use rdkafka::consumer::Consumer;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use tokio::sync::Notify;
+
+use super::group::GroupContext;
+use super::{PipelineError, Shared};
+use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::codec::{self, Format, binary, json};
+use crate::core::bounds::TimeBounds;
+use crate::core::process::{Decision, process_into};
+use crate::core::record::Record;
+use crate::core::retention::WindowBatch;
+use crate::vocab::purpose::Purpose;
+use crate::vocab::time::Millis;
+
+/// Records a partition task processes before it lets others (and commits) in.
+const BATCH: usize = 512;
+
+/// The largest input record routed (the same limit as replay's); larger ones go to the
+/// dead letter, truncated.
+pub use crate::codec::MAX_RECORD_BYTES;
+
+/// The longest input key a dead letter carries; a longer one is cut, so a dead letter
+/// always fits the broker's message size and cannot wedge its partition.
+pub const MAX_DEAD_LETTER_KEY_BYTES: usize = 1024;
+
+/// What a partition task keeps between commits.
+#[derive(Default)]
+pub(super) struct SlotState {
+    /// Offset after the last committed record.
+    pub(super) committed: Option<i64>,
+    /// Offset after the last record processed.
+    pub(super) next: Option<i64>,
+    /// First offset processed since the last commit: where an abort rewinds to.
+    pub(super) txn_first: Option<i64>,
+    /// Records processed since the last commit.
+    pub(super) records: u64,
+    /// Retention windows touched since the last commit.
+    pub(super) windows: WindowBatch,
+    /// Set by an abort: seek here before reading on.
+    pub(super) rewind: Option<i64>,
+    /// Anonymised copies made since the last commit (route, copy, headers), sent sorted
+    /// at the commit (see [`Shared::commit_locked`]).
+    pub(super) anonymised: Vec<(Purpose, Vec<u8>, OwnedHeaders)>,
+}
+
+/// A partition owned by this pipeline: its state, its task and how to wake it.
+pub(super) struct Slot {
+    pub(super) partition: i32,
+    pub(super) state: tokio::sync::Mutex<SlotState>,
+    pub(super) wake: Notify,
+    pub(super) stop: AtomicBool,
+    /// The partition's task. A revocation waits for it: its queue handle must be gone
+    /// before the partition is assigned again, since dropping it disables the wake-up
+    /// callback of the partition's (shared) librdkafka queue.
+    pub(super) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Slot {
+    /// Asks the task to stop (the caller may hold the state lock) .
+    pub(super) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the task has stopped (the caller must not hold the state lock).
+    pub(super) async fn join(&self) {
+        let h = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.await;
+        }
+    }
+}
+
+/// The wall clock: the one place Kafka mode reads it for the core's `now`.
+pub(super) fn now_millis() -> Millis {
+    Millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    )
+}
+
+impl Shared {
+    /// A partition's task: batches of records from its queue while it owns the
+    /// partition, waking when the queue has more.
+    pub(super) async fn partition_task(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        mut queue: PartitionQueue<GroupContext>,
+    ) {
+        {
+            let s = slot.clone();
+            queue.set_nonempty_callback(move || s.wake.notify_one());
+        }
+        let mut task = Task {
+            slot: &slot,
+            queue: &queue,
+            scratch: Scratch::default(),
+            throttle: crate::adapters::kafka::Throttle::default(),
+        };
+        loop {
+            match self.step(&mut task).await {
+                Step::More => tokio::task::yield_now().await,
+                // The queue's callback wakes the task; the timeout is a backstop so a
+                // lost wake-up costs at most a moment, never a stalled partition.
+                Step::Idle => {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), slot.wake.notified())
+                        .await;
+                }
+                Step::Paused => tokio::time::sleep(Duration::from_millis(100)).await,
+                Step::Stop => return,
+            }
+        }
+    }
+
+    /// One turn of a partition's task with its state locked: a seek the last abort asked
+    /// for, then a batch of records (or a pause while the consent table is stale).
+    async fn step(&self, task: &mut Task<'_>) -> Step {
+        let slot = task.slot;
+        let mut st = slot.state.lock().await;
+        if slot.stop.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
+            return Step::Stop;
+        }
+        if let Some(off) = st.rewind.take()
+            && let Err(e) = self.seek(slot.partition, off).await
+        {
+            self.fail(PipelineError::Kafka {
+                what: "rewinding a partition",
+                source: e,
+            });
+            return Step::Stop;
+        }
+        let now = now_millis();
+        task.scratch.bounds = Some(TimeBounds::new(&self.policy, now, self.cfg.time_limits));
+        let instant = Instant::now();
+        let fresh = self.store.fresh(instant);
+        // A stale table first pauses routing: the records wait in Kafka, so a short
+        // outage of the control topic costs latency, not consent-based copies. Only a
+        // longer one routes fail closed.
+        if !fresh && self.store.stale_for(instant) < self.cfg.stale_pause {
+            if let Some(held) = task.throttle.ready() {
+                tracing::warn!(
+                    partition = slot.partition,
+                    held_back = held,
+                    "consent table stale: routing paused"
+                );
+            }
+            self.stats.paused.store(true, Ordering::Relaxed);
+            return Step::Paused;
+        }
+        self.stats.paused.store(false, Ordering::Relaxed);
+        for _ in 0..BATCH {
+            // The table can go stale while a batch runs (sends may wait for a full
+            // queue): no record is routed on a freshness that has lapsed.
+            if fresh && !self.store.fresh(Instant::now()) {
+                return Step::Idle;
+            }
+            match task.queue.poll(Duration::ZERO) {
+                None => return Step::Idle,
+                Some(Ok(m)) => {
+                    let handled = self
+                        .handle(&m, &mut st, now, fresh, &mut task.scratch)
+                        .await;
+                    if let Some(end) = self.after_send(task, handled) {
+                        return end;
+                    }
+                }
+                Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                    self.fail(PipelineError::ConsumerFatal(e));
+                    return Step::Stop;
+                }
+                Some(Err(e)) => {
+                    if let Some(held) = task.throttle.ready() {
+                        tracing::warn!(partition = slot.partition, error = %e, held_back = held, "consumer error");
+                    }
+                }
+            }
+        }
+        Step::More
+    }
+
+    /// What a failed record does to the batch: an abortable failure ends it (the
+    /// coordinator aborts the transaction and rewinds this partition), others end the
+    /// task.
+    fn after_send(&self, task: &Task<'_>, handled: Result<(), SinkError>) -> Option<Step> {
+        match handled {
+            Ok(()) => None,
+            Err(SinkError::Abortable(e)) => {
+                if let Some(held) = task.throttle.ready() {
+                    tracing::warn!(partition = task.slot.partition, error = %e, held_back = held, "send failed; the transaction will be aborted");
+                }
+                self.poisoned.store(true, Ordering::Release);
+                self.commit_now.notify_one();
+                Some(Step::Idle)
+            }
+            Err(SinkError::Abandoned) => Some(Step::Stop),
+            Err(e) => {
+                self.fail(e.into());
+                Some(Step::Stop)
+            }
+        }
+    }
+
+    /// Moves a partition's read position back (after an abort). Messages fetched before
+    /// the seek are discarded by librdkafka.
+    async fn seek(&self, partition: i32, offset: i64) -> Result<(), KafkaError> {
+        let c = self.consumer().clone();
+        let topic = self.cfg.input_topic.clone();
+        tokio::task::spawn_blocking(move || {
+            c.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+    }
+
+    /// One record: refused to the dead letter, or processed and its copies sent; the
+    /// offset and the windows it opened are kept for the next commit.
+    async fn handle(
+        &self,
+        m: &BorrowedMessage<'_>,
+        st: &mut SlotState,
+        now: Millis,
+        fresh: bool,
+        scratch: &mut Scratch,
+    ) -> Result<(), SinkError> {
+        // Before anything is sent: an abort must rewind to this record at the latest.
+        st.txn_first.get_or_insert(m.offset());
+        let full = m.payload().unwrap_or(&[]);
+        // A record this large is no CDR; refusing it here keeps every copy and dead
+        // letter far below the broker's message size, so one record cannot wedge a
+        // partition.
+        let (payload, decoded): (&[u8], Result<Record<'_>, String>) =
+            if full.len() > MAX_RECORD_BYTES {
+                (
+                    &full[..MAX_RECORD_BYTES],
+                    Err(crate::codec::too_large(full.len() as u64)),
+                )
+            } else {
+                let d = match self.cfg.input_format {
+                    Format::Json => json::decode_record(full),
+                    Format::Binary => binary::decode_record(full),
+                };
+                // A record from the future or older than every route keeps anything is
+                // refused, as replay refuses it.
+                let d = d.map_err(|e| e.to_string()).and_then(|r| {
+                    match scratch.bounds.as_ref().map(|b| b.check(r.start_time)) {
+                        Some(Err(e)) => Err(e.to_string()),
+                        _ => Ok(r),
+                    }
+                });
+                (full, d)
+            };
+        match decoded {
+            Err(reason) => {
+                let headers = OwnedHeaders::new_with_capacity(4)
+                    .insert(Header {
+                        key: "dlq.reason",
+                        value: Some(&reason),
+                    })
+                    .insert(Header {
+                        key: "dlq.topic",
+                        value: Some(m.topic()),
+                    })
+                    .insert(Header {
+                        key: "dlq.partition",
+                        value: Some(&m.partition().to_string()),
+                    })
+                    .insert(Header {
+                        key: "dlq.offset",
+                        value: Some(&m.offset().to_string()),
+                    });
+                self.sink
+                    .send(Out {
+                        topic: &self.cfg.dead_letter_topic,
+                        partition: None,
+                        key: m
+                            .key()
+                            .map(|k| &k[..k.len().min(MAX_DEAD_LETTER_KEY_BYTES)]),
+                        payload,
+                        headers: Some(headers),
+                    })
+                    .await?;
+                self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(r) => {
+                let state = self.store.view(&r.msisdn, fresh);
+                // Filled in place: a decision is ~6 KB, returning one by value copies it.
+                // (Its copies borrow the message, so it cannot outlive this record.)
+                let mut d = Decision::default();
+                process_into(&r, &self.policy, &state, &self.keys, now, &mut d);
+                for c in &d.copies {
+                    let Some(topic) = self.cfg.routes[c.envelope.purpose as usize].as_deref()
+                    else {
+                        continue;
+                    };
+                    scratch.buf.clear();
+                    match self.cfg.output_format {
+                        Format::Json => json::encode_copy(&self.envelopes, c, &mut scratch.buf),
+                        Format::Binary => binary::encode_copy(&self.envelopes, c, &mut scratch.buf),
+                    }
+                    let mut headers = OwnedHeaders::new_with_capacity(9);
+                    for (k, v) in codec::headers(c, &mut scratch.treatments) {
+                        headers = headers.insert(Header {
+                            key: k,
+                            value: Some(v),
+                        });
+                    }
+                    let entry = c.schedule_entry();
+                    if c.is_anonymised() {
+                        st.anonymised
+                            .push((c.envelope.purpose, scratch.buf.clone(), headers));
+                    } else {
+                        self.sink
+                            .send(Out {
+                                topic,
+                                partition: None,
+                                key: entry.subscriber.map(str::as_bytes),
+                                payload: &scratch.buf,
+                                headers: Some(headers),
+                            })
+                            .await?;
+                    }
+                    st.windows.add(&entry, state.contract_ended);
+                    self.stats.copies[c.envelope.purpose as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                if !fresh {
+                    self.stats.fail_closed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.stats.records.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        st.next = Some(m.offset() + 1);
+        st.records += 1;
+        if self.uncommitted.fetch_add(1, Ordering::Relaxed) + 1 >= self.cfg.commit_max_records {
+            self.commit_now.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// How a turn of a partition's task ended.
+enum Step {
+    /// A full batch: more records are probably waiting.
+    More,
+    /// The queue is empty (or the batch had to end): wait for the next wake-up.
+    Idle,
+    /// Routing is paused while the consent table is stale.
+    Paused,
+    /// The task ends (the partition was revoked, the pipeline stops or failed).
+    Stop,
+}
+
+/// What a partition's task keeps across its turns.
+struct Task<'a> {
+    slot: &'a Slot,
+    queue: &'a PartitionQueue<GroupContext>,
+    scratch: Scratch,
+    throttle: crate::adapters::kafka::Throttle,
+}
+
+/// Buffers a partition task reuses for every copy.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    treatments: String,
+    /// The record times accepted at the batch's clock.
+    bounds: Option<TimeBounds>,
+}

@@ -1,0 +1,52 @@
+//! The counters of a run, readable while it goes and kept across pipeline rebuilds.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::vocab::purpose::Purpose;
+
+/// Counters of a run, readable while it goes.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    /// Records routed (valid ones).
+    pub records: AtomicU64,
+    /// Records sent to the dead-letter topic.
+    pub dead_letters: AtomicU64,
+    /// Records routed while the consent table was stale (fail closed).
+    pub fail_closed: AtomicU64,
+    /// Whether routing is paused, waiting for the consent table.
+    pub paused: AtomicBool,
+    /// Copies per route.
+    pub copies: [AtomicU64; Purpose::COUNT],
+    /// Schedule entries written.
+    pub windows: AtomicU64,
+    /// Transactions (or at-least-once batches) committed.
+    pub commits: AtomicU64,
+    /// Transactions aborted (input rewound).
+    pub aborts: AtomicU64,
+}
+
+impl RunStats {
+    /// One line for the log.
+    pub fn line(&self) -> String {
+        let c: Vec<String> = Purpose::ALL
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}={}",
+                    p.id(),
+                    self.copies[*p as usize].load(Ordering::Relaxed)
+                )
+            })
+            .collect();
+        format!(
+            "records={} dead_letters={} fail_closed={} copies[{}] windows={} commits={} aborts={}",
+            self.records.load(Ordering::Relaxed),
+            self.dead_letters.load(Ordering::Relaxed),
+            self.fail_closed.load(Ordering::Relaxed),
+            c.join(" "),
+            self.windows.load(Ordering::Relaxed),
+            self.commits.load(Ordering::Relaxed),
+            self.aborts.load(Ordering::Relaxed),
+        )
+    }
+}
