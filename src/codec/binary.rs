@@ -92,6 +92,13 @@ fn utf8_opt(b: Option<&[u8]>) -> Result<Option<&str>, DecodeError> {
 
 /// Decodes and validates one binary record, borrowing its strings from `bytes`.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
+    let r = decode_record_unchecked(bytes)?;
+    r.validate()?;
+    Ok(r)
+}
+
+/// Decodes one binary record without checking it against the record contract.
+pub(super) fn decode_record_unchecked(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let w: RecordWire<'_> =
         wincode::deserialize_exact(bytes).map_err(|e| DecodeError::Malformed {
             format: "binary",
@@ -126,7 +133,6 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         recording_entity: utf8(w.recording_entity)?.into(),
         local_seq_no: w.local_seq_no,
     };
-    r.validate()?;
     Ok(r)
 }
 

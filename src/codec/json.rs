@@ -225,7 +225,7 @@ impl Serialize for Copy<'_> {
 /// path, one escaped write per key and value, cost two thirds of the JSON pipeline.
 pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"record\":");
-    record(&c.record, out);
+    write_record(&c.record, out);
     out.extend_from_slice(b",\"envelope\":");
     envelope(env, &c.envelope, out);
     out.push(b'}');
@@ -320,7 +320,8 @@ impl<'o> Members<'o> {
     }
 }
 
-fn record(r: &Treated<'_>, out: &mut Vec<u8>) {
+/// A treated record as the JSON object of a copy, its fields in the record's order.
+pub(super) fn write_record(r: &Treated<'_>, out: &mut Vec<u8>) {
     let mut m = Members::open(out);
     let txt = |m: &mut Members<'_>, f: Field, v: &Option<Text<'_>>| {
         if let Some(v) = v {

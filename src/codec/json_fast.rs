@@ -77,7 +77,7 @@ pub(super) fn record(b: &[u8]) -> Option<Record<'_>> {
 
 /// The record field a key names. By length first, so a key is compared with at most
 /// four names, each comparison of a known length (no `memcmp` call).
-fn record_field(key: &[u8]) -> Option<Field> {
+pub(super) fn record_field(key: &[u8]) -> Option<Field> {
     Some(match key.len() {
         3 => match key {
             b"apn" => Field::Apn,

@@ -5,6 +5,8 @@
 //! comes back as a [`DeadLetter`] reason instead of stopping the stream.
 
 pub mod binary;
+#[cfg(test)]
+mod field_table;
 pub mod json;
 mod json_fast;
 
