@@ -163,6 +163,8 @@ struct ExpectDead {
 pub struct CaseResult {
     /// File.
     pub file: String,
+    /// The id of the policy it ran against.
+    pub policy: String,
     /// Case name.
     pub name: String,
     /// Failed expectations (empty = passed).
@@ -706,9 +708,16 @@ pub fn run_paths<E: std::fmt::Display>(
             Err(name) => PolicyRef::Shipped(name),
         };
         let policy = load(which).map_err(|e| err(format!("{which}: {e}")))?;
+        // A file without cases would pass while testing nothing.
+        if cf.cases.is_empty() {
+            return Err(err(
+                "declares no case (`[[case]]`): a case file must test something".into(),
+            ));
+        }
         for case in &cf.cases {
             report.results.push(CaseResult {
                 file: name.clone(),
+                policy: policy.id.clone(),
                 name: case.name.clone(),
                 failures: run_case(&policy, &keys, case),
             });
