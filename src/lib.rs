@@ -4,6 +4,9 @@
 //!
 //! - [`vocab`]: the words everything else shares: purposes, record fields, data
 //!   categories, instants, consent states, field treatments. It stands on nothing.
+//! - [`checked`]: the one reader of checked TOML files (policies, the run configuration,
+//!   key files): a spanned table, the line of each span, and every problem of a file
+//!   reported at once as `file:line: key: what`. It stands on nothing of ours.
 //! - [`codec`]: decodes records and control events from JSON or the bincode-compatible
 //!   binary form, and encodes copies and expiry events.
 //! - [`policy`]: loads an operator policy file into the decision table the core consults,
@@ -18,6 +21,7 @@
 //! - [`cli`]: the command line.
 
 pub mod adapters;
+pub mod checked;
 pub mod cli;
 pub mod codec;
 pub mod core;

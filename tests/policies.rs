@@ -486,7 +486,7 @@ fn problems_in_a_shipped_file_point_at_the_offending_line() {
     let got: Vec<(usize, &str)> = e
         .problems
         .iter()
-        .map(|p| (p.line, p.path.as_str()))
+        .map(|p| (p.line.unwrap_or_default(), p.key.as_str()))
         .collect();
     assert_eq!(
         got,

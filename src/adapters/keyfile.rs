@@ -6,61 +6,17 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
+
+use crate::checked::{self, Findings, Problem, Refused};
 use crate::core::pseudonym::{KeyError, Keyring, MasterKey, TokenKey, TokenKeyring};
 use crate::vocab::purpose::Purpose;
 
-/// Why a key file was refused: every problem, with its place.
-#[derive(Debug, thiserror::Error)]
-pub struct KeyFileError {
-    /// The file.
-    pub file: String,
-    /// Every problem found (never quoting a secret).
-    pub problems: Vec<KeyProblem>,
-}
+/// What the first line of a refused key file calls the file.
+const KIND: &str = "key file";
 
-/// One thing wrong with a key file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyProblem {
-    /// 1-based line, 0 when it concerns the whole file.
-    pub line: usize,
-    /// The entry and key, e.g. `keys[1].secret_hex`; empty when it concerns the file.
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl KeyProblem {
-    fn file(message: impl Into<String>) -> KeyProblem {
-        KeyProblem {
-            line: 0,
-            key: String::new(),
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for KeyFileError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "key file {} refused: {} problem(s)",
-            self.file,
-            self.problems.len()
-        )?;
-        for p in &self.problems {
-            // `file:line: key: what`, leaving out the parts a whole-file problem lacks.
-            write!(f, "  {}", self.file)?;
-            if p.line > 0 {
-                write!(f, ":{}", p.line)?;
-            }
-            if !p.key.is_empty() {
-                write!(f, ": {}", p.key)?;
-            }
-            writeln!(f, ": {}", p.message)?;
-        }
-        Ok(())
-    }
-}
+/// Why a key file was refused: every problem, with its place (never quoting a secret).
+pub type KeyFileError = Refused;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,15 +61,6 @@ impl KeyFile {
     }
 }
 
-/// The 1-based line holding byte `offset` of `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
-}
-
 /// The keys of a file, checked: one kind or the other, never both, never none.
 enum Keys {
     Master(Vec<MasterKey>),
@@ -126,44 +73,45 @@ enum Keys {
 /// (32 bytes). Ids must be unique: a token names its key by id, so two keys with one id
 /// would make reversal ambiguous.
 fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
-    let fail = |problems| KeyFileError {
-        file: file.to_string(),
-        problems,
+    // The parser's message may quote the offending line, which could hold a secret: a
+    // file that is not TOML, or not of this shape, is refused with this one instead.
+    let not_a_key_file = |line| {
+        let message = "not a key file (expected [[keys]] with id and secret_hex, or [[token_keys]] with key_id and secret_hex)";
+        Refused::one(
+            KIND,
+            Problem {
+                line,
+                ..Problem::whole(file, message)
+            },
+        )
     };
-    // The parser's message may quote the offending line, which could hold a secret.
-    let raw: RawFile = toml::from_str(text).map_err(|e| {
-        fail(vec![KeyProblem {
-            line: e.span().map_or(0, |s| line_of(text, s.start)),
-            key: String::new(),
-            message: "not a key file (expected [[keys]] with id and secret_hex, or [[token_keys]] with key_id and secret_hex)".into(),
-        }])
-    })?;
-    let mut problems = Vec::new();
+    let root = checked::parse(text, file).map_err(|p| not_a_key_file(p.line))?;
+    let mut found = Findings::new(file, text);
+    let raw = RawFile::deserialize(toml::de::Deserializer::from(root))
+        .map_err(|e| not_a_key_file(e.span().map(|s| found.line(s.start))))?;
     match (raw.keys.is_empty(), raw.token_keys.is_empty()) {
-        (true, true) => problems.push(KeyProblem::file("no [[keys]] entry")),
-        (false, false) => problems.push(KeyProblem::file(
+        (true, true) => found.whole("no [[keys]] entry"),
+        (false, false) => found.whole(
             "holds both [[keys]] and [[token_keys]]: a token key file is exported on its own, so it can be handed out without the master keys",
-        )),
+        ),
         _ => {}
     }
     let keys = checked(
-        text,
         "keys",
         &raw.keys,
         |k| (("id", &k.id), &k.secret_hex),
         MasterKey::new,
-        &mut problems,
+        &mut found,
     );
     let tokens = checked(
-        text,
         "token_keys",
         &raw.token_keys,
         |k| (("key_id", &k.key_id), &k.secret_hex),
         TokenKey::new,
-        &mut problems,
+        &mut found,
     );
-    if !problems.is_empty() {
-        return Err(fail(problems));
+    if !found.is_empty() {
+        return Err(found.refused(KIND));
     }
     Ok(if keys.is_empty() {
         Keys::Tokens(tokens)
@@ -176,7 +124,6 @@ fn read_keys(text: &str, file: &str) -> Result<Keys, KeyFileError> {
 /// secret; every refused entry adds a problem at the line of the key at fault (never its
 /// secret).
 fn checked<R, K>(
-    text: &str,
     table: &str,
     entries: &[toml::Spanned<R>],
     fields: impl Fn(
@@ -186,58 +133,56 @@ fn checked<R, K>(
         &toml::Spanned<String>,
     ),
     make: impl Fn(&str, &[u8]) -> Result<K, KeyError>,
-    problems: &mut Vec<KeyProblem>,
+    found: &mut Findings,
 ) -> Vec<K> {
     let mut out = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         let ((id_name, id), secret_hex) = fields(entry.get_ref());
-        let at = |key: &str, v: &toml::Spanned<String>, message: String| KeyProblem {
-            line: line_of(text, v.span().start),
-            key: format!("{table}[{i}].{key}"),
-            message,
-        };
+        // Each problem is placed at the value at fault, named by its entry and key.
+        let key = |name: &str| format!("{table}[{i}].{name}");
+        let (id_at, secret_at) = (id.span().start, secret_hex.span().start);
         if let Some(j) = entries[..i]
             .iter()
             .position(|o| fields(o.get_ref()).0.1.get_ref() == id.get_ref())
         {
-            let first = line_of(text, entries[j].span().start);
-            problems.push(at(
-                id_name,
-                id,
+            let first = found.line(entries[j].span().start);
+            found.at(
+                id_at,
+                &key(id_name),
                 format!(
                     "key id {:?} is already used by {table}[{j}] (line {first})",
                     id.get_ref()
                 ),
-            ));
+            );
             continue;
         }
         let secret = match hex::decode(secret_hex.get_ref().trim()) {
             Ok(s) => s,
             Err(_) => {
-                problems.push(at(
-                    "secret_hex",
-                    secret_hex,
+                found.at(
+                    secret_at,
+                    &key("secret_hex"),
                     format!("not hex (key {:?})", id.get_ref()),
-                ));
+                );
                 continue;
             }
         };
         match make(id.get_ref(), &secret) {
             Ok(k) => match weak(&secret) {
                 None => out.push(k),
-                Some(why) => problems.push(at(
-                    "secret_hex",
-                    secret_hex,
+                Some(why) => found.at(
+                    secret_at,
+                    &key("secret_hex"),
                     format!(
                         "the secret of key {:?} {why}: it does not look random; make a key with `cdrguard keys generate`",
                         id.get_ref()
                     ),
-                )),
+                ),
             },
-            Err(
-                e @ (KeyError::BadId(_) | KeyError::BadTokenKeyId(_)),
-            ) => problems.push(at(id_name, id, e.to_string())),
-            Err(e) => problems.push(at("secret_hex", secret_hex, e.to_string())),
+            Err(e @ (KeyError::BadId(_) | KeyError::BadTokenKeyId(_))) => {
+                found.at(id_at, &key(id_name), e.to_string())
+            }
+            Err(e) => found.at(secret_at, &key("secret_hex"), e.to_string()),
         }
     }
     out
@@ -283,24 +228,24 @@ fn weak(secret: &[u8]) -> Option<&'static str> {
 fn master_keys(text: &str, file: &str) -> Result<Vec<MasterKey>, KeyFileError> {
     match read_keys(text, file)? {
         Keys::Master(k) => Ok(k),
-        Keys::Tokens(t) => Err(KeyFileError {
-            file: file.to_string(),
-            problems: vec![KeyProblem::file(format!(
-                "holds only the token keys {} (written by `cdrguard keys export`): it reverses those tokens and nothing else; this needs the master key file ([[keys]])",
-                t.iter()
-                    .map(TokenKey::key_id)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))],
-        }),
+        Keys::Tokens(t) => Err(Refused::one(
+            KIND,
+            Problem::whole(
+                file,
+                format!(
+                    "holds only the token keys {} (written by `cdrguard keys export`): it reverses those tokens and nothing else; this needs the master key file ([[keys]])",
+                    t.iter()
+                        .map(TokenKey::key_id)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        )),
     }
 }
 
 fn no_key(file: &str) -> KeyFileError {
-    KeyFileError {
-        file: file.to_string(),
-        problems: vec![KeyProblem::file("no usable key")],
-    }
+    Refused::one(KIND, Problem::whole(file, "no usable key"))
 }
 
 /// Parses a master key file: what pseudonymising and tokenising need (replay, run).
@@ -326,10 +271,8 @@ fn read<T>(
     parse: impl FnOnce(&str, &str) -> Result<T, KeyFileError>,
 ) -> Result<T, KeyFileError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| KeyFileError {
-        file: name.clone(),
-        problems: vec![KeyProblem::file(format!("cannot read: {e}"))],
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Refused::one(KIND, Problem::whole(&name, format!("cannot read: {e}"))))?;
     let mut problems = Vec::new();
     #[cfg(unix)]
     {
@@ -337,16 +280,20 @@ fn read<T>(
         if let Ok(meta) = std::fs::metadata(path)
             && meta.permissions().mode() & 0o077 != 0
         {
-            problems.push(KeyProblem::file(format!(
-                "readable or writable by group or others (mode {:o}); a key file must be its owner's alone: run `chmod 600 {}`",
-                meta.permissions().mode() & 0o777,
-                shell_word(&name)
-            )));
+            problems.push(Problem::whole(
+                &name,
+                format!(
+                    "readable or writable by group or others (mode {:o}); a key file must be its owner's alone: run `chmod 600 {}`",
+                    meta.permissions().mode() & 0o777,
+                    shell_word(&name)
+                ),
+            ));
         }
     }
     match parse(&text, &name) {
         Ok(v) if problems.is_empty() => Ok(v),
-        Ok(_) => Err(KeyFileError {
+        Ok(_) => Err(Refused {
+            kind: KIND,
             file: name,
             problems,
         }),
@@ -600,7 +547,7 @@ mod tests {
             ),
         ] {
             let e = parse(&text, "k.toml").unwrap_err();
-            assert_eq!(e.problems[0].line, line, "{e}\n{text}");
+            assert_eq!(e.problems[0].line, Some(line), "{e}\n{text}");
             assert!(!e.to_string().contains(&secret));
         }
     }

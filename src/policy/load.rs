@@ -4,7 +4,6 @@
 //! pass can report all unknown keys, bad values and rule violations at once.
 
 use std::borrow::Cow;
-use std::fmt;
 use std::path::Path;
 
 use toml::Spanned;
@@ -14,123 +13,47 @@ use super::{
     Anchor, Basis, Cite, Note, Period, Place, Policy, PurposeRule, Retention, RightRule,
     WithoutConsent, citation,
 };
+use crate::checked::{self, Findings, Problem, Refused};
 use crate::vocab::consent::ConsentTag;
 use crate::vocab::purpose::{Category, Field, Purpose};
 use crate::vocab::treatment::Treatment;
 
-/// One thing wrong with a policy file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// 1-based line in the file.
-    pub line: usize,
-    /// Dotted path of the key, e.g. `purposes.analytics.fields.msisdn`.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
+/// What the first line of a refused policy calls the file.
+const KIND: &str = "policy";
 
-/// A refused policy: the file and every problem found in it.
-#[derive(Clone, Debug, thiserror::Error)]
-pub struct PolicyError {
-    /// The file as named by the caller.
-    pub file: String,
-    /// All problems, in file order.
-    pub problems: Vec<Problem>,
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "policy {} refused: {} problem(s)",
-            self.file,
-            self.problems.len()
-        )?;
-        for p in &self.problems {
-            match (p.line, p.path.is_empty()) {
-                (0, true) => writeln!(f, "  {}: {}", self.file, p.message)?,
-                (0, false) => writeln!(f, "  {}: {}: {}", self.file, p.path, p.message)?,
-                (l, true) => writeln!(f, "  {}:{l}: {}", self.file, p.message)?,
-                (l, false) => writeln!(f, "  {}:{l}: {}: {}", self.file, p.path, p.message)?,
-            }
-        }
-        Ok(())
-    }
-}
+/// A refused policy: the file and every problem found in it, in file order.
+pub type PolicyError = Refused;
 
 /// Reads and compiles a policy file.
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
-        file: name.clone(),
-        problems: vec![Problem {
-            line: 0,
-            path: String::new(),
-            message: format!("cannot read: {e}"),
-        }],
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Refused::one(KIND, Problem::whole(&name, format!("cannot read: {e}"))))?;
     parse_policy(&text, &name)
 }
 
 /// Compiles policy text; `file` names it in errors and in the compiled policy.
 pub fn parse_policy(text: &str, file: &str) -> Result<Policy, PolicyError> {
+    let root = checked::parse(text, file).map_err(|p| Refused::one(KIND, p))?;
     let mut cx = Cx {
-        lines: LineIndex::new(text),
-        problems: Vec::new(),
+        found: Findings::new(file, text),
         seed: None,
     };
-    let root = match DeTable::parse(text) {
-        Ok(t) => t,
-        Err(e) => {
-            let line = e.span().map(|s| cx.lines.line(s.start)).unwrap_or(0);
-            return Err(PolicyError {
-                file: file.to_string(),
-                problems: vec![Problem {
-                    line,
-                    path: String::new(),
-                    message: format!("not valid TOML: {}", e.message()),
-                }],
-            });
-        }
-    };
-    let policy = compile(&mut cx, &root, file);
-    cx.problems.sort_by_key(|p| p.line);
-    match policy {
-        Some(p) if cx.problems.is_empty() => Ok(p),
-        _ => Err(PolicyError {
-            file: file.to_string(),
-            problems: cx.problems,
-        }),
-    }
-}
-
-struct LineIndex(Vec<usize>);
-
-impl LineIndex {
-    fn new(text: &str) -> Self {
-        let mut v = vec![0];
-        v.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        LineIndex(v)
-    }
-    fn line(&self, offset: usize) -> usize {
-        self.0.partition_point(|&s| s <= offset)
+    match compile(&mut cx, &root, file) {
+        Some(p) if cx.found.is_empty() => Ok(p),
+        _ => Err(cx.found.refused(KIND)),
     }
 }
 
 struct Cx {
-    lines: LineIndex,
-    problems: Vec<Problem>,
+    found: Findings,
     /// The policy's seed file, which every `source` must cite.
     seed: Option<String>,
 }
 
 impl Cx {
     fn err(&mut self, offset: usize, path: &str, message: impl Into<String>) {
-        self.problems.push(Problem {
-            line: self.lines.line(offset),
-            path: path.to_string(),
-            message: message.into(),
-        });
+        self.found.at(offset, path, message);
     }
 }
 
@@ -492,17 +415,17 @@ fn distinct_topics(cx: &mut Cx, purposes: &[Option<PurposeRule>]) {
                 "default topic"
             };
             let by = if explicit(first) { "" } else { ", by default" };
-            cx.problems.push(Problem {
-                line: r.topic_at.line,
-                path: r.topic_at.path.clone(),
-                message: format!(
+            cx.found.on_line(
+                r.topic_at.line,
+                &r.topic_at.path,
+                format!(
                     "{which} {:?} is also the topic of purpose {} ({} at line {}{by}): each purpose needs a topic of its own, or its consumers read the other's copies",
                     r.topic,
                     first.purpose.id(),
                     first.topic_at.path,
                     first.topic_at.line,
                 ),
-            });
+            );
         }
     }
 }
@@ -626,7 +549,7 @@ fn purpose_rule(
         description: description.map(|d| d.0).unwrap_or_default(),
         topic,
         topic_at: Place {
-            line: cx.lines.line(topic_at.0),
+            line: cx.found.line(topic_at.0),
             path: topic_at.1,
         },
         basis,
@@ -1191,7 +1114,7 @@ assumption = "what statistics need"
             Err(e) => e
                 .problems
                 .iter()
-                .map(|p| format!("{}:{}: {}", p.line, p.path, p.message))
+                .map(|p| format!("{}:{}: {}", p.line.unwrap_or_default(), p.key, p.message))
                 .collect(),
         }
     }
@@ -1443,7 +1366,7 @@ fields = { msisdn = "pseudonymise", source = {S} }
 "#
             .replace("{S}", S);
         let e = parse_policy(&text, "x.toml").unwrap_err();
-        let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+        let paths: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
         for want in [
             "purposes.analytics.fields.msisdn",
             "purposes.analytics.fields.imsi",

@@ -14,7 +14,7 @@ use crate::vocab::consent::ConsentTag;
 use crate::vocab::purpose::{Category, Field, Purpose};
 use crate::vocab::treatment::Treatment;
 
-pub use load::{PolicyError, Problem, load_file, parse_policy};
+pub use load::{PolicyError, load_file, parse_policy};
 
 /// A GDPR Art. 6(1) legal basis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]

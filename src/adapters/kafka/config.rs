@@ -13,6 +13,7 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 
 use crate::adapters::keyfile::{self, KeyFileError};
+use crate::checked::{self, LineIndex, Problem, Refused};
 use crate::codec::Format;
 use crate::core::bounds::TimeLimits;
 use crate::core::pseudonym::Keyring;
@@ -27,6 +28,8 @@ pub const ENV_PREFIX: &str = "CDRGUARD_";
 pub enum Origin {
     /// A line of the config file.
     Line(usize),
+    /// The config file as a whole: it cannot be read, or its syntax error has no place.
+    File,
     /// An environment variable.
     Env(String),
     /// The built-in default.
@@ -43,16 +46,22 @@ pub enum Origin {
 }
 
 impl Origin {
-    /// Where a setting of config `file` came from, as `file:line`, `env VAR`, or `file`
-    /// alone when there is no line to name (a default, or a file that cannot be read).
-    fn place(&self, file: &str) -> String {
+    /// The file (or `env VAR`) and line a setting of config `file` came from; no line
+    /// for a default or the whole file.
+    fn at(&self, file: &str) -> (String, Option<usize>) {
         match self {
-            Origin::Line(0) | Origin::Default => file.to_string(),
-            Origin::Line(l) => format!("{file}:{l}"),
-            Origin::Env(v) => format!("env {v}"),
-            Origin::Policy { file, line: 0, .. } => file.clone(),
-            Origin::Policy { file, line, .. } => format!("{file}:{line}"),
+            Origin::Line(l) => (file.to_string(), Some(*l)),
+            Origin::File | Origin::Default => (file.to_string(), None),
+            Origin::Env(v) => (format!("env {v}"), None),
+            Origin::Policy { file, line, .. } => (file.clone(), Some(*line)),
         }
+    }
+
+    /// Where a setting of config `file` came from, as `file:line`, `env VAR`, or `file`
+    /// alone when there is no line to name.
+    fn place(&self, file: &str) -> String {
+        let (file, line) = self.at(file);
+        checked::place(&file, line)
     }
 
     /// Where a setting came from, in a sentence about another one.
@@ -87,10 +96,22 @@ impl ConfigProblem {
     /// lacks, then policy lines.
     fn order(&self) -> (u8, usize) {
         match self.origin {
+            Origin::File => (0, 0),
             Origin::Line(l) => (0, l),
             Origin::Env(_) => (1, 0),
             Origin::Default => (2, 0),
             Origin::Policy { line, .. } => (3, line),
+        }
+    }
+
+    /// The problem as every checked file shows one, placed in config `file`.
+    fn shown(&self, file: &str) -> Problem {
+        let (file, line) = self.origin.at(file);
+        Problem {
+            file,
+            line,
+            key: self.key.clone(),
+            message: self.message.clone(),
         }
     }
 }
@@ -109,23 +130,15 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    // Shown as every refused file is; the problems keep their origins for ordering and
+    // for the topic checks, so they are placed only here.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "config {} refused: {} problem(s)",
-            self.file,
-            self.problems.len()
-        )?;
-        for p in &self.problems {
-            // `file:line: key: what`, leaving out a part that is not there (no line for a
-            // key that is missing, no key for a file that cannot be read).
-            write!(f, "  {}", p.origin.place(&self.file))?;
-            if !p.key.is_empty() {
-                write!(f, ": {}", p.key)?;
-            }
-            writeln!(f, ": {}", p.message)?;
+        Refused {
+            kind: "config",
+            file: self.file.clone(),
+            problems: self.problems.iter().map(|p| p.shown(&self.file)).collect(),
         }
-        Ok(())
+        .fmt(f)
     }
 }
 
@@ -399,7 +412,7 @@ struct Settings {
     problems: Vec<ConfigProblem>,
 }
 
-fn flatten(t: &DeTable<'_>, prefix: &str, lines: &[usize], out: &mut Settings) {
+fn flatten(t: &DeTable<'_>, prefix: &str, lines: &LineIndex, out: &mut Settings) {
     for (k, v) in t.iter() {
         // A dotted name (a librdkafka property) is one key, quoted as TOML writes it.
         let name = k.get_ref();
@@ -413,7 +426,7 @@ fn flatten(t: &DeTable<'_>, prefix: &str, lines: &[usize], out: &mut Settings) {
         } else {
             format!("{prefix}.{name}")
         };
-        let line = lines.partition_point(|&s| s <= k.span().start);
+        let line = lines.line(k.span().start);
         let leaf = match v.get_ref() {
             DeValue::Table(t) => {
                 flatten(t, &key, lines, out);
@@ -625,7 +638,7 @@ pub fn load(
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: file.clone(),
         problems: vec![ConfigProblem {
-            origin: Origin::Line(0),
+            origin: Origin::File,
             key: String::new(),
             message: format!("cannot read: {e}"),
         }],
@@ -642,31 +655,21 @@ pub fn parse(
     base: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RunConfig, ConfigError> {
-    let mut lines = vec![0];
-    lines.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+    let root = checked::parse(text, file).map_err(|p| ConfigError {
+        file: file.to_string(),
+        problems: vec![ConfigProblem {
+            origin: p.line.map_or(Origin::File, Origin::Line),
+            key: p.key,
+            message: p.message,
+        }],
+        partial: None,
+    })?;
     let mut s = Settings {
         leaves: BTreeMap::new(),
         taken: BTreeMap::new(),
         problems: Vec::new(),
     };
-    match DeTable::parse(text) {
-        Ok(root) => flatten(root.get_ref(), "", &lines, &mut s),
-        Err(e) => {
-            let line = e
-                .span()
-                .map(|sp| lines.partition_point(|&l| l <= sp.start))
-                .unwrap_or(0);
-            return Err(ConfigError {
-                file: file.to_string(),
-                problems: vec![ConfigProblem {
-                    origin: Origin::Line(line),
-                    key: String::new(),
-                    message: format!("not valid TOML: {}", e.message()),
-                }],
-                partial: None,
-            });
-        }
-    }
+    flatten(root.get_ref(), "", &LineIndex::new(text), &mut s);
     let mut key_file_fallback = None;
     let mut hostname = None;
     for (var, value) in env {
