@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
-use super::partition::{Slot, SlotState};
+use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::sink::{Out, SinkError};
 

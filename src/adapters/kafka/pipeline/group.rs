@@ -13,7 +13,7 @@ use rdkafka::message::Message;
 use tokio::sync::Notify;
 
 use super::commit::{AfterFailure, Plan, after_failure, plan};
-use super::partition::{Slot, SlotState};
+use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::config::RunConfig;
 use crate::policy::Policy;

@@ -6,6 +6,7 @@
 //!   and the topics a run needs.
 //! - [`partition`]: a partition's task: records from its queue through the core to the
 //!   producer.
+//! - [`slot`]: a partition's state between commits, which all of them lock.
 //! - [`commit`]: the transaction and commit coordinator: what a commit holds, and what
 //!   follows a failed one (abort and rewind, or a rebuild).
 //! - this file: what they share, and a run's start-up and shutdown.
@@ -20,6 +21,7 @@
 mod commit;
 mod group;
 mod partition;
+mod slot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,7 +35,7 @@ use rdkafka::error::KafkaError;
 use tokio::sync::Notify;
 
 use self::group::{GroupContext, GroupThread, check_topics};
-use self::partition::Slot;
+use self::slot::Slot;
 use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Sink, SinkError};

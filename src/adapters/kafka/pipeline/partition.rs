@@ -1,8 +1,8 @@
 //! A partition's task: records from its queue, through the pure core, to the producer;
 //! refused records to the dead letter; windows and offsets kept for the next commit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::Offset;
@@ -10,17 +10,15 @@ use rdkafka::consumer::Consumer;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use tokio::sync::Notify;
 
 use super::group::GroupContext;
+use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::sink::{Out, SinkError};
 use crate::codec::{self, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
 use crate::core::record::Record;
-use crate::core::retention::WindowBatch;
-use crate::vocab::purpose::Purpose;
 use crate::vocab::time::Millis;
 
 /// Records a partition task processes before it lets others (and commits) in.
@@ -33,54 +31,6 @@ pub use crate::codec::MAX_RECORD_BYTES;
 /// The longest input key a dead letter carries; a longer one is cut, so a dead letter
 /// always fits the broker's message size and cannot wedge its partition.
 pub const MAX_DEAD_LETTER_KEY_BYTES: usize = 1024;
-
-/// What a partition task keeps between commits.
-#[derive(Default)]
-pub(super) struct SlotState {
-    /// Offset after the last committed record.
-    pub(super) committed: Option<i64>,
-    /// Offset after the last record processed.
-    pub(super) next: Option<i64>,
-    /// First offset processed since the last commit: where an abort rewinds to.
-    pub(super) txn_first: Option<i64>,
-    /// Records processed since the last commit.
-    pub(super) records: u64,
-    /// Retention windows touched since the last commit.
-    pub(super) windows: WindowBatch,
-    /// Set by an abort: seek here before reading on.
-    pub(super) rewind: Option<i64>,
-    /// Anonymised copies made since the last commit (route, copy, headers), sent sorted
-    /// at the commit (see [`Shared::commit_locked`]).
-    pub(super) anonymised: Vec<(Purpose, Vec<u8>, OwnedHeaders)>,
-}
-
-/// A partition owned by this pipeline: its state, its task and how to wake it.
-pub(super) struct Slot {
-    pub(super) partition: i32,
-    pub(super) state: tokio::sync::Mutex<SlotState>,
-    pub(super) wake: Notify,
-    pub(super) stop: AtomicBool,
-    /// The partition's task. A revocation waits for it: its queue handle must be gone
-    /// before the partition is assigned again, since dropping it disables the wake-up
-    /// callback of the partition's (shared) librdkafka queue.
-    pub(super) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Slot {
-    /// Asks the task to stop (the caller may hold the state lock) .
-    pub(super) fn request_stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake.notify_one();
-    }
-
-    /// Waits until the task has stopped (the caller must not hold the state lock).
-    pub(super) async fn join(&self) {
-        let h = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = h {
-            let _ = h.await;
-        }
-    }
-}
 
 /// The wall clock: the one place Kafka mode reads it for the core's `now`.
 pub(super) fn now_millis() -> Millis {

@@ -1,0 +1,60 @@
+//! A partition owned by the pipeline: what its task keeps between commits, and how to
+//! wake and stop the task. The task, the coordinator and the rebalance callbacks all lock
+//! it, so it sits apart from each of them.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rdkafka::message::OwnedHeaders;
+use tokio::sync::Notify;
+
+use crate::core::retention::WindowBatch;
+use crate::vocab::purpose::Purpose;
+
+/// What a partition task keeps between commits.
+#[derive(Default)]
+pub(super) struct SlotState {
+    /// Offset after the last committed record.
+    pub(super) committed: Option<i64>,
+    /// Offset after the last record processed.
+    pub(super) next: Option<i64>,
+    /// First offset processed since the last commit: where an abort rewinds to.
+    pub(super) txn_first: Option<i64>,
+    /// Records processed since the last commit.
+    pub(super) records: u64,
+    /// Retention windows touched since the last commit.
+    pub(super) windows: WindowBatch,
+    /// Set by an abort: seek here before reading on.
+    pub(super) rewind: Option<i64>,
+    /// Anonymised copies made since the last commit (route, copy, headers), sent sorted
+    /// at the commit (see [`Shared::commit_locked`]).
+    pub(super) anonymised: Vec<(Purpose, Vec<u8>, OwnedHeaders)>,
+}
+
+/// A partition owned by this pipeline: its state, its task and how to wake it.
+pub(super) struct Slot {
+    pub(super) partition: i32,
+    pub(super) state: tokio::sync::Mutex<SlotState>,
+    pub(super) wake: Notify,
+    pub(super) stop: AtomicBool,
+    /// The partition's task. A revocation waits for it: its queue handle must be gone
+    /// before the partition is assigned again, since dropping it disables the wake-up
+    /// callback of the partition's (shared) librdkafka queue.
+    pub(super) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Slot {
+    /// Asks the task to stop (the caller may hold the state lock) .
+    pub(super) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the task has stopped (the caller must not hold the state lock).
+    pub(super) async fn join(&self) {
+        let h = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.await;
+        }
+    }
+}
