@@ -70,6 +70,57 @@ struct Settlement {
     deadline: Millis,
 }
 
+/// A window's identity, as the schedule topic keys it (`purpose/subject/bucket`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowKey {
+    /// The route.
+    pub purpose: Purpose,
+    /// The subject as the route's copies name them; empty for anonymised copies.
+    pub subject: String,
+    /// The day (event-time rules), hour (invoice rules), 0 (contract rules), or the
+    /// instant of the right that ended the window, offset far below every other bucket.
+    pub bucket: i64,
+}
+
+/// A window's whole state: what the schedule topic holds for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowState {
+    /// Start of its first bucket.
+    pub from: Millis,
+    /// Last instant of its last bucket.
+    pub to: Millis,
+    /// When it must be deleted by; `None` while it waits for its anchor.
+    pub deadline: Option<Millis>,
+    /// Its rule, or the right that ended it early.
+    pub reason: Reason,
+}
+
+/// What changed since the journal was last drained: the state to persist for each
+/// window and remembered settlement touched (`None`: it is gone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// A window opened, changed or went.
+    Window(WindowKey, Option<WindowState>),
+    /// A settled period was remembered, or forgotten.
+    Settlement {
+        /// The route.
+        purpose: Purpose,
+        /// The subject.
+        subject: String,
+        /// The period's start.
+        start: Millis,
+        /// The period's end and the settlement's deadline, while remembered.
+        period: Option<(Millis, Millis)>,
+    },
+}
+
+/// A touched window or settlement, named by its subject (ids are reused).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Touched {
+    Window(Purpose, String, i64),
+    Settlement(Purpose, String, Millis),
+}
+
 /// What a route holds besides bare day or hour numbers. Rare, so boxed: most routes
 /// never need it.
 #[derive(Debug, Default)]
@@ -228,6 +279,13 @@ pub struct Schedule {
     /// When each route's remembered settlements on a subject may be forgotten.
     forget: BTreeSet<(Millis, u32, u8)>,
     open: usize,
+    /// What changed since the last drain, when a caller persists the schedule (Kafka);
+    /// `None` in replay, which keeps it in memory only.
+    journal: Option<Vec<Touched>>,
+    /// Windows taken out as due but not yet handed out (a caller asked for fewer at a
+    /// time): handed out first next time. Still in the journal's persisted state until
+    /// then, so a restart fires them again rather than losing them.
+    carry: std::collections::VecDeque<(Millis, Purpose, String, i64, Millis, Millis, Why)>,
 }
 
 impl Schedule {
@@ -250,7 +308,313 @@ impl Schedule {
             timed_due: BTreeSet::new(),
             forget: BTreeSet::new(),
             open: 0,
+            journal: None,
+            carry: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Keeps a journal of every window and settlement that changes, for a caller that
+    /// persists the schedule; see [`Schedule::drain_changes`].
+    pub fn with_journal(mut self) -> Schedule {
+        self.journal = Some(Vec::new());
+        self
+    }
+
+    fn note(&mut self, id: u32, p: Purpose, bucket: i64) {
+        if let Some(j) = self.journal.as_mut() {
+            j.push(Touched::Window(
+                p,
+                self.subjects[id as usize].name.to_text(),
+                bucket,
+            ));
+        }
+    }
+
+    fn note_settlement(&mut self, id: u32, p: Purpose, start: Millis) {
+        if let Some(j) = self.journal.as_mut() {
+            j.push(Touched::Settlement(
+                p,
+                self.subjects[id as usize].name.to_text(),
+                start,
+            ));
+        }
+    }
+
+    /// Every window and settlement that changed since the last call, with the state to
+    /// persist for it (once each, however often it changed).
+    pub fn drain_changes(&mut self) -> Vec<Persist> {
+        let Some(mut touched) = self.journal.as_mut().map(std::mem::take) else {
+            return Vec::new();
+        };
+        touched.sort_unstable();
+        touched.dedup();
+        touched
+            .into_iter()
+            .map(|t| match t {
+                Touched::Window(purpose, subject, bucket) => {
+                    let state = self.window_state(purpose, &subject, bucket);
+                    Persist::Window(
+                        WindowKey {
+                            purpose,
+                            subject,
+                            bucket,
+                        },
+                        state,
+                    )
+                }
+                Touched::Settlement(purpose, subject, start) => {
+                    let period = self.settlement(purpose, &subject, start);
+                    Persist::Settlement {
+                        purpose,
+                        subject,
+                        start,
+                        period,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// A subject's id without remembering it (for look-ups that change nothing).
+    fn find_ref(&self, name: &str) -> Option<u32> {
+        let h = self.hasher.hash_one(name.as_bytes());
+        self.index
+            .find(h, |&id| {
+                self.subjects[id as usize].name.bytes() == name.as_bytes()
+            })
+            .copied()
+    }
+
+    /// The state of one window, if it is open.
+    pub fn window_state(&self, p: Purpose, subject: &str, bucket: i64) -> Option<WindowState> {
+        let id = self.find_ref(subject)?;
+        let route = self.subjects[id as usize]
+            .routes
+            .iter()
+            .find(|r| r.purpose == p)?;
+        let rule = self.rules[p as usize].as_ref();
+        let as_rule = || Reason::Rule(rule.map_or_else(String::new, |r| r.rule_id.clone()));
+        if let Some(anchor) = rule.map(|r| r.anchor) {
+            let n = i32::try_from(bucket).ok();
+            match (anchor, &route.numbers[..]) {
+                (Anchor::ContractEnd, [first, last]) if bucket == 0 => {
+                    return Some(WindowState {
+                        from: unit_span(DAY_MS, *first).0,
+                        to: unit_span(DAY_MS, *last).1,
+                        deadline: None,
+                        reason: as_rule(),
+                    });
+                }
+                (Anchor::EventTime, days) if n.is_some_and(|d| days.binary_search(&d).is_ok()) => {
+                    let (from, to) = unit_span(DAY_MS, n.unwrap_or_default());
+                    let deadline = rule.map(|r| event_time_deadline(r, from));
+                    return Some(WindowState {
+                        from,
+                        to,
+                        deadline,
+                        reason: as_rule(),
+                    });
+                }
+                (Anchor::InvoiceSettled, hours)
+                    if n.is_some_and(|h| hours.binary_search(&h).is_ok()) =>
+                {
+                    let (from, to) = unit_span(HOUR_MS, n.unwrap_or_default());
+                    return Some(WindowState {
+                        from,
+                        to,
+                        deadline: None,
+                        reason: as_rule(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let w = route
+            .rest
+            .as_ref()?
+            .windows
+            .iter()
+            .find(|w| w.bucket == bucket)?;
+        Some(WindowState {
+            from: w.from,
+            to: w.to,
+            deadline: w.deadline,
+            reason: match w.why {
+                Why::Rule => as_rule(),
+                Why::ConsentWithdrawn => Reason::ConsentWithdrawn,
+                Why::Objection => Reason::Objection,
+                Why::Erasure => Reason::Erasure,
+            },
+        })
+    }
+
+    /// A remembered settlement's period end and deadline.
+    fn settlement(&self, p: Purpose, subject: &str, start: Millis) -> Option<(Millis, Millis)> {
+        let id = self.find_ref(subject)?;
+        let route = self.subjects[id as usize]
+            .routes
+            .iter()
+            .find(|r| r.purpose == p)?;
+        let s = route
+            .rest
+            .as_ref()?
+            .settled
+            .iter()
+            .find(|s| s.start == start)?;
+        Some((s.end, s.deadline))
+    }
+
+    /// Removes one window (a tombstone read back from the schedule topic); returns what
+    /// it held.
+    pub fn remove_window(&mut self, key: &WindowKey) -> Option<WindowState> {
+        let state = self.window_state(key.purpose, &key.subject, key.bucket)?;
+        let id = self.find_ref(&key.subject)?;
+        let anchor = self.rules[key.purpose as usize].as_ref().map(|r| r.anchor);
+        let route = self.route(id, key.purpose);
+        let n = i32::try_from(key.bucket).ok();
+        let in_numbers = match (anchor, n) {
+            (Some(Anchor::ContractEnd), _) if key.bucket == 0 && route.numbers.len() == 2 => {
+                route.numbers.clear();
+                true
+            }
+            (Some(Anchor::EventTime | Anchor::InvoiceSettled), Some(n)) => {
+                match route.numbers.binary_search(&n) {
+                    Ok(i) => {
+                        route.numbers.remove(i);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        if !in_numbers && let Some(r) = route.rest.as_mut() {
+            r.windows.retain(|w| w.bucket != key.bucket);
+        }
+        // Entries for it in the deadline indexes are skipped when they come up.
+        self.open -= 1;
+        self.release_if_empty(id, key.purpose);
+        Some(state)
+    }
+
+    /// Puts a window back as the schedule topic holds it. A window already open under the
+    /// same key (written again while its partition was being read back, with only the
+    /// copies of that moment) is merged: the union of the bounds, the earlier deadline.
+    pub fn restore_window(&mut self, key: &WindowKey, state: &WindowState) {
+        let mut state = state.clone();
+        if let Some(old) = self.remove_window(key) {
+            state.from = state.from.min(old.from);
+            state.to = state.to.max(old.to);
+            state.deadline = match (state.deadline, old.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if matches!(state.reason, Reason::Rule(_)) {
+                state.reason = old.reason;
+            }
+        }
+        let p = key.purpose;
+        let rule = self.rules[p as usize].clone();
+        let id = self.subject(&key.subject);
+        let why = match &state.reason {
+            Reason::ConsentWithdrawn => Why::ConsentWithdrawn,
+            Reason::Objection => Why::Objection,
+            Reason::Erasure => Why::Erasure,
+            Reason::Rule(_) => Why::Rule,
+        };
+        let n = i32::try_from(key.bucket).ok();
+        let bare = |anchor: Anchor| match (anchor, n) {
+            (Anchor::EventTime, Some(d)) => {
+                why == Why::Rule
+                    && (state.from, state.to) == unit_span(DAY_MS, d)
+                    && rule
+                        .as_ref()
+                        .is_some_and(|r| state.deadline == Some(event_time_deadline(r, state.from)))
+            }
+            (Anchor::InvoiceSettled, Some(h)) => {
+                why == Why::Rule
+                    && state.deadline.is_none()
+                    && (state.from, state.to) == unit_span(HOUR_MS, h)
+            }
+            (Anchor::ContractEnd, _) => {
+                why == Why::Rule
+                    && key.bucket == 0
+                    && state.deadline.is_none()
+                    && state.from.0.rem_euclid(DAY_MS) == 0
+                    && (state.to.0 + 1).rem_euclid(DAY_MS) == 0
+            }
+            _ => false,
+        };
+        match rule.as_ref().map(|r| r.anchor) {
+            Some(anchor) if bare(anchor) => {
+                let route = self.route(id, p);
+                match anchor {
+                    Anchor::ContractEnd => route
+                        .numbers
+                        .extend([number(DAY_MS, state.from), number(DAY_MS, state.to)]),
+                    _ => {
+                        insert_sorted(&mut route.numbers, n.unwrap_or_default());
+                    }
+                }
+                if anchor == Anchor::EventTime
+                    && let Some(d) = state.deadline
+                {
+                    self.days_due
+                        .entry((d, p as u8, n.unwrap_or_default()))
+                        .or_default()
+                        .push(id);
+                }
+            }
+            _ => {
+                self.route(id, p).windows().push(Window {
+                    bucket: key.bucket,
+                    from: state.from,
+                    to: state.to,
+                    deadline: state.deadline,
+                    why,
+                });
+                if let Some(d) = state.deadline {
+                    self.timed_due.insert((d, id, p as u8, key.bucket));
+                }
+            }
+        }
+        self.open += 1;
+    }
+
+    /// Puts a remembered settlement back as the schedule topic holds it.
+    pub fn restore_settlement(
+        &mut self,
+        p: Purpose,
+        subject: &str,
+        start: Millis,
+        end: Millis,
+        deadline: Millis,
+    ) {
+        let id = self.subject(subject);
+        let list = &mut self.route(id, p).rest.get_or_insert_default().settled;
+        match list.iter_mut().find(|s| s.start == start) {
+            Some(s) => {
+                s.end = end;
+                s.deadline = s.deadline.min(deadline);
+            }
+            None => list.push(Settlement {
+                start,
+                end,
+                deadline,
+            }),
+        }
+        self.forget.insert((deadline, id, p as u8));
+    }
+
+    /// Forgets a remembered settlement (a tombstone read back).
+    pub fn remove_settlement(&mut self, p: Purpose, subject: &str, start: Millis) {
+        let Some(id) = self.find_ref(subject) else {
+            return;
+        };
+        if let Some(r) = self.route(id, p).rest.as_mut() {
+            r.settled.retain(|s| s.start != start);
+        }
+        self.release_if_empty(id, p);
     }
 
     /// How many windows are open (for metrics and tests).
@@ -381,6 +745,7 @@ impl Schedule {
                 let day = number(DAY_MS, e.record_time);
                 if insert_sorted(&mut self.route(id, p).numbers, day) {
                     self.open += 1;
+                    self.note(id, p, i64::from(day));
                     let deadline = event_time_deadline(rule, e.record_time);
                     self.days_due
                         .entry((deadline, p as u8, day))
@@ -400,11 +765,16 @@ impl Schedule {
                 // A window still waiting keeps waiting (an open window keeps its
                 // deadline); it only widens.
                 if let [first, last] = route.numbers.as_mut_slice() {
+                    let widened = day < *first || day > *last;
                     *first = (*first).min(day);
                     *last = (*last).max(day);
+                    if widened {
+                        self.note(id, p, 0);
+                    }
                 } else if deadline.is_none() && route.window(bucket).is_none() {
                     route.numbers.extend([day, day]);
                     self.open += 1;
+                    self.note(id, p, 0);
                 } else {
                     let span = span_of(rule.anchor, e.record_time);
                     self.place(id, p, rule.anchor, bucket, span, deadline);
@@ -441,7 +811,11 @@ impl Schedule {
             return;
         }
         if let Some(w) = route.window(bucket) {
+            let before = (w.from, w.to);
             w.widen(from, to);
+            if (w.from, w.to) != before {
+                self.note(id, p, bucket);
+            }
             return;
         }
         if anchor == Anchor::InvoiceSettled
@@ -461,12 +835,14 @@ impl Schedule {
                         deadline: None,
                         why: Why::Rule,
                     });
+                    self.note(id, p, bucket);
                 }
                 return;
             }
             if own && deadline.is_none() {
                 insert_sorted(&mut route.numbers, hour);
                 self.open += 1;
+                self.note(id, p, bucket);
                 return;
             }
         }
@@ -478,6 +854,7 @@ impl Schedule {
             why: Why::Rule,
         });
         self.open += 1;
+        self.note(id, p, bucket);
         if let Some(d) = deadline {
             self.timed_due.insert((d, id, p as u8, bucket));
         }
@@ -580,6 +957,7 @@ impl Schedule {
         }
         for b in armed {
             self.timed_due.insert((deadline, id, p as u8, b));
+            self.note(id, p, b);
         }
     }
 
@@ -596,13 +974,15 @@ impl Schedule {
         let Some(route) = self.subjects[id as usize].route(p) else {
             return;
         };
-        let before = route.numbers.len();
+        // The buckets of the windows merged away, for the journal.
+        let mut gone: Vec<i64> = Vec::new();
         match rule.anchor {
             Anchor::EventTime => route.numbers.retain(|d| {
                 let (from, to) = unit_span(DAY_MS, *d);
                 let open = event_time_deadline(rule, from) > at;
                 if open {
                     merge(from, to);
+                    gone.push(i64::from(*d));
                 }
                 !open
             }),
@@ -611,32 +991,33 @@ impl Schedule {
                 for h in route.numbers.drain(..) {
                     let (from, to) = unit_span(HOUR_MS, h);
                     merge(from, to);
+                    gone.push(i64::from(h));
                 }
             }
-            Anchor::ContractEnd => {}
-        }
-        let mut removed = before - route.numbers.len();
-        // The waiting contract window (its first and last day) is one window.
-        if rule.anchor == Anchor::ContractEnd
-            && let [first, last] = route.numbers[..]
-        {
-            route.numbers.clear();
-            merge(unit_span(DAY_MS, first).0, unit_span(DAY_MS, last).1);
-            removed += 1;
+            // The waiting contract window (its first and last day) is one window.
+            Anchor::ContractEnd => {
+                if let [first, last] = route.numbers[..] {
+                    route.numbers.clear();
+                    merge(unit_span(DAY_MS, first).0, unit_span(DAY_MS, last).1);
+                    gone.push(0);
+                }
+            }
         }
         if let Some(r) = route.rest.as_mut() {
             r.windows.retain(|w| {
                 let open = w.why == Why::Rule && w.deadline.is_none_or(|d| d > at);
                 if open {
                     merge(w.from, w.to);
-                    removed += 1;
+                    gone.push(w.bucket);
                 }
                 !open
             });
         }
-        self.open -= removed;
+        self.open -= gone.len();
+        let mut ended = None;
         if let Some((from, to)) = merged {
             let key = ENDED_BASE + at.0;
+            ended = Some(key);
             match route.window(key) {
                 // Two rights at the same instant end the same copies once.
                 Some(w) => w.widen(from, to),
@@ -652,6 +1033,9 @@ impl Schedule {
                     self.timed_due.insert((at, id, p as u8, key));
                 }
             }
+        }
+        for b in gone.into_iter().chain(ended) {
+            self.note(id, p, b);
         }
         self.release_if_empty(id, p);
     }
@@ -687,6 +1071,7 @@ impl Schedule {
                 }
             };
             self.forget.insert((deadline, id, p as u8));
+            self.note_settlement(id, p, start);
             deadline
         } else {
             deadline
@@ -698,27 +1083,29 @@ impl Schedule {
         let mut merge = |from: Millis, to: Millis| {
             merged = Some(merged.map_or((from, to), |(a, z)| (a.min(from), z.max(to))));
         };
-        let before = route.numbers.len();
+        // The buckets of the windows merged away, for the journal.
+        let mut gone: Vec<i64> = Vec::new();
         route.numbers.retain(|h| {
             let (from, to) = unit_span(HOUR_MS, *h);
             let inside = from >= start && to < end;
             if inside {
                 merge(from, to);
+                gone.push(i64::from(*h));
             }
             !inside
         });
-        let mut removed = before - route.numbers.len();
         if let Some(r) = route.rest.as_mut() {
             r.windows.retain(|w| {
                 let inside =
                     w.why == Why::Rule && w.deadline.is_none() && w.from >= start && w.to < end;
                 if inside {
                     merge(w.from, w.to);
-                    removed += 1;
+                    gone.push(w.bucket);
                 }
                 !inside
             });
         }
+        let removed = gone.len();
         let Some((from, to)) = merged else {
             self.open -= removed;
             return;
@@ -749,6 +1136,9 @@ impl Schedule {
         if let Some(d) = rearm {
             self.timed_due.insert((d, id, p as u8, key));
         }
+        for b in gone.into_iter().chain([key]) {
+            self.note(id, p, b);
+        }
     }
 
     /// Removes and returns every window whose deadline is at or before `now`, deadline
@@ -771,78 +1161,32 @@ impl Schedule {
         now: Millis,
         mut emit: impl FnMut(Expiry) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut batch: Vec<(Purpose, String, i64, Millis, Millis, Why)> = Vec::new();
+        self.due_keyed(now, usize::MAX, |_, e| emit(e)).map(drop)
+    }
+
+    /// [`Schedule::due_each`] for a caller that persists the schedule: each expiry comes
+    /// with its window's bucket (with the route and subject, the window's key), and at
+    /// most `limit` come at a time, so firing a million windows due at once can be spread
+    /// over many transactions. Windows taken out but not handed out yet are handed out
+    /// first next time (and stay in the persisted state until then). Returns how many
+    /// were handed out.
+    pub fn due_keyed<E>(
+        &mut self,
+        now: Millis,
+        limit: usize,
+        mut emit: impl FnMut(i64, Expiry) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let mut handed = 0;
         loop {
-            let next = match (
-                self.days_due.first_key_value().map(|(k, _)| k.0),
-                self.timed_due.first().map(|k| k.0),
-            ) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(a), None) | (None, Some(a)) => a,
-                (None, None) => break,
-            };
-            if next > now {
-                break;
-            }
-            batch.clear();
-            while let Some(e) = self.days_due.first_entry() {
-                if e.key().0 != next {
-                    break;
-                }
-                let ((_, p, day), ids) = e.remove_entry();
-                let p = Purpose::ALL[p as usize];
-                for id in ids {
-                    let s = &mut self.subjects[id as usize];
-                    if !s.live {
-                        continue;
-                    }
-                    let name = &s.name;
-                    let Some(route) = s.routes.iter_mut().find(|r| r.purpose == p) else {
-                        continue;
-                    };
-                    let Ok(i) = route.numbers.binary_search(&day) else {
-                        continue;
-                    };
-                    route.numbers.remove(i);
-                    let (from, to) = unit_span(DAY_MS, day);
-                    batch.push((p, name.to_text(), day as i64, from, to, Why::Rule));
-                    self.open -= 1;
-                    self.release_if_empty(id, p);
-                }
-            }
-            while let Some(&(d, id, p, bucket)) = self.timed_due.first() {
-                if d != next {
-                    break;
-                }
-                self.timed_due.pop_first();
-                let p = Purpose::ALL[p as usize];
-                let s = &mut self.subjects[id as usize];
-                if !s.live {
-                    continue;
-                }
-                let name = &s.name;
-                let Some(r) = s
-                    .routes
-                    .iter_mut()
-                    .find(|r| r.purpose == p)
-                    .and_then(|r| r.rest.as_mut())
+            while handed < limit {
+                let Some((deadline, purpose, subject, bucket, from, to, why)) =
+                    self.carry.pop_front()
                 else {
-                    continue;
+                    break;
                 };
-                let Some(i) = r
-                    .windows
-                    .iter()
-                    .position(|w| w.bucket == bucket && w.deadline == Some(d))
-                else {
-                    continue;
-                };
-                let w = r.windows.swap_remove(i);
-                batch.push((p, name.to_text(), w.bucket, w.from, w.to, w.why));
-                self.open -= 1;
-                self.release_if_empty(id, p);
-            }
-            batch.sort_unstable_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
-            for (purpose, subject, _, from, to, why) in batch.drain(..) {
+                if let Some(j) = self.journal.as_mut() {
+                    j.push(Touched::Window(purpose, subject.clone(), bucket));
+                }
                 let reason = match why {
                     Why::ConsentWithdrawn => Reason::ConsentWithdrawn,
                     Why::Objection => Reason::Objection,
@@ -853,19 +1197,114 @@ impl Schedule {
                             .map_or_else(String::new, |r| r.rule_id.clone()),
                     ),
                 };
-                emit(Expiry {
-                    kind: "retention_expired",
-                    route: purpose.id(),
-                    purpose,
-                    subscriber: (!subject.is_empty()).then_some(subject),
-                    window_start: from,
-                    window_end: to,
-                    deadline: next,
-                    reason,
-                    policy: self.policy.clone(),
-                })?;
+                handed += 1;
+                emit(
+                    bucket,
+                    Expiry {
+                        kind: "retention_expired",
+                        route: purpose.id(),
+                        purpose,
+                        subscriber: (!subject.is_empty()).then_some(subject),
+                        window_start: from,
+                        window_end: to,
+                        deadline,
+                        reason,
+                        policy: self.policy.clone(),
+                    },
+                )?;
+            }
+            if handed >= limit || !self.take_next_due(now) {
+                break;
             }
         }
+        self.forget_settled(now);
+        Ok(handed)
+    }
+
+    /// Takes every window of the earliest deadline at or before `now` out of the schedule
+    /// into `carry`, in route, subject and bucket order; false if none is due.
+    fn take_next_due(&mut self, now: Millis) -> bool {
+        let next = match (
+            self.days_due.first_key_value().map(|(k, _)| k.0),
+            self.timed_due.first().map(|k| k.0),
+        ) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return false,
+        };
+        if next > now {
+            return false;
+        }
+        let mut batch: Vec<(Purpose, String, i64, Millis, Millis, Why)> = Vec::new();
+        while let Some(e) = self.days_due.first_entry() {
+            if e.key().0 != next {
+                break;
+            }
+            let ((_, p, day), ids) = e.remove_entry();
+            let p = Purpose::ALL[p as usize];
+            for id in ids {
+                let s = &mut self.subjects[id as usize];
+                if !s.live {
+                    continue;
+                }
+                let name = &s.name;
+                let Some(route) = s.routes.iter_mut().find(|r| r.purpose == p) else {
+                    continue;
+                };
+                let Ok(i) = route.numbers.binary_search(&day) else {
+                    continue;
+                };
+                route.numbers.remove(i);
+                let (from, to) = unit_span(DAY_MS, day);
+                batch.push((p, name.to_text(), i64::from(day), from, to, Why::Rule));
+                self.open -= 1;
+                self.release_if_empty(id, p);
+            }
+        }
+        while let Some(&(d, id, p, bucket)) = self.timed_due.first() {
+            if d != next {
+                break;
+            }
+            self.timed_due.pop_first();
+            let p = Purpose::ALL[p as usize];
+            let s = &mut self.subjects[id as usize];
+            if !s.live {
+                continue;
+            }
+            let name = &s.name;
+            let Some(r) = s
+                .routes
+                .iter_mut()
+                .find(|r| r.purpose == p)
+                .and_then(|r| r.rest.as_mut())
+            else {
+                continue;
+            };
+            let Some(i) = r
+                .windows
+                .iter()
+                .position(|w| w.bucket == bucket && w.deadline == Some(d))
+            else {
+                continue;
+            };
+            let w = r.windows.swap_remove(i);
+            batch.push((p, name.to_text(), w.bucket, w.from, w.to, w.why));
+            self.open -= 1;
+            self.release_if_empty(id, p);
+        }
+        batch.sort_unstable_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
+        self.carry.extend(
+            batch
+                .into_iter()
+                .map(|(p, subject, bucket, from, to, why)| {
+                    (next, p, subject, bucket, from, to, why)
+                }),
+        );
+        true
+    }
+
+    /// Forgets the settlements whose deadline passed.
+    fn forget_settled(&mut self, now: Millis) {
         while self.forget.first().is_some_and(|f| f.0 <= now) {
             let Some((_, id, p)) = self.forget.pop_first() else {
                 break;
@@ -875,12 +1314,21 @@ impl Schedule {
             if !s.live {
                 continue;
             }
+            let mut gone: Vec<Millis> = Vec::new();
             if let Some(r) = s.route(p).and_then(|r| r.rest.as_mut()) {
-                r.settled.retain(|s| s.deadline > now);
+                r.settled.retain(|s| {
+                    let keep = s.deadline > now;
+                    if !keep {
+                        gone.push(s.start);
+                    }
+                    keep
+                });
+            }
+            for start in gone {
+                self.note_settlement(id, p, start);
             }
             self.release_if_empty(id, p);
         }
-        Ok(())
     }
 
     /// Subjects with remembered settlements on a route (for tests).
@@ -1605,5 +2053,215 @@ mod tests {
         for e in first.iter().chain(&rest) {
             assert!(e.window_end < e.deadline, "{e:?}");
         }
+    }
+
+    /// What a compacted schedule topic holds after the journal's changes: the latest
+    /// state per key, tombstones removing.
+    #[derive(Default)]
+    struct Topic {
+        windows: std::collections::BTreeMap<WindowKey, WindowState>,
+        settled: std::collections::BTreeMap<(Purpose, String, Millis), (Millis, Millis)>,
+    }
+
+    impl Topic {
+        fn write(&mut self, changes: Vec<Persist>) {
+            for c in changes {
+                match c {
+                    Persist::Window(k, Some(st)) => {
+                        self.windows.insert(k, st);
+                    }
+                    Persist::Window(k, None) => {
+                        self.windows.remove(&k);
+                    }
+                    Persist::Settlement {
+                        purpose,
+                        subject,
+                        start,
+                        period: Some(p),
+                    } => {
+                        self.settled.insert((purpose, subject, start), p);
+                    }
+                    Persist::Settlement {
+                        purpose,
+                        subject,
+                        start,
+                        period: None,
+                    } => {
+                        self.settled.remove(&(purpose, subject, start));
+                    }
+                }
+            }
+        }
+
+        /// A schedule read back from the topic, as a new owner of the partition does.
+        fn rebuild(&self, policy: &Policy) -> Schedule {
+            let mut s = Schedule::new(policy).with_journal();
+            for (k, st) in &self.windows {
+                s.restore_window(k, st);
+            }
+            for ((p, subject, start), (end, deadline)) in &self.settled {
+                s.restore_settlement(*p, subject, *start, *end, *deadline);
+            }
+            s
+        }
+    }
+
+    /// A persisted schedule fires exactly what the live one fires: a run of copies,
+    /// rights, settlements and contract ends, with windows fired a few at a time along the
+    /// way, journalled into a compacted "topic"; a schedule rebuilt from the topic at any
+    /// point holds the same windows and, from then on, yields the same expiries.
+    #[test]
+    fn a_schedule_rebuilt_from_its_journal_fires_what_the_live_one_fires() {
+        let mut f = Fixture::new("excedo");
+        f.s = Schedule::new(&f.policy).with_journal();
+        let mut topic = Topic::default();
+        let subs = [
+            "+46701000001",
+            "+46701000002",
+            "+46701000003",
+            "+46701000004",
+        ];
+        let routes = [
+            Purpose::Billing,
+            Purpose::Fraud,
+            Purpose::Analytics,
+            Purpose::Marketing,
+            Purpose::Troubleshooting,
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let start = t("2026-01-01T00:00:00.000Z").0;
+        let mut now = start;
+        let mut fired_live = Vec::new();
+        for step in 0..3_000 {
+            now += rand(3) as i64 * HOUR_MS + rand(HOUR_MS as u64) as i64;
+            let who = subs[rand(subs.len() as u64) as usize];
+            let at = Millis(now).to_string();
+            match rand(40) {
+                0 => f.control(
+                    who,
+                    &at,
+                    Change::Consent {
+                        purpose: Purpose::Analytics,
+                        granted: false,
+                    },
+                ),
+                1 => f.control(
+                    who,
+                    &at,
+                    Change::Objection {
+                        purpose: Purpose::Marketing,
+                    },
+                ),
+                2 => f.control(who, &at, Change::Erasure),
+                3 => f.control(who, &at, Change::ContractEnded),
+                4 | 5 => {
+                    let month = Millis(now).add_months(0).0 / (30 * DAY_MS) * (30 * DAY_MS);
+                    let (a, z) = (Millis(month - 30 * DAY_MS), Millis(month));
+                    let (a, z) = (
+                        Millis(a.0 / HOUR_MS * HOUR_MS),
+                        Millis(z.0 / HOUR_MS * HOUR_MS),
+                    );
+                    f.settle(who, &at, &a.to_string(), &z.to_string());
+                }
+                _ => {
+                    let p = routes[rand(routes.len() as u64) as usize];
+                    let late = rand(10) == 0;
+                    let when = if late {
+                        Millis(now - 5 * DAY_MS)
+                    } else {
+                        Millis(now)
+                    };
+                    f.copy(p, who, &when.to_string(), None);
+                }
+            }
+            // Fire a few at a time, as a transaction at a time would.
+            if step % 7 == 0 {
+                let _ = f.s.due_keyed(Millis(now), 3, |b, e| {
+                    fired_live.push((b, e));
+                    Ok::<(), ()>(())
+                });
+            }
+            if step % 11 == 0 {
+                topic.write(f.s.drain_changes());
+            }
+        }
+        topic.write(f.s.drain_changes());
+        // Windows taken out but not yet handed out are still in the topic: the rebuilt
+        // schedule hands them out again, the live one from its carry.
+        let mut rebuilt = topic.rebuild(&f.policy);
+        assert_eq!(
+            rebuilt.open_windows(),
+            f.s.open_windows() + f.s.carry.len(),
+            "the same windows"
+        );
+        let later = Millis(now + 800 * DAY_MS);
+        let mut a: Vec<_> =
+            f.s.due(later)
+                .into_iter()
+                .map(|e| format!("{e:?}"))
+                .collect();
+        let mut b: Vec<_> = rebuilt
+            .due(later)
+            .into_iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        a.sort();
+        b.sort();
+        assert!(
+            a.len() > 20 && !fired_live.is_empty(),
+            "{} {}",
+            a.len(),
+            fired_live.len()
+        );
+        assert_eq!(a, b);
+    }
+
+    /// A window written again while its partition was read back (with only that moment's
+    /// copies) merges with what the topic held: the union of the bounds, the earlier
+    /// deadline.
+    #[test]
+    fn a_window_restored_twice_merges() {
+        let policy = policy("excedo");
+        let mut s = Schedule::new(&policy);
+        let key = WindowKey {
+            purpose: Purpose::Troubleshooting,
+            subject: M.into(),
+            bucket: 0,
+        };
+        let st = |from: &str, to: &str, deadline: Option<&str>| WindowState {
+            from: t(from),
+            to: t(to),
+            deadline: deadline.map(t),
+            reason: Reason::Rule("excedo.troubleshooting".into()),
+        };
+        s.restore_window(
+            &key,
+            &st("2026-03-01T00:00:00.000Z", "2026-03-10T23:59:59.999Z", None),
+        );
+        s.restore_window(
+            &key,
+            &st(
+                "2026-03-12T00:00:00.000Z",
+                "2026-03-12T23:59:59.999Z",
+                Some("2027-05-01T00:00:00.000Z"),
+            ),
+        );
+        assert_eq!(s.open_windows(), 1);
+        assert_eq!(
+            s.window_state(Purpose::Troubleshooting, M, 0),
+            Some(st(
+                "2026-03-01T00:00:00.000Z",
+                "2026-03-12T23:59:59.999Z",
+                Some("2027-05-01T00:00:00.000Z")
+            ))
+        );
+        assert!(s.remove_window(&key).is_some());
+        assert_eq!(s.open_windows(), 0);
     }
 }
