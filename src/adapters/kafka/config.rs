@@ -19,6 +19,7 @@ use crate::core::bounds::TimeLimits;
 use crate::core::pseudonym::Keyring;
 use crate::policy::{Policy, PolicyError};
 use crate::vocab::purpose::Purpose;
+use crate::vocab::time::Millis;
 
 /// The environment prefix; `__` separates key levels (`CDRGUARD_KAFKA__GROUP_ID`).
 pub const ENV_PREFIX: &str = "CDRGUARD_";
@@ -142,6 +143,15 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The run's clock as configured: the wall clock unless a start is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockSetting {
+    /// The instant the clock shows when the run starts; `None`: the wall clock.
+    pub start: Option<Millis>,
+    /// How many times faster than real time it runs (with a start only).
+    pub speed: u32,
+}
+
 /// The delivery guarantee of `run`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Guarantee {
@@ -178,6 +188,8 @@ pub struct RunConfig {
     pub dead_letter_topic: String,
     /// Retention windows opened or extended by routed copies.
     pub schedule_topic: String,
+    /// Retention-expiry events for downstream stores (DESIGN.md).
+    pub retention_topic: String,
     /// Topic of each route: as configured, else (after [`RunConfig::with_policy`]) the
     /// topic the policy declares for it.
     pub routes: [Option<String>; Purpose::COUNT],
@@ -206,6 +218,12 @@ pub struct RunConfig {
     pub shutdown_timeout: Duration,
     /// The record times accepted around the wall clock (the same rule as replay's).
     pub time_limits: TimeLimits,
+    /// Expiries fired in one transaction at most, so a million windows due at once never
+    /// hold the copies' commits back.
+    pub fire_batch: usize,
+    /// The run's clock: the wall clock, or (rehearsals and tests) one that starts at a
+    /// given instant and runs faster.
+    pub clock: ClockSetting,
     /// The config file as named by the caller, for errors found after loading.
     file: String,
     /// Where each topic key that was set came from (`topics.input`,
@@ -288,6 +306,10 @@ impl RunConfig {
             (
                 self.schedule_topic.as_str(),
                 "topics.retention_schedule".to_string(),
+            ),
+            (
+                self.retention_topic.as_str(),
+                "topics.retention".to_string(),
             ),
         ];
         for p in Purpose::ALL {
@@ -719,6 +741,7 @@ pub fn parse(
     let control = s.string("topics.control", Some("subscriber.control"));
     let dead_letter = s.string("topics.dead_letter", Some("cdr.dead-letter"));
     let schedule = s.string("topics.retention_schedule", Some("cdr.retention.schedule"));
+    let retention = s.string("topics.retention", Some("cdr.retention"));
     // A route not named here takes the topic its policy declares (see `with_policy`).
     let mut routes: [Option<String>; Purpose::COUNT] = Default::default();
     for p in Purpose::ALL {
@@ -773,6 +796,18 @@ pub fn parse(
         limits.anchored_floor_ms / 86_400_000,
         (1, 100 * 366),
     );
+    let fire_batch = s.integer("retention.fire_batch", 5_000, (1, 1_000_000));
+    let clock_start = match s.string("retention.clock_start", Some("")) {
+        Some((t, o)) if o != Origin::Default => match Millis::parse(&t) {
+            Ok(m) => Some(m),
+            Err(_) => {
+                s.problem(o, "retention.clock_start", "must be an RFC 3339 instant");
+                None
+            }
+        },
+        _ => None,
+    };
+    let clock_speed = s.integer("retention.clock_speed", 1, (1, 100_000_000));
 
     for (k, (_, o)) in std::mem::take(&mut s.leaves) {
         s.problem(o, &k, "unknown key");
@@ -846,6 +881,7 @@ pub fn parse(
         control_topic: get(control),
         dead_letter_topic: get(dead_letter),
         schedule_topic: get(schedule),
+        retention_topic: get(retention),
         routes,
         policy: resolve(get(policy)),
         key_file: resolve(get(key_file)),
@@ -860,6 +896,11 @@ pub fn parse(
         time_limits: TimeLimits {
             max_future_ms,
             anchored_floor_ms: anchored_floor_days * 86_400_000,
+        },
+        fire_batch: fire_batch as usize,
+        clock: ClockSetting {
+            start: clock_start,
+            speed: clock_speed as u32,
         },
         file: file.to_string(),
         topic_origins: std::mem::take(&mut s.taken)

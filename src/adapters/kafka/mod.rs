@@ -11,10 +11,12 @@
 //! - [`topics`]: the topics a configuration needs, and their creation.
 //! - [`produce`]: feeds record and control files into a configuration's topics.
 
+pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod pipeline;
 pub mod produce;
+pub mod retention;
 pub mod sink;
 pub mod stats;
 pub mod topics;
