@@ -227,6 +227,7 @@ pub async fn run(
         let inputs = PipelineInputs {
             consumer_config: consumer_config(&cfg),
             producer_config: producer_config(&cfg),
+            clock: clock::Clock::new(cfg.clock),
             cfg: cfg.clone(),
             policy,
             keys,

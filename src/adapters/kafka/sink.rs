@@ -246,8 +246,8 @@ pub struct Out<'a> {
     pub partition: Option<i32>,
     /// Key.
     pub key: Option<&'a [u8]>,
-    /// Payload.
-    pub payload: &'a [u8],
+    /// Payload; `None` for a tombstone (a compacted topic then forgets the key).
+    pub payload: Option<&'a [u8]>,
     /// Headers.
     pub headers: Option<OwnedHeaders>,
 }
@@ -299,7 +299,10 @@ impl Sink {
     /// Queues one message. A full local queue is waited out (the producer thread drains
     /// it as the broker acknowledges), so memory stays bounded under back-pressure.
     pub async fn send(&self, out: Out<'_>) -> Result<(), SinkError> {
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(out.topic).payload(out.payload);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(out.topic);
+        if let Some(p) = out.payload {
+            record = record.payload(p);
+        }
         if let Some(k) = out.key {
             record = record.key(k);
         }

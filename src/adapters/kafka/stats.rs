@@ -23,6 +23,10 @@ pub struct RunStats {
     pub commits: AtomicU64,
     /// Transactions aborted (input rewound).
     pub aborts: AtomicU64,
+    /// Retention-expiry events committed, per route.
+    pub expiries: [AtomicU64; Purpose::COUNT],
+    /// Schedule-topic messages that could not be read back.
+    pub schedule_unreadable: AtomicU64,
 }
 
 impl RunStats {
@@ -39,12 +43,16 @@ impl RunStats {
             })
             .collect();
         format!(
-            "records={} dead_letters={} fail_closed={} copies[{}] windows={} commits={} aborts={}",
+            "records={} dead_letters={} fail_closed={} copies[{}] windows={} expiries={} commits={} aborts={}",
             self.records.load(Ordering::Relaxed),
             self.dead_letters.load(Ordering::Relaxed),
             self.fail_closed.load(Ordering::Relaxed),
             c.join(" "),
             self.windows.load(Ordering::Relaxed),
+            self.expiries
+                .iter()
+                .map(|e| e.load(Ordering::Relaxed))
+                .sum::<u64>(),
             self.commits.load(Ordering::Relaxed),
             self.aborts.load(Ordering::Relaxed),
         )

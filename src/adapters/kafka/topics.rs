@@ -57,7 +57,19 @@ pub fn specs(cfg: &RunConfig, policy: &Policy, partitions: i32) -> Vec<TopicSpec
             name: cfg.schedule_topic.clone(),
             role: "retention windows",
             partitions,
-            configs: compacted,
+            // While a partition is read back, its windows are written with only that
+            // moment's copies and written again whole once the reading is done; an hour
+            // keeps the older, whole entries from being compacted away meanwhile.
+            configs: vec![
+                ("cleanup.policy", "compact"),
+                ("min.compaction.lag.ms", "3600000"),
+            ],
+        },
+        TopicSpec {
+            name: cfg.retention_topic.clone(),
+            role: "retention-expiry events",
+            partitions,
+            configs: vec![],
         },
     ];
     for r in policy.declared() {
@@ -137,9 +149,18 @@ mod tests {
         .unwrap();
         let specs = specs(&cfg, &policy, 12);
         let find = |name: &str| specs.iter().find(|s| s.name == name).unwrap();
-        for compacted in ["subscriber.control", "cdr.retention.schedule"] {
-            assert_eq!(find(compacted).configs, [("cleanup.policy", "compact")]);
-        }
+        assert_eq!(
+            find("subscriber.control").configs,
+            [("cleanup.policy", "compact")]
+        );
+        assert_eq!(
+            find("cdr.retention.schedule").configs,
+            [
+                ("cleanup.policy", "compact"),
+                ("min.compaction.lag.ms", "3600000")
+            ]
+        );
+        assert_eq!(find("cdr.retention").role, "retention-expiry events");
         assert_eq!(
             find("cdr.retention.schedule").partitions,
             12,
@@ -152,7 +173,11 @@ mod tests {
         // One topic per declared route, none for customer care (not declared by Excedo).
         let routes: Vec<&str> = specs
             .iter()
-            .filter(|s| s.name.starts_with("cdr.") && s.configs.is_empty() && s.name != "cdr.raw")
+            .filter(|s| {
+                s.name.starts_with("cdr.")
+                    && s.configs.is_empty()
+                    && !["cdr.raw", "cdr.retention"].contains(&s.name.as_str())
+            })
             .map(|s| s.name.as_str())
             .collect();
         assert_eq!(

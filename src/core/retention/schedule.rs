@@ -375,6 +375,33 @@ impl Schedule {
             .collect()
     }
 
+    /// Marks a window as changed, so the next drain writes its whole state (a caller that
+    /// wrote a partial state of it meanwhile).
+    pub fn touch(&mut self, key: &WindowKey) {
+        if let Some(j) = self.journal.as_mut() {
+            j.push(Touched::Window(
+                key.purpose,
+                key.subject.clone(),
+                key.bucket,
+            ));
+        }
+    }
+
+    /// Whether anything changed since the last drain.
+    pub fn has_changes(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| !j.is_empty())
+    }
+
+    /// Whether a window is due at `now` (or taken out and waiting to be handed out).
+    pub fn has_due(&self, now: Millis) -> bool {
+        !self.carry.is_empty()
+            || self
+                .days_due
+                .first_key_value()
+                .is_some_and(|(k, _)| k.0 <= now)
+            || self.timed_due.first().is_some_and(|k| k.0 <= now)
+    }
+
     /// A subject's id without remembering it (for look-ups that change nothing).
     fn find_ref(&self, name: &str) -> Option<u32> {
         let h = self.hasher.hash_one(name.as_bytes());

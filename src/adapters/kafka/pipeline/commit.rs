@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::vocab::time::Millis;
 
 /// Aborts in a row, with no commit between them, after which the pipeline is rebuilt: a
 /// cause that outlives a fresh transaction (a deleted or forbidden topic) would otherwise
@@ -82,9 +83,10 @@ pub(super) fn after_abort(in_row: u32, cause: &SinkError) -> Result<(), Pipeline
 }
 
 impl SlotState {
-    /// Whether the partition has processed anything since the last commit.
-    pub(super) fn has_work(&self) -> bool {
-        self.records > 0 || !self.windows.is_empty()
+    /// Whether the partition has processed anything since the last commit, or its timers
+    /// have something to write or fire at `now`.
+    pub(super) fn has_work(&self, now: Millis) -> bool {
+        self.records > 0 || self.timers.has_work(now)
     }
 
     /// The input offset the next commit stores, if the partition moved since the last.
@@ -97,6 +99,7 @@ impl SlotState {
         self.committed = self.next;
         self.txn_first = None;
         self.records = 0;
+        self.timers.on_commit();
     }
 
     /// The transaction was aborted: everything processed since the last commit is read
@@ -109,7 +112,6 @@ impl SlotState {
             self.next = self.committed;
         }
         self.records = 0;
-        self.windows.clear();
         self.anonymised.clear();
         rewind.is_some()
     }
@@ -155,8 +157,10 @@ impl Shared {
         for s in &slots {
             guards.push(s.state.lock().await);
         }
+        self.advance_timers(&slots, &mut guards);
         let send_failed = self.poisoned.swap(false, Ordering::AcqRel);
-        let has_work = guards.iter().any(|g| g.has_work());
+        let now = self.clock.now();
+        let has_work = guards.iter().any(|g| g.has_work(now));
         let outcome = match plan(false, send_failed, has_work) {
             Plan::Nothing => return Ok(()),
             Plan::Commit => self.commit_locked(&slots, &mut guards).await,
@@ -202,32 +206,18 @@ impl Shared {
                         topic,
                         partition: None,
                         key: None,
-                        payload: &payload,
+                        payload: Some(&payload),
                         headers: Some(headers),
                     })
                     .await?;
             }
         }
-        let mut line = Vec::with_capacity(512);
         let mut windows = 0u64;
+        let mut budget = self.cfg.fire_batch;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
-            for w in g.windows.drain(&self.policy) {
-                line.clear();
-                // Serialising owned strings and numbers into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut line, &w);
-                let key = w.key();
-                // Same partition as the input: the partition's owner owns its timers.
-                self.sink
-                    .send(Out {
-                        topic: &self.cfg.schedule_topic,
-                        partition: Some(slot.partition),
-                        key: Some(key.as_bytes()),
-                        payload: &line,
-                        headers: None,
-                    })
-                    .await?;
-                windows += 1;
-            }
+            windows += self
+                .fire_and_persist(slot.partition, &mut g.timers, &mut budget)
+                .await?;
         }
         let mut tpl = TopicPartitionList::new();
         for (slot, g) in slots.iter().zip(guards.iter()) {
@@ -269,10 +259,13 @@ impl Shared {
         tokio::task::spawn_blocking(move || sink.abort())
             .await
             .map_err(|_| SinkError::Abandoned)??;
+        let now = self.clock.now();
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
             if g.on_abort() {
                 slot.wake.notify_one();
             }
+            g.timers
+                .on_abort(&self.timer_source, slot.partition, self.policy.clone(), now);
         }
         self.uncommitted.store(0, Ordering::Relaxed);
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
@@ -285,6 +278,7 @@ mod tests {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     use super::*;
+    use crate::adapters::kafka::retention::timers::Timers;
 
     /// A Kafka error of a given code.
     fn kafka(code: RDKafkaErrorCode) -> KafkaError {
@@ -372,18 +366,23 @@ mod tests {
     /// a commit, then had that transaction aborted: it commits 15, then rewinds to 15.
     #[test]
     fn a_commit_stores_the_next_offset_and_an_abort_rewinds_to_the_transactions_first() {
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "excedo")
+                .unwrap();
+        let empty = || SlotState::new(Timers::empty(&policy));
+        let now = Millis(0);
         let mut s = SlotState {
             committed: Some(10),
-            ..SlotState::default()
+            ..empty()
         };
-        assert!(!s.has_work());
+        assert!(!s.has_work(now));
         assert_eq!(s.offset_to_commit(), None, "nothing moved");
         for off in 10..15 {
             s.txn_first.get_or_insert(off);
             s.next = Some(off + 1);
             s.records += 1;
         }
-        assert!(s.has_work());
+        assert!(s.has_work(now));
         assert_eq!(s.offset_to_commit(), Some(15));
         s.on_commit();
         assert_eq!((s.committed, s.txn_first, s.records), (Some(15), None, 0));
@@ -405,12 +404,12 @@ mod tests {
             None,
             "nothing of the aborted work commits"
         );
-        assert!(!s.has_work());
+        assert!(!s.has_work(now));
         // A partition that processed nothing in the aborted transaction stays put.
         let mut idle = SlotState {
             committed: Some(3),
             next: Some(3),
-            ..SlotState::default()
+            ..empty()
         };
         assert!(!idle.on_abort());
         assert_eq!(idle.rewind, None);

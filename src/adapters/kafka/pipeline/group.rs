@@ -16,6 +16,7 @@ use super::commit::{AfterFailure, Plan, after_failure, plan};
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::config::RunConfig;
+use crate::adapters::kafka::retention::timers::Timers;
 use crate::policy::Policy;
 
 /// The group consumer's context: rebalance callbacks reach the shared state through it.
@@ -121,7 +122,12 @@ impl Shared {
             };
             let slot = Arc::new(Slot {
                 partition: p,
-                state: tokio::sync::Mutex::new(SlotState::default()),
+                state: tokio::sync::Mutex::new(SlotState::new(Timers::start(
+                    &self.timer_source,
+                    p,
+                    self.policy.clone(),
+                    self.clock.now(),
+                ))),
                 wake: Notify::new(),
                 stop: AtomicBool::new(false),
                 task: Mutex::new(None),
@@ -184,8 +190,10 @@ impl Shared {
         // A failed pipeline commits nothing more: the next one's producer (same
         // transactional id) aborts the open transaction when it starts.
         if !self.has_failed() {
+            self.advance_timers(&slots, &mut guards);
             let send_failed = self.poisoned.swap(false, Ordering::AcqRel);
-            let has_work = guards.iter().any(|g| g.has_work());
+            let now = self.clock.now();
+            let has_work = guards.iter().any(|g| g.has_work(now));
             let outcome = match plan(lost, send_failed, has_work) {
                 Plan::Nothing => Ok(()),
                 Plan::Commit => self.commit_locked(&slots, &mut guards).await,
@@ -323,6 +331,7 @@ pub(super) fn check_topics(
         &cfg.control_topic,
         &cfg.dead_letter_topic,
         &cfg.schedule_topic,
+        &cfg.retention_topic,
     ];
     for r in policy.declared() {
         if let Some(t) = cfg.routes[r.purpose as usize].as_deref() {

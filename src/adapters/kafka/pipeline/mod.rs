@@ -21,6 +21,7 @@
 mod commit;
 mod group;
 mod partition;
+mod retention;
 mod slot;
 
 use std::collections::BTreeMap;
@@ -40,6 +41,9 @@ use super::config::{Guarantee, RunConfig};
 use super::consent::ConsentStore;
 use super::sink::{Sink, SinkError};
 use super::stats::RunStats;
+use crate::adapters::kafka::clock::Clock;
+use crate::adapters::kafka::retention::control::ControlFeed;
+use crate::adapters::kafka::retention::timers::Source;
 use crate::codec::Envelopes;
 use crate::core::pseudonym::Keyring;
 use crate::policy::Policy;
@@ -112,6 +116,12 @@ pub struct Shared {
     policy: Arc<Policy>,
     /// The policy's envelopes, encoded once.
     envelopes: Envelopes,
+    /// The run's clock.
+    clock: Clock,
+    /// Where partitions' retention timers are read back from.
+    timer_source: Source,
+    /// The control events the retention timers act on.
+    control_feed: ControlFeed,
     keys: Arc<Keyring>,
     store: Arc<ConsentStore>,
     sink: Arc<Sink>,
@@ -195,6 +205,8 @@ pub struct PipelineInputs {
     pub consumer_config: ClientConfig,
     /// librdkafka properties for the producer.
     pub producer_config: ClientConfig,
+    /// The run's clock, kept across pipeline rebuilds.
+    pub clock: Clock,
 }
 
 /// Runs one pipeline until `stop` is notified (graceful: the open transaction is
@@ -273,6 +285,17 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     result
 }
 
+/// librdkafka settings of the readers that assign partitions themselves (no group): the
+/// brokers, security and consumer properties.
+fn reader_config(cfg: &RunConfig) -> ClientConfig {
+    let mut c = crate::adapters::kafka::common(cfg);
+    for (k, v) in &cfg.consumer_properties {
+        c.set(k, v);
+    }
+    c.set("group.id", format!("{}.retention-reader", cfg.group_id));
+    c
+}
+
 /// The producer and the state every part of the pipeline shares.
 async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineError> {
     let cfg = &inputs.cfg;
@@ -285,6 +308,12 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         cfg: cfg.clone(),
         policy: inputs.policy.clone(),
         envelopes: Envelopes::new(&inputs.policy),
+        clock: inputs.clock.clone(),
+        timer_source: Source {
+            client: reader_config(cfg),
+            topic: cfg.schedule_topic.clone(),
+        },
+        control_feed: ControlFeed::start(reader_config(cfg), cfg.control_topic.clone()),
         keys: inputs.keys.clone(),
         store: inputs.store.clone(),
         sink: Arc::new(sink),

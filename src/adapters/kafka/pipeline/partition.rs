@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::Offset;
 use rdkafka::consumer::Consumer;
@@ -31,15 +31,6 @@ pub use crate::codec::MAX_RECORD_BYTES;
 /// The longest input key a dead letter carries; a longer one is cut, so a dead letter
 /// always fits the broker's message size and cannot wedge its partition.
 pub const MAX_DEAD_LETTER_KEY_BYTES: usize = 1024;
-
-/// The wall clock: the one place Kafka mode reads it for the core's `now`.
-pub(super) fn now_millis() -> Millis {
-    Millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
-    )
-}
 
 impl Shared {
     /// A partition's task: batches of records from its queue while it owns the
@@ -91,7 +82,7 @@ impl Shared {
             });
             return Step::Stop;
         }
-        let now = now_millis();
+        let now = self.clock.now();
         task.scratch.bounds = Some(TimeBounds::new(&self.policy, now, self.cfg.time_limits));
         let instant = Instant::now();
         let fresh = self.store.fresh(instant);
@@ -242,7 +233,7 @@ impl Shared {
                         key: m
                             .key()
                             .map(|k| &k[..k.len().min(MAX_DEAD_LETTER_KEY_BYTES)]),
-                        payload,
+                        payload: Some(payload),
                         headers: Some(headers),
                     })
                     .await?;
@@ -281,12 +272,12 @@ impl Shared {
                                 topic,
                                 partition: None,
                                 key: entry.subscriber.map(str::as_bytes),
-                                payload: &scratch.buf,
+                                payload: Some(&scratch.buf),
                                 headers: Some(headers),
                             })
                             .await?;
                     }
-                    st.windows.add(&entry, state.contract_ended);
+                    st.timers.track(&entry, state.contract_ended);
                     self.stats.copies[c.envelope.purpose as usize].fetch_add(1, Ordering::Relaxed);
                 }
                 if !fresh {

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rdkafka::message::OwnedHeaders;
 use tokio::sync::Notify;
 
-use crate::core::retention::WindowBatch;
+use crate::adapters::kafka::retention::timers::Timers;
 use crate::vocab::purpose::Purpose;
 
 /// What a partition task keeps between commits.
-#[derive(Default)]
 pub(super) struct SlotState {
     /// Offset after the last committed record.
     pub(super) committed: Option<i64>,
@@ -22,13 +21,28 @@ pub(super) struct SlotState {
     pub(super) txn_first: Option<i64>,
     /// Records processed since the last commit.
     pub(super) records: u64,
-    /// Retention windows touched since the last commit.
-    pub(super) windows: WindowBatch,
+    /// The partition's retention timers.
+    pub(super) timers: Timers,
     /// Set by an abort: seek here before reading on.
     pub(super) rewind: Option<i64>,
     /// Anonymised copies made since the last commit (route, copy, headers), sent sorted
     /// at the commit (see [`Shared::commit_locked`]).
     pub(super) anonymised: Vec<(Purpose, Vec<u8>, OwnedHeaders)>,
+}
+
+impl SlotState {
+    /// A partition's state when it is assigned.
+    pub(super) fn new(timers: Timers) -> SlotState {
+        SlotState {
+            committed: None,
+            next: None,
+            txn_first: None,
+            records: 0,
+            timers,
+            rewind: None,
+            anonymised: Vec::new(),
+        }
+    }
 }
 
 /// A partition owned by this pipeline: its state, its task and how to wake it.

@@ -1,0 +1,195 @@
+//! The retention service's part of each commit, with every partition locked: timers read
+//! back take over, control events reach the windows they act on (each exactly once), and
+//! due windows fire: their `retention_expired` event and the tombstone of their schedule
+//! entry go into the same transaction as the copies and the input offsets.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+use super::slot::{Slot, SlotState};
+use crate::adapters::kafka::retention::entries::{self, window_key};
+use crate::adapters::kafka::retention::timers::Timers;
+use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::core::retention::schedule::{Persist, WindowKey};
+
+/// Control events applied in one commit at most, so a burst never holds a commit back.
+const CONTROL_PER_COMMIT: usize = 10_000;
+
+impl Shared {
+    /// Timers read back take over (and the control reader goes back to where they
+    /// stopped); queued control events are applied to every partition whose timers have
+    /// not applied them yet. In memory only: the next commit writes what changed.
+    pub(super) fn advance_timers(
+        &self,
+        slots: &[Arc<Slot>],
+        guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
+    ) {
+        let mut newly_ready = false;
+        for (slot, g) in slots.iter().zip(guards.iter_mut()) {
+            match g.timers.finish_reading(&self.policy) {
+                None => {}
+                Some(Ok(read)) => {
+                    newly_ready = true;
+                    tracing::info!(
+                        partition = slot.partition,
+                        messages = read.messages,
+                        windows = read.windows,
+                        took_ms = read.took.as_millis() as u64,
+                        "retention timers read back"
+                    );
+                    if !read.unreadable.is_empty() {
+                        // Where, never what: entries name subscribers.
+                        tracing::error!(
+                            topic = %self.cfg.schedule_topic,
+                            partition = slot.partition,
+                            count = read.unreadable.len(),
+                            offsets = ?&read.unreadable[..read.unreadable.len().min(20)],
+                            "schedule entries unreadable; those whose key names a window are expired at once"
+                        );
+                        self.stats
+                            .schedule_unreadable
+                            .fetch_add(read.unreadable.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Some(Err(e)) => self.fail(super::PipelineError::Internal(e.to_string())),
+            }
+        }
+        if newly_ready {
+            self.control_feed.read_from(resume_offsets(guards));
+        }
+        let events = self.control_feed.take(CONTROL_PER_COMMIT);
+        if events.is_empty() {
+            return;
+        }
+        for g in guards.iter_mut() {
+            let Timers::Ready(r) = &mut g.timers else {
+                continue;
+            };
+            for d in &events {
+                if r.applied.get(&d.partition).is_some_and(|a| *a >= d.offset) {
+                    continue;
+                }
+                r.schedule.control(&self.policy, &self.keys, &d.event);
+                r.applied.insert(d.partition, d.offset);
+                if !r.applied_changed.contains(&d.partition) {
+                    r.applied_changed.push(d.partition);
+                }
+            }
+        }
+    }
+
+    /// Fires the partition's due windows (within `budget`, shared by the partitions of
+    /// one commit) and writes what changed in its timers to its partition of the schedule
+    /// topic. Returns the schedule messages written.
+    pub(super) async fn fire_and_persist(
+        &self,
+        partition: i32,
+        timers: &mut Timers,
+        budget: &mut usize,
+    ) -> Result<u64, SinkError> {
+        let mut written = 0u64;
+        match timers {
+            Timers::Rebuilding(b) => {
+                // Partial states, merged when the partition is read back; written again
+                // whole once it is.
+                let mut line = Vec::with_capacity(512);
+                for w in b.batch.drain(&self.policy) {
+                    line.clear();
+                    // Serialising owned strings and numbers into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut line, &w);
+                    let key = w.key();
+                    self.send_schedule(partition, &key, Some(&line)).await?;
+                    b.written.push(WindowKey {
+                        purpose: w.purpose,
+                        subject: w.subscriber.clone().unwrap_or_default(),
+                        bucket: w.bucket,
+                    });
+                    written += 1;
+                }
+            }
+            Timers::Ready(r) => {
+                let now = self.clock.now();
+                let mut fired = Vec::new();
+                let _ = r.schedule.due_keyed(now, *budget, |_, e| {
+                    fired.push(e);
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                *budget -= fired.len();
+                for e in &fired {
+                    // Serialising owned strings and numbers into a Vec cannot fail.
+                    let payload = serde_json::to_vec(e).unwrap_or_default();
+                    let key = entries::expiry_key(e);
+                    self.sink
+                        .send(Out {
+                            topic: &self.cfg.retention_topic,
+                            partition: None,
+                            key: Some(key.as_bytes()),
+                            payload: Some(&payload),
+                            headers: None,
+                        })
+                        .await?;
+                    self.stats.expiries[e.purpose as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                for change in r.schedule.drain_changes() {
+                    let (key, value) = entries::encode(&change, &self.policy);
+                    self.send_schedule(partition, &key, value.as_deref())
+                        .await?;
+                    if let Persist::Window(k, None) = &change {
+                        debug_assert_eq!(key, window_key(k));
+                    }
+                    written += 1;
+                }
+                for cp in r.applied_changed.drain(..) {
+                    let offset = r.applied.get(&cp).copied().unwrap_or(-1);
+                    let (key, value) = entries::encode_applied(cp, offset);
+                    self.send_schedule(partition, &key, Some(&value)).await?;
+                    written += 1;
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// One message (or tombstone) to the schedule topic, to the partition of the input
+    /// partition whose timers it belongs to: the partition's owner owns its timers.
+    async fn send_schedule(
+        &self,
+        partition: i32,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), SinkError> {
+        self.sink
+            .send(Out {
+                topic: &self.cfg.schedule_topic,
+                partition: Some(partition),
+                key: Some(key.as_bytes()),
+                payload: value,
+                headers: None,
+            })
+            .await
+    }
+}
+
+/// Where the control reader resumes: for each control partition, after the lowest offset
+/// any partition's timers applied; from its beginning if some timers applied none of it.
+fn resume_offsets(guards: &[tokio::sync::MutexGuard<'_, SlotState>]) -> BTreeMap<i32, i64> {
+    let ready: Vec<&BTreeMap<i32, i64>> = guards
+        .iter()
+        .filter_map(|g| match &g.timers {
+            Timers::Ready(r) => Some(&r.applied),
+            Timers::Rebuilding(_) => None,
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    if let Some(first) = ready.first() {
+        for cp in first.keys() {
+            let lowest = ready.iter().map(|a| a.get(cp)).collect::<Option<Vec<_>>>();
+            if let Some(l) = lowest.and_then(|v| v.into_iter().min().copied()) {
+                out.insert(*cp, l + 1);
+            }
+        }
+    }
+    out
+}
