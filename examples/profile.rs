@@ -13,7 +13,10 @@
 //! fastest, a quick wall-clock check between two builds (criterion stays the reference).
 //!
 //! Stages: `json` and `binary` (decode -> process -> encode every copy, as the bench),
-//! `process` (records decoded beforehand), `json_decode` and `binary_decode`.
+//! `process` (records decoded beforehand), `json_decode` and `binary_decode`; `ff1` and
+//! `ff1_fpe` encrypt one 12-digit number per record with our FF1 and with the `fpe`
+//! crate's, as `benches/ff1.rs` times them (the ciphers' key setup, once a pass, is
+//! counted too and is negligible over the pass).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -21,11 +24,19 @@ mod common;
 use std::hint::black_box;
 use std::time::Instant;
 
+use aes::Aes256;
 use cdrguard::codec::{binary, json};
 use cdrguard::core::control::SubscriberState;
+use cdrguard::core::ff1::Ff1;
 use cdrguard::core::process::{Decision, process_into};
 use cdrguard::core::record::Record;
 use cdrguard::vocab::time::Millis;
+use fpe::ff1::{FF1, FlexibleNumeralString};
+
+/// The key of the `ff1` stages, as in `benches/ff1.rs`.
+const FF1_KEY: [u8; 32] = [0x42; 32];
+/// The 12-digit number the `ff1` stages encrypt, as in `benches/ff1.rs`.
+const FF1_PLAIN: [u8; 12] = [4, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8];
 
 /// One pass of a stage over every record; never inlined so callgrind can toggle on it.
 #[inline(never)]
@@ -75,8 +86,25 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
                 black_box(binary::decode_record(frame).unwrap());
             }
         }
+        "ff1" => {
+            let ours = Ff1::new(&FF1_KEY);
+            for _ in 0..f.bin_frames.len() {
+                let mut x = black_box(FF1_PLAIN);
+                ours.encrypt(&[], &mut x);
+                black_box(x);
+            }
+        }
+        "ff1_fpe" => {
+            let theirs = FF1::<Aes256>::new(&FF1_KEY, 10).expect("radix 10");
+            for _ in 0..f.bin_frames.len() {
+                let ns = FlexibleNumeralString::from(black_box(FF1_PLAIN).map(u16::from).to_vec());
+                black_box(theirs.encrypt(&[], &ns).expect("12 digits"));
+            }
+        }
         other => {
-            panic!("unknown stage {other:?}: json, binary, process, json_decode or binary_decode")
+            panic!(
+                "unknown stage {other:?}: json, binary, process, json_decode, binary_decode, ff1 or ff1_fpe"
+            )
         }
     }
 }

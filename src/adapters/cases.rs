@@ -341,8 +341,59 @@ fn line_of(position: &str, name: &str) -> Option<usize> {
 /// Runs one case against a policy with a fresh random key (tests derive every expected
 /// pseudonym from the same keyring, so no key is written down anywhere). The case's
 /// records and control events go through [`replay_bytes`], the loop of `cdrguard replay`.
+/// Failures are listed in the order of the steps: inputs, the replay, then each kind of
+/// expectation.
 fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
     let mut fails = Vec::new();
+    let inputs = case_inputs(case, &mut fails);
+    let now = match case.now.as_deref().map(Millis::parse) {
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => {
+            fails.push(format!("now: {e}"));
+            return fails;
+        }
+        None => None,
+    };
+    let got = match replay_case(policy, keys, &inputs, now) {
+        Ok(got) => got,
+        Err(e) => {
+            fails.push(format!("replay failed: {e}"));
+            return fails;
+        }
+    };
+    let Collected {
+        copies,
+        outcomes,
+        inputs: decoded,
+        expiries,
+        dead,
+        ..
+    } = got;
+    let dead = DeadLetters::trace(dead, &inputs.line_ids, &mut fails);
+    check_copy_set(case, &copies, &outcomes, &mut fails);
+    for e in &case.expect {
+        check_copy(policy, keys, e, &copies, &decoded, &mut fails);
+    }
+    check_no_copies(case, &outcomes, &mut fails);
+    check_dead_letters(case, &dead, &mut fails);
+    check_expiries(policy, keys, case, now, expiries, &mut fails);
+    fails
+}
+
+/// A case's records and control events as the input files `cdrguard replay` reads.
+struct CaseInputs {
+    /// Control events, one JSON line each (`{}` for one that could not be encoded, so
+    /// line numbers stay equal to indices).
+    control_lines: Vec<u8>,
+    /// Records, one JSON line each.
+    record_lines: Vec<u8>,
+    /// Record ids by input line, so dead letters (which carry positions) find their
+    /// record.
+    line_ids: Vec<String>,
+}
+
+/// Encodes the case's control events and records, noting those it cannot build.
+fn case_inputs(case: &Case, fails: &mut Vec<String>) -> CaseInputs {
     let mut control_lines = Vec::new();
     for (i, c) in case.control.iter().enumerate() {
         match serde_json::to_vec(c) {
@@ -357,7 +408,6 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             }
         }
     }
-    // Record ids by input line, so dead letters (which carry positions) find their record.
     let mut record_lines = Vec::new();
     let mut line_ids: Vec<String> = Vec::new();
     for (i, t) in case.record.iter().enumerate() {
@@ -378,14 +428,21 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             Err(e) => fails.push(format!("record[{i}]: {e}")),
         }
     }
-    let now = match case.now.as_deref().map(Millis::parse) {
-        Some(Ok(n)) => Some(n),
-        Some(Err(e)) => {
-            fails.push(format!("now: {e}"));
-            return fails;
-        }
-        None => None,
-    };
+    CaseInputs {
+        control_lines,
+        record_lines,
+        line_ids,
+    }
+}
+
+/// Replays the inputs through [`replay_bytes`] with a fresh engine and collects what it
+/// produced.
+fn replay_case(
+    policy: &Policy,
+    keys: &Keyring,
+    inputs: &CaseInputs,
+    now: Option<Millis>,
+) -> Result<Collected, String> {
     let mut engine = Engine::new(policy, keys);
     let mut got = Collected {
         envelopes: crate::codec::Envelopes::new(policy),
@@ -396,14 +453,14 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
         dead: Vec::new(),
         line: Vec::new(),
     };
-    let run = replay_bytes(
+    replay_bytes(
         Bytes {
-            bytes: &record_lines,
+            bytes: &inputs.record_lines,
             name: "record",
         },
         Format::Json,
         Some(Bytes {
-            bytes: &control_lines,
+            bytes: &inputs.control_lines,
             name: "control",
         }),
         // Without `now` the case checks no expiries: none is taken, and record times are
@@ -415,32 +472,58 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
         },
         &mut engine,
         &mut got,
-    );
-    if let Err(e) = run {
-        fails.push(format!("replay failed: {e}"));
-        return fails;
-    }
-    let Collected {
-        copies,
-        outcomes,
-        inputs,
-        expiries,
-        dead,
-        ..
-    } = got;
-    let mut dead_records: Vec<(String, String)> = Vec::new();
-    let mut dead_controls: Vec<(usize, String)> = Vec::new();
-    for d in dead {
-        if let Some(i) = line_of(&d.position, "control") {
-            dead_controls.push((i, d.reason));
-        } else if let Some(id) = line_of(&d.position, "record").and_then(|i| line_ids.get(i)) {
-            dead_records.push((id.clone(), d.reason));
-        } else {
-            fails.push(format!("dead letter at unknown position {}", d.position));
-        }
-    }
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(got)
+}
 
-    // Copies: exactly the expected set.
+/// The dead letters of a case, traced back to what the case calls them.
+struct DeadLetters {
+    /// Refused records by `record_id`, with the reason.
+    records: Vec<(String, String)>,
+    /// Refused control events by their 0-based index in the case, with the reason.
+    controls: Vec<(usize, String)>,
+}
+
+impl DeadLetters {
+    /// Traces each dead letter to its record or control event by its position; one at a
+    /// position the case has no input for is a failure.
+    fn trace(dead: Vec<DeadLetter>, line_ids: &[String], fails: &mut Vec<String>) -> Self {
+        let mut records: Vec<(String, String)> = Vec::new();
+        let mut controls: Vec<(usize, String)> = Vec::new();
+        for d in dead {
+            if let Some(i) = line_of(&d.position, "control") {
+                controls.push((i, d.reason));
+            } else if let Some(id) = line_of(&d.position, "record").and_then(|i| line_ids.get(i)) {
+                records.push((id.clone(), d.reason));
+            } else {
+                fails.push(format!("dead letter at unknown position {}", d.position));
+            }
+        }
+        DeadLetters { records, controls }
+    }
+}
+
+/// The outcome a purpose had for a record, if it was processed.
+fn outcome_of(
+    outcomes: &[(String, Purpose, &'static str)],
+    record: &str,
+    purpose: &str,
+) -> Option<&'static str> {
+    outcomes
+        .iter()
+        .find(|o| o.0 == record && o.1.id() == purpose)
+        .map(|o| o.2)
+}
+
+/// Copies: exactly the expected set, each surplus or missing one with the outcome that
+/// explains it.
+fn check_copy_set(
+    case: &Case,
+    copies: &[(String, Purpose, Value)],
+    outcomes: &[(String, Purpose, &'static str)],
+    fails: &mut Vec<String>,
+) {
     let made: BTreeSet<(String, &str)> =
         copies.iter().map(|(r, p, _)| (r.clone(), p.id())).collect();
     let wanted: BTreeSet<(String, &str)> = case
@@ -449,107 +532,129 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
         .map(|e| (e.record.clone(), e.purpose.as_str()))
         .collect();
     for (r, p) in made.difference(&wanted) {
-        let why = outcomes
-            .iter()
-            .find(|o| o.0 == *r && o.1.id() == *p)
-            .map(|o| o.2)
-            .unwrap_or("?");
+        let why = outcome_of(outcomes, r, p).unwrap_or("?");
         fails.push(format!("unexpected {p} copy of {r} ({why})"));
     }
     for (r, p) in wanted.difference(&made) {
-        let why = outcomes
-            .iter()
-            .find(|o| o.0 == *r && o.1.id() == *p)
-            .map(|o| o.2)
-            .unwrap_or("record not processed");
+        let why = outcome_of(outcomes, r, p).unwrap_or("record not processed");
         fails.push(format!("missing {p} copy of {r}: outcome was {why}"));
     }
-    for e in &case.expect {
-        let Some((_, purpose, v)) = copies
-            .iter()
-            .find(|(r, p, _)| *r == e.record && p.id() == e.purpose)
-        else {
-            continue;
-        };
-        let input = inputs
-            .iter()
-            .find(|(r, _)| *r == e.record)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let tag = format!("{} copy of {}", e.purpose, e.record);
-        for (key, want) in [
-            ("consent", &e.consent),
-            ("legal_basis", &e.legal_basis),
-            ("gdpr_article", &e.gdpr_article),
-        ] {
-            if let Some(want) = want {
-                let got = v["envelope"][key].as_str().unwrap_or("");
-                if got != want {
-                    fails.push(format!(
-                        "{tag}: envelope {key} is {got:?}, expected {want:?}"
-                    ));
-                }
-            }
-        }
-        for (f, want) in &e.equal {
-            let want = serde_json::to_value(want).unwrap_or_default();
-            let got = field_of(v, f);
-            if got.as_ref() != Some(&want) {
-                fails.push(format!("{tag}: {f} is {got:?}, expected {want}"));
-            }
-        }
-        for f in &e.kept {
-            if field_of(v, f) != input.get(f).cloned() {
-                fails.push(format!("{tag}: {f} should be kept as in the input"));
-            }
-        }
-        for f in &e.absent {
-            if field_of(v, f).is_some() {
-                fails.push(format!("{tag}: {f} should be absent"));
-            }
-        }
-        for f in &e.pseudonymised {
-            let raw = input.get(f).and_then(Value::as_str).unwrap_or("");
-            let want = keys.pseudonym(*purpose, f, raw);
-            let got = field_of(v, f);
-            if got.as_ref().and_then(Value::as_str) != Some(want.as_str()) || raw.is_empty() {
+}
+
+/// One expected copy's envelope and fields, compared with its input record (a missing
+/// copy was reported by [`check_copy_set`]).
+fn check_copy(
+    policy: &Policy,
+    keys: &Keyring,
+    e: &ExpectCopy,
+    copies: &[(String, Purpose, Value)],
+    inputs: &[(String, Value)],
+    fails: &mut Vec<String>,
+) {
+    let Some((_, purpose, v)) = copies
+        .iter()
+        .find(|(r, p, _)| *r == e.record && p.id() == e.purpose)
+    else {
+        return;
+    };
+    let input = inputs
+        .iter()
+        .find(|(r, _)| *r == e.record)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let tag = format!("{} copy of {}", e.purpose, e.record);
+    for (key, want) in [
+        ("consent", &e.consent),
+        ("legal_basis", &e.legal_basis),
+        ("gdpr_article", &e.gdpr_article),
+    ] {
+        if let Some(want) = want {
+            let got = v["envelope"][key].as_str().unwrap_or("");
+            if got != want {
                 fails.push(format!(
-                    "{tag}: {f} should be this purpose's pseudonym of the input, got {got:?}"
+                    "{tag}: envelope {key} is {got:?}, expected {want:?}"
                 ));
-            }
-        }
-        for f in &e.tokenised {
-            let raw = input.get(f).and_then(Value::as_str).unwrap_or("");
-            let got = field_of(v, f)
-                .and_then(|g| g.as_str().map(str::to_string))
-                .unwrap_or_default();
-            if got.contains(raw.trim_start_matches('+'))
-                || keys.reverse(&got).ok().as_deref() != Some(raw)
-            {
-                fails.push(format!(
-                    "{tag}: {f} should be a reversible token of the input, got {got:?}"
-                ));
-            }
-        }
-        // Whatever the case lists, no copy may carry a raw identifier its policy hides.
-        if let Some(rule) = policy.rule(*purpose) {
-            for f in Field::ALL.iter().filter(|f| f.is_personal_identifier()) {
-                let raw = input.get(f.name()).and_then(Value::as_str);
-                let got = field_of(v, f.name());
-                if rule.treatment(*f) != crate::vocab::treatment::Treatment::Keep
-                    && raw.is_some()
-                    && got.as_ref().and_then(Value::as_str) == raw
-                {
-                    fails.push(format!("{tag}: {} leaks its raw value", f.name()));
-                }
             }
         }
     }
+    check_fields(keys, e, *purpose, v, &input, &tag, fails);
+    // Whatever the case lists, no copy may carry a raw identifier its policy hides.
+    if let Some(rule) = policy.rule(*purpose) {
+        for f in Field::ALL.iter().filter(|f| f.is_personal_identifier()) {
+            let raw = input.get(f.name()).and_then(Value::as_str);
+            let got = field_of(v, f.name());
+            if rule.treatment(*f) != crate::vocab::treatment::Treatment::Keep
+                && raw.is_some()
+                && got.as_ref().and_then(Value::as_str) == raw
+            {
+                fails.push(format!("{tag}: {} leaks its raw value", f.name()));
+            }
+        }
+    }
+}
+
+/// The fields a case lists for a copy: equal to a value, kept, absent, pseudonymised
+/// (this purpose's pseudonym under the case's keys) or tokenised (reversible to the
+/// input, and not containing its digits).
+fn check_fields(
+    keys: &Keyring,
+    e: &ExpectCopy,
+    purpose: Purpose,
+    v: &Value,
+    input: &Value,
+    tag: &str,
+    fails: &mut Vec<String>,
+) {
+    for (f, want) in &e.equal {
+        let want = serde_json::to_value(want).unwrap_or_default();
+        let got = field_of(v, f);
+        if got.as_ref() != Some(&want) {
+            fails.push(format!("{tag}: {f} is {got:?}, expected {want}"));
+        }
+    }
+    for f in &e.kept {
+        if field_of(v, f) != input.get(f).cloned() {
+            fails.push(format!("{tag}: {f} should be kept as in the input"));
+        }
+    }
+    for f in &e.absent {
+        if field_of(v, f).is_some() {
+            fails.push(format!("{tag}: {f} should be absent"));
+        }
+    }
+    for f in &e.pseudonymised {
+        let raw = input.get(f).and_then(Value::as_str).unwrap_or("");
+        let want = keys.pseudonym(purpose, f, raw);
+        let got = field_of(v, f);
+        if got.as_ref().and_then(Value::as_str) != Some(want.as_str()) || raw.is_empty() {
+            fails.push(format!(
+                "{tag}: {f} should be this purpose's pseudonym of the input, got {got:?}"
+            ));
+        }
+    }
+    for f in &e.tokenised {
+        let raw = input.get(f).and_then(Value::as_str).unwrap_or("");
+        let got = field_of(v, f)
+            .and_then(|g| g.as_str().map(str::to_string))
+            .unwrap_or_default();
+        if got.contains(raw.trim_start_matches('+'))
+            || keys.reverse(&got).ok().as_deref() != Some(raw)
+        {
+            fails.push(format!(
+                "{tag}: {f} should be a reversible token of the input, got {got:?}"
+            ));
+        }
+    }
+}
+
+/// Purposes that must not copy a record: each with the outcome that says why not.
+fn check_no_copies(
+    case: &Case,
+    outcomes: &[(String, Purpose, &'static str)],
+    fails: &mut Vec<String>,
+) {
     for n in &case.no_copy {
-        let got = outcomes
-            .iter()
-            .find(|o| o.0 == n.record && o.1.id() == n.purpose)
-            .map(|o| o.2);
+        let got = outcome_of(outcomes, &n.record, &n.purpose);
         if got != Some(n.outcome.as_str()) {
             fails.push(format!(
                 "{} for {}: outcome {got:?}, expected {:?}",
@@ -557,18 +662,23 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             ));
         }
     }
+}
+
+/// Dead letters: every expected one refused for the expected reason, and nothing else
+/// refused.
+fn check_dead_letters(case: &Case, dead: &DeadLetters, fails: &mut Vec<String>) {
     for d in &case.dead_letter {
         let (what, found) = match (&d.record, d.control) {
             (Some(r), None) => (
                 format!("record {r}"),
-                dead_records
+                dead.records
                     .iter()
                     .find(|(id, _)| id == r)
                     .map(|(_, why)| why),
             ),
             (None, Some(i)) => (
                 format!("control[{i}]"),
-                dead_controls
+                dead.controls
                     .iter()
                     .find(|(c, _)| *c == i)
                     .map(|(_, why)| why),
@@ -587,7 +697,7 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             None => fails.push(format!("{what} should go to the dead letter")),
         }
     }
-    for (id, reason) in &dead_records {
+    for (id, reason) in &dead.records {
         if !case
             .dead_letter
             .iter()
@@ -598,58 +708,68 @@ fn run_case(policy: &Policy, keys: &Keyring, case: &Case) -> Vec<String> {
             ));
         }
     }
-    for (i, reason) in &dead_controls {
+    for (i, reason) in &dead.controls {
         if !case.dead_letter.iter().any(|d| d.control == Some(*i)) {
             fails.push(format!("control[{i}] refused: {reason}"));
         }
     }
+}
 
-    // Expiries due at `now`: exactly the expected ones.
-    if now.is_none() && !case.expiry.is_empty() {
-        fails.push("expiries are listed but the case has no `now` to check them at".into());
+/// Expiries due at `now`: exactly the expected ones, each matched once. A case without
+/// `now` may list none, since nothing would check them.
+fn check_expiries(
+    policy: &Policy,
+    keys: &Keyring,
+    case: &Case,
+    now: Option<Millis>,
+    expiries: Vec<Value>,
+    fails: &mut Vec<String>,
+) {
+    if now.is_none() {
+        if !case.expiry.is_empty() {
+            fails.push("expiries are listed but the case has no `now` to check them at".into());
+        }
+        return;
     }
-    if now.is_some() {
-        let mut got = expiries;
-        for want in &case.expiry {
-            let Some(p) = Purpose::from_id(&want.purpose) else {
-                fails.push(format!("expiry: unknown purpose {}", want.purpose));
-                continue;
-            };
-            let subject = match (&want.subscriber, policy.rule(p)) {
-                (Some(m), Some(rule)) => {
-                    subscriber_ref(rule, keys, m).map(|t| t.as_str().to_string())
-                }
-                _ => None,
-            };
-            let pos = got.iter().position(|g| {
-                g["purpose"] == want.purpose
-                    && g["reason"] == want.reason
-                    && g["subscriber"].as_str().map(str::to_string) == subject
-                    && want.deadline.as_ref().is_none_or(|d| g["deadline"] == *d)
-                    && want
-                        .window_start
-                        .as_ref()
-                        .is_none_or(|d| g["window_start"] == *d)
-                    && want
-                        .window_end
-                        .as_ref()
-                        .is_none_or(|d| g["window_end"] == *d)
-            });
-            match pos {
-                Some(i) => {
-                    got.remove(i);
-                }
-                None => fails.push(format!(
-                    "missing expiry: {} {} for {:?} deadline {:?}",
-                    want.purpose, want.reason, want.subscriber, want.deadline
-                )),
+    let mut got = expiries;
+    for want in &case.expiry {
+        let Some(p) = Purpose::from_id(&want.purpose) else {
+            fails.push(format!("expiry: unknown purpose {}", want.purpose));
+            continue;
+        };
+        // The route's own reference to the subscriber: a pseudonym or token where the
+        // policy hides the msisdn.
+        let subject = match (&want.subscriber, policy.rule(p)) {
+            (Some(m), Some(rule)) => subscriber_ref(rule, keys, m).map(|t| t.as_str().to_string()),
+            _ => None,
+        };
+        let pos = got.iter().position(|g| {
+            g["purpose"] == want.purpose
+                && g["reason"] == want.reason
+                && g["subscriber"].as_str().map(str::to_string) == subject
+                && want.deadline.as_ref().is_none_or(|d| g["deadline"] == *d)
+                && want
+                    .window_start
+                    .as_ref()
+                    .is_none_or(|d| g["window_start"] == *d)
+                && want
+                    .window_end
+                    .as_ref()
+                    .is_none_or(|d| g["window_end"] == *d)
+        });
+        match pos {
+            Some(i) => {
+                got.remove(i);
             }
-        }
-        for g in got {
-            fails.push(format!("unexpected expiry: {g}"));
+            None => fails.push(format!(
+                "missing expiry: {} {} for {:?} deadline {:?}",
+                want.purpose, want.reason, want.subscriber, want.deadline
+            )),
         }
     }
-    fails
+    for g in got {
+        fails.push(format!("unexpected expiry: {g}"));
+    }
 }
 
 fn files_under(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -245,156 +245,12 @@ pub fn generate(cfg: &GenConfig) -> Synthetic {
 /// Time and memory follow both `cfg.records` and `cfg.subscribers` (every subscriber is
 /// built up front): check `cfg` with [`GenConfig::validate`] first.
 pub fn generate_with(cfg: &GenConfig, progress: &dyn Fn(u64)) -> Synthetic {
+    // One generator drives every step, in this order: the same seed gives the same bytes
+    // only if each step draws the same numbers in the same sequence.
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
-    let mut subs: Vec<Subscriber> = (0..cfg.subscribers.max(1))
-        .map(|i| subscriber(&mut rng, i))
-        .collect();
-    plan_lifecycle(cfg, &mut subs, &mut rng);
-    let total_weight: f64 = subs.iter().map(|s| s.weight).sum();
-    let cumulative: Vec<f64> = subs
-        .iter()
-        .scan(0.0, |acc, s| {
-            *acc += s.weight / total_weight;
-            Some(*acc)
-        })
-        .collect();
-    let span = cfg.days.max(1) as i64 * DAY_MS;
-    // Each record with the way it will be broken, if it is one of the malformed ones.
-    let mut made: Vec<(Record<'static>, Option<u8>)> = Vec::with_capacity(cfg.records as usize);
-    let mut seq = 0u64;
-    while (made.len() as u64) < cfg.records {
-        let x: f64 = rng.random();
-        let si = cumulative.partition_point(|c| *c < x).min(subs.len() - 1);
-        let s = &subs[si];
-        let t = Millis(cfg.start.0 + rng.random_range(0..span));
-        // A former customer makes no traffic, but for a few late records.
-        if s.contract_end
-            .is_some_and(|end| t.0 >= end.0 + LATE_AFTER_CONTRACT_END_MS)
-        {
-            continue;
-        }
-        let roll: f64 = rng.random();
-        // Mix by record count: data partials ~50%, calls ~30%, SMS ~20%.
-        let kind = match roll {
-            r if r < 0.15 => Kind::Moc,
-            r if r < 0.30 => Kind::Mtc,
-            r if r < 0.40 => Kind::SmsMo,
-            r if r < 0.50 => Kind::SmsMt,
-            _ => Kind::Data,
-        };
-        let partials = if kind == Kind::Data {
-            rng.random_range(1..=4)
-        } else {
-            1
-        };
-        let charging_id: u64 = rng.random_range(1..u32::MAX as u64);
-        for part in 0..partials {
-            if made.len() as u64 >= cfg.records {
-                break;
-            }
-            if made.len().is_multiple_of(4096) {
-                progress(made.len() as u64);
-            }
-            seq += 1;
-            let start = Millis(t.0 + part as i64 * HOUR_MS);
-            let roaming = rng.random::<f64>() < 0.03;
-            let r = Record {
-                record_id: format!("cdr-{:x}-{seq:08}", cfg.seed).into(),
-                kind,
-                msisdn: s.msisdn.clone().into(),
-                imsi: s.imsi.clone().into(),
-                imei: s.imei.clone().map(Into::into),
-                other_party: match kind {
-                    Kind::Data => None,
-                    Kind::SmsMt if rng.random::<f64>() < 0.1 => None,
-                    _ => Some(e164(&mut rng).into()),
-                },
-                start_time: start,
-                duration_s: match kind {
-                    Kind::Moc | Kind::Mtc => {
-                        Some((rng.random::<f64>().ln().abs() * 110.0) as u32 + 1)
-                    }
-                    Kind::Data if part + 1 < partials => Some(3600),
-                    Kind::Data => Some(rng.random_range(1..3600)),
-                    _ => None,
-                },
-                close_cause: match (kind, part + 1 < partials) {
-                    (Kind::Data, true) => CloseCause::Partial,
-                    _ if rng.random::<f64>() < 0.02 => CloseCause::Abnormal,
-                    (Kind::Data, false) if rng.random::<f64>() < 0.1 => CloseCause::VolumeLimit,
-                    _ => CloseCause::Normal,
-                },
-                cell: (rng.random::<f64>() < 0.97).then(|| Cell {
-                    mcc: "240".into(),
-                    mnc: s.mnc.into(),
-                    lac_or_tac: s.home.0 + rng.random_range(0..3),
-                    cell_id: s.home.1 * 16 + rng.random_range(0..16),
-                }),
-                serving_plmn: if roaming {
-                    ROAMING[rng.random_range(0..ROAMING.len())].into()
-                } else {
-                    "24001".into()
-                },
-                service_centre: matches!(kind, Kind::SmsMo | Kind::SmsMt)
-                    .then(|| "+46705008999".into()),
-                apn: (kind == Kind::Data).then(|| {
-                    if rng.random::<f64>() < 0.9 {
-                        "internet"
-                    } else {
-                        "ims"
-                    }
-                    .into()
-                }),
-                charging_id: (kind == Kind::Data).then_some(charging_id),
-                rat: match rng.random_range(0..100) {
-                    0..=4 => Rat::Gsm,
-                    5..=14 => Rat::Umts,
-                    15..=69 => Rat::Lte,
-                    _ => Rat::Nr,
-                },
-                ue_ip: (kind == Kind::Data).then(|| {
-                    format!(
-                        "10.{}.{}.{}",
-                        64 + si / 65_536 % 64,
-                        si / 256 % 256,
-                        si % 256
-                    )
-                    .into()
-                }),
-                usage: (kind == Kind::Data).then(|| {
-                    let n = if rng.random::<f64>() < 0.3 { 2 } else { 1 };
-                    (0..n)
-                        .map(|k| Usage {
-                            rating_group: [10, 20, 30][k % 3],
-                            // Session volumes span orders of magnitude: log-uniform.
-                            ul_bytes: log_uniform(&mut rng, 1_000.0, 20_000_000.0),
-                            dl_bytes: log_uniform(&mut rng, 10_000.0, 500_000_000.0),
-                        })
-                        .collect()
-                }),
-                recording_entity: if kind == Kind::Data {
-                    "pgw-sto-1"
-                } else {
-                    "msc-sto-2"
-                }
-                .into(),
-                local_seq_no: seq,
-            };
-            let broken = (rng.random::<f64>() < cfg.malformed_rate)
-                .then(|| rng.random_range(0..MALFORMATIONS));
-            made.push((r, broken));
-        }
-    }
-    progress(made.len() as u64);
-    // Stable, so records of the same instant keep their generation order.
-    made.sort_by_key(|(r, _)| r.start_time);
-    let lines = made
-        .into_iter()
-        .map(|(r, broken)| match broken {
-            Some(how) => Line::Malformed(malform(how, &r)),
-            None => Line::Record(r),
-        })
-        .collect();
+    let subs = subscribers(cfg, &mut rng);
+    let made = draw_records(cfg, &subs, &mut rng, progress);
+    let lines = into_lines(made);
     let controls = controls(cfg, &subs, &mut rng);
     let malformed_controls = malformed_controls(cfg, &controls, &mut rng);
     Synthetic {
@@ -402,6 +258,268 @@ pub fn generate_with(cfg: &GenConfig, progress: &dyn Fn(u64)) -> Synthetic {
         controls,
         malformed_controls,
     }
+}
+
+/// Every subscriber with its lifecycle, built before any record so that records can
+/// respect contract ends and restrictions.
+fn subscribers(cfg: &GenConfig, rng: &mut SmallRng) -> Vec<Subscriber> {
+    let mut subs: Vec<Subscriber> = (0..cfg.subscribers.max(1))
+        .map(|i| subscriber(rng, i))
+        .collect();
+    plan_lifecycle(cfg, &mut subs, rng);
+    subs
+}
+
+/// Each subscriber's share of the traffic, cumulated, so one uniform draw picks a
+/// subscriber by binary search (heavy users are picked more often).
+fn cumulative_weights(subs: &[Subscriber]) -> Vec<f64> {
+    let total_weight: f64 = subs.iter().map(|s| s.weight).sum();
+    subs.iter()
+        .scan(0.0, |acc, s| {
+            *acc += s.weight / total_weight;
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// One drawn call, SMS or data session: who, when, what, and in how many records.
+struct Session {
+    /// Index of the subscriber (also numbers its UE IP address).
+    si: usize,
+    /// When it starts; each data partial starts an hour after the one before.
+    t: Millis,
+    /// Call, SMS or data, for every record of the session.
+    kind: Kind,
+    /// Records it is cut into: 1, or 1 to 4 hourly partials for data.
+    partials: u32,
+    /// Shared by every partial of one data session, as a real PGW does.
+    charging_id: u64,
+}
+
+/// `cfg.records` records in generation order, each with the way it will be broken if it is
+/// one of the malformed ones: which are malformed is decided as they are drawn, so no
+/// later pass inserts into the stream.
+fn draw_records(
+    cfg: &GenConfig,
+    subs: &[Subscriber],
+    rng: &mut SmallRng,
+    progress: &dyn Fn(u64),
+) -> Vec<(Record<'static>, Option<u8>)> {
+    let cumulative = cumulative_weights(subs);
+    let mut made: Vec<(Record<'static>, Option<u8>)> = Vec::with_capacity(cfg.records as usize);
+    let mut seq = 0u64;
+    while (made.len() as u64) < cfg.records {
+        let Some(session) = draw_session(cfg, subs, &cumulative, rng) else {
+            continue;
+        };
+        for part in 0..session.partials {
+            if made.len() as u64 >= cfg.records {
+                break;
+            }
+            if made.len().is_multiple_of(4096) {
+                progress(made.len() as u64);
+            }
+            seq += 1;
+            let r = session_record(cfg, &subs[session.si], &session, part, seq, rng);
+            let broken = (rng.random::<f64>() < cfg.malformed_rate)
+                .then(|| rng.random_range(0..MALFORMATIONS));
+            made.push((r, broken));
+        }
+    }
+    progress(made.len() as u64);
+    made
+}
+
+/// Draws a session, or `None` when the subscriber drawn is a former customer at that time
+/// (no traffic, but for a few late records).
+fn draw_session(
+    cfg: &GenConfig,
+    subs: &[Subscriber],
+    cumulative: &[f64],
+    rng: &mut SmallRng,
+) -> Option<Session> {
+    let span = cfg.days.max(1) as i64 * DAY_MS;
+    let x: f64 = rng.random();
+    let si = cumulative.partition_point(|c| *c < x).min(subs.len() - 1);
+    let t = Millis(cfg.start.0 + rng.random_range(0..span));
+    if subs[si]
+        .contract_end
+        .is_some_and(|end| t.0 >= end.0 + LATE_AFTER_CONTRACT_END_MS)
+    {
+        return None;
+    }
+    let roll: f64 = rng.random();
+    // Mix by record count: data partials ~50%, calls ~30%, SMS ~20%.
+    let kind = match roll {
+        r if r < 0.15 => Kind::Moc,
+        r if r < 0.30 => Kind::Mtc,
+        r if r < 0.40 => Kind::SmsMo,
+        r if r < 0.50 => Kind::SmsMt,
+        _ => Kind::Data,
+    };
+    let partials = if kind == Kind::Data {
+        rng.random_range(1..=4)
+    } else {
+        1
+    };
+    let charging_id: u64 = rng.random_range(1..u32::MAX as u64);
+    Some(Session {
+        si,
+        t,
+        kind,
+        partials,
+        charging_id,
+    })
+}
+
+/// Record `part` (0-based) of a session, number `seq` of the stream. The fields are drawn
+/// in the order they are written here (a struct literal evaluates in source order), which
+/// the seed's output depends on.
+fn session_record(
+    cfg: &GenConfig,
+    s: &Subscriber,
+    session: &Session,
+    part: u32,
+    seq: u64,
+    rng: &mut SmallRng,
+) -> Record<'static> {
+    let Session {
+        si,
+        t,
+        kind,
+        partials,
+        charging_id,
+    } = *session;
+    let last = part + 1 == partials;
+    let roaming = rng.random::<f64>() < 0.03;
+    Record {
+        record_id: format!("cdr-{:x}-{seq:08}", cfg.seed).into(),
+        kind,
+        msisdn: s.msisdn.clone().into(),
+        imsi: s.imsi.clone().into(),
+        imei: s.imei.clone().map(Into::into),
+        other_party: other_party(kind, rng),
+        start_time: Millis(t.0 + part as i64 * HOUR_MS),
+        duration_s: duration(kind, last, rng),
+        close_cause: close_cause(kind, last, rng),
+        cell: cell(s, rng),
+        serving_plmn: if roaming {
+            ROAMING[rng.random_range(0..ROAMING.len())].into()
+        } else {
+            "24001".into()
+        },
+        service_centre: matches!(kind, Kind::SmsMo | Kind::SmsMt).then(|| "+46705008999".into()),
+        apn: (kind == Kind::Data).then(|| apn(rng).into()),
+        charging_id: (kind == Kind::Data).then_some(charging_id),
+        rat: rat(rng),
+        ue_ip: (kind == Kind::Data).then(|| ue_ip(si).into()),
+        usage: (kind == Kind::Data).then(|| usage(rng)),
+        recording_entity: if kind == Kind::Data {
+            "pgw-sto-1"
+        } else {
+            "msc-sto-2"
+        }
+        .into(),
+        local_seq_no: seq,
+    }
+}
+
+/// The other party: none for data and for a tenth of incoming SMS, a Swedish number
+/// otherwise.
+fn other_party(kind: Kind, rng: &mut SmallRng) -> Option<std::borrow::Cow<'static, str>> {
+    match kind {
+        Kind::Data => None,
+        Kind::SmsMt if rng.random::<f64>() < 0.1 => None,
+        _ => Some(e164(rng).into()),
+    }
+}
+
+/// Seconds: calls are short with a long tail; a data partial that is not the session's
+/// last covers its whole hour; SMS have no duration.
+fn duration(kind: Kind, last: bool, rng: &mut SmallRng) -> Option<u32> {
+    match kind {
+        Kind::Moc | Kind::Mtc => Some((rng.random::<f64>().ln().abs() * 110.0) as u32 + 1),
+        Kind::Data if !last => Some(3600),
+        Kind::Data => Some(rng.random_range(1..3600)),
+        _ => None,
+    }
+}
+
+/// Why the record was closed: every data partial but the last is `Partial`; a few end
+/// abnormally, and some data sessions on a volume limit.
+fn close_cause(kind: Kind, last: bool, rng: &mut SmallRng) -> CloseCause {
+    match (kind, !last) {
+        (Kind::Data, true) => CloseCause::Partial,
+        _ if rng.random::<f64>() < 0.02 => CloseCause::Abnormal,
+        (Kind::Data, false) if rng.random::<f64>() < 0.1 => CloseCause::VolumeLimit,
+        _ => CloseCause::Normal,
+    }
+}
+
+/// Where the record was made: mostly near the subscriber's home (one of a few location
+/// areas, one of 16 cells), sometimes without a cell.
+fn cell(s: &Subscriber, rng: &mut SmallRng) -> Option<Cell<'static>> {
+    (rng.random::<f64>() < 0.97).then(|| Cell {
+        mcc: "240".into(),
+        mnc: s.mnc.into(),
+        lac_or_tac: s.home.0 + rng.random_range(0..3),
+        cell_id: s.home.1 * 16 + rng.random_range(0..16),
+    })
+}
+
+/// A data session's access point: mostly the internet, some IMS (voice over LTE).
+fn apn(rng: &mut SmallRng) -> &'static str {
+    if rng.random::<f64>() < 0.9 {
+        "internet"
+    } else {
+        "ims"
+    }
+}
+
+/// The radio technology: 5% GSM, 10% UMTS, 55% LTE, 30% NR.
+fn rat(rng: &mut SmallRng) -> Rat {
+    match rng.random_range(0..100) {
+        0..=4 => Rat::Gsm,
+        5..=14 => Rat::Umts,
+        15..=69 => Rat::Lte,
+        _ => Rat::Nr,
+    }
+}
+
+/// The subscriber's private address: one per subscriber, from its index (distinct for up
+/// to 2^22 subscribers).
+fn ue_ip(si: usize) -> String {
+    format!(
+        "10.{}.{}.{}",
+        64 + si / 65_536 % 64,
+        si / 256 % 256,
+        si % 256
+    )
+}
+
+/// A data record's usage: one or two rating groups, volumes log-uniform because session
+/// volumes span orders of magnitude.
+fn usage(rng: &mut SmallRng) -> Vec<Usage> {
+    let n = if rng.random::<f64>() < 0.3 { 2 } else { 1 };
+    (0..n)
+        .map(|k| Usage {
+            rating_group: [10, 20, 30][k % 3],
+            ul_bytes: log_uniform(rng, 1_000.0, 20_000_000.0),
+            dl_bytes: log_uniform(rng, 10_000.0, 500_000_000.0),
+        })
+        .collect()
+}
+
+/// The stream in time order, each malformed record broken now. Stable, so records of the
+/// same instant keep their generation order.
+fn into_lines(mut made: Vec<(Record<'static>, Option<u8>)>) -> Vec<Line> {
+    made.sort_by_key(|(r, _)| r.start_time);
+    made.into_iter()
+        .map(|(r, broken)| match broken {
+            Some(how) => Line::Malformed(malform(how, &r)),
+            None => Line::Record(r),
+        })
+        .collect()
 }
 
 fn log_uniform(rng: &mut SmallRng, lo: f64, hi: f64) -> u64 {

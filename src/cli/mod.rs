@@ -396,180 +396,221 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Runs one parsed command line: each subcommand is a function of its own arguments.
 fn run_cli(cli: Cli) -> Result<()> {
+    // Progress bars only for a terminal: in a file or a pipe they are noise.
     let progress = std::io::stderr().is_terminal();
     match cli.command {
-        Command::Demo(a) => {
-            let policy = load_policy(&a.policy)?;
-            let now = parse_now(a.now.as_deref())?;
-            let keys = ephemeral_keys();
-            let cfg = GenConfig {
-                records: a.records,
-                subscribers: a
-                    .subscribers
-                    .unwrap_or_else(|| u32::try_from(a.records.min(1_000)).unwrap_or(1_000)),
-                seed: a.seed,
-                ..GenConfig::default()
-            };
-            cfg.validate()?;
-            let summary = demo::run(&policy, &keys, &a.out, a.force, cfg, now, progress)?;
-            out!("{summary}")?;
-            outln!(
-                "wrote every route to {}/ (input in {}/input/); pseudonym key: a throwaway key for this run",
-                a.out.display(),
-                a.out.display()
-            )?;
-        }
-        Command::Replay(a) => {
-            let policy = load_policy(&a.policy)?;
-            let now = parse_now(a.now.as_deref())?;
-            let keys = replay_keys(a.keys.as_deref(), a.ephemeral_keys)?;
-            let mut engine = Engine::new(&policy, &keys);
-            let mut outputs = Outputs::create(&a.out, &policy, a.force)?;
-            let input = replay::ReplayInput {
-                records: a.input,
-                format: a.input_format,
-                control: a.control,
-                now,
-                progress,
-                limits: replay::ReplayLimits {
-                    max_reorder_ms: a.max_reorder,
-                    reorder_capacity: a.reorder_capacity,
-                    times: Some(TimeLimits {
-                        max_future_ms: a.max_future,
-                        anchored_floor_ms: a.anchored_floor,
-                    }),
-                },
-            };
-            let counts = replay::replay(&input, &mut engine, &mut outputs)?;
-            let withheld = outputs.finish()?;
-            out!(
-                "{}",
-                report::summary(
-                    &policy,
-                    &engine.stats,
-                    engine.open_windows(),
-                    counts.control_dead_letters,
-                    withheld
-                )
-            )?;
-            outln!("wrote {}/", a.out.display())?;
-        }
-        Command::Policy(PolicyCmd::Check { files }) => {
-            let mut failed = 0;
-            for f in &files {
-                match load_policy(f) {
-                    Ok(p) => {
-                        let n = p.declared().count();
-                        outln!(
-                            "{}: ok ({}, {n} {})",
-                            p.file,
-                            p.tag,
-                            if n == 1 { "purpose" } else { "purposes" }
-                        )?;
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("{}", error_text(&e));
-                    }
-                }
+        Command::Demo(a) => demo_cmd(a, progress),
+        Command::Replay(a) => replay_cmd(a, progress),
+        Command::Policy(PolicyCmd::Check { files }) => policy_check(&files),
+        Command::Policy(PolicyCmd::Explain { file, format }) => policy_explain(&file, format),
+        Command::Policy(PolicyCmd::Test { paths }) => policy_test(&paths),
+        Command::Generate(a) => generate_cmd(a, progress),
+        Command::Keys(KeysCmd::Generate { out, id }) => keys_generate(&out, &id),
+        Command::Keys(KeysCmd::Export { keys, purpose, out }) => keys_export(&keys, purpose, &out),
+        Command::Keys(KeysCmd::Reverse { keys, tokens }) => keys_reverse(&keys, &tokens),
+        Command::Run(a) => run(a),
+        Command::Topics(a) => topics(a),
+        Command::Produce(a) => produce(a, progress),
+    }
+}
+
+/// `demo`: generates traffic, replays it under a throwaway key and prints the summary.
+fn demo_cmd(a: DemoArgs, progress: bool) -> Result<()> {
+    let policy = load_policy(&a.policy)?;
+    let now = parse_now(a.now.as_deref())?;
+    let keys = ephemeral_keys();
+    let cfg = GenConfig {
+        records: a.records,
+        subscribers: a
+            .subscribers
+            .unwrap_or_else(|| u32::try_from(a.records.min(1_000)).unwrap_or(1_000)),
+        seed: a.seed,
+        ..GenConfig::default()
+    };
+    cfg.validate()?;
+    let summary = demo::run(&policy, &keys, &a.out, a.force, cfg, now, progress)?;
+    out!("{summary}")?;
+    outln!(
+        "wrote every route to {}/ (input in {}/input/); pseudonym key: a throwaway key for this run",
+        a.out.display(),
+        a.out.display()
+    )?;
+    Ok(())
+}
+
+/// `replay`: processes record and control files into an output folder and prints the
+/// summary.
+fn replay_cmd(a: ReplayArgs, progress: bool) -> Result<()> {
+    let policy = load_policy(&a.policy)?;
+    let now = parse_now(a.now.as_deref())?;
+    let keys = replay_keys(a.keys.as_deref(), a.ephemeral_keys)?;
+    let mut engine = Engine::new(&policy, &keys);
+    let mut outputs = Outputs::create(&a.out, &policy, a.force)?;
+    let input = replay::ReplayInput {
+        records: a.input,
+        format: a.input_format,
+        control: a.control,
+        now,
+        progress,
+        limits: replay::ReplayLimits {
+            max_reorder_ms: a.max_reorder,
+            reorder_capacity: a.reorder_capacity,
+            times: Some(TimeLimits {
+                max_future_ms: a.max_future,
+                anchored_floor_ms: a.anchored_floor,
+            }),
+        },
+    };
+    let counts = replay::replay(&input, &mut engine, &mut outputs)?;
+    let withheld = outputs.finish()?;
+    out!(
+        "{}",
+        report::summary(
+            &policy,
+            &engine.stats,
+            engine.open_windows(),
+            counts.control_dead_letters,
+            withheld
+        )
+    )?;
+    outln!("wrote {}/", a.out.display())?;
+    Ok(())
+}
+
+/// `policy check`: loads every policy named, so one run lists every refused file.
+fn policy_check(files: &[String]) -> Result<()> {
+    let mut failed = 0;
+    for f in files {
+        match load_policy(f) {
+            Ok(p) => {
+                let n = p.declared().count();
+                outln!(
+                    "{}: ok ({}, {n} {})",
+                    p.file,
+                    p.tag,
+                    if n == 1 { "purpose" } else { "purposes" }
+                )?;
             }
-            if failed > 0 {
-                bail!("{failed} of {} policy file(s) refused", files.len());
-            }
-        }
-        Command::Policy(PolicyCmd::Explain { file, format }) => {
-            let p = load_policy(&file)?;
-            match format {
-                ExplainFormat::Markdown => out!("{}", policy::explain::markdown(&p))?,
-                ExplainFormat::Json => outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&policy::explain::json(&p))?
-                )?,
-            }
-        }
-        Command::Policy(PolicyCmd::Test { paths }) => {
-            let report = cases::run_paths(&paths, &load_policy_ref)?;
-            out!("{}", report.render())?;
-            if report.failed() > 0 {
-                bail!("{} behaviour case(s) failed", report.failed());
-            }
-        }
-        Command::Generate(a) => {
-            let cfg = GenConfig {
-                subscribers: a.subscribers,
-                records: a.records,
-                seed: a.seed,
-                start: Millis::parse(&a.start).context("--start")?,
-                days: a.days,
-                analytics_consent: a.analytics_consent,
-                marketing_consent: a.marketing_consent,
-                objection_rate: a.objection_rate,
-                malformed_rate: a.malformed_rate,
-                ..GenConfig::default()
-            };
-            cfg.validate()?;
-            let w =
-                demo::write_traffic_with(&cfg, &a.out_records, &a.out_control, a.format, progress)?;
-            outln!(
-                "wrote {} records ({} malformed) to {} and {} control events ({} malformed) to {}",
-                w.records,
-                w.malformed_records,
-                a.out_records.display(),
-                w.controls,
-                w.malformed_controls,
-                a.out_control.display()
-            )?;
-        }
-        Command::Keys(KeysCmd::Generate { out, id }) => {
-            MasterKey::new(&id, &[0; 32]).map_err(anyhow::Error::from)?;
-            keyfile::write_new(&out, &id).with_context(|| format!("writing {}", out.display()))?;
-            outln!("wrote key {id} to {} (mode 600)", out.display())?;
-        }
-        Command::Run(a) => run(a)?,
-        Command::Topics(a) => topics(a)?,
-        Command::Produce(a) => {
-            use crate::adapters::kafka::{config, produce};
-            let cfg = config::load(&a.config, std::env::vars())?;
-            let bar = if progress {
-                indicatif::ProgressBar::new_spinner()
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            let p = produce::produce_files(
-                &cfg,
-                a.control.as_deref(),
-                a.records.as_deref(),
-                a.format,
-                &|n| bar.set_message(format!("{n} messages sent")),
-            )?;
-            bar.finish_and_clear();
-            outln!(
-                "sent {} control events to {} ({} unreadable lines skipped) and {} records to {} ({} unreadable, sent without a key)",
-                p.control,
-                cfg.control_topic,
-                p.control_skipped,
-                p.records + p.records_unkeyed,
-                cfg.input_topic,
-                p.records_unkeyed
-            )?;
-        }
-        Command::Keys(KeysCmd::Export { keys, purpose, out }) => {
-            let ids = keyfile::export(&keys, purpose, &out)?;
-            outln!(
-                "wrote the {} token keys {} to {} (mode 600)",
-                purpose.id(),
-                ids.join(", "),
-                out.display()
-            )?;
-        }
-        Command::Keys(KeysCmd::Reverse { keys, tokens }) => {
-            let ring = keyfile::load_any(&keys)?;
-            for t in tokens {
-                outln!("{}", ring.reverse(&t)?)?;
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}", error_text(&e));
             }
         }
     }
+    if failed > 0 {
+        bail!("{failed} of {} policy file(s) refused", files.len());
+    }
+    Ok(())
+}
+
+/// `policy explain`: prints a policy's record of processing.
+fn policy_explain(file: &str, format: ExplainFormat) -> Result<()> {
+    let p = load_policy(file)?;
+    match format {
+        ExplainFormat::Markdown => out!("{}", policy::explain::markdown(&p))?,
+        ExplainFormat::Json => outln!(
+            "{}",
+            serde_json::to_string_pretty(&policy::explain::json(&p))?
+        )?,
+    }
+    Ok(())
+}
+
+/// `policy test`: runs the behaviour cases and fails if any did.
+fn policy_test(paths: &[PathBuf]) -> Result<()> {
+    let report = cases::run_paths(paths, &load_policy_ref)?;
+    out!("{}", report.render())?;
+    if report.failed() > 0 {
+        bail!("{} behaviour case(s) failed", report.failed());
+    }
+    Ok(())
+}
+
+/// `generate`: writes synthetic records and control events.
+fn generate_cmd(a: GenerateArgs, progress: bool) -> Result<()> {
+    let cfg = GenConfig {
+        subscribers: a.subscribers,
+        records: a.records,
+        seed: a.seed,
+        start: Millis::parse(&a.start).context("--start")?,
+        days: a.days,
+        analytics_consent: a.analytics_consent,
+        marketing_consent: a.marketing_consent,
+        objection_rate: a.objection_rate,
+        malformed_rate: a.malformed_rate,
+        ..GenConfig::default()
+    };
+    cfg.validate()?;
+    let w = demo::write_traffic_with(&cfg, &a.out_records, &a.out_control, a.format, progress)?;
+    outln!(
+        "wrote {} records ({} malformed) to {} and {} control events ({} malformed) to {}",
+        w.records,
+        w.malformed_records,
+        a.out_records.display(),
+        w.controls,
+        w.malformed_controls,
+        a.out_control.display()
+    )?;
+    Ok(())
+}
+
+/// `keys generate`: writes a new key file, after checking the id as a key would.
+fn keys_generate(out: &Path, id: &str) -> Result<()> {
+    MasterKey::new(id, &[0; 32]).map_err(anyhow::Error::from)?;
+    keyfile::write_new(out, id).with_context(|| format!("writing {}", out.display()))?;
+    outln!("wrote key {id} to {} (mode 600)", out.display())?;
+    Ok(())
+}
+
+/// `keys export`: writes one purpose's token keys to their own file.
+fn keys_export(keys: &Path, purpose: Purpose, out: &Path) -> Result<()> {
+    let ids = keyfile::export(keys, purpose, out)?;
+    outln!(
+        "wrote the {} token keys {} to {} (mode 600)",
+        purpose.id(),
+        ids.join(", "),
+        out.display()
+    )?;
+    Ok(())
+}
+
+/// `keys reverse`: prints the number behind each token, one a line.
+fn keys_reverse(keys: &Path, tokens: &[String]) -> Result<()> {
+    let ring = keyfile::load_any(keys)?;
+    for t in tokens {
+        outln!("{}", ring.reverse(t)?)?;
+    }
+    Ok(())
+}
+
+/// `produce`: feeds files into a configuration's control and input topics.
+fn produce(a: ProduceArgs, progress: bool) -> Result<()> {
+    use crate::adapters::kafka::{config, produce};
+    let cfg = config::load(&a.config, std::env::vars())?;
+    let bar = if progress {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let p = produce::produce_files(
+        &cfg,
+        a.control.as_deref(),
+        a.records.as_deref(),
+        a.format,
+        &|n| bar.set_message(format!("{n} messages sent")),
+    )?;
+    bar.finish_and_clear();
+    outln!(
+        "sent {} control events to {} ({} unreadable lines skipped) and {} records to {} ({} unreadable, sent without a key)",
+        p.control,
+        cfg.control_topic,
+        p.control_skipped,
+        p.records + p.records_unkeyed,
+        cfg.input_topic,
+        p.records_unkeyed
+    )?;
     Ok(())
 }
 
@@ -591,6 +632,7 @@ fn replay_keys(file: Option<&Path>, ephemeral: bool) -> Result<Keyring> {
     }
 }
 
+/// `topics`: lists the topics a configuration needs and creates those missing.
 fn topics(a: TopicsArgs) -> Result<()> {
     use crate::adapters::kafka::{self, config, topics};
 
@@ -619,6 +661,8 @@ fn topics(a: TopicsArgs) -> Result<()> {
     Ok(())
 }
 
+/// `run`: checks the configuration, policy and key file, then routes from Kafka until
+/// stopped by a signal.
 fn run(a: RunArgs) -> Result<()> {
     use std::sync::Arc;
 
@@ -661,45 +705,53 @@ fn run(a: RunArgs) -> Result<()> {
     let shutdown_timeout = cfg.shutdown_timeout;
     rt.block_on(async {
         let stop = Arc::new(tokio::sync::Notify::new());
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let stop = stop.clone();
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            tokio::spawn(async move {
-                let mut signals = 0;
-                loop {
-                    let name = tokio::select! {
-                        _ = term.recv() => "SIGTERM",
-                        _ = int.recv() => "SIGINT",
-                    };
-                    signals += 1;
-                    if signals > 1 {
-                        // The operator insists: nothing is lost (the open transaction is
-                        // aborted by the broker or the next instance), only time.
-                        tracing::warn!(signal = name, "second signal: exiting at once");
-                        exit_now(130);
-                    }
-                    tracing::info!(signal = name, ?shutdown_timeout, "stopping");
-                    stop.notify_one();
-                    // A stop must end before the supervisor's own grace period does; past
-                    // the deadline the process exits with what it could not finish left
-                    // to the broker (an open transaction is aborted on its timeout).
-                    std::thread::spawn(move || {
-                        std::thread::sleep(shutdown_timeout);
-                        tracing::error!(
-                            ?shutdown_timeout,
-                            "the stop did not finish in time; exiting with its transaction left to the broker's timeout"
-                        );
-                        exit_now(1);
-                    });
-                }
-            });
-        }
+        watch_signals(stop.clone(), shutdown_timeout)?;
         kafka::run(cfg, policy, keys, stop, handles).await?;
         anyhow::Ok(())
     })?;
     tracing::info!(stats = %stats.line(), "stopped");
+    Ok(())
+}
+
+/// Turns SIGTERM and SIGINT into a stop: the first asks `stop` for an orderly one with
+/// `shutdown_timeout` to finish it, a second ends the process at once. Called inside the
+/// runtime, which the watching task runs on.
+fn watch_signals(
+    stop: std::sync::Arc<tokio::sync::Notify>,
+    shutdown_timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let mut signals = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            signals += 1;
+            if signals > 1 {
+                // The operator insists: nothing is lost (the open transaction is
+                // aborted by the broker or the next instance), only time.
+                tracing::warn!(signal = name, "second signal: exiting at once");
+                exit_now(130);
+            }
+            tracing::info!(signal = name, ?shutdown_timeout, "stopping");
+            stop.notify_one();
+            // A stop must end before the supervisor's own grace period does; past
+            // the deadline the process exits with what it could not finish left
+            // to the broker (an open transaction is aborted on its timeout).
+            std::thread::spawn(move || {
+                std::thread::sleep(shutdown_timeout);
+                tracing::error!(
+                    ?shutdown_timeout,
+                    "the stop did not finish in time; exiting with its transaction left to the broker's timeout"
+                );
+                exit_now(1);
+            });
+        }
+    });
     Ok(())
 }
 

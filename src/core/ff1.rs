@@ -14,6 +14,8 @@ use aes::cipher::{
 pub const MIN_DIGITS: usize = 6;
 /// Most digits accepted: keeps every half below 10^10 and every PRF output in one block.
 pub const MAX_DIGITS: usize = 20;
+/// Longest tweak accepted, in bytes (tokens use none); Q is then at most three AES blocks.
+pub const MAX_TWEAK: usize = 40;
 
 /// An FF1 cipher with radix 10.
 pub struct Ff1 {
@@ -88,7 +90,10 @@ impl Ff1 {
 
     fn run(&self, tweak: &[u8], x: &mut [u8], decrypt: bool) -> bool {
         let n = x.len();
-        if !(MIN_DIGITS..=MAX_DIGITS).contains(&n) || tweak.len() > 40 || x.iter().any(|d| *d > 9) {
+        if !(MIN_DIGITS..=MAX_DIGITS).contains(&n)
+            || tweak.len() > MAX_TWEAK
+            || x.iter().any(|d| *d > 9)
+        {
             return false;
         }
         self.aes
