@@ -8,12 +8,16 @@
 
 mod util;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use cdrguard::adapters::kafka::config::RunConfig;
 use cdrguard::adapters::kafka::consent;
+use cdrguard::core::control::{Change, ControlEvent};
 use cdrguard::vocab::purpose::Purpose;
+use cdrguard::vocab::time::Millis;
 use rdkafka::message::Message;
 use util::*;
 
@@ -1013,5 +1017,374 @@ fn processors_see_only_the_cdrguard_variables_a_test_sets() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- The retention service -------------------------------------------------------------
+
+/// A record of `msisdn` at `at`, built from a generated template.
+fn record_at(msisdn: &str, id: &str, at: Millis) -> (Option<Vec<u8>>, Vec<u8>) {
+    let (k, v) = records_of(msisdn, id, 1).remove(0);
+    let mut r: serde_json::Value = serde_json::from_slice(&v).unwrap();
+    r["record_id"] = id.into();
+    r["start_time"] = at.to_string().into();
+    (k, serde_json::to_vec(&r).unwrap())
+}
+
+fn t(s: &str) -> Millis {
+    Millis::parse(s).unwrap()
+}
+
+/// The retention topic's events, read committed: `(route, subscriber, window_start,
+/// reason)` with the deadline, and how often each came.
+fn expiries(
+    bootstrap: &str,
+    cfg: &RunConfig,
+) -> BTreeMap<(String, String, String, String), (String, usize)> {
+    let mut out: BTreeMap<(String, String, String, String), (String, usize)> = BTreeMap::new();
+    for m in read_to_end(bootstrap, &cfg.retention_topic) {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(v["type"], "retention_expired", "{v}");
+        let k = (
+            v["route"].as_str().unwrap().to_string(),
+            v["subscriber"].as_str().unwrap_or("").to_string(),
+            v["window_start"].as_str().unwrap().to_string(),
+            v["reason"].as_str().unwrap().to_string(),
+        );
+        let e = out
+            .entry(k)
+            .or_insert((v["deadline"].as_str().unwrap().to_string(), 0));
+        e.1 += 1;
+    }
+    out
+}
+
+/// Every expiry came exactly once.
+fn assert_each_once(got: &BTreeMap<(String, String, String, String), (String, usize)>) {
+    let twice: Vec<_> = got.iter().filter(|(_, (_, n))| *n != 1).collect();
+    assert!(twice.is_empty(), "expiries not exactly once: {twice:?}");
+}
+
+/// Windows fire at their deadline (the run's clock starts ten simulated minutes before it
+/// and runs 20 times faster), never before, each exactly once, although the instance is
+/// killed with SIGKILL while firing them one per transaction and another takes over; the
+/// schedule topic, read as compaction leaves it, then holds no fired window.
+#[test]
+fn expiries_fire_at_their_deadline_once_each_across_a_kill_9() {
+    let b = broker();
+    let dir = scratch("expire");
+    let prefix = unique("expire");
+    let day = t("2026-03-02T00:00:00.000Z");
+    let policy =
+        cdrguard::policy::parse_policy(cdrguard::policy::shipped("excedo").unwrap(), "excedo")
+            .unwrap();
+    let fraud = &policy.rule(Purpose::Fraud).unwrap().retention;
+    let deadline = cdrguard::core::retention::event_time_deadline(fraud, day);
+    let clock_start = Millis(deadline.0 - 10 * 60_000);
+    let retention = format!("clock_start = \"{clock_start}\"\nclock_speed = 20\nfire_batch = 1");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            retention: &retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 3, 1);
+    let subscribers: Vec<String> = (0..40).map(|i| format!("+4670777{i:04}")).collect();
+    let mut records = Vec::new();
+    for (i, s) in subscribers.iter().enumerate() {
+        for j in 0..2 {
+            let at = Millis(day.0 + 36_000_000 + (i * 2 + j) as i64 * 60_000);
+            records.push(record_at(s, &format!("expire-{i}-{j}"), at));
+        }
+    }
+    let started = Instant::now();
+    let a = Processor::start(&path, &dir.join("a.log"), &[]);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    // Ten simulated minutes are 30 real seconds: if the records were in by then, nothing
+    // may have fired yet.
+    let real = started.elapsed();
+    if real < Duration::from_secs(25) {
+        assert!(
+            expiries(&b.bootstrap, &cfg).is_empty(),
+            "an expiry before its deadline ({real:?} after the start)"
+        );
+    } else {
+        println!("the records took {real:?} to route: the check before the deadline is skipped");
+    }
+    // Kill it while it fires, one window per transaction.
+    wait_for("the first expiries", Duration::from_secs(120), || {
+        expiries(&b.bootstrap, &cfg).len() >= 5
+    });
+    a.kill9();
+    let fired_before = expiries(&b.bootstrap, &cfg).len();
+    let b2 = Processor::start(&path, &dir.join("b.log"), &[]);
+    wait_for(
+        "every fraud window expired",
+        Duration::from_secs(120),
+        || expiries(&b.bootstrap, &cfg).len() >= subscribers.len(),
+    );
+    assert_eq!(b2.terminate().code(), Some(0));
+    let got = expiries(&b.bootstrap, &cfg);
+    assert_each_once(&got);
+    assert!(
+        fired_before < subscribers.len(),
+        "the kill came while firing"
+    );
+    let want: BTreeSet<(String, String, String, String)> = subscribers
+        .iter()
+        .map(|s| {
+            (
+                "fraud".to_string(),
+                s.clone(),
+                day.to_string(),
+                fraud.rule_id.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want);
+    for (d, _) in got.values() {
+        assert_eq!(d, &deadline.to_string());
+    }
+    // As compaction leaves the schedule topic (the latest message per key): no fired
+    // window is left, and the waiting billing and troubleshooting windows are.
+    let mut latest: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    for m in read_to_end(&b.bootstrap, &cfg.schedule_topic) {
+        latest.insert(m.key().unwrap().to_vec(), m.payload().map(<[u8]>::to_vec));
+    }
+    let live: Vec<String> = latest
+        .iter()
+        .filter(|(k, v)| v.is_some() && !k.starts_with(b"control-applied/"))
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(live.iter().all(|k| !k.starts_with("fraud/")), "{live:?}");
+    assert_eq!(
+        live.iter()
+            .filter(|k| k.starts_with("troubleshooting/"))
+            .count(),
+        subscribers.len(),
+        "one waiting contract window per subscriber"
+    );
+}
+
+/// Rights reach downstream stores at once, exactly once, and only on the routes they end:
+/// an erasure expires the analytics, marketing and troubleshooting windows (billing and
+/// fraud are held by legal obligation, Art. 17(3)); a withdrawal expires analytics only.
+/// Killed with SIGKILL after the rights fired and started again, the instance applies no
+/// right twice (the control offsets it applied are kept with its windows).
+#[test]
+fn rights_expire_the_routes_they_end_once_even_across_a_kill_9() {
+    let b = broker();
+    let dir = scratch("rights");
+    let prefix = unique("rights");
+    let day = t("2026-03-02T00:00:00.000Z");
+    let clock_start = t("2026-03-07T00:00:00.000Z");
+    let retention = format!("clock_start = \"{clock_start}\"");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            retention: &retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, keys) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let (erased, withdrawn) = ("+46707770001", "+46707770002");
+    let ev = |msisdn: &str, at: Millis, change: Change| ControlEvent {
+        msisdn: msisdn.into(),
+        at,
+        change,
+    };
+    let grant = |p| Change::Consent {
+        purpose: p,
+        granted: true,
+    };
+    let before = Millis(day.0 - 86_400_000);
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&[
+            ev(erased, before, grant(Purpose::Analytics)),
+            ev(erased, before, grant(Purpose::Marketing)),
+            ev(withdrawn, before, grant(Purpose::Analytics)),
+            ev(withdrawn, before, grant(Purpose::Marketing)),
+        ]),
+    );
+    let a = Processor::start(&path, &dir.join("a.log"), &[]);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    let records: Vec<_> = [erased, withdrawn]
+        .iter()
+        .flat_map(|s| {
+            (0..3).map(move |i| {
+                record_at(
+                    s,
+                    &format!("rights-{s}-{i}"),
+                    Millis(day.0 + 43_200_000 + i * 60_000),
+                )
+            })
+        })
+        .collect();
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    let at = Millis(clock_start.0 - 3_600_000);
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&[
+            ev(erased, at, Change::Erasure),
+            ev(
+                withdrawn,
+                at,
+                Change::Consent {
+                    purpose: Purpose::Analytics,
+                    granted: false,
+                },
+            ),
+        ]),
+    );
+    wait_for("the rights' expiries", Duration::from_secs(60), || {
+        expiries(&b.bootstrap, &cfg).len() >= 4
+    });
+    a.kill9();
+    let again = Processor::start(&path, &dir.join("b.log"), &[]);
+    // Long enough for a second application to show: the timers read back and the
+    // control events read again from the start.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(again.terminate().code(), Some(0));
+    let got = expiries(&b.bootstrap, &cfg);
+    assert_each_once(&got);
+    let rule = |p: Purpose| policy.rule(p).unwrap();
+    let subject = |p: Purpose, m: &str| {
+        cdrguard::core::treat::subscriber_ref(rule(p), &keys, m)
+            .unwrap()
+            .as_str()
+            .to_string()
+    };
+    let mut want = BTreeSet::new();
+    for p in [
+        Purpose::Analytics,
+        Purpose::Marketing,
+        Purpose::Troubleshooting,
+    ] {
+        want.insert((
+            p.id().to_string(),
+            subject(p, erased),
+            "erasure".to_string(),
+        ));
+    }
+    want.insert((
+        "analytics".to_string(),
+        subject(Purpose::Analytics, withdrawn),
+        "consent_withdrawn".to_string(),
+    ));
+    let seen: BTreeSet<(String, String, String)> = got
+        .keys()
+        .map(|(r, s, _, reason)| (r.clone(), s.clone(), reason.clone()))
+        .collect();
+    assert_eq!(seen, want);
+    for ((_, _, start, _), (deadline, _)) in &got {
+        assert_eq!(start, &day.to_string(), "the day's window");
+        assert_eq!(deadline, &at.to_string(), "due at the right's instant");
+    }
+}
+
+/// An invoice settlement starts the clock of the billing windows it covers: nothing of
+/// billing fires before it, and the settled period's one window fires at the settlement
+/// plus the rule's six months.
+#[test]
+fn an_invoice_settlement_starts_the_billing_clock() {
+    let b = broker();
+    let dir = scratch("settle");
+    let prefix = unique("settle");
+    let day = t("2026-03-02T00:00:00.000Z");
+    let settled_at = t("2026-04-03T00:00:00.000Z");
+    let policy =
+        cdrguard::policy::parse_policy(cdrguard::policy::shipped("excedo").unwrap(), "excedo")
+            .unwrap();
+    let billing = &policy.rule(Purpose::Billing).unwrap().retention;
+    let deadline = billing.period.after(settled_at);
+    // Records are routed 40 simulated minutes before the deadline; the clock runs 60
+    // times faster, so the window fires about 40 real seconds after the start.
+    let clock_start = Millis(deadline.0 - 40 * 60_000);
+    let retention = format!("clock_start = \"{clock_start}\"\nclock_speed = 60");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            retention: &retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let s = "+46707770009";
+    let a = Processor::start(&path, &dir.join("a.log"), &[]);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    let records: Vec<_> = (0..4)
+        .map(|i| record_at(s, &format!("settle-{i}"), Millis(day.0 + i * 3_600_000)))
+        .collect();
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    assert!(
+        expiries(&b.bootstrap, &cfg)
+            .keys()
+            .all(|(route, ..)| route != "billing"),
+        "billing waits for its settlement"
+    );
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&[ControlEvent {
+            msisdn: s.into(),
+            at: settled_at,
+            change: Change::InvoiceSettled {
+                period_start: t("2026-03-01T00:00:00.000Z"),
+                period_end: t("2026-04-01T00:00:00.000Z"),
+            },
+        }]),
+    );
+    wait_for(
+        "the settled window's expiry",
+        Duration::from_secs(120),
+        || {
+            expiries(&b.bootstrap, &cfg)
+                .keys()
+                .any(|(route, ..)| route == "billing")
+        },
+    );
+    assert_eq!(a.terminate().code(), Some(0));
+    let got = expiries(&b.bootstrap, &cfg);
+    assert_each_once(&got);
+    let billing: Vec<_> = got.iter().filter(|((r, ..), _)| r == "billing").collect();
+    assert_eq!(
+        billing.len(),
+        1,
+        "the period's hours are one window: {billing:?}"
+    );
+    let ((_, subject, start, reason), (d, _)) = billing[0];
+    assert_eq!(
+        (
+            subject.as_str(),
+            start.as_str(),
+            reason.as_str(),
+            d.as_str()
+        ),
+        (
+            s,
+            "2026-03-02T00:00:00.000Z",
+            "excedo.billing",
+            deadline.to_string().as_str()
+        )
     );
 }

@@ -174,6 +174,8 @@ pub struct Tweaks<'a> {
     pub consumer_properties: &'a str,
     /// More `[processing]` keys.
     pub processing: &'a str,
+    /// `[retention]` keys (its clock, its firing budget).
+    pub retention: &'a str,
 }
 
 /// Writes a run configuration whose topics all start with `prefix` and loads it.
@@ -194,6 +196,7 @@ pub fn run_config(
         kafka,
         consumer_properties,
         processing,
+        retention,
     } = tweaks;
     let text = format!(
         r#"
@@ -213,6 +216,7 @@ input = "{prefix}.raw"
 control = "{prefix}.control"
 dead_letter = "{prefix}.dead"
 retention_schedule = "{prefix}.schedule"
+retention = "{prefix}.retention"
 
 [topics.routes]
 {routes}
@@ -221,6 +225,9 @@ policy = "{}"
 key_file = "{}"
 commit_interval_ms = 100
 {processing}
+
+[retention]
+{retention}
 "#,
         policy.display(),
         keys.display()
@@ -248,6 +255,32 @@ pub fn create_topics(cfg: &RunConfig, policy: &Policy, partitions: i32, control_
             1,
         ))
         .expect("creating test topics");
+    // Created is not yet known everywhere: a client asking the broker's metadata right
+    // after may not see the topic for a moment. Wait until every partition has a leader.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .create()
+        .unwrap();
+    wait_for(
+        "the new topics in the metadata",
+        Duration::from_secs(60),
+        || {
+            specs.iter().all(|spec| {
+                c.fetch_metadata(Some(&spec.name), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|md| {
+                        md.topics()
+                            .iter()
+                            .find(|t| t.name() == spec.name && t.error().is_none())
+                            .map(|t| {
+                                t.partitions().len() == spec.partitions as usize
+                                    && t.partitions().iter().all(|p| p.leader() >= 0)
+                            })
+                    })
+                    .unwrap_or(false)
+            })
+        },
+    );
 }
 
 /// Deletes `topic` and waits until the broker no longer lists it.
