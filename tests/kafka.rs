@@ -1388,3 +1388,155 @@ fn an_invoice_settlement_starts_the_billing_clock() {
         )
     );
 }
+
+/// Timers move with their partitions: a second instance joins while the first owns every
+/// partition, reads the partitions it is given back from the schedule topic, and fires
+/// their windows; the first fires the rest. Each window expires exactly once.
+#[test]
+fn a_rebalance_hands_timers_to_the_new_owner_each_fired_once() {
+    let b = broker();
+    let dir = scratch("handover");
+    let prefix = unique("handover");
+    let day = t("2026-03-02T00:00:00.000Z");
+    let policy =
+        cdrguard::policy::parse_policy(cdrguard::policy::shipped("excedo").unwrap(), "excedo")
+            .unwrap();
+    let fraud = &policy.rule(Purpose::Fraud).unwrap().retention;
+    let deadline = cdrguard::core::retention::event_time_deadline(fraud, day);
+    // Forty simulated minutes before the deadline, running 40 times faster: a minute of
+    // real time to route the records and hand partitions over first.
+    let clock_start = Millis(deadline.0 - 40 * 60_000);
+    let retention = format!("clock_start = \"{clock_start}\"\nclock_speed = 40");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            retention: &retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 4, 1);
+    let subscribers: Vec<String> = (0..60).map(|i| format!("+4670778{i:04}")).collect();
+    let records: Vec<_> = subscribers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            record_at(
+                s,
+                &format!("handover-{i}"),
+                Millis(day.0 + 40_000_000 + i as i64),
+            )
+        })
+        .collect();
+    let a = Processor::start(&path, &dir.join("a.log"), &[]);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    let txn_b = format!("{prefix}.txn-b");
+    let second = Processor::start(
+        &path,
+        &dir.join("b.log"),
+        &[("CDRGUARD_KAFKA__TRANSACTIONAL_ID", &txn_b)],
+    );
+    let b_log = dir.join("b.log");
+    wait_for(
+        "the second instance's timers read back",
+        Duration::from_secs(90),
+        || {
+            log_lines(&b_log)
+                .iter()
+                .any(|l| l.contains("retention timers read back"))
+        },
+    );
+    wait_for("every window expired", Duration::from_secs(120), || {
+        expiries(&b.bootstrap, &cfg).len() >= subscribers.len()
+    });
+    assert_eq!(second.terminate().code(), Some(0));
+    assert_eq!(a.terminate().code(), Some(0));
+    let got = expiries(&b.bootstrap, &cfg);
+    assert_each_once(&got);
+    assert_eq!(got.len(), subscribers.len());
+}
+
+/// A schedule entry that cannot be read is never dropped: one whose key still names its
+/// window expires that window at once (deleting early is safe, late is not), and every
+/// unreadable one is logged by partition and offset, never by content.
+#[test]
+fn an_unreadable_schedule_entry_expires_its_window_at_once_and_is_logged_without_content() {
+    let b = broker();
+    let dir = scratch("unreadable");
+    let prefix = unique("unreadable");
+    let (path, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 1, 1);
+    let msisdn = "+46707779999";
+    // Day 20514 is 2026-03-02.
+    produce(
+        &b.bootstrap,
+        &cfg.schedule_topic,
+        &[
+            (
+                Some(format!("fraud/{msisdn}/20514").into_bytes()),
+                b"{not json".to_vec(),
+            ),
+            (
+                Some(b"garbage key".to_vec()),
+                format!("{{\"x\":\"{msisdn}\"}}").into_bytes(),
+            ),
+        ],
+    );
+    let log = dir.join("a.log");
+    let a = Processor::start(&path, &log, &[]);
+    wait_for(
+        "the unreadable window's expiry",
+        Duration::from_secs(90),
+        || !expiries(&b.bootstrap, &cfg).is_empty(),
+    );
+    assert_eq!(a.terminate().code(), Some(0));
+    let got = expiries(&b.bootstrap, &cfg);
+    assert_each_once(&got);
+    let keys: Vec<_> = got.keys().collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(
+        (keys[0].0.as_str(), keys[0].1.as_str(), keys[0].2.as_str()),
+        ("fraud", msisdn, "2026-03-02T00:00:00.000Z")
+    );
+    let lines = log_lines(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("schedule entries unreadable") && l.contains("count=2")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains("7779999")),
+        "a log line names the subscriber"
+    );
+}
+
+/// Without the retention topic the run stops at start and says which topic is missing.
+#[test]
+fn a_missing_retention_topic_stops_the_run_at_start() {
+    let b = broker();
+    let dir = scratch("noretention");
+    let prefix = unique("noretention");
+    let (path, cfg) = run_config(&dir, &b.bootstrap, &prefix, "excedo", Tweaks::default());
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 1, 1);
+    delete_topic(&b.bootstrap, &cfg.retention_topic);
+    let log = dir.join("a.log");
+    let mut a = Processor::start(&path, &log, &[]);
+    wait_for("the run to stop", Duration::from_secs(60), || !a.running());
+    let status = a.wait();
+    assert_ne!(status.code(), Some(0));
+    let lines = log_lines(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("missing") && l.contains(&cfg.retention_topic)),
+        "{lines:#?}"
+    );
+}
