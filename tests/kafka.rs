@@ -1540,3 +1540,82 @@ fn a_missing_retention_topic_stops_the_run_at_start() {
         "{lines:#?}"
     );
 }
+
+/// A call of `msisdn` at `at` lasting `duration_s`, written out in full.
+fn call(msisdn: &str, id: &str, at: Millis, duration_s: u32) -> (Option<Vec<u8>>, Vec<u8>) {
+    let r = format!(
+        r#"{{"record_id":"{id}","kind":"moc","msisdn":"{msisdn}","imsi":"240011234567890","other_party":"+46709876543","start_time":"{at}","duration_s":{duration_s},"close_cause":"normal","serving_plmn":"24001","rat":"lte","recording_entity":"msc-1","local_seq_no":1}}"#
+    );
+    (Some(msisdn.as_bytes().to_vec()), r.into_bytes())
+}
+
+/// Anonymised copies (Alleato analytics without consent) are held to a crowd in Kafka
+/// mode too: a content five subscribers share is released once, after its month closed,
+/// although the instance was killed with SIGKILL while holding it; a content one
+/// subscriber alone made is never released.
+#[test]
+fn anonymised_crowds_of_five_are_released_once_after_their_month_smaller_never() {
+    let b = broker();
+    let dir = scratch("crowds");
+    let prefix = unique("crowds");
+    // The month closes a day after its end: 2026-04-02. The clock starts a simulated
+    // two minutes before, and runs ten times faster.
+    let retention = "clock_start = \"2026-04-01T23:58:00.000Z\"\nclock_speed = 10";
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "alleato",
+        Tweaks {
+            retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, _) = load(&cfg);
+    // One partition: crowds are counted per partition (a crowd spread over two would be
+    // withheld, the safe side).
+    create_topics(&cfg, &policy, 1, 1);
+    let day = t("2026-03-10T12:00:00.000Z");
+    let mut records: Vec<_> = (0..5)
+        .map(|i| call(&format!("+4670779{i:04}"), &format!("crowd-{i}"), day, 40))
+        .collect();
+    records.push(call("+46707799999", "lonely", day, 4_000));
+    let a = Processor::start(&path, &dir.join("a.log"), &[]);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    let analytics = cfg.routes[Purpose::Analytics as usize].clone().unwrap();
+    let anonymised = |msgs: &[rdkafka::message::OwnedMessage]| {
+        msgs.iter()
+            .filter(|m| header(m, "consent") == Some("absent"))
+            .count()
+    };
+    assert_eq!(
+        anonymised(&read_to_end(&b.bootstrap, &analytics)),
+        0,
+        "held while the month is open"
+    );
+    a.kill9();
+    let again = Processor::start(&path, &dir.join("b.log"), &[]);
+    wait_for("the crowd's release", Duration::from_secs(120), || {
+        anonymised(&read_to_end(&b.bootstrap, &analytics)) >= 5
+    });
+    // Long enough for a second release to show.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(again.terminate().code(), Some(0));
+    let msgs = read_to_end(&b.bootstrap, &analytics);
+    let released: Vec<&rdkafka::message::OwnedMessage> = msgs
+        .iter()
+        .filter(|m| header(m, "consent") == Some("absent"))
+        .collect();
+    assert_eq!(released.len(), 5, "the crowd of five, once");
+    let first = released[0].payload().unwrap();
+    assert!(released.iter().all(|m| m.payload().unwrap() == first));
+    let v: serde_json::Value = serde_json::from_slice(first).unwrap();
+    assert_eq!(
+        v["record"]["duration_s"],
+        cdrguard::core::treat::duration_class(40),
+        "the duration class of 40 s"
+    );
+    assert!(v["record"].get("msisdn").is_none());
+}

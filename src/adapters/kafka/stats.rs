@@ -27,6 +27,9 @@ pub struct RunStats {
     pub expiries: [AtomicU64; Purpose::COUNT],
     /// Schedule-topic messages that could not be read back.
     pub schedule_unreadable: AtomicU64,
+    /// Anonymised copies withheld so far (their month's crowd stayed under the threshold),
+    /// as the last partition to release counted them.
+    pub withheld: AtomicU64,
 }
 
 impl RunStats {

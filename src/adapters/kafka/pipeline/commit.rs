@@ -1,5 +1,5 @@
 //! The transaction and commit coordinator: a commit takes every partition's lock and
-//! sends the held anonymised copies, the pending schedule entries and the offsets with
+//! sends the expiries due, the crowds released, the timers' changes and the offsets with
 //! the transaction; a failed commit is aborted and every partition rewound to its last
 //! committed offset, or the pipeline is rebuilt.
 //!
@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
-use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::adapters::kafka::sink::SinkError;
 use crate::vocab::time::Millis;
 
 /// Aborts in a row, with no commit between them, after which the pipeline is rebuilt: a
@@ -112,7 +112,6 @@ impl SlotState {
             self.next = self.committed;
         }
         self.records = 0;
-        self.anonymised.clear();
         rewind.is_some()
     }
 }
@@ -180,38 +179,14 @@ impl Shared {
         }
     }
 
-    /// Sends what the open transaction still lacks (the held anonymised copies, the
-    /// schedule entries) and commits it with the offsets; the caller holds every
+    /// Sends what the open transaction still lacks (expiries due, released crowds, the
+    /// timers' changes) and commits it with the offsets; the caller holds every
     /// partition's lock.
     pub(super) async fn commit_locked(
         &self,
         slots: &[Arc<Slot>],
         guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
     ) -> Result<(), SinkError> {
-        // Anonymised copies go out last, sorted by content: sent as they were made, each
-        // would sit among timed copies and carry its own timestamp, which would give its
-        // record's time away. Their order and timestamps now tell only the transaction.
-        // (Fewer subscribers share a transaction than a month of files, so nothing is
-        // withheld here; a window with a minimum count needs state that outlives a
-        // transaction.)
-        let mut anonymised: Vec<_> = guards
-            .iter_mut()
-            .flat_map(|g| g.anonymised.drain(..))
-            .collect();
-        anonymised.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        for (p, payload, headers) in anonymised {
-            if let Some(topic) = self.cfg.routes[p as usize].as_deref() {
-                self.sink
-                    .send(Out {
-                        topic,
-                        partition: None,
-                        key: None,
-                        payload: Some(&payload),
-                        headers: Some(headers),
-                    })
-                    .await?;
-            }
-        }
         let mut windows = 0u64;
         let mut budget = self.cfg.fire_batch;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {

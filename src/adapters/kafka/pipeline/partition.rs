@@ -14,6 +14,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use super::group::GroupContext;
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
+use crate::adapters::kafka::retention::crowds::{Anonymised, fingerprint};
 use crate::adapters::kafka::sink::{Out, SinkError};
 use crate::codec::{self, Format, binary, json};
 use crate::core::bounds::TimeBounds;
@@ -255,18 +256,35 @@ impl Shared {
                         Format::Json => json::encode_copy(&self.envelopes, c, &mut scratch.buf),
                         Format::Binary => binary::encode_copy(&self.envelopes, c, &mut scratch.buf),
                     }
+                    let entry = c.schedule_entry();
+                    let tags = codec::headers(c, &mut scratch.treatments);
+                    if c.is_anonymised() {
+                        // Held back with its month's crowd (see retention::crowds); counted
+                        // as a copy when released.
+                        st.timers.hold_anonymised(
+                            Anonymised {
+                                purpose: c.envelope.purpose,
+                                record_time: c.record_time,
+                                content: scratch.buf.clone(),
+                                headers: tags
+                                    .iter()
+                                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                                    .collect(),
+                                subscriber: fingerprint(&self.keys, &r.msisdn),
+                            },
+                            now,
+                        );
+                        st.timers.track(&entry, state.contract_ended);
+                        continue;
+                    }
                     let mut headers = OwnedHeaders::new_with_capacity(9);
-                    for (k, v) in codec::headers(c, &mut scratch.treatments) {
+                    for (k, v) in tags {
                         headers = headers.insert(Header {
                             key: k,
                             value: Some(v),
                         });
                     }
-                    let entry = c.schedule_entry();
-                    if c.is_anonymised() {
-                        st.anonymised
-                            .push((c.envelope.purpose, scratch.buf.clone(), headers));
-                    } else {
+                    {
                         self.sink
                             .send(Out {
                                 topic,

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use rdkafka::message::{Header, OwnedHeaders};
+
 use super::Shared;
 use super::slot::{Slot, SlotState};
 use crate::adapters::kafka::retention::entries::{self, window_key};
@@ -28,7 +30,7 @@ impl Shared {
     ) {
         let mut newly_ready = false;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
-            match g.timers.finish_reading(&self.policy) {
+            match g.timers.finish_reading(&self.policy, self.clock.now()) {
                 None => {}
                 Some(Ok(read)) => {
                     newly_ready = true;
@@ -141,6 +143,40 @@ impl Shared {
                     }
                     written += 1;
                 }
+                for released in r.crowds.release(now, budget) {
+                    let Some(topic) = self.cfg.routes[released.purpose as usize].as_deref() else {
+                        continue;
+                    };
+                    let c = &released.crowd;
+                    for _ in 0..c.copies {
+                        let mut headers = OwnedHeaders::new_with_capacity(c.headers.len());
+                        for (k, v) in &c.headers {
+                            headers = headers.insert(Header {
+                                key: k,
+                                value: Some(v),
+                            });
+                        }
+                        self.sink
+                            .send(Out {
+                                topic,
+                                partition: None,
+                                key: None,
+                                payload: Some(&c.content),
+                                headers: Some(headers),
+                            })
+                            .await?;
+                    }
+                    self.stats.copies[released.purpose as usize]
+                        .fetch_add(c.copies, Ordering::Relaxed);
+                }
+                for (key, value) in r.crowds.drain() {
+                    self.send_schedule(partition, &key, value.as_deref())
+                        .await?;
+                    written += 1;
+                }
+                self.stats
+                    .withheld
+                    .store(r.crowds.withheld, Ordering::Relaxed);
                 for cp in r.applied_changed.drain(..) {
                     let offset = r.applied.get(&cp).copied().unwrap_or(-1);
                     let (key, value) = entries::encode_applied(cp, offset);

@@ -5,11 +5,9 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rdkafka::message::OwnedHeaders;
 use tokio::sync::Notify;
 
 use crate::adapters::kafka::retention::timers::Timers;
-use crate::vocab::purpose::Purpose;
 
 /// What a partition task keeps between commits.
 pub(super) struct SlotState {
@@ -25,9 +23,6 @@ pub(super) struct SlotState {
     pub(super) timers: Timers,
     /// Set by an abort: seek here before reading on.
     pub(super) rewind: Option<i64>,
-    /// Anonymised copies made since the last commit (route, copy, headers), sent sorted
-    /// at the commit (see [`Shared::commit_locked`]).
-    pub(super) anonymised: Vec<(Purpose, Vec<u8>, OwnedHeaders)>,
 }
 
 impl SlotState {
@@ -40,7 +35,6 @@ impl SlotState {
             records: 0,
             timers,
             rewind: None,
-            anonymised: Vec::new(),
         }
     }
 }

@@ -9,11 +9,14 @@
 //!   records (`retention_settlement`).
 //! - `control-applied/PARTITION`: the control-topic offset up to which events were applied
 //!   to this partition's windows (`control_applied`), so a right is applied exactly once.
+//! - `crowd/MONTH/PURPOSE/DIGEST`: anonymised copies held back (`anonymised_crowd`, see
+//!   [`super::crowds`]).
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use super::crowds::{self, Crowd, CrowdKey};
 use crate::core::retention::schedule::{Persist, WindowKey, WindowState};
 use crate::core::retention::{Expiry, Reason};
 use crate::policy::Policy;
@@ -36,6 +39,8 @@ pub enum Entry {
         /// The period's end and the settlement's deadline.
         period: Option<(Millis, Millis)>,
     },
+    /// A crowd of anonymised copies held back (`None`: released).
+    Crowd(CrowdKey, Option<Crowd>),
     /// Control events up to this offset of this control partition are applied.
     Applied {
         /// The control-topic partition.
@@ -191,6 +196,11 @@ pub fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry, EntryError> {
             }
         };
         return Ok(Entry::Applied { partition, offset });
+    }
+    if let Some(c) = crowds::decode(key, value) {
+        return c
+            .map(|(k, crowd)| Entry::Crowd(k, crowd))
+            .map_err(|()| EntryError::Value("crowd"));
     }
     if let Some(rest) = key.strip_prefix("settled/") {
         let mut parts = rest.splitn(3, '/');

@@ -6,8 +6,10 @@
 //! - [`rebuild`]: reading a schedule partition back on assignment.
 //! - [`timers`]: one partition's timers, reading back or in step.
 //! - [`control`]: the control events the timers act on, each applied exactly once.
+//! - [`crowds`]: anonymised copies held back per month until a crowd shares them.
 
 pub mod control;
+pub mod crowds;
 pub mod entries;
 pub mod rebuild;
 pub mod timers;

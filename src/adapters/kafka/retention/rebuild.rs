@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use super::crowds::Crowds;
 use super::entries::{Entry, EntryError, decode};
 use crate::core::retention::ENDED_BASE;
 use crate::core::retention::Reason;
@@ -29,6 +30,8 @@ pub struct Restored {
     pub schedule: Schedule,
     /// Control-topic offsets up to which events were applied, by control partition.
     pub applied: BTreeMap<i32, i64>,
+    /// Anonymised copies held back.
+    pub crowds: Crowds,
     /// Messages read.
     pub messages: u64,
     /// Offsets of messages that could not be read (logged, counted; never their content).
@@ -90,6 +93,7 @@ pub fn read_back(
     let mut out = Restored {
         schedule: Schedule::new(policy).with_journal(),
         applied: BTreeMap::new(),
+        crowds: Crowds::default(),
         messages: 0,
         unreadable: Vec::new(),
         took: Duration::ZERO,
@@ -160,6 +164,7 @@ fn apply(out: &mut Restored, e: Entry) {
         Entry::Applied { partition, offset } => {
             out.applied.insert(partition, offset);
         }
+        Entry::Crowd(k, c) => out.crowds.restore(k, c),
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use rdkafka::ClientConfig;
 
+use super::crowds::{Anonymised, Crowds};
 use super::rebuild::{RebuildError, Restored, read_back};
 use crate::core::retention::schedule::{Schedule, WindowKey};
 use crate::core::retention::{ScheduleEntry, WindowBatch};
@@ -38,6 +39,10 @@ pub struct Rebuilding {
     pending: Vec<PendingCopy>,
     /// How many of `pending` were committed (an abort drops the rest).
     committed: usize,
+    /// Anonymised copies since the reading began, to join the crowds.
+    anonymised: Vec<Anonymised>,
+    /// How many of `anonymised` were committed.
+    anonymised_committed: usize,
     /// Keys written meanwhile (partial states), written again whole once ready.
     pub written: Vec<WindowKey>,
     result: Arc<Mutex<Option<Result<Restored, RebuildError>>>>,
@@ -52,6 +57,8 @@ pub struct Ready {
     pub applied: BTreeMap<i32, i64>,
     /// Control partitions whose offset moved since the last commit.
     pub applied_changed: Vec<i32>,
+    /// Anonymised copies held back per month.
+    pub crowds: Crowds,
 }
 
 /// A partition's timers.
@@ -107,6 +114,8 @@ impl Timers {
             batch: WindowBatch::default(),
             pending: Vec::new(),
             committed: 0,
+            anonymised: Vec::new(),
+            anonymised_committed: 0,
             written: Vec::new(),
             result,
             stop,
@@ -132,7 +141,11 @@ impl Timers {
     /// Takes the read-back timers once they are there: the copies routed meanwhile join
     /// them, and the windows written partially meanwhile are marked to be written whole.
     /// `None` while still reading; `Some(Err)` if the reading failed.
-    pub fn finish_reading(&mut self, policy: &Policy) -> Option<Result<ReadBack, RebuildError>> {
+    pub fn finish_reading(
+        &mut self,
+        policy: &Policy,
+        now: Millis,
+    ) -> Option<Result<ReadBack, RebuildError>> {
         let Timers::Rebuilding(b) = self else {
             return None;
         };
@@ -158,6 +171,11 @@ impl Timers {
         for k in b.written.drain(..) {
             restored.schedule.touch(&k);
         }
+        // Copies held back while reading join their crowds (those of a month already
+        // released are withheld, as they would have been had they come later).
+        for a in b.anonymised.drain(..) {
+            restored.crowds.hold(a, now);
+        }
         let read = ReadBack {
             messages: restored.messages,
             windows: restored.schedule.open_windows(),
@@ -168,6 +186,7 @@ impl Timers {
             schedule: restored.schedule,
             applied: restored.applied,
             applied_changed: Vec::new(),
+            crowds: restored.crowds,
         }));
         Some(Ok(read))
     }
@@ -176,6 +195,15 @@ impl Timers {
     pub fn on_commit(&mut self) {
         if let Timers::Rebuilding(b) = self {
             b.committed = b.pending.len();
+            b.anonymised_committed = b.anonymised.len();
+        }
+    }
+
+    /// Holds an anonymised copy back until its month's crowd is known.
+    pub fn hold_anonymised(&mut self, a: Anonymised, now: Millis) {
+        match self {
+            Timers::Ready(r) => r.crowds.hold(a, now),
+            Timers::Rebuilding(b) => b.anonymised.push(a),
         }
     }
 
@@ -187,6 +215,7 @@ impl Timers {
             Timers::Rebuilding(b) => {
                 b.batch.clear();
                 b.pending.truncate(b.committed);
+                b.anonymised.truncate(b.anonymised_committed);
             }
             Timers::Ready(_) => *self = Timers::start(source, partition, policy, now),
         }
@@ -210,6 +239,7 @@ impl Timers {
             schedule: Schedule::new(policy).with_journal(),
             applied: BTreeMap::new(),
             applied_changed: Vec::new(),
+            crowds: Crowds::default(),
         }))
     }
 
@@ -218,7 +248,11 @@ impl Timers {
         match self {
             Timers::Rebuilding(b) => !b.batch.is_empty(),
             Timers::Ready(r) => {
-                r.schedule.has_changes() || r.schedule.has_due(now) || !r.applied_changed.is_empty()
+                r.schedule.has_changes()
+                    || r.schedule.has_due(now)
+                    || !r.applied_changed.is_empty()
+                    || r.crowds.has_changes()
+                    || r.crowds.has_due(now)
             }
         }
     }
