@@ -171,36 +171,39 @@ impl Route {
     }
 }
 
-/// A subject's name, kept inline when short (an msisdn, a marketing token), so finding a
-/// subject costs one memory access less: at millions of subjects, each is a cache miss.
-#[derive(Debug)]
-enum Name {
-    Inline { len: u8, bytes: [u8; 30] },
-    Heap(Box<str>),
+/// Subjects' names back to back in one buffer: millions of short strings without a heap
+/// block (and its overhead) each. A freed name's bytes stay until more than half of the
+/// buffer is freed; then it is compacted.
+#[derive(Debug, Default)]
+struct Names {
+    bytes: Vec<u8>,
+    freed: usize,
 }
 
-impl Name {
-    fn new(s: &str) -> Name {
-        match u8::try_from(s.len()) {
-            Ok(len) if s.len() <= 30 => {
-                let mut bytes = [0u8; 30];
-                bytes[..s.len()].copy_from_slice(s.as_bytes());
-                Name::Inline { len, bytes }
-            }
-            _ => Name::Heap(s.into()),
+/// Where a name sits in [`Names`].
+#[derive(Clone, Copy, Debug, Default)]
+struct NameRef {
+    off: u32,
+    len: u32,
+}
+
+impl Names {
+    fn add(&mut self, s: &str) -> NameRef {
+        let off = u32::try_from(self.bytes.len()).expect("under 4 GiB of subject names");
+        self.bytes.extend_from_slice(s.as_bytes());
+        NameRef {
+            off,
+            len: u32::try_from(s.len()).expect("a subject name under 4 GiB"),
         }
     }
 
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Name::Inline { len, bytes } => &bytes[..*len as usize],
-            Name::Heap(s) => s.as_bytes(),
-        }
+    fn get(&self, r: NameRef) -> &[u8] {
+        &self.bytes[r.off as usize..(r.off + r.len) as usize]
     }
 
-    fn to_text(&self) -> String {
-        // Made from a `&str`, so always UTF-8.
-        String::from_utf8_lossy(self.bytes()).into_owned()
+    fn text(&self, r: NameRef) -> String {
+        // Added from a `&str`, so always UTF-8.
+        String::from_utf8_lossy(self.get(r)).into_owned()
     }
 }
 
@@ -209,8 +212,8 @@ impl Name {
 /// three routes (billing, fraud, troubleshooting), found together.
 #[derive(Debug)]
 struct Subject {
-    name: Name,
-    routes: SmallVec<[Route; 3]>,
+    name: NameRef,
+    routes: SmallVec<[Route; 1]>,
     /// False once every window is gone and the slot waits for reuse.
     live: bool,
 }
@@ -262,6 +265,8 @@ pub struct Schedule {
     rules: [Option<Retention>; Purpose::COUNT],
     /// Subjects by id; a free slot is reused.
     subjects: Vec<Subject>,
+    /// Their names.
+    names: Names,
     free: Vec<u32>,
     /// Subject ids by name.
     index: HashTable<u32>,
@@ -299,6 +304,7 @@ impl Schedule {
             policy: policy.tag.clone(),
             rules,
             subjects: Vec::new(),
+            names: Names::default(),
             free: Vec::new(),
             index: HashTable::new(),
             hasher: Default::default(),
@@ -324,7 +330,7 @@ impl Schedule {
         if let Some(j) = self.journal.as_mut() {
             j.push(Touched::Window(
                 p,
-                self.subjects[id as usize].name.to_text(),
+                self.names.text(self.subjects[id as usize].name),
                 bucket,
             ));
         }
@@ -334,7 +340,7 @@ impl Schedule {
         if let Some(j) = self.journal.as_mut() {
             j.push(Touched::Settlement(
                 p,
-                self.subjects[id as usize].name.to_text(),
+                self.names.text(self.subjects[id as usize].name),
                 start,
             ));
         }
@@ -407,7 +413,7 @@ impl Schedule {
         let h = self.hasher.hash_one(name.as_bytes());
         self.index
             .find(h, |&id| {
-                self.subjects[id as usize].name.bytes() == name.as_bytes()
+                self.names.get(self.subjects[id as usize].name) == name.as_bytes()
             })
             .copied()
     }
@@ -653,15 +659,15 @@ impl Schedule {
         for &id in &self.recent {
             if let Some(s) = self.subjects.get(id as usize)
                 && s.live
-                && s.name.bytes() == name.as_bytes()
+                && self.names.get(s.name) == name.as_bytes()
             {
                 return Some(id);
             }
         }
         let h = self.hasher.hash_one(name.as_bytes());
-        let subjects = &self.subjects;
+        let (subjects, names) = (&self.subjects, &self.names);
         let id = *self.index.find(h, |&id| {
-            subjects[id as usize].name.bytes() == name.as_bytes()
+            names.get(subjects[id as usize].name) == name.as_bytes()
         })?;
         self.remember(id);
         Some(id)
@@ -678,7 +684,7 @@ impl Schedule {
             return id;
         }
         let subject = Subject {
-            name: Name::new(name),
+            name: self.names.add(name),
             routes: SmallVec::new(),
             live: true,
         };
@@ -692,10 +698,10 @@ impl Schedule {
                 u32::try_from(self.subjects.len() - 1).expect("fewer than 2^32 subjects")
             }
         };
-        let (subjects, hasher) = (&self.subjects, &self.hasher);
+        let (subjects, names, hasher) = (&self.subjects, &self.names, &self.hasher);
         self.index
             .insert_unique(hasher.hash_one(name.as_bytes()), id, |&i| {
-                hasher.hash_one(subjects[i as usize].name.bytes())
+                hasher.hash_one(names.get(subjects[i as usize].name))
             });
         self.remember(id);
         id
@@ -723,15 +729,29 @@ impl Schedule {
         if !s.routes.is_empty() {
             return;
         }
-        let h = self.hasher.hash_one(s.name.bytes());
+        let h = self.hasher.hash_one(self.names.get(s.name));
         if let Ok(e) = self.index.find_entry(h, |&i| i == id) {
             e.remove();
         }
         let s = &mut self.subjects[id as usize];
         s.live = false;
-        s.name = Name::new("");
+        self.names.freed += s.name.len as usize;
+        s.name = NameRef::default();
         s.routes = SmallVec::new();
         self.free.push(id);
+        if self.names.freed > 1 << 20 && self.names.freed * 2 > self.names.bytes.len() {
+            self.compact_names();
+        }
+    }
+
+    /// Copies the live subjects' names into a fresh buffer, leaving the freed ones behind.
+    fn compact_names(&mut self) {
+        let mut fresh = Names::default();
+        for s in self.subjects.iter_mut().filter(|s| s.live) {
+            let name = String::from_utf8_lossy(self.names.get(s.name)).into_owned();
+            s.name = fresh.add(&name);
+        }
+        self.names = fresh;
     }
 
     /// The bucket and deadline of an invoice-anchored copy at `t`. Inside a remembered
@@ -1274,7 +1294,7 @@ impl Schedule {
                 if !s.live {
                     continue;
                 }
-                let name = &s.name;
+                let name = s.name;
                 let Some(route) = s.routes.iter_mut().find(|r| r.purpose == p) else {
                     continue;
                 };
@@ -1283,7 +1303,14 @@ impl Schedule {
                 };
                 route.numbers.remove(i);
                 let (from, to) = unit_span(DAY_MS, day);
-                batch.push((p, name.to_text(), i64::from(day), from, to, Why::Rule));
+                batch.push((
+                    p,
+                    self.names.text(name),
+                    i64::from(day),
+                    from,
+                    to,
+                    Why::Rule,
+                ));
                 self.open -= 1;
                 self.release_if_empty(id, p);
             }
@@ -1298,7 +1325,7 @@ impl Schedule {
             if !s.live {
                 continue;
             }
-            let name = &s.name;
+            let name = s.name;
             let Some(r) = s
                 .routes
                 .iter_mut()
@@ -1315,7 +1342,7 @@ impl Schedule {
                 continue;
             };
             let w = r.windows.swap_remove(i);
-            batch.push((p, name.to_text(), w.bucket, w.from, w.to, w.why));
+            batch.push((p, self.names.text(name), w.bucket, w.from, w.to, w.why));
             self.open -= 1;
             self.release_if_empty(id, p);
         }
@@ -1369,7 +1396,7 @@ impl Schedule {
                         r.purpose == p && r.rest.as_ref().is_some_and(|x| !x.settled.is_empty())
                     })
             })
-            .map(|s| std::str::from_utf8(s.name.bytes()).unwrap_or_default())
+            .map(|s| std::str::from_utf8(self.names.get(s.name)).unwrap_or_default())
             .collect()
     }
 }
