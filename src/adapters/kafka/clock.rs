@@ -31,6 +31,11 @@ impl Clock {
         Clock { scaled: None }
     }
 
+    /// How many times faster than real time it runs (1 for the wall clock).
+    pub fn speed(&self) -> u32 {
+        self.scaled.map_or(1, |(_, _, s)| s)
+    }
+
     /// Now.
     pub fn now(&self) -> Millis {
         match self.scaled {

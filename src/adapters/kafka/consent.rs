@@ -13,65 +13,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
+use super::stats::DelayHistogram;
 use crate::codec::json;
 use crate::core::control::SubscriberState;
 use crate::policy::Policy;
 use crate::vocab::purpose::Purpose;
-
-/// Upper bounds (ms) of the delay histogram's buckets; the last bucket is open.
-const DELAY_BOUNDS_MS: [u64; 16] = [
-    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 60000,
-];
-
-/// Delays from a control event's Kafka timestamp to its effect on routing.
-#[derive(Debug, Default)]
-pub struct DelayHistogram {
-    buckets: [AtomicU64; DELAY_BOUNDS_MS.len() + 1],
-    max_ms: AtomicU64,
-}
-
-impl DelayHistogram {
-    /// Counts one delay.
-    pub fn record(&self, d: Duration) {
-        let ms = d.as_millis() as u64;
-        let i = DELAY_BOUNDS_MS.partition_point(|&b| b < ms);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.max_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// Events counted.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
-    /// The upper bound (ms) of the bucket holding quantile `q` (0..=1): the true value is
-    /// at most this. `None` before the first event.
-    pub fn quantile_upper_ms(&self, q: f64) -> Option<u64> {
-        let n = self.count();
-        if n == 0 {
-            return None;
-        }
-        let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
-        let mut seen = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Ordering::Relaxed);
-            if seen >= rank {
-                return Some(
-                    DELAY_BOUNDS_MS
-                        .get(i)
-                        .copied()
-                        .unwrap_or_else(|| self.max_ms.load(Ordering::Relaxed)),
-                );
-            }
-        }
-        Some(self.max_ms.load(Ordering::Relaxed))
-    }
-
-    /// The largest delay seen (ms).
-    pub fn max_ms(&self) -> u64 {
-        self.max_ms.load(Ordering::Relaxed)
-    }
-}
 
 /// Subscriber states by msisdn, plus whether they can be trusted right now.
 #[derive(Debug)]
@@ -993,17 +939,5 @@ mod tests {
         // A proof never moves back.
         s.confirm(t0 - Duration::from_secs(1));
         assert!(s.fresh(t0 + Duration::from_millis(2_990)));
-    }
-
-    #[test]
-    fn delay_quantiles_bound_the_values() {
-        let h = DelayHistogram::default();
-        assert_eq!(h.quantile_upper_ms(0.99), None);
-        for ms in [3, 4, 4, 8, 40, 40, 40, 40, 40, 900] {
-            h.record(Duration::from_millis(ms));
-        }
-        assert_eq!(h.quantile_upper_ms(0.5), Some(50));
-        assert_eq!(h.quantile_upper_ms(0.99), Some(1000));
-        assert_eq!(h.max_ms(), 900);
     }
 }

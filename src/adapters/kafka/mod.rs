@@ -130,13 +130,31 @@ pub fn common(cfg: &RunConfig) -> ClientConfig {
     c
 }
 
+/// librdkafka settings of a reader outside the group (the consent table's, the retention
+/// timers'): assigned partitions, never committing; `role` names its group id, which
+/// only shows in the broker's logs.
+pub fn reader_config(cfg: &RunConfig, role: &str) -> ClientConfig {
+    let mut c = common(cfg);
+    // See `consumer_config`: readers that must catch up fast must not idle a second
+    // after each full queue.
+    c.set("fetch.queue.backoff.ms", "10");
+    for (k, v) in &cfg.consumer_properties {
+        c.set(k, v);
+    }
+    c.set("group.id", format!("{}.{role}", cfg.group_id));
+    c
+}
+
 /// librdkafka settings of the group consumer. Offsets are only ever committed by
 /// cdrguard (with the transaction, or after the flush), never automatically.
 pub fn consumer_config(cfg: &RunConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("auto.offset.reset", "earliest")
-        .set("queued.min.messages", "10000");
+        .set("queued.min.messages", "10000")
+        // librdkafka waits this long before fetching again for a partition whose queue
+        // was full (1 s by default): a partition drained in less would sit idle.
+        .set("fetch.queue.backoff.ms", "10");
     for (k, v) in cfg.properties.iter().chain(&cfg.consumer_properties) {
         c.set(k, v);
     }
@@ -262,14 +280,7 @@ async fn start_follower(
     follower_stop: &Arc<AtomicBool>,
     stop: &Notify,
 ) -> Result<Option<std::thread::JoinHandle<()>>, RunError> {
-    let client = {
-        let mut c = common(cfg);
-        for (k, v) in &cfg.consumer_properties {
-            c.set(k, v);
-        }
-        c.set("group.id", format!("{}.control-reader", cfg.group_id));
-        c
-    };
+    let client = reader_config(cfg, "control-reader");
     let mut backoff = Backoff::default();
     loop {
         let (follower_cfg, store, follower_stop) = (
@@ -395,6 +406,7 @@ fn spawn_reporter(stats: Arc<RunStats>, store: Arc<ConsentStore>) -> tokio::task
                 stats = %stats.line(),
                 control_events = store.applied.load(Ordering::Relaxed),
                 control_delay_p99_ms = store.delays.quantile_upper_ms(0.99),
+                commit_hold_max_ms = stats.commit_hold_max_ms.swap(0, Ordering::Relaxed),
                 "progress"
             );
         }

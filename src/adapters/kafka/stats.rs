@@ -1,6 +1,7 @@
 //! The counters of a run, readable while it goes and kept across pipeline rebuilds.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::vocab::purpose::Purpose;
 
@@ -30,6 +31,11 @@ pub struct RunStats {
     /// Anonymised copies withheld so far (their month's crowd stayed under the threshold),
     /// as the last partition to release counted them.
     pub withheld: AtomicU64,
+    /// From each window's deadline to its expiry committed, in real time.
+    pub expiry_lateness: DelayHistogram,
+    /// The longest a commit held every partition (records wait meanwhile), in ms, since
+    /// the progress line last reported it.
+    pub commit_hold_max_ms: AtomicU64,
 }
 
 impl RunStats {
@@ -46,7 +52,7 @@ impl RunStats {
             })
             .collect();
         format!(
-            "records={} dead_letters={} fail_closed={} copies[{}] windows={} expiries={} commits={} aborts={}",
+            "records={} dead_letters={} fail_closed={} copies[{}] windows={} expiries={} expiry_lateness_p99_ms={} commits={} aborts={}",
             self.records.load(Ordering::Relaxed),
             self.dead_letters.load(Ordering::Relaxed),
             self.fail_closed.load(Ordering::Relaxed),
@@ -56,8 +62,84 @@ impl RunStats {
                 .iter()
                 .map(|e| e.load(Ordering::Relaxed))
                 .sum::<u64>(),
+            self.expiry_lateness
+                .quantile_upper_ms(0.99)
+                .map_or_else(|| "-".to_string(), |v| v.to_string()),
             self.commits.load(Ordering::Relaxed),
             self.aborts.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Upper bounds (ms) of the delay histogram's buckets; the last bucket is open.
+const DELAY_BOUNDS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 60000,
+];
+
+/// A histogram of delays: from a control event's Kafka timestamp to its effect on
+/// routing, or from a window's deadline to its expiry committed.
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    buckets: [AtomicU64; DELAY_BOUNDS_MS.len() + 1],
+    max_ms: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Counts one delay.
+    pub fn record(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        let i = DELAY_BOUNDS_MS.partition_point(|&b| b < ms);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.max_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Events counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The upper bound (ms) of the bucket holding quantile `q` (0..=1): the true value is
+    /// at most this. `None` before the first event.
+    pub fn quantile_upper_ms(&self, q: f64) -> Option<u64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Some(
+                    DELAY_BOUNDS_MS
+                        .get(i)
+                        .copied()
+                        .unwrap_or_else(|| self.max_ms.load(Ordering::Relaxed)),
+                );
+            }
+        }
+        Some(self.max_ms.load(Ordering::Relaxed))
+    }
+
+    /// The largest delay seen (ms).
+    pub fn max_ms(&self) -> u64 {
+        self.max_ms.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_quantiles_bound_the_values() {
+        let h = DelayHistogram::default();
+        assert_eq!(h.quantile_upper_ms(0.99), None);
+        for ms in [3, 4, 4, 8, 40, 40, 40, 40, 40, 900] {
+            h.record(Duration::from_millis(ms));
+        }
+        assert_eq!(h.quantile_upper_ms(0.5), Some(50));
+        assert_eq!(h.quantile_upper_ms(0.99), Some(1000));
+        assert_eq!(h.max_ms(), 900);
     }
 }

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
@@ -156,13 +157,18 @@ impl Shared {
         for s in &slots {
             guards.push(s.state.lock().await);
         }
+        let held_since = std::time::Instant::now();
         self.advance_timers(&slots, &mut guards);
         let send_failed = self.poisoned.swap(false, Ordering::AcqRel);
         let now = self.clock.now();
         let has_work = guards.iter().any(|g| g.has_work(now));
         let outcome = match plan(false, send_failed, has_work) {
-            Plan::Nothing => return Ok(()),
-            Plan::Commit => self.commit_locked(&slots, &mut guards).await,
+            Plan::Nothing => {
+                // Nothing fired: a burst of expiries, if one was going, is over.
+                self.after_fired(&[], Duration::ZERO, held_since.elapsed());
+                return Ok(());
+            }
+            Plan::Commit => self.commit_locked(&slots, &mut guards, held_since).await,
             Plan::Abort(e) => Err(e),
         };
         let Err(e) = outcome else {
@@ -181,19 +187,22 @@ impl Shared {
 
     /// Sends what the open transaction still lacks (expiries due, released crowds, the
     /// timers' changes) and commits it with the offsets; the caller holds every
-    /// partition's lock.
+    /// partition's lock, since `held_since`.
     pub(super) async fn commit_locked(
         &self,
         slots: &[Arc<Slot>],
         guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
+        held_since: std::time::Instant,
     ) -> Result<(), SinkError> {
         let mut windows = 0u64;
         let mut budget = self.cfg.fire_batch;
+        let mut deadlines = Vec::new();
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
             windows += self
-                .fire_and_persist(slot.partition, &mut g.timers, &mut budget)
+                .fire_and_persist(slot.partition, &mut g.timers, &mut budget, &mut deadlines)
                 .await?;
         }
+        let sent = held_since.elapsed();
         let mut tpl = TopicPartitionList::new();
         for (slot, g) in slots.iter().zip(guards.iter()) {
             if let Some(next) = g.offset_to_commit() {
@@ -218,6 +227,7 @@ impl Shared {
         self.aborts_in_row.store(0, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.windows.fetch_add(windows, Ordering::Relaxed);
+        self.after_fired(&deadlines, sent, held_since.elapsed());
         Ok(())
     }
 

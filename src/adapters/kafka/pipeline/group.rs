@@ -190,13 +190,14 @@ impl Shared {
         // A failed pipeline commits nothing more: the next one's producer (same
         // transactional id) aborts the open transaction when it starts.
         if !self.has_failed() {
+            let held_since = std::time::Instant::now();
             self.advance_timers(&slots, &mut guards);
             let send_failed = self.poisoned.swap(false, Ordering::AcqRel);
             let now = self.clock.now();
             let has_work = guards.iter().any(|g| g.has_work(now));
             let outcome = match plan(lost, send_failed, has_work) {
                 Plan::Nothing => Ok(()),
-                Plan::Commit => self.commit_locked(&slots, &mut guards).await,
+                Plan::Commit => self.commit_locked(&slots, &mut guards, held_since).await,
                 Plan::Abort(e) => Err(e),
             };
             if let Err(e) = outcome {

@@ -42,6 +42,7 @@ use super::consent::ConsentStore;
 use super::sink::{Sink, SinkError};
 use super::stats::RunStats;
 use crate::adapters::kafka::clock::Clock;
+use crate::adapters::kafka::reader_config;
 use crate::adapters::kafka::retention::control::ControlFeed;
 use crate::adapters::kafka::retention::timers::Source;
 use crate::codec::Envelopes;
@@ -147,6 +148,8 @@ pub struct Shared {
     /// When a stop must have left the group by.
     leave_by: Mutex<Option<Instant>>,
     stats: Arc<RunStats>,
+    /// A burst of expiries being fired, for its log line.
+    burst: Mutex<Option<retention::Burst>>,
     rt: tokio::runtime::Handle,
 }
 
@@ -285,17 +288,6 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     result
 }
 
-/// librdkafka settings of the readers that assign partitions themselves (no group): the
-/// brokers, security and consumer properties.
-fn reader_config(cfg: &RunConfig) -> ClientConfig {
-    let mut c = crate::adapters::kafka::common(cfg);
-    for (k, v) in &cfg.consumer_properties {
-        c.set(k, v);
-    }
-    c.set("group.id", format!("{}.retention-reader", cfg.group_id));
-    c
-}
-
 /// The producer and the state every part of the pipeline shares.
 async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineError> {
     let cfg = &inputs.cfg;
@@ -310,10 +302,13 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         envelopes: Envelopes::new(&inputs.policy),
         clock: inputs.clock.clone(),
         timer_source: Source {
-            client: reader_config(cfg),
+            client: reader_config(cfg, "retention-reader"),
             topic: cfg.schedule_topic.clone(),
         },
-        control_feed: ControlFeed::start(reader_config(cfg), cfg.control_topic.clone()),
+        control_feed: ControlFeed::start(
+            reader_config(cfg, "retention-reader"),
+            cfg.control_topic.clone(),
+        ),
         keys: inputs.keys.clone(),
         store: inputs.store.clone(),
         sink: Arc::new(sink),
@@ -331,6 +326,7 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         schedule_partitions: AtomicUsize::new(0),
         leave_by: Mutex::new(None),
         stats: inputs.stats.clone(),
+        burst: Mutex::new(None),
         rt: tokio::runtime::Handle::current(),
     }))
 }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 
@@ -14,7 +15,25 @@ use super::slot::{Slot, SlotState};
 use crate::adapters::kafka::retention::entries::{self, window_key};
 use crate::adapters::kafka::retention::timers::Timers;
 use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::adapters::kafka::stats::DelayHistogram;
 use crate::core::retention::schedule::{Persist, WindowKey};
+use crate::vocab::time::Millis;
+
+/// Bursts of at least this many expiries are logged when worked off.
+const BURST_LOGGED: u64 = 100;
+
+/// A run of commits that each fired expiries.
+pub(super) struct Burst {
+    started: Instant,
+    last_commit: Instant,
+    fired: u64,
+    commits: u64,
+    hold_max_ms: u64,
+    /// The longest a commit took to send its messages (its expiries among them).
+    sending_max_ms: u64,
+    /// Deadline to commit, in real time.
+    lateness: DelayHistogram,
+}
 
 /// Control events applied in one commit at most, so a burst never holds a commit back.
 const CONTROL_PER_COMMIT: usize = 10_000;
@@ -82,6 +101,59 @@ impl Shared {
         }
     }
 
+    /// After a commit: how late its expiries were committed, how long it held the
+    /// partitions, and whether a burst of expiries (a backlog after a restart, or many
+    /// windows sharing a deadline) goes on or has just been worked off.
+    /// `sent`: how long of `hold` went to sending (the rest: the commit itself).
+    pub(super) fn after_fired(&self, deadlines: &[Millis], sent: Duration, hold: Duration) {
+        let hold_ms = hold.as_millis() as u64;
+        self.stats
+            .commit_hold_max_ms
+            .fetch_max(hold_ms, Ordering::Relaxed);
+        let mut burst = self.burst.lock().unwrap_or_else(|p| p.into_inner());
+        if deadlines.is_empty() {
+            if let Some(b) = burst.take()
+                && b.fired >= BURST_LOGGED
+            {
+                let took = b.last_commit.duration_since(b.started);
+                tracing::info!(
+                    expiries = b.fired,
+                    commits = b.commits,
+                    took_ms = took.as_millis() as u64,
+                    per_second = (b.fired as f64 / took.as_secs_f64().max(1e-3)) as u64,
+                    commit_hold_max_ms = b.hold_max_ms,
+                    sending_max_ms = b.sending_max_ms,
+                    lateness_p99_ms = b.lateness.quantile_upper_ms(0.99),
+                    lateness_max_ms = b.lateness.max_ms(),
+                    "expiry burst worked off"
+                );
+            }
+            return;
+        }
+        let b = burst.get_or_insert_with(|| Burst {
+            started: Instant::now() - hold,
+            last_commit: Instant::now(),
+            fired: 0,
+            commits: 0,
+            hold_max_ms: 0,
+            sending_max_ms: 0,
+            lateness: DelayHistogram::default(),
+        });
+        // Lateness in real time: a rehearsal clock running faster stretches it.
+        let now = self.clock.now();
+        let speed = i64::from(self.clock.speed());
+        for d in deadlines {
+            let late = Duration::from_millis(((now.0 - d.0).max(0) / speed) as u64);
+            self.stats.expiry_lateness.record(late);
+            b.lateness.record(late);
+        }
+        b.fired += deadlines.len() as u64;
+        b.commits += 1;
+        b.hold_max_ms = b.hold_max_ms.max(hold_ms);
+        b.sending_max_ms = b.sending_max_ms.max(sent.as_millis() as u64);
+        b.last_commit = Instant::now();
+    }
+
     /// Fires the partition's due windows (within `budget`, shared by the partitions of
     /// one commit) and writes what changed in its timers to its partition of the schedule
     /// topic. Returns the schedule messages written.
@@ -90,6 +162,7 @@ impl Shared {
         partition: i32,
         timers: &mut Timers,
         budget: &mut usize,
+        deadlines: &mut Vec<Millis>,
     ) -> Result<u64, SinkError> {
         let mut written = 0u64;
         match timers {
@@ -133,6 +206,7 @@ impl Shared {
                         })
                         .await?;
                     self.stats.expiries[e.purpose as usize].fetch_add(1, Ordering::Relaxed);
+                    deadlines.push(e.deadline);
                 }
                 for change in r.schedule.drain_changes() {
                     let (key, value) = entries::encode(&change, &self.policy);
