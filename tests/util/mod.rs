@@ -696,11 +696,22 @@ pub fn traffic(n: u64, subscribers: u32, seed: u64) -> Traffic {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
+    // The last day, but never reaching into a month whose crowds of anonymised copies
+    // could be released while the test runs (a day after that month's end): from the
+    // first of a month the records start at its midnight, at most a day ahead.
+    let month_start = {
+        use chrono::{Datelike, TimeZone};
+        let d = chrono::Utc.timestamp_millis_opt(now).unwrap();
+        chrono::Utc
+            .with_ymd_and_hms(d.year(), d.month(), 1, 0, 0, 0)
+            .unwrap()
+            .timestamp_millis()
+    };
     let cfg = GenConfig {
         records: n,
         subscribers,
         seed,
-        start: Millis(now - DAY_MS),
+        start: Millis((now - DAY_MS).max(month_start)),
         days: 1,
         malformed_rate: 0.01,
         ..GenConfig::default()
@@ -789,6 +800,12 @@ fn count_copies<'s>(
     for bytes in records {
         let r = cdrguard::codec::json::decode_record(bytes).unwrap();
         for c in process(&r, policy, state_of(r.msisdn.as_ref()), keys, now).copies {
+            // Anonymised copies wait for their month's crowd (released a day after the
+            // month closes, which `traffic` keeps out of a test's reach); the crowd test
+            // checks their release.
+            if c.is_anonymised() {
+                continue;
+            }
             let id = c
                 .envelope
                 .record_id

@@ -15,7 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
 use super::slot::{Slot, SlotState};
-use super::{PipelineError, Shared};
+use super::{PipelineError, Shared, retention};
 use crate::adapters::kafka::sink::SinkError;
 use crate::vocab::time::Millis;
 
@@ -195,7 +195,8 @@ impl Shared {
         held_since: std::time::Instant,
     ) -> Result<(), SinkError> {
         let mut windows = 0u64;
-        let mut budget = self.cfg.fire_batch;
+        let allowed = self.fire_budget.load(Ordering::Relaxed);
+        let mut budget = allowed;
         let mut deadlines = Vec::new();
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
             windows += self
@@ -227,7 +228,20 @@ impl Shared {
         self.aborts_in_row.store(0, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.windows.fetch_add(windows, Ordering::Relaxed);
-        self.after_fired(&deadlines, sent, held_since.elapsed());
+        let hold = held_since.elapsed();
+        if !deadlines.is_empty() {
+            self.fire_budget.store(
+                retention::next_fire_budget(
+                    allowed,
+                    deadlines.len(),
+                    hold,
+                    self.cfg.commit_interval,
+                    self.cfg.fire_batch,
+                ),
+                Ordering::Relaxed,
+            );
+        }
+        self.after_fired(&deadlines, sent, hold);
         Ok(())
     }
 

@@ -150,6 +150,9 @@ pub struct Shared {
     stats: Arc<RunStats>,
     /// A burst of expiries being fired, for its log line.
     burst: Mutex<Option<retention::Burst>>,
+    /// Expiries the next commit may fire: adapted so a commit that fires holds the
+    /// partitions about `commit_interval` at most (see `retention::next_fire_budget`).
+    fire_budget: AtomicUsize,
     rt: tokio::runtime::Handle,
 }
 
@@ -327,6 +330,7 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         leave_by: Mutex::new(None),
         stats: inputs.stats.clone(),
         burst: Mutex::new(None),
+        fire_budget: AtomicUsize::new(cfg.fire_batch.min(retention::FIRST_FIRE_BUDGET)),
         rt: tokio::runtime::Handle::current(),
     }))
 }

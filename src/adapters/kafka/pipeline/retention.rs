@@ -22,6 +22,36 @@ use crate::vocab::time::Millis;
 /// Bursts of at least this many expiries are logged when worked off.
 const BURST_LOGGED: u64 = 100;
 
+/// The fire budget of a commit before any has fired: a few hundred expiries commit well
+/// within the default 100 ms on a loaded machine; the budget grows from there.
+pub(super) const FIRST_FIRE_BUDGET: usize = 500;
+
+/// The fewest expiries a commit may fire, however slow commits are: a burst must drain.
+const LEAST_FIRE_BUDGET: usize = 50;
+
+/// The next commit's fire budget, after one that fired `fired` of `allowed` and held the
+/// partitions for `hold`. A million windows due at once must not hold the copies'
+/// commits back for longer than `interval`: halve the budget after a commit that took
+/// longer, grow it by a quarter after one that used it all in under half the interval
+/// (additive-increase would take minutes to find a fast broker; halving answers within a
+/// commit or two). Never above `ceiling` (`retention.fire_batch`).
+pub(super) fn next_fire_budget(
+    allowed: usize,
+    fired: usize,
+    hold: Duration,
+    interval: Duration,
+    ceiling: usize,
+) -> usize {
+    let next = if hold > interval {
+        allowed / 2
+    } else if fired >= allowed && hold < interval / 2 {
+        allowed + allowed / 4 + 1
+    } else {
+        allowed
+    };
+    next.clamp(LEAST_FIRE_BUDGET.min(ceiling), ceiling)
+}
+
 /// A run of commits that each fired expiries.
 pub(super) struct Burst {
     started: Instant,
@@ -302,4 +332,39 @@ fn resume_offsets(guards: &[tokio::sync::MutexGuard<'_, SlotState>]) -> BTreeMap
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_fire_budget_keeps_a_commit_within_the_interval() {
+        let interval = 100 * MS;
+        // Too slow: halved, down to the floor but never to nothing.
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 250 * MS, interval, 5_000),
+            500
+        );
+        assert_eq!(next_fire_budget(60, 60, 900 * MS, interval, 5_000), 50);
+        // Fast and used up: grows, up to the configured ceiling.
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 20 * MS, interval, 5_000),
+            1_251
+        );
+        assert_eq!(
+            next_fire_budget(4_500, 4_500, 20 * MS, interval, 5_000),
+            5_000
+        );
+        // Not used up (the burst ended) or between half and the whole interval: kept.
+        assert_eq!(next_fire_budget(1_000, 10, 20 * MS, interval, 5_000), 1_000);
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 70 * MS, interval, 5_000),
+            1_000
+        );
+        // A ceiling below the floor is still the ceiling.
+        assert_eq!(next_fire_budget(10, 10, 900 * MS, interval, 10), 10);
+    }
 }
