@@ -130,6 +130,19 @@ def wait_read_back(run, partitions):
     return lines[:partitions]
 
 
+def load_records(a, seed, clock):
+    """200,000 generated records of 20,000 subscribers over the day before `clock`'s."""
+    records = os.path.join(a.work, f"records-{seed}.jsonl")
+    day = clock.replace(hour=0, minute=0, second=0, microsecond=0)
+    subprocess.run(
+        [BIN, "generate", "--records", "200000", "--subscribers", "20000", "--days", "1",
+         "--seed", str(seed), "--start", text(day - timedelta(days=1)), "--out-records", records,
+         "--out-control", os.path.join(a.work, "control-unused.jsonl")],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return records
+
+
 def bursts(lines):
     return messages(lines, "expiry burst worked off")
 
@@ -170,23 +183,29 @@ def main():
     time.sleep(5)
     run.poll()
     rss_holding_kb = run.status("VmRSS")
-    run.stop()
     a_peak = run.peak_rss_kb
+    # The baseline for B: how long commits hold the copies back with records arriving
+    # and nothing due (the same load B fires its burst under).
+    before = len(run.lines)
+    producer = subprocess.Popen(
+        [BIN, "produce", "--config", topics, "--records", load_records(a, 4, instant("2026-01-01T00:00:00.000Z"))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    while producer.poll() is None:
+        run.poll()
+        time.sleep(0.5)
+    run.wait_for("a progress line after the load", lambda ls: len(messages(ls[before:], "progress")) >= 2, 60)
+    baseline_hold = max(int(l.get("commit_hold_max_ms", 0)) for l in messages(run.lines[before:], "progress"))
+    run.stop()
     took = [int(l["took_ms"]) for l in read]
     windows = sum(int(l["windows"]) for l in read)
     print(f"A rebuild: {windows} windows, {sum(int(l['messages']) for l in read)} messages; "
           f"per partition took_ms={took}; all read back {all_read_s:.1f} s after start; "
-          f"peak RSS {a_peak / 1024:.0f} MiB, RSS holding them {rss_holding_kb / 1024:.0f} MiB", flush=True)
+          f"peak RSS {a_peak / 1024:.0f} MiB, RSS holding them {rss_holding_kb / 1024:.0f} MiB; "
+          f"then 200,000 records routed with nothing due: longest commit hold {baseline_hold} ms", flush=True)
 
     # B: the first million (--due) due at once, records arriving meanwhile.
-    records = os.path.join(a.work, "records.jsonl")
-    day = due_at.replace(hour=0, minute=0, second=0, microsecond=0)
-    subprocess.run(
-        [BIN, "generate", "--records", "200000", "--subscribers", "20000", "--days", "1",
-         "--seed", "3", "--start", text(day - timedelta(days=1)), "--out-records", records,
-         "--out-control", os.path.join(a.work, "control-unused.jsonl")],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    records = load_records(a, 3, due_at)
     run = Run(a, "b", text(due_at))
     wait_read_back(run, a.partitions)
     producer = subprocess.Popen(

@@ -229,18 +229,23 @@ impl Shared {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.windows.fetch_add(windows, Ordering::Relaxed);
         let hold = held_since.elapsed();
-        if !deadlines.is_empty() {
+        let mut usual = self.usual_hold.lock().unwrap_or_else(|p| p.into_inner());
+        if deadlines.is_empty() {
+            *usual = retention::usual_hold(*usual, hold);
+        } else {
             self.fire_budget.store(
                 retention::next_fire_budget(
                     allowed,
                     deadlines.len(),
                     hold,
+                    *usual,
                     self.cfg.commit_interval,
                     self.cfg.fire_batch,
                 ),
                 Ordering::Relaxed,
             );
         }
+        drop(usual);
         self.after_fired(&deadlines, sent, hold);
         Ok(())
     }

@@ -27,7 +27,7 @@ mod slot;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -153,6 +153,8 @@ pub struct Shared {
     /// Expiries the next commit may fire: adapted so a commit that fires holds the
     /// partitions about `commit_interval` at most (see `retention::next_fire_budget`).
     fire_budget: AtomicUsize,
+    /// How long commits that fire nothing hold the partitions (moving average).
+    usual_hold: Mutex<Duration>,
     rt: tokio::runtime::Handle,
 }
 
@@ -331,6 +333,7 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         stats: inputs.stats.clone(),
         burst: Mutex::new(None),
         fire_budget: AtomicUsize::new(cfg.fire_batch.min(retention::FIRST_FIRE_BUDGET)),
+        usual_hold: Mutex::new(cfg.commit_interval),
         rt: tokio::runtime::Handle::current(),
     }))
 }
@@ -422,7 +425,7 @@ impl Shared {
     /// Shares a stop's time out: the last commit with its retries gets the first 40%,
     /// ending what it could not finish runs until 70% (see `end_open_transaction`),
     /// leaving the group until 90%, and the rest is for closing the clients.
-    fn budget_stop(&self, stopped_at: Instant, timeout: std::time::Duration) {
+    fn budget_stop(&self, stopped_at: Instant, timeout: Duration) {
         self.sink.finish_by(stopped_at + timeout * 2 / 5);
         *self.leave_by.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(stopped_at + timeout * 9 / 10);

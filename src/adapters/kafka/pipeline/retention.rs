@@ -30,26 +30,35 @@ pub(super) const FIRST_FIRE_BUDGET: usize = 500;
 const LEAST_FIRE_BUDGET: usize = 50;
 
 /// The next commit's fire budget, after one that fired `fired` of `allowed` and held the
-/// partitions for `hold`. A million windows due at once must not hold the copies'
-/// commits back for longer than `interval`: halve the budget after a commit that took
-/// longer, grow it by a quarter after one that used it all in under half the interval
-/// (additive-increase would take minutes to find a fast broker; halving answers within a
-/// commit or two). Never above `ceiling` (`retention.fire_batch`).
+/// partitions for `hold`, where commits that fire nothing hold them `usual` (a moving
+/// average). A million windows due at once must not hold the copies back for more than
+/// `interval` beyond a usual commit: halve the budget after a commit that took longer,
+/// grow it by a quarter after one that used it all within half of that (halving answers
+/// a slow broker within a commit or two; growing by a quarter finds a fast one within
+/// seconds). Never above `ceiling` (`retention.fire_batch`).
 pub(super) fn next_fire_budget(
     allowed: usize,
     fired: usize,
     hold: Duration,
+    usual: Duration,
     interval: Duration,
     ceiling: usize,
 ) -> usize {
-    let next = if hold > interval {
+    let next = if hold > usual + interval {
         allowed / 2
-    } else if fired >= allowed && hold < interval / 2 {
+    } else if fired >= allowed && hold < usual + interval / 2 {
         allowed + allowed / 4 + 1
     } else {
         allowed
     };
     next.clamp(LEAST_FIRE_BUDGET.min(ceiling), ceiling)
+}
+
+/// The moving average of how long commits that fire nothing hold the partitions, with a
+/// new one that took `hold` (weight 1/8: a few slow commits on a busy machine move it
+/// little).
+pub(super) fn usual_hold(average: Duration, hold: Duration) -> Duration {
+    (average * 7 + hold) / 8
 }
 
 /// A run of commits that each fired expiries.
@@ -341,30 +350,27 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn the_fire_budget_keeps_a_commit_within_the_interval() {
+    fn the_fire_budget_keeps_a_commit_within_the_interval_beyond_a_usual_one() {
         let interval = 100 * MS;
-        // Too slow: halved, down to the floor but never to nothing.
-        assert_eq!(
-            next_fire_budget(1_000, 1_000, 250 * MS, interval, 5_000),
-            500
-        );
-        assert_eq!(next_fire_budget(60, 60, 900 * MS, interval, 5_000), 50);
-        // Fast and used up: grows, up to the configured ceiling.
-        assert_eq!(
-            next_fire_budget(1_000, 1_000, 20 * MS, interval, 5_000),
-            1_251
-        );
-        assert_eq!(
-            next_fire_budget(4_500, 4_500, 20 * MS, interval, 5_000),
-            5_000
-        );
-        // Not used up (the burst ended) or between half and the whole interval: kept.
-        assert_eq!(next_fire_budget(1_000, 10, 20 * MS, interval, 5_000), 1_000);
-        assert_eq!(
-            next_fire_budget(1_000, 1_000, 70 * MS, interval, 5_000),
-            1_000
-        );
+        let usual = 40 * MS;
+        // Too slow (more than 140 ms): halved, down to the floor but never to nothing.
+        assert_eq!(next_fire_budget(1_000, 1_000, 150 * MS, usual, interval, 5_000), 500);
+        assert_eq!(next_fire_budget(60, 60, 900 * MS, usual, interval, 5_000), 50);
+        // Fast (under 90 ms) and used up: grows, up to the configured ceiling.
+        assert_eq!(next_fire_budget(1_000, 1_000, 80 * MS, usual, interval, 5_000), 1_251);
+        assert_eq!(next_fire_budget(4_500, 4_500, 20 * MS, usual, interval, 5_000), 5_000);
+        // Not used up (the burst ended), or between the two: kept.
+        assert_eq!(next_fire_budget(1_000, 10, 20 * MS, usual, interval, 5_000), 1_000);
+        assert_eq!(next_fire_budget(1_000, 1_000, 120 * MS, usual, interval, 5_000), 1_000);
+        // A slow machine's usual commit is not held against the expiries.
+        assert_eq!(next_fire_budget(1_000, 1_000, 580 * MS, 550 * MS, interval, 5_000), 1_251);
         // A ceiling below the floor is still the ceiling.
-        assert_eq!(next_fire_budget(10, 10, 900 * MS, interval, 10), 10);
+        assert_eq!(next_fire_budget(10, 10, 900 * MS, usual, interval, 10), 10);
+    }
+
+    #[test]
+    fn the_usual_hold_follows_commits_slowly() {
+        assert_eq!(usual_hold(80 * MS, 80 * MS), 80 * MS);
+        assert_eq!(usual_hold(80 * MS, 880 * MS), 180 * MS);
     }
 }
