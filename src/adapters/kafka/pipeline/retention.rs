@@ -354,16 +354,37 @@ mod tests {
         let interval = 100 * MS;
         let usual = 40 * MS;
         // Too slow (more than 140 ms): halved, down to the floor but never to nothing.
-        assert_eq!(next_fire_budget(1_000, 1_000, 150 * MS, usual, interval, 5_000), 500);
-        assert_eq!(next_fire_budget(60, 60, 900 * MS, usual, interval, 5_000), 50);
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 150 * MS, usual, interval, 5_000),
+            500
+        );
+        assert_eq!(
+            next_fire_budget(60, 60, 900 * MS, usual, interval, 5_000),
+            50
+        );
         // Fast (under 90 ms) and used up: grows, up to the configured ceiling.
-        assert_eq!(next_fire_budget(1_000, 1_000, 80 * MS, usual, interval, 5_000), 1_251);
-        assert_eq!(next_fire_budget(4_500, 4_500, 20 * MS, usual, interval, 5_000), 5_000);
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 80 * MS, usual, interval, 5_000),
+            1_251
+        );
+        assert_eq!(
+            next_fire_budget(4_500, 4_500, 20 * MS, usual, interval, 5_000),
+            5_000
+        );
         // Not used up (the burst ended), or between the two: kept.
-        assert_eq!(next_fire_budget(1_000, 10, 20 * MS, usual, interval, 5_000), 1_000);
-        assert_eq!(next_fire_budget(1_000, 1_000, 120 * MS, usual, interval, 5_000), 1_000);
+        assert_eq!(
+            next_fire_budget(1_000, 10, 20 * MS, usual, interval, 5_000),
+            1_000
+        );
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 120 * MS, usual, interval, 5_000),
+            1_000
+        );
         // A slow machine's usual commit is not held against the expiries.
-        assert_eq!(next_fire_budget(1_000, 1_000, 580 * MS, 550 * MS, interval, 5_000), 1_251);
+        assert_eq!(
+            next_fire_budget(1_000, 1_000, 580 * MS, 550 * MS, interval, 5_000),
+            1_251
+        );
         // A ceiling below the floor is still the ceiling.
         assert_eq!(next_fire_budget(10, 10, 900 * MS, usual, interval, 10), 10);
     }
