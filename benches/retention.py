@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--subscribers", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--due", type=int, default=1_000_000, help="expiries due at once in run B")
+    ap.add_argument("--runs", default="ABC", help="which runs (A, B, C) to make")
     a = ap.parse_args()
     keys = os.path.join(a.work, "keys.toml")
     subprocess.run([BIN, "keys", "generate", "--out", keys], check=True, stdout=subprocess.DEVNULL)
@@ -177,6 +178,15 @@ def main():
     next_at = instant(fill["next_deadline"])
 
     # A: rebuild, nothing due (the clock at the windows' first day).
+    if "A" in a.runs:
+        run_a(a, topics)
+    if "B" in a.runs:
+        run_b(a, topics, due_at)
+    if "C" in a.runs:
+        run_c(a, keys, next_at)
+
+
+def run_a(a, topics):
     run = Run(a, "a", "2026-01-01T00:00:00.000Z")
     read = wait_read_back(run, a.partitions)
     all_read_s = read[-1]["_at"]
@@ -204,7 +214,9 @@ def main():
           f"peak RSS {a_peak / 1024:.0f} MiB, RSS holding them {rss_holding_kb / 1024:.0f} MiB; "
           f"then 200,000 records routed with nothing due: longest commit hold {baseline_hold} ms", flush=True)
 
-    # B: the first million (--due) due at once, records arriving meanwhile.
+
+def run_b(a, topics, due_at):
+    """The first million (--due) due at once, records arriving meanwhile."""
     records = load_records(a, 3, due_at)
     run = Run(a, "b", text(due_at))
     wait_read_back(run, a.partitions)
@@ -228,7 +240,9 @@ def main():
           f"records routed meanwhile {routed.group(1) if routed else '?'}; peak RSS "
           f"{run.peak_rss_kb / 1024:.0f} MiB", flush=True)
 
-    # C: the next deadline at normal load, then rights.
+
+def run_c(a, keys, next_at):
+    """The next deadline at normal load, then rights."""
     run = Run(a, "c", text(next_at - timedelta(seconds=90)))
     wait_read_back(run, a.partitions)
     burst = run.wait_for("the next deadline's expiries", bursts, 300)[0]

@@ -37,4 +37,4 @@ trap 'deploy/kafka/broker.sh stop "$work/kafka" >/dev/null 2>&1 || true
       mkdir -p "$work-logs" && cp "$work"/*.log "$work-logs/" 2>/dev/null; rm -rf "$work"' EXIT
 
 python3 benches/retention.py --brokers "$brokers" --work "$work" \
-  --subscribers "$subscribers" --partitions "$partitions" --due "$due"
+  --subscribers "$subscribers" --partitions "$partitions" --due "$due" --runs "${CDRGUARD_BENCH_RUNS:-ABC}"

@@ -187,6 +187,14 @@ struct NameRef {
     len: u32,
 }
 
+impl NameRef {
+    /// A freed subject's name: no name is 4 GiB long.
+    const FREED: NameRef = NameRef {
+        off: 0,
+        len: u32::MAX,
+    };
+}
+
 impl Names {
     fn add(&mut self, s: &str) -> NameRef {
         let off = u32::try_from(self.bytes.len()).expect("under 4 GiB of subject names");
@@ -198,6 +206,9 @@ impl Names {
     }
 
     fn get(&self, r: NameRef) -> &[u8] {
+        if r.len == NameRef::FREED.len {
+            return &[];
+        }
         &self.bytes[r.off as usize..(r.off + r.len) as usize]
     }
 
@@ -214,11 +225,16 @@ impl Names {
 struct Subject {
     name: NameRef,
     routes: SmallVec<[Route; 1]>,
-    /// False once every window is gone and the slot waits for reuse.
-    live: bool,
 }
 
 impl Subject {
+    /// False once every window is gone and the slot waits for reuse (its name is then
+    /// [`NameRef::FREED`]: a flag of its own would cost 8 bytes a subject, 24 MB at ten
+    /// million windows).
+    fn live(&self) -> bool {
+        self.name.len != NameRef::FREED.len
+    }
+
     fn route(&mut self, p: Purpose) -> Option<&mut Route> {
         self.routes.iter_mut().find(|r| r.purpose == p)
     }
@@ -658,7 +674,7 @@ impl Schedule {
     fn find(&mut self, name: &str) -> Option<u32> {
         for &id in &self.recent {
             if let Some(s) = self.subjects.get(id as usize)
-                && s.live
+                && s.live()
                 && self.names.get(s.name) == name.as_bytes()
             {
                 return Some(id);
@@ -686,7 +702,6 @@ impl Schedule {
         let subject = Subject {
             name: self.names.add(name),
             routes: SmallVec::new(),
-            live: true,
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -722,7 +737,7 @@ impl Schedule {
     /// Drops a route that holds nothing any more, and a subject left without routes.
     fn release_if_empty(&mut self, id: u32, p: Purpose) {
         let s = &mut self.subjects[id as usize];
-        if !s.live {
+        if !s.live() {
             return;
         }
         s.routes.retain(|r| r.purpose != p || !r.is_empty());
@@ -734,9 +749,8 @@ impl Schedule {
             e.remove();
         }
         let s = &mut self.subjects[id as usize];
-        s.live = false;
         self.names.freed += s.name.len as usize;
-        s.name = NameRef::default();
+        s.name = NameRef::FREED;
         s.routes = SmallVec::new();
         self.free.push(id);
         if self.names.freed > 1 << 20 && self.names.freed * 2 > self.names.bytes.len() {
@@ -747,7 +761,7 @@ impl Schedule {
     /// Copies the live subjects' names into a fresh buffer, leaving the freed ones behind.
     fn compact_names(&mut self) {
         let mut fresh = Names::default();
-        for s in self.subjects.iter_mut().filter(|s| s.live) {
+        for s in self.subjects.iter_mut().filter(|s| s.live()) {
             let name = String::from_utf8_lossy(self.names.get(s.name)).into_owned();
             s.name = fresh.add(&name);
         }
@@ -1291,7 +1305,7 @@ impl Schedule {
             let p = Purpose::ALL[p as usize];
             for id in ids {
                 let s = &mut self.subjects[id as usize];
-                if !s.live {
+                if !s.live() {
                     continue;
                 }
                 let name = s.name;
@@ -1322,7 +1336,7 @@ impl Schedule {
             self.timed_due.pop_first();
             let p = Purpose::ALL[p as usize];
             let s = &mut self.subjects[id as usize];
-            if !s.live {
+            if !s.live() {
                 continue;
             }
             let name = s.name;
@@ -1365,7 +1379,7 @@ impl Schedule {
             };
             let p = Purpose::ALL[p as usize];
             let s = &mut self.subjects[id as usize];
-            if !s.live {
+            if !s.live() {
                 continue;
             }
             let mut gone: Vec<Millis> = Vec::new();
@@ -1391,7 +1405,7 @@ impl Schedule {
         self.subjects
             .iter()
             .filter(|s| {
-                s.live
+                s.live()
                     && s.routes.iter().any(|r| {
                         r.purpose == p && r.rest.as_ref().is_some_and(|x| !x.settled.is_empty())
                     })

@@ -332,7 +332,7 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         leave_by: Mutex::new(None),
         stats: inputs.stats.clone(),
         burst: Mutex::new(None),
-        fire_budget: AtomicUsize::new(cfg.fire_batch.min(retention::FIRST_FIRE_BUDGET)),
+        fire_budget: AtomicUsize::new(cfg.fire_batch),
         usual_hold: Mutex::new(cfg.commit_interval),
         rt: tokio::runtime::Handle::current(),
     }))

@@ -22,10 +22,6 @@ use crate::vocab::time::Millis;
 /// Bursts of at least this many expiries are logged when worked off.
 const BURST_LOGGED: u64 = 100;
 
-/// The fire budget of a commit before any has fired: a few hundred expiries commit well
-/// within the default 100 ms on a loaded machine; the budget grows from there.
-pub(super) const FIRST_FIRE_BUDGET: usize = 500;
-
 /// The fewest expiries a commit may fire, however slow commits are: a burst must drain.
 const LEAST_FIRE_BUDGET: usize = 50;
 
@@ -33,9 +29,10 @@ const LEAST_FIRE_BUDGET: usize = 50;
 /// partitions for `hold`, where commits that fire nothing hold them `usual` (a moving
 /// average). A million windows due at once must not hold the copies back for more than
 /// `interval` beyond a usual commit: halve the budget after a commit that took longer,
-/// grow it by a quarter after one that used it all within half of that (halving answers
-/// a slow broker within a commit or two; growing by a quarter finds a fast one within
-/// seconds). Never above `ceiling` (`retention.fire_batch`).
+/// double it after one that used it all within half of that, so a slow broker is
+/// answered within a commit or two and a deadline shared by thousands of windows is
+/// back at full rate within a few. It starts at `ceiling` (`retention.fire_batch`) and
+/// never exceeds it.
 pub(super) fn next_fire_budget(
     allowed: usize,
     fired: usize,
@@ -47,7 +44,7 @@ pub(super) fn next_fire_budget(
     let next = if hold > usual + interval {
         allowed / 2
     } else if fired >= allowed && hold < usual + interval / 2 {
-        allowed + allowed / 4 + 1
+        allowed * 2
     } else {
         allowed
     };
@@ -365,7 +362,7 @@ mod tests {
         // Fast (under 90 ms) and used up: grows, up to the configured ceiling.
         assert_eq!(
             next_fire_budget(1_000, 1_000, 80 * MS, usual, interval, 5_000),
-            1_251
+            2_000
         );
         assert_eq!(
             next_fire_budget(4_500, 4_500, 20 * MS, usual, interval, 5_000),
@@ -383,7 +380,7 @@ mod tests {
         // A slow machine's usual commit is not held against the expiries.
         assert_eq!(
             next_fire_budget(1_000, 1_000, 580 * MS, 550 * MS, interval, 5_000),
-            1_251
+            2_000
         );
         // A ceiling below the floor is still the ceiling.
         assert_eq!(next_fire_budget(10, 10, 900 * MS, usual, interval, 10), 10);
