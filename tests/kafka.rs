@@ -1619,3 +1619,203 @@ fn anonymised_crowds_of_five_are_released_once_after_their_month_smaller_never()
     );
     assert!(v["record"].get("msisdn").is_none());
 }
+
+/// One HTTP GET against the telemetry listener: status code and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// The samples of one metric family in Prometheus text: labels (as written) to value.
+fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let (labels, value) = r.split_once('}')?;
+                    (labels.to_string(), value)
+                }
+                None if rest.starts_with(' ') => (String::new(), rest),
+                None => return None,
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of a family's samples whose labels contain `with`.
+fn sum(text: &str, name: &str, with: &str) -> f64 {
+    samples(text, name)
+        .iter()
+        .filter(|(l, _)| l.contains(with))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// A whole generated stream through `cdrguard run` with telemetry on a free port and JSON
+/// logs. The input comes from a transactional producer, so every partition ends in a
+/// commit marker: lag measured against the high watermark would stay at 1 there.
+/// - `/readyz` turns 200 once the consent table is current and partitions are assigned;
+///   `/healthz` answers 200.
+/// - The committed counters equal what was delivered: records by kind, dead letters,
+///   copies per route as read back from the route topics; the lag of every owned
+///   partition comes down to 0, one series per partition.
+/// - No log line and no scrape of `/metrics` (during and after the run) carries any raw
+///   msisdn, imsi, imei, ue_ip or other_party of the input; every log line is JSON.
+#[test]
+fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metrics() {
+    let b = broker();
+    let dir = scratch("telemetry");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &unique("telemetry"),
+        "excedo",
+        Tweaks {
+            telemetry: "log_format = \"json\"",
+            ..Tweaks::default()
+        },
+    );
+    let (policy, keys) = load(&cfg);
+    let partitions = 3;
+    create_topics(&cfg, &policy, partitions, 1);
+    let t = traffic(3_000, 300, 29);
+    produce(&b.bootstrap, &cfg.control_topic, &control_messages(&t.controls));
+    produce_transactional(&b.bootstrap, &cfg.input_topic, &t.messages, 200);
+    let want = expected(&t, &policy, &keys);
+
+    let log = dir.join("run.log");
+    let run = Processor::start(&path, &log, &[]);
+    let mut addr = None;
+    wait_for("the telemetry listening line", Duration::from_secs(60), || {
+        addr = log_lines(&log).iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["fields"]["message"] == "telemetry listening")
+                .then(|| v["fields"]["addr"].as_str().map(str::to_string))?
+        });
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    let mut scrapes = Vec::new();
+    wait_for("/readyz to answer 200", Duration::from_secs(120), || {
+        scrapes.push(http_get(&addr, "/metrics").1);
+        http_get(&addr, "/readyz").0 == 200
+    });
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    // Counters follow the commits; the lag is sampled every few seconds.
+    let mut last = String::new();
+    wait_for(
+        "every record counted and the lag at 0",
+        Duration::from_secs(240),
+        || {
+            last = http_get(&addr, "/metrics").1;
+            let lag = samples(&last, "cdrguard_consumer_lag_records");
+            sum(&last, "cdrguard_records_total", "") as usize == t.messages.len()
+                && lag.len() == partitions as usize
+                && lag.values().all(|v| *v == 0.0)
+        },
+    );
+    scrapes.push(last.clone());
+    let done = finish_transactional_input(&b.bootstrap, &cfg, [run.into()]);
+    let routes = assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
+
+    // Counted as delivered.
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &t.records {
+        let v: serde_json::Value = serde_json::from_slice(r).unwrap();
+        *kinds.entry(v["kind"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    for (kind, n) in &kinds {
+        assert_eq!(
+            sum(&last, "cdrguard_records_total", &format!("kind=\"{kind}\"")) as usize,
+            *n,
+            "records of kind {kind}"
+        );
+    }
+    assert_eq!(
+        sum(&last, "cdrguard_records_total", "kind=\"unknown\"") as usize,
+        t.malformed
+    );
+    assert_eq!(
+        sum(&last, "cdrguard_dead_letters_total", "") as usize,
+        t.malformed
+    );
+    for (p, msgs) in &routes {
+        assert_eq!(
+            sum(&last, "cdrguard_copies_total", &format!("route=\"{}\"", p.id())) as usize,
+            msgs.len(),
+            "copies of route {}",
+            p.id()
+        );
+    }
+    assert!(sum(&last, "cdrguard_pseudonymised_fields_total", "") > 0.0);
+    assert!(sum(&last, "cdrguard_transactions_total", "outcome=\"committed\"") > 0.0);
+    assert_eq!(sum(&last, "cdrguard_assigned_partitions", ""), 3.0);
+    assert_eq!(sum(&last, "cdrguard_ready", ""), 1.0);
+    assert!(sum(&last, "cdrguard_consent_subscribers", "") > 0.0);
+    assert!(sum(&last, "cdrguard_retention_windows_pending", "") > 0.0);
+    for family in [
+        "cdrguard_records_total",
+        "cdrguard_records_aborted_total",
+        "cdrguard_copies_total",
+        "cdrguard_dead_letters_total",
+        "cdrguard_tokenised_fields_total",
+        "cdrguard_record_processing_seconds_bucket",
+        "cdrguard_record_commit_latency_seconds_bucket",
+        "cdrguard_commit_duration_seconds_bucket",
+        "cdrguard_transactions_total",
+        "cdrguard_rebalances_total",
+        "cdrguard_control_events_total",
+        "cdrguard_consent_fresh",
+        "cdrguard_retention_expiries_total",
+        "cdrguard_retention_oldest_overdue_seconds",
+        "cdrguard_retention_rebuild_duration_seconds_bucket",
+        "cdrguard_crowd_withheld_copies",
+    ] {
+        assert!(
+            !samples(&last, family).is_empty(),
+            "family {family} missing from /metrics"
+        );
+    }
+
+    // Nothing raw, anywhere.
+    let mut raw: BTreeSet<String> = BTreeSet::new();
+    for r in &t.records {
+        let v: serde_json::Value = serde_json::from_slice(r).unwrap();
+        for f in ["msisdn", "imsi", "imei", "ue_ip", "other_party"] {
+            if let Some(s) = v[f].as_str() {
+                raw.insert(s.to_string());
+            }
+        }
+    }
+    raw.extend(t.controls.iter().map(|c| c.msisdn.clone()));
+    let lines = log_lines(&log);
+    assert!(lines.len() > 5, "the run logged");
+    for l in &lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "not a JSON line: {l}"
+        );
+    }
+    for id in &raw {
+        for l in &lines {
+            assert!(!l.contains(id.as_str()), "a log line carries {id}: {l}");
+        }
+        for s in &scrapes {
+            assert!(!s.contains(id.as_str()), "/metrics carries {id}");
+        }
+    }
+}

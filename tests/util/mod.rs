@@ -687,6 +687,35 @@ pub fn finish(bootstrap: &str, cfg: &RunConfig, runs: impl IntoIterator<Item = R
     Finished(())
 }
 
+/// [`finish`] for input written by a transactional producer that ended with a commit on
+/// every partition: each partition's last offset is then a commit marker, which no
+/// consumer is handed, so the group's committed offset stops one short of the end.
+pub fn finish_transactional_input(
+    bootstrap: &str,
+    cfg: &RunConfig,
+    runs: impl IntoIterator<Item = Run>,
+) -> Finished {
+    let offsets = GroupOffsets::new(bootstrap, &cfg.group_id, &cfg.input_topic);
+    let want: BTreeMap<i32, i64> = end_offsets(bootstrap, &cfg.input_topic)
+        .into_iter()
+        .map(|(p, end)| (p, end - 1))
+        .collect();
+    wait_for(
+        "the group to commit the last record of every partition",
+        RUN_TIMEOUT,
+        || offsets.committed().as_ref() == Some(&want),
+    );
+    for r in runs {
+        r.stop();
+    }
+    assert_eq!(
+        offsets.committed(),
+        Some(want),
+        "after the stop: committed offsets moved"
+    );
+    Finished(())
+}
+
 /// A route topic of a finished run, read to its end.
 pub fn read_route(bootstrap: &str, cfg: &RunConfig, p: Purpose, _: &Finished) -> Vec<OwnedMessage> {
     read_to_end(bootstrap, cfg.routes[p as usize].as_deref().unwrap())
