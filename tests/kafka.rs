@@ -378,7 +378,8 @@ fn an_unreadable_control_topic_fails_closed() {
     let fail_closed = stats.fail_closed.load(Ordering::Relaxed);
 
     let done = finish(&b.bootstrap, &cfg, [run.into()]);
-    // Counted per record processed: a rewound transaction would count its records again.
+    // Counted when committed (right after the commit the offsets show): every record
+    // routed while stale.
     assert!(
         fail_closed >= n as u64,
         "{fail_closed} records counted as fail_closed, {n} routed while stale"
@@ -1693,21 +1694,29 @@ fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metric
     let partitions = 3;
     create_topics(&cfg, &policy, partitions, 1);
     let t = traffic(3_000, 300, 29);
-    produce(&b.bootstrap, &cfg.control_topic, &control_messages(&t.controls));
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&t.controls),
+    );
     produce_transactional(&b.bootstrap, &cfg.input_topic, &t.messages, 200);
     let want = expected(&t, &policy, &keys);
 
     let log = dir.join("run.log");
     let run = Processor::start(&path, &log, &[]);
     let mut addr = None;
-    wait_for("the telemetry listening line", Duration::from_secs(60), || {
-        addr = log_lines(&log).iter().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["fields"]["message"] == "telemetry listening")
-                .then(|| v["fields"]["addr"].as_str().map(str::to_string))?
-        });
-        addr.is_some()
-    });
+    wait_for(
+        "the telemetry listening line",
+        Duration::from_secs(60),
+        || {
+            addr = log_lines(&log).iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["fields"]["message"] == "telemetry listening")
+                    .then(|| v["fields"]["addr"].as_str().map(str::to_string))?
+            });
+            addr.is_some()
+        },
+    );
     let addr = addr.unwrap();
     let mut scrapes = Vec::new();
     wait_for("/readyz to answer 200", Duration::from_secs(120), || {
@@ -1736,7 +1745,9 @@ fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metric
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     for r in &t.records {
         let v: serde_json::Value = serde_json::from_slice(r).unwrap();
-        *kinds.entry(v["kind"].as_str().unwrap().to_string()).or_default() += 1;
+        *kinds
+            .entry(v["kind"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     for (kind, n) in &kinds {
         assert_eq!(
@@ -1755,14 +1766,24 @@ fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metric
     );
     for (p, msgs) in &routes {
         assert_eq!(
-            sum(&last, "cdrguard_copies_total", &format!("route=\"{}\"", p.id())) as usize,
+            sum(
+                &last,
+                "cdrguard_copies_total",
+                &format!("route=\"{}\"", p.id())
+            ) as usize,
             msgs.len(),
             "copies of route {}",
             p.id()
         );
     }
     assert!(sum(&last, "cdrguard_pseudonymised_fields_total", "") > 0.0);
-    assert!(sum(&last, "cdrguard_transactions_total", "outcome=\"committed\"") > 0.0);
+    assert!(
+        sum(
+            &last,
+            "cdrguard_transactions_total",
+            "outcome=\"committed\""
+        ) > 0.0
+    );
     assert_eq!(sum(&last, "cdrguard_assigned_partitions", ""), 3.0);
     assert_eq!(sum(&last, "cdrguard_ready", ""), 1.0);
     assert!(sum(&last, "cdrguard_consent_subscribers", "") > 0.0);

@@ -16,7 +16,7 @@ pub mod tally;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 pub use self::status::Status;
 pub use self::tally::{Aborted, Committed, Tally};
@@ -75,19 +75,24 @@ pub enum TelemetryError {
 /// the health endpoints on `listen`. Returns the bound address (port 0 picks one), which
 /// is also logged as `telemetry listening addr=...`.
 pub fn start(listen: SocketAddr, status: Arc<Status>) -> Result<SocketAddr, TelemetryError> {
-    let mut builder = PrometheusBuilder::new();
-    for (name, buckets) in names::HISTOGRAMS {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
-            .expect("bucket lists are not empty");
-    }
-    let recorder = builder.build_recorder();
+    let recorder = recorder();
     let handle = recorder.handle();
     let addr = http::spawn(listen, http::Endpoints { handle, status })?;
     metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::Installed)?;
     describe();
     tracing::info!(%addr, "telemetry listening");
     Ok(addr)
+}
+
+/// A Prometheus recorder with the buckets of [`names::HISTOGRAMS`] (not installed).
+pub fn recorder() -> PrometheusRecorder {
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in names::HISTOGRAMS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
+            .expect("bucket lists are not empty");
+    }
+    builder.build_recorder()
 }
 
 /// The help text of every metric, shown on `/metrics`.

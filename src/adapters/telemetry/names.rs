@@ -5,8 +5,8 @@
 //! partitions), never a subscriber, a key or a raw value.
 
 /// Counter: input records committed (routed or dead-lettered), by `kind` (`moc`, `mtc`,
-/// `sms_mo`, `sms_mt`, `data`, or `unknown` for a record that could not be decoded) and
-/// `format` (`json`, `binary`).
+/// `sms_mo`, `sms_mt`, `data`, or `unknown` for a record sent to the dead letter, whose
+/// kind is not to be trusted) and `format` (`json`, `binary`).
 pub const RECORDS: &str = "cdrguard_records_total";
 /// Counter: records processed in transactions that were aborted (they are read and
 /// processed again, so they are not in [`RECORDS`]).
@@ -114,7 +114,7 @@ const REBUILD_BUCKETS: &[f64] = &[
 ];
 
 /// Every label value of `kind` on [`RECORDS`], indexed as `Kind as usize`, then the one
-/// for records that could not be decoded.
+/// for records sent to the dead letter.
 pub const KINDS: [&str; 6] = ["moc", "mtc", "sms_mo", "sms_mt", "data", "unknown"];
 
 /// The reason classes of [`DEAD_LETTERS`].

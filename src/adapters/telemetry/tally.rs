@@ -17,7 +17,7 @@ use crate::vocab::purpose::Purpose;
 /// Counts of work not yet committed (a partition's, or a whole commit's once merged).
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
-    /// Input records by kind ([`KINDS`] order; the last: not decodable).
+    /// Input records by kind ([`KINDS`] order; the last: dead-lettered).
     pub records: [u64; KINDS.len()],
     /// Records routed fail closed.
     pub fail_closed: u64,
