@@ -1626,7 +1626,11 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -1635,7 +1639,24 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (code, body.to_string())
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (code, body.to_string());
+    }
+    // Prometheus sends larger answers in chunks: size line, data, CRLF, until size 0.
+    let mut rest = body;
+    let mut whole = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        whole.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    (code, whole)
 }
 
 /// The samples of one metric family in Prometheus text: labels (as written) to value.
@@ -1839,4 +1860,269 @@ fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metric
             assert!(!s.contains(id.as_str()), "/metrics carries {id}");
         }
     }
+}
+
+/// Percent-encodes a query parameter.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server of the test's own, stopped when dropped.
+struct PrometheusServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PrometheusServer {
+    /// An instant query's result series (panics when Prometheus refuses the query).
+    fn query(&self, q: &str) -> Vec<serde_json::Value> {
+        let (code, body) = http_get(
+            &self.addr,
+            &format!("/api/v1/query?query={}", url_encode(q)),
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("query {q}: {code} {e}: {body}"));
+        assert_eq!(v["status"], "success", "query {q}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// An alert expression with every comparison against a number made `bool`: instead of
+/// keeping only the series past the threshold, it keeps them all (as 0 or 1), so a
+/// healthy run still shows whether the expression finds its metrics.
+fn unthresholded(expr: &str) -> String {
+    let mut out = String::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(['>', '<', '=', '!']) {
+        let (before, at) = rest.split_at(i);
+        out.push_str(before);
+        let op_len = if at.starts_with(">=")
+            || at.starts_with("<=")
+            || at.starts_with("==")
+            || at.starts_with("!=")
+        {
+            2
+        } else if at.starts_with('=') || at.starts_with('!') {
+            // A label matcher (`=`, `!=` handled above, `=~`, `!~`).
+            out.push_str(&at[..1]);
+            rest = &at[1..];
+            continue;
+        } else {
+            1
+        };
+        let (op, after) = at.split_at(op_len);
+        out.push_str(op);
+        if after.trim_start().starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(" bool");
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn alert_expressions_keep_their_series_when_unthresholded() {
+    assert_eq!(
+        unthresholded(r#"rate(x{a="b",c!="d"}[5m]) > 0 and y{e=~"f"} == 0"#),
+        r#"rate(x{a="b",c!="d"}[5m]) > bool 0 and y{e=~"f"} == bool 0"#
+    );
+}
+
+/// Prometheus (Debian's `prometheus` package; `.ci/run` installs it) scrapes a live
+/// `cdrguard run` against the broker, loading the shipped alert rules. Then every panel
+/// query of the shipped Grafana dashboard, and every alert expression (its thresholds
+/// made `bool`, see [`unthresholded`]), must return at least one series: none refers to
+/// a metric or label the process does not export. The rules must load and evaluate
+/// without error. The run sees malformed records, live control events and an erasure
+/// (so expiries fire), so every histogram has samples.
+#[test]
+fn prometheus_evaluates_every_alert_and_panel_against_a_live_run() {
+    let prometheus = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("Prometheus is not installed: apt-get install prometheus (.ci/run does)");
+    let b = broker();
+    let dir = scratch("prometheus");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &unique("prometheus"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let t = traffic(2_000, 200, 31);
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&t.controls),
+    );
+    produce(&b.bootstrap, &cfg.input_topic, &t.messages);
+
+    let log = dir.join("run.log");
+    let run = Processor::start(&path, &log, &[]);
+    let mut target = None;
+    wait_for(
+        "the telemetry listening line",
+        Duration::from_secs(60),
+        || {
+            target = log_lines(&log).iter().find_map(|l| {
+                let rest = l.split_once("telemetry listening")?.1;
+                let addr = rest.split_once("addr=")?.1.split_whitespace().next()?;
+                Some(addr.to_string())
+            });
+            target.is_some()
+        },
+    );
+    let target = target.unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rules = root().join("deploy/prometheus/rules/cdrguard.yml");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: cdrguard\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let prom_log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let server = PrometheusServer {
+        child: std::process::Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(prom_log.try_clone().unwrap())
+            .stderr(prom_log)
+            .spawn()
+            .unwrap(),
+        addr: format!("127.0.0.1:{port}"),
+    };
+    wait_for("Prometheus to be ready", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&server.addr).is_ok()
+            && http_get(&server.addr, "/-/ready").0 == 200
+    });
+
+    // The stream routed; then live control events: an erasure of a subscriber with
+    // copies (its windows expire at once) and a grant, so the apply delay, the expiry
+    // and its lateness are measured too.
+    wait_for("cdrguard to be ready", Duration::from_secs(120), || {
+        http_get(&target, "/readyz").0 == 200
+    });
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    offsets.wait_at_end(&b.bootstrap, "the stream");
+    let first: serde_json::Value = serde_json::from_slice(&t.records[0]).unwrap();
+    let msisdn = first["msisdn"].as_str().unwrap().to_string();
+    let now = Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&[
+            ControlEvent {
+                msisdn: msisdn.clone(),
+                at: now,
+                change: Change::Erasure,
+            },
+            ControlEvent {
+                msisdn: "+46700000009".into(),
+                at: now,
+                change: Change::Consent {
+                    purpose: Purpose::Marketing,
+                    granted: true,
+                },
+            },
+        ]),
+    );
+    wait_for("the erasure's expiries", Duration::from_secs(60), || {
+        sum(
+            &http_get(&target, "/metrics").1,
+            "cdrguard_retention_expiries_total",
+            "reason=\"erasure\"",
+        ) > 0.0
+    });
+    // Enough scrapes after the expiries for every rate window.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_for("30 s of scrapes", Duration::from_secs(90), || {
+        server
+            .query("count_over_time(cdrguard_build_info[30s])")
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 25.0)
+    });
+
+    let mut queries: Vec<(String, String)> = Vec::new();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/dashboards/cdrguard.json")).unwrap(),
+    )
+    .unwrap();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "30s")
+                .replace("$instance", ".*");
+            queries.push((format!("panel {:?}", p["title"]), expr));
+        }
+    }
+    let loaded: serde_json::Value =
+        serde_json::from_str(&http_get(&server.addr, "/api/v1/rules").1).unwrap();
+    let mut alerts = 0;
+    for g in loaded["data"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            assert_eq!(r["health"], "ok", "rule {}: {}", r["name"], r["lastError"]);
+            alerts += 1;
+            queries.push((
+                format!("alert {}", r["name"]),
+                unthresholded(r["query"].as_str().unwrap()),
+            ));
+        }
+    }
+    assert_eq!(alerts, 6, "every alert of the rules file loaded");
+    assert!(queries.len() > 30, "{} queries", queries.len());
+    assert!(
+        server.query("cdrguard_no_such_metric").is_empty(),
+        "a query of nothing finds nothing"
+    );
+    let empty: Vec<String> = queries
+        .iter()
+        .filter(|(_, q)| server.query(q).is_empty())
+        .map(|(what, q)| format!("{what}: {q}"))
+        .collect();
+    drop(server);
+    finish(&b.bootstrap, &cfg, [run.into()]);
+    assert!(
+        empty.is_empty(),
+        "queries without a series:\n{}",
+        empty.join("\n")
+    );
 }

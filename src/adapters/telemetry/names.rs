@@ -25,7 +25,7 @@ pub const PSEUDONYMISED: &str = "cdrguard_pseudonymised_fields_total";
 /// Counter: fields replaced by a reversible FF1 token in committed copies, by `route`.
 pub const TOKENISED: &str = "cdrguard_tokenised_fields_total";
 /// Histogram: time a partition task spends per record (decode, core, encode, hand to the
-/// producer), measured per batch and weighted by its records.
+/// producer): one observation per batch of up to 512 records, its mean per record.
 pub const RECORD_PROCESSING: &str = "cdrguard_record_processing_seconds";
 /// Histogram: from a record's batch being processed to the commit holding it.
 pub const RECORD_COMMIT_LATENCY: &str = "cdrguard_record_commit_latency_seconds";
