@@ -85,12 +85,16 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
                 cdrguard::adapters::kafka::retention::entries::decode(key, w.payload()).is_ok(),
                 "every schedule message reads back"
             );
-            // Tombstones (fired windows), remembered settlements and control markers
-            // aside, every entry is a window.
+            // Tombstones (fired windows), remembered settlements, control markers and
+            // held crowds of anonymised copies (read back above) aside, every entry is a
+            // window.
             let Some(payload) = w.payload() else {
                 continue;
             };
-            if key.starts_with(b"settled/") || key.starts_with(b"control-applied/") {
+            if key.starts_with(b"settled/")
+                || key.starts_with(b"control-applied/")
+                || key.starts_with(b"crowd/")
+            {
                 continue;
             }
             let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
