@@ -13,6 +13,8 @@
 //! fastest, a quick wall-clock check between two builds (criterion stays the reference).
 //!
 //! Stages: `json` and `binary` (decode -> process -> encode every copy, as the bench),
+//! `json_counted` (`json` plus the Kafka task's metrics counting, into an installed
+//! Prometheus recorder, as the bench's `json_counted`),
 //! `process` (records decoded beforehand), `json_decode` and `binary_decode`; `ff1` and
 //! `ff1_fpe` encrypt one 12-digit number per record with our FF1 and with the `fpe`
 //! crate's, as `benches/ff1.rs` times them (the ciphers' key setup, once a pass, is
@@ -56,6 +58,10 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
                 }
                 black_box(&out);
             }
+        }
+        "json_counted" => {
+            let mut tally = cdrguard::adapters::telemetry::Tally::default();
+            common::json_counted(f, &mut tally, out);
         }
         "binary" => {
             for frame in &f.bin_frames {
@@ -103,7 +109,7 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
         }
         other => {
             panic!(
-                "unknown stage {other:?}: json, binary, process, json_decode, binary_decode, ff1 or ff1_fpe"
+                "unknown stage {other:?}: json, json_counted, binary, process, json_decode, binary_decode, ff1 or ff1_fpe"
             )
         }
     }
@@ -114,6 +120,11 @@ fn main() {
     let stage = args.next().unwrap_or_else(|| "binary".into());
     let passes: Option<u32> = args.next().map(|p| p.parse().expect("passes: a number"));
     let f = common::fixture();
+    if stage == "json_counted" {
+        // Where the counts go in `cdrguard run`; its listener's upkeep is not counted.
+        metrics::set_global_recorder(cdrguard::adapters::telemetry::recorder())
+            .expect("the only recorder");
+    }
     let decoded: Vec<Record<'_>> = f
         .bin_frames
         .iter()

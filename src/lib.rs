@@ -16,8 +16,8 @@
 //!   field treatments, pseudonyms, `process` (one record in, copies out) and the
 //!   retention schedule. No async, no Kafka, no clock, no logging.
 //! - [`adapters`]: what runs the core: file replay (and the writers that hold back
-//!   anonymised copies), the Kafka runtime, the demo, the synthetic generator, key files,
-//!   behaviour cases.
+//!   anonymised copies), the Kafka runtime and its telemetry (Prometheus metrics, health
+//!   endpoints, logs), the demo, the synthetic generator, key files, behaviour cases.
 //! - [`cli`]: the command line.
 
 pub mod adapters;

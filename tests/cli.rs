@@ -150,7 +150,8 @@ fn run_logs_to_a_pipe_without_colour_codes() {
         &config,
         format!(
             "[kafka]\nbrokers = \"127.0.0.1:1\"\ntransactional_id = \"t\"\n\
-             [processing]\npolicy = \"{}\"\nkey_file = \"keys.toml\"\nshutdown_timeout_ms = 1000\n",
+             [processing]\npolicy = \"{}\"\nkey_file = \"keys.toml\"\nshutdown_timeout_ms = 1000\n\
+             [telemetry]\nlisten = \"127.0.0.1:0\"\n",
             shipped("excedo").display()
         ),
     )
@@ -176,6 +177,159 @@ fn run_logs_to_a_pipe_without_colour_codes() {
     child.wait().unwrap();
     assert!(log.contains("starting"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
+}
+
+/// A configuration for `run` that needs no broker to be refused or to start, with
+/// `telemetry` as its `[telemetry]` table.
+fn telemetry_config(dir: &Path, telemetry: &str) -> PathBuf {
+    write_private(
+        &dir.join("keys.toml"),
+        "[[keys]]\nid = \"k1\"\nsecret_hex = \"4f0e9c2a7be13d58c6a1f29e07b45d8c3ea6f1127d90b4c5e83a2f6d1c07b9e4\"\n",
+    );
+    let config = dir.join("cdrguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\ntransactional_id = \"t\"\n\
+             [processing]\npolicy = \"{}\"\nkey_file = \"keys.toml\"\nshutdown_timeout_ms = 1000\n\
+             [telemetry]\n{telemetry}",
+            shipped("excedo").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A telemetry address that is no IP address and port, or a log format that does not
+/// exist, is refused when the configuration loads (with `--check` too), each listed with
+/// its file and line; nothing starts.
+#[test]
+fn run_refuses_a_bad_telemetry_address_at_load_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = telemetry_config(
+        dir.path(),
+        "listen = \"localhost:http\"\nlog_format = \"yaml\"\n",
+    );
+    let c = config.display().to_string();
+    for check in [true, false] {
+        let mut args = vec!["run", "--config", &c];
+        if check {
+            args.push("--check");
+        }
+        let o = run(&mut cdrguard(&args));
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        for want in [
+            format!("{c}:9: telemetry.listen: \"localhost:http\" is not an IP address and port"),
+            format!("{c}:10: telemetry.log_format: \"yaml\" is not one of: text, json"),
+        ] {
+            assert!(
+                err.contains(&want),
+                "--check {check}: missing {want:?} in:\n{err}"
+            );
+        }
+        assert!(!err.contains("starting"), "{err}");
+    }
+}
+
+/// An address another process holds stops `run` at start, naming the address, before it
+/// reaches for the broker.
+#[test]
+fn run_stops_at_start_when_the_telemetry_address_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = telemetry_config(dir.path(), &format!("listen = \"{addr}\"\n"));
+    let o = run(&mut cdrguard(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("telemetry.listen {addr}: ")),
+        "the address is named: {err}"
+    );
+}
+
+/// The JSON log format writes one JSON object per line, fields as keys: the listener's
+/// address is in the `telemetry listening` line, and `/healthz` answers while `run` waits
+/// for its broker (not ready yet, and saying why).
+#[test]
+fn run_logs_json_and_answers_probes_before_the_broker_is_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = telemetry_config(
+        dir.path(),
+        "listen = \"127.0.0.1:0\"\nlog_format = \"json\"\n",
+    );
+    let mut child = cdrguard(&["run", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while addr.is_none() && Instant::now() < deadline {
+        let mut line = String::new();
+        if lines.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        if v["fields"]["message"] == "telemetry listening" {
+            addr = v["fields"]["addr"].as_str().map(str::to_string);
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no listening line in {seen:?}"));
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    // The run installs its readiness check and first gauges a moment after the listener
+    // is up.
+    let until = |path: &str, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = get(path);
+            if got.contains(want) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let health = get("/healthz");
+    let ready = until("/readyz", "consent table");
+    let metrics = until("/metrics", "cdrguard_ready ");
+    // SAFETY: kill takes no pointers; the pid is our own child's, not yet waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    lines.read_to_string(&mut rest).unwrap();
+    child.wait().unwrap();
+    assert!(health.starts_with("HTTP/1.1 200 "), "{health}");
+    assert!(ready.starts_with("HTTP/1.1 503 "), "{ready}");
+    assert!(
+        ready.ends_with("consent table: still reading the control topic\n"),
+        "{ready}"
+    );
+    assert!(
+        metrics.contains("cdrguard_build_info{version="),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cdrguard_ready 0"), "{metrics}");
+    for line in rest.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON line: {line:?}"
+        );
+    }
 }
 
 /// The UTF-8 byte-order mark some editors write at the start of a file.

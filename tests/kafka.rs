@@ -85,12 +85,16 @@ fn routes_every_purpose_of_two_policies_exactly_once() {
                 cdrguard::adapters::kafka::retention::entries::decode(key, w.payload()).is_ok(),
                 "every schedule message reads back"
             );
-            // Tombstones (fired windows), remembered settlements and control markers
-            // aside, every entry is a window.
+            // Tombstones (fired windows), remembered settlements, control markers and
+            // held crowds of anonymised copies (read back above) aside, every entry is a
+            // window.
             let Some(payload) = w.payload() else {
                 continue;
             };
-            if key.starts_with(b"settled/") || key.starts_with(b"control-applied/") {
+            if key.starts_with(b"settled/")
+                || key.starts_with(b"control-applied/")
+                || key.starts_with(b"crowd/")
+            {
                 continue;
             }
             let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
@@ -378,7 +382,8 @@ fn an_unreadable_control_topic_fails_closed() {
     let fail_closed = stats.fail_closed.load(Ordering::Relaxed);
 
     let done = finish(&b.bootstrap, &cfg, [run.into()]);
-    // Counted per record processed: a rewound transaction would count its records again.
+    // Counted when committed (right after the commit the offsets show): every record
+    // routed while stale.
     assert!(
         fail_closed >= n as u64,
         "{fail_closed} records counted as fail_closed, {n} routed while stale"
@@ -1618,4 +1623,510 @@ fn anonymised_crowds_of_five_are_released_once_after_their_month_smaller_never()
         "the duration class of 40 s"
     );
     assert!(v["record"].get("msisdn").is_none());
+}
+
+/// One HTTP GET against the telemetry listener: status code and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (code, body.to_string());
+    }
+    // Prometheus sends larger answers in chunks: size line, data, CRLF, until size 0.
+    let mut rest = body;
+    let mut whole = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        whole.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    (code, whole)
+}
+
+/// The samples of one metric family in Prometheus text: labels (as written) to value.
+fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let (labels, value) = r.split_once('}')?;
+                    (labels.to_string(), value)
+                }
+                None if rest.starts_with(' ') => (String::new(), rest),
+                None => return None,
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of a family's samples whose labels contain `with`.
+fn sum(text: &str, name: &str, with: &str) -> f64 {
+    samples(text, name)
+        .iter()
+        .filter(|(l, _)| l.contains(with))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// A whole generated stream through `cdrguard run` with telemetry on a free port and JSON
+/// logs. The input comes from a transactional producer, so every partition ends in a
+/// commit marker: lag measured against the high watermark would stay at 1 there.
+/// - `/readyz` turns 200 once the consent table is current and partitions are assigned;
+///   `/healthz` answers 200.
+/// - The committed counters equal what was delivered: records by kind, dead letters,
+///   copies per route as read back from the route topics; the lag of every owned
+///   partition comes down to 0, one series per partition.
+/// - No log line and no scrape of `/metrics` (during and after the run) carries any raw
+///   msisdn, imsi, imei, ue_ip or other_party of the input; every log line is JSON.
+#[test]
+fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metrics() {
+    let b = broker();
+    let dir = scratch("telemetry");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &unique("telemetry"),
+        "excedo",
+        Tweaks {
+            telemetry: "log_format = \"json\"",
+            ..Tweaks::default()
+        },
+    );
+    let (policy, keys) = load(&cfg);
+    let partitions = 3;
+    create_topics(&cfg, &policy, partitions, 1);
+    let t = traffic(3_000, 300, 29);
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&t.controls),
+    );
+    produce_transactional(&b.bootstrap, &cfg.input_topic, &t.messages, 200);
+    let want = expected(&t, &policy, &keys);
+
+    let log = dir.join("run.log");
+    let run = Processor::start(&path, &log, &[]);
+    let mut addr = None;
+    wait_for(
+        "the telemetry listening line",
+        Duration::from_secs(60),
+        || {
+            addr = log_lines(&log).iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["fields"]["message"] == "telemetry listening")
+                    .then(|| v["fields"]["addr"].as_str().map(str::to_string))?
+            });
+            addr.is_some()
+        },
+    );
+    let addr = addr.unwrap();
+    let mut scrapes = Vec::new();
+    wait_for("/readyz to answer 200", Duration::from_secs(120), || {
+        scrapes.push(http_get(&addr, "/metrics").1);
+        http_get(&addr, "/readyz").0 == 200
+    });
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    // Counters follow the commits; the lag is sampled every few seconds.
+    let mut last = String::new();
+    wait_for(
+        "every record counted and the lag at 0",
+        Duration::from_secs(240),
+        || {
+            last = http_get(&addr, "/metrics").1;
+            let lag = samples(&last, "cdrguard_consumer_lag_records");
+            sum(&last, "cdrguard_records_total", "") as usize == t.messages.len()
+                && lag.len() == partitions as usize
+                && lag.values().all(|v| *v == 0.0)
+        },
+    );
+    scrapes.push(last.clone());
+    let done = finish_transactional_input(&b.bootstrap, &cfg, [run.into()]);
+    let routes = assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
+
+    // Counted as delivered.
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &t.records {
+        let v: serde_json::Value = serde_json::from_slice(r).unwrap();
+        *kinds
+            .entry(v["kind"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for (kind, n) in &kinds {
+        assert_eq!(
+            sum(&last, "cdrguard_records_total", &format!("kind=\"{kind}\"")) as usize,
+            *n,
+            "records of kind {kind}"
+        );
+    }
+    assert_eq!(
+        sum(&last, "cdrguard_records_total", "kind=\"unknown\"") as usize,
+        t.malformed
+    );
+    assert_eq!(
+        sum(&last, "cdrguard_dead_letters_total", "") as usize,
+        t.malformed
+    );
+    for (p, msgs) in &routes {
+        assert_eq!(
+            sum(
+                &last,
+                "cdrguard_copies_total",
+                &format!("route=\"{}\"", p.id())
+            ) as usize,
+            msgs.len(),
+            "copies of route {}",
+            p.id()
+        );
+    }
+    assert!(sum(&last, "cdrguard_pseudonymised_fields_total", "") > 0.0);
+    assert!(
+        sum(
+            &last,
+            "cdrguard_transactions_total",
+            "outcome=\"committed\""
+        ) > 0.0
+    );
+    assert_eq!(sum(&last, "cdrguard_assigned_partitions", ""), 3.0);
+    assert_eq!(sum(&last, "cdrguard_ready", ""), 1.0);
+    assert!(sum(&last, "cdrguard_consent_subscribers", "") > 0.0);
+    assert!(sum(&last, "cdrguard_retention_windows_pending", "") > 0.0);
+    for family in [
+        "cdrguard_records_total",
+        "cdrguard_records_aborted_total",
+        "cdrguard_copies_total",
+        "cdrguard_dead_letters_total",
+        "cdrguard_tokenised_fields_total",
+        "cdrguard_record_processing_seconds_bucket",
+        "cdrguard_record_commit_latency_seconds_bucket",
+        "cdrguard_commit_duration_seconds_bucket",
+        "cdrguard_transactions_total",
+        "cdrguard_rebalances_total",
+        "cdrguard_control_events_total",
+        "cdrguard_consent_fresh",
+        "cdrguard_retention_expiries_total",
+        "cdrguard_retention_oldest_overdue_seconds",
+        "cdrguard_retention_rebuild_duration_seconds_bucket",
+        "cdrguard_crowd_withheld_copies",
+    ] {
+        assert!(
+            !samples(&last, family).is_empty(),
+            "family {family} missing from /metrics"
+        );
+    }
+
+    // Nothing raw, anywhere.
+    let mut raw: BTreeSet<String> = BTreeSet::new();
+    for r in &t.records {
+        let v: serde_json::Value = serde_json::from_slice(r).unwrap();
+        for f in ["msisdn", "imsi", "imei", "ue_ip", "other_party"] {
+            if let Some(s) = v[f].as_str() {
+                raw.insert(s.to_string());
+            }
+        }
+    }
+    raw.extend(t.controls.iter().map(|c| c.msisdn.clone()));
+    let lines = log_lines(&log);
+    assert!(lines.len() > 5, "the run logged");
+    for l in &lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "not a JSON line: {l}"
+        );
+    }
+    for id in &raw {
+        for l in &lines {
+            assert!(!l.contains(id.as_str()), "a log line carries {id}: {l}");
+        }
+        for s in &scrapes {
+            assert!(!s.contains(id.as_str()), "/metrics carries {id}");
+        }
+    }
+}
+
+/// Percent-encodes a query parameter.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server of the test's own, stopped when dropped.
+struct PrometheusServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PrometheusServer {
+    /// An instant query's result series (panics when Prometheus refuses the query).
+    fn query(&self, q: &str) -> Vec<serde_json::Value> {
+        let (code, body) = http_get(
+            &self.addr,
+            &format!("/api/v1/query?query={}", url_encode(q)),
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("query {q}: {code} {e}: {body}"));
+        assert_eq!(v["status"], "success", "query {q}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// An alert expression with every comparison against a number made `bool`: instead of
+/// keeping only the series past the threshold, it keeps them all (as 0 or 1), so a
+/// healthy run still shows whether the expression finds its metrics.
+fn unthresholded(expr: &str) -> String {
+    let mut out = String::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(['>', '<', '=', '!']) {
+        let (before, at) = rest.split_at(i);
+        out.push_str(before);
+        let op_len = if at.starts_with(">=")
+            || at.starts_with("<=")
+            || at.starts_with("==")
+            || at.starts_with("!=")
+        {
+            2
+        } else if at.starts_with('=') || at.starts_with('!') {
+            // A label matcher (`=`, `!=` handled above, `=~`, `!~`).
+            out.push_str(&at[..1]);
+            rest = &at[1..];
+            continue;
+        } else {
+            1
+        };
+        let (op, after) = at.split_at(op_len);
+        out.push_str(op);
+        if after.trim_start().starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(" bool");
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn alert_expressions_keep_their_series_when_unthresholded() {
+    assert_eq!(
+        unthresholded(r#"rate(x{a="b",c!="d"}[5m]) > 0 and y{e=~"f"} == 0"#),
+        r#"rate(x{a="b",c!="d"}[5m]) > bool 0 and y{e=~"f"} == bool 0"#
+    );
+}
+
+/// Prometheus (Debian's `prometheus` package; `.ci/run` installs it) scrapes a live
+/// `cdrguard run` against the broker, loading the shipped alert rules. Then every panel
+/// query of the shipped Grafana dashboard, and every alert expression (its thresholds
+/// made `bool`, see [`unthresholded`]), must return at least one series: none refers to
+/// a metric or label the process does not export. The rules must load and evaluate
+/// without error. The run sees malformed records, live control events and an erasure
+/// (so expiries fire), so every histogram has samples.
+#[test]
+fn prometheus_evaluates_every_alert_and_panel_against_a_live_run() {
+    let prometheus = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("Prometheus is not installed: apt-get install prometheus (.ci/run does)");
+    let b = broker();
+    let dir = scratch("prometheus");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &unique("prometheus"),
+        "excedo",
+        Tweaks::default(),
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let t = traffic(2_000, 200, 31);
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&t.controls),
+    );
+    produce(&b.bootstrap, &cfg.input_topic, &t.messages);
+
+    let log = dir.join("run.log");
+    let run = Processor::start(&path, &log, &[]);
+    let mut target = None;
+    wait_for(
+        "the telemetry listening line",
+        Duration::from_secs(60),
+        || {
+            target = log_lines(&log).iter().find_map(|l| {
+                let rest = l.split_once("telemetry listening")?.1;
+                let addr = rest.split_once("addr=")?.1.split_whitespace().next()?;
+                Some(addr.to_string())
+            });
+            target.is_some()
+        },
+    );
+    let target = target.unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rules = root().join("deploy/prometheus/rules/cdrguard.yml");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: cdrguard\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let prom_log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let server = PrometheusServer {
+        child: std::process::Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(prom_log.try_clone().unwrap())
+            .stderr(prom_log)
+            .spawn()
+            .unwrap(),
+        addr: format!("127.0.0.1:{port}"),
+    };
+    wait_for("Prometheus to be ready", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&server.addr).is_ok()
+            && http_get(&server.addr, "/-/ready").0 == 200
+    });
+
+    // The stream routed; then live control events: an erasure of a subscriber with
+    // copies (its windows expire at once) and a grant, so the apply delay, the expiry
+    // and its lateness are measured too.
+    wait_for("cdrguard to be ready", Duration::from_secs(120), || {
+        http_get(&target, "/readyz").0 == 200
+    });
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    offsets.wait_at_end(&b.bootstrap, "the stream");
+    let first: serde_json::Value = serde_json::from_slice(&t.records[0]).unwrap();
+    let msisdn = first["msisdn"].as_str().unwrap().to_string();
+    let now = Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&[
+            ControlEvent {
+                msisdn: msisdn.clone(),
+                at: now,
+                change: Change::Erasure,
+            },
+            ControlEvent {
+                msisdn: "+46700000009".into(),
+                at: now,
+                change: Change::Consent {
+                    purpose: Purpose::Marketing,
+                    granted: true,
+                },
+            },
+        ]),
+    );
+    wait_for("the erasure's expiries", Duration::from_secs(60), || {
+        sum(
+            &http_get(&target, "/metrics").1,
+            "cdrguard_retention_expiries_total",
+            "reason=\"erasure\"",
+        ) > 0.0
+    });
+    // Enough scrapes after the expiries for every rate window.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_for("30 s of scrapes", Duration::from_secs(90), || {
+        server
+            .query("count_over_time(cdrguard_build_info[30s])")
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 25.0)
+    });
+
+    let mut queries: Vec<(String, String)> = Vec::new();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/dashboards/cdrguard.json")).unwrap(),
+    )
+    .unwrap();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "30s")
+                .replace("$instance", ".*");
+            queries.push((format!("panel {:?}", p["title"]), expr));
+        }
+    }
+    let loaded: serde_json::Value =
+        serde_json::from_str(&http_get(&server.addr, "/api/v1/rules").1).unwrap();
+    let mut alerts = 0;
+    for g in loaded["data"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            assert_eq!(r["health"], "ok", "rule {}: {}", r["name"], r["lastError"]);
+            alerts += 1;
+            queries.push((
+                format!("alert {}", r["name"]),
+                unthresholded(r["query"].as_str().unwrap()),
+            ));
+        }
+    }
+    assert_eq!(alerts, 6, "every alert of the rules file loaded");
+    assert!(queries.len() > 30, "{} queries", queries.len());
+    assert!(
+        server.query("cdrguard_no_such_metric").is_empty(),
+        "a query of nothing finds nothing"
+    );
+    let empty: Vec<String> = queries
+        .iter()
+        .filter(|(_, q)| server.query(q).is_empty())
+        .map(|(what, q)| format!("{what}: {q}"))
+        .collect();
+    drop(server);
+    finish(&b.bootstrap, &cfg, [run.into()]);
+    assert!(
+        empty.is_empty(),
+        "queries without a series:\n{}",
+        empty.join("\n")
+    );
 }

@@ -3,12 +3,19 @@
 
 use std::collections::HashMap;
 
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
 use cdrguard::adapters::generate::{GenConfig, Line, generate};
+use cdrguard::adapters::telemetry::{Committed, Tally};
 use cdrguard::codec::Envelopes;
 use cdrguard::codec::binary;
+use cdrguard::codec::{Format, json};
 use cdrguard::core::control::{Change, SubscriberState};
+use cdrguard::core::process::{Decision, process_into};
 use cdrguard::core::pseudonym::{Keyring, MasterKey};
 use cdrguard::policy::{Policy, parse_policy, shipped};
+use cdrguard::vocab::time::Millis;
 
 /// Inputs of every pipeline measured.
 pub struct Fixture {
@@ -66,4 +73,45 @@ pub fn fixture() -> Fixture {
         policy,
         keys: Keyring::new(&[MasterKey::new("bench", &[0x5a; 32]).unwrap()]).unwrap(),
     }
+}
+
+/// One pass of the JSON pipeline (decode, process, encode every copy) with what the Kafka
+/// task adds per record for its metrics: the partition's tally per record and copy, one
+/// processing-time observation per batch of 512 records, and the counters exported at a
+/// commit every 5,000 records (the default `commit_max_records`) into whatever metrics
+/// recorder is installed.
+#[allow(dead_code)]
+pub fn json_counted(f: &Fixture, tally: &mut Tally, out: &mut Vec<u8>) {
+    let none = SubscriberState::default();
+    let now = Millis(0);
+    let mut batch = (Instant::now(), 0u32);
+    for (i, line) in f.json_lines.iter().enumerate() {
+        let r = json::decode_record(line).unwrap();
+        let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
+        let mut d = Decision::default();
+        process_into(&r, &f.policy, st, &f.keys, now, &mut d);
+        out.clear();
+        for c in &d.copies {
+            json::encode_copy(&f.envelopes, c, out);
+            tally.copy(c);
+        }
+        tally.record(r.kind, false);
+        black_box(&out);
+        batch.1 += 1;
+        if batch.1 == 512 {
+            tally.batch(batch.0, batch.1, batch.0.elapsed());
+            batch = (Instant::now(), 0);
+        }
+        if i % 5_000 == 4_999 {
+            Committed {
+                tally,
+                format: Format::Json,
+                at: Instant::now(),
+                took: Duration::from_millis(1),
+            }
+            .emit();
+            tally.clear();
+        }
+    }
+    tally.batch(batch.0, batch.1, batch.0.elapsed());
 }

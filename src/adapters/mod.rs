@@ -1,5 +1,5 @@
 //! Adapters around the pure core: files, keys, the demo, the generator, behaviour cases,
-//! and the Kafka runtime.
+//! the Kafka runtime and its telemetry (metrics, health endpoints, logs).
 
 pub mod cases;
 pub mod demo;
@@ -15,3 +15,4 @@ pub mod outdir;
 pub mod reorder;
 pub mod replay;
 pub mod report;
+pub mod telemetry;

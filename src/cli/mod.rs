@@ -11,6 +11,7 @@ use crate::adapters::cases::PolicyRef;
 use crate::adapters::engine::Engine;
 use crate::adapters::files::Outputs;
 use crate::adapters::generate::GenConfig;
+use crate::adapters::telemetry::{self, LogFormat};
 use crate::adapters::{cases, demo, keyfile, replay, report};
 use crate::codec::Format;
 use crate::core::bounds::TimeLimits;
@@ -134,17 +135,9 @@ struct RunArgs {
     /// Validate the configuration, policy and key file, print the result and exit.
     #[arg(long)]
     check: bool,
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
+    /// Log format (default: the configuration's telemetry.log_format, else text).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Args)]
@@ -688,7 +681,10 @@ fn run(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     // Colour codes only for a terminal: in a file or a log collector's pipe they are noise.
-    init_logs(a.log_format, std::io::stderr().is_terminal());
+    telemetry::init_logs(
+        a.log_format.unwrap_or(cfg.telemetry.log_format),
+        std::io::stderr().is_terminal(),
+    );
     tracing::info!(
         policy = %policy.tag,
         guarantee = ?cfg.guarantee,
@@ -703,6 +699,9 @@ fn run(a: RunArgs) -> Result<()> {
     let handles = RunHandles::new(&cfg);
     let stats = handles.stats.clone();
     let shutdown_timeout = cfg.shutdown_timeout;
+    // Before the broker is reached: liveness and the reason for not being ready answer
+    // from the start.
+    telemetry::start(cfg.telemetry.listen, handles.status.clone())?;
     rt.block_on(async {
         let stop = Arc::new(tokio::sync::Notify::new());
         watch_signals(stop.clone(), shutdown_timeout)?;
@@ -753,21 +752,6 @@ fn watch_signals(
         }
     });
     Ok(())
-}
-
-/// Installs `run`'s log output on stderr: `RUST_LOG` (default `info`), in `format`, with
-/// terminal colours only when `ansi`.
-fn init_logs(format: LogFormat, ansi: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Ends the process at once with `code`, from any thread. `std::process::exit` would run

@@ -265,6 +265,10 @@ pub struct ConsentFacts {
     /// Whether the field map pseudonymises or tokenises a field, so the copy names its
     /// key.
     pub keyed: bool,
+    /// The fields the map pseudonymises (bit per field), for counting them per copy.
+    pub pseudonymised: u32,
+    /// The fields the map tokenises (bit per field).
+    pub tokenised: u32,
     /// The copy's `legal_basis` and `gdpr_article` tags ([`PurposeRule::basis_tags`]).
     pub basis_tags: (&'static str, &'static str),
 }
@@ -310,6 +314,12 @@ impl PurposeRule {
     /// Works out [`PurposeRule::facts`] for one consent state from the rule.
     pub fn consent_facts(&self, consent: ConsentTag) -> ConsentFacts {
         let map = self.map(consent);
+        let bits = |which: Treatment| {
+            map.iter()
+                .enumerate()
+                .filter(|(_, t)| **t == which)
+                .fold(0u32, |bits, (i, _)| bits | 1 << i)
+        };
         ConsentFacts {
             changed: map
                 .iter()
@@ -319,6 +329,8 @@ impl PurposeRule {
             keyed: map
                 .iter()
                 .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise)),
+            pseudonymised: bits(Treatment::Pseudonymise),
+            tokenised: bits(Treatment::Tokenise),
             basis_tags: self.basis_tags(consent),
         }
     }

@@ -176,6 +176,9 @@ pub struct Tweaks<'a> {
     pub processing: &'a str,
     /// `[retention]` keys (its clock, its firing budget).
     pub retention: &'a str,
+    /// `[telemetry]` keys; without a `listen` of their own the listener takes a free
+    /// loopback port, so runs side by side never compete for the default one.
+    pub telemetry: &'a str,
 }
 
 /// Writes a run configuration whose topics all start with `prefix` and loads it.
@@ -197,7 +200,13 @@ pub fn run_config(
         consumer_properties,
         processing,
         retention,
+        telemetry,
     } = tweaks;
+    let telemetry = if telemetry.contains("listen") {
+        telemetry.to_string()
+    } else {
+        format!("listen = \"127.0.0.1:0\"\n{telemetry}")
+    };
     let text = format!(
         r#"
 [kafka]
@@ -228,6 +237,9 @@ commit_interval_ms = 100
 
 [retention]
 {retention}
+
+[telemetry]
+{telemetry}
 "#,
         policy.display(),
         keys.display()
@@ -349,6 +361,44 @@ impl Feeder {
     /// Waits until everything queued is acknowledged.
     pub fn flush(&self) {
         self.0.flush(Duration::from_secs(60)).unwrap();
+    }
+}
+
+/// Produces messages in transactions of at most `per_txn` each, as a transactional
+/// upstream writes them: every transaction leaves a commit marker in each partition it
+/// wrote to, which takes an offset but is never handed to a consumer.
+pub fn produce_transactional(
+    bootstrap: &str,
+    topic: &str,
+    msgs: &[(Option<Vec<u8>>, Vec<u8>)],
+    per_txn: usize,
+) {
+    let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", unique("feeder"))
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(60);
+    p.init_transactions(t).unwrap();
+    for chunk in msgs.chunks(per_txn.max(1)) {
+        p.begin_transaction().unwrap();
+        for (k, v) in chunk {
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(v.as_slice());
+            if let Some(k) = k {
+                rec = rec.key(k.as_slice());
+            }
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        p.commit_transaction(t).unwrap();
     }
 }
 
@@ -634,6 +684,35 @@ pub fn finish(bootstrap: &str, cfg: &RunConfig, runs: impl IntoIterator<Item = R
         r.stop();
     }
     offsets.assert_at_end(bootstrap, "after the stop");
+    Finished(())
+}
+
+/// [`finish`] for input written by a transactional producer that ended with a commit on
+/// every partition: each partition's last offset is then a commit marker, which no
+/// consumer is handed, so the group's committed offset stops one short of the end.
+pub fn finish_transactional_input(
+    bootstrap: &str,
+    cfg: &RunConfig,
+    runs: impl IntoIterator<Item = Run>,
+) -> Finished {
+    let offsets = GroupOffsets::new(bootstrap, &cfg.group_id, &cfg.input_topic);
+    let want: BTreeMap<i32, i64> = end_offsets(bootstrap, &cfg.input_topic)
+        .into_iter()
+        .map(|(p, end)| (p, end - 1))
+        .collect();
+    wait_for(
+        "the group to commit the last record of every partition",
+        RUN_TIMEOUT,
+        || offsets.committed().as_ref() == Some(&want),
+    );
+    for r in runs {
+        r.stop();
+    }
+    assert_eq!(
+        offsets.committed(),
+        Some(want),
+        "after the stop: committed offsets moved"
+    );
     Finished(())
 }
 

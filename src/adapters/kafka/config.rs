@@ -13,6 +13,7 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 
 use crate::adapters::keyfile::{self, KeyFileError};
+use crate::adapters::telemetry::{self, LogFormat, TelemetryConfig};
 use crate::checked::{self, LineIndex, Problem, Refused};
 use crate::codec::Format;
 use crate::core::bounds::TimeLimits;
@@ -224,6 +225,8 @@ pub struct RunConfig {
     /// The run's clock: the wall clock, or (rehearsals and tests) one that starts at a
     /// given instant and runs faster.
     pub clock: ClockSetting,
+    /// Where metrics and health endpoints are served, and how logs are written.
+    pub telemetry: TelemetryConfig,
     /// The config file as named by the caller, for errors found after loading.
     file: String,
     /// Where each topic key that was set came from (`topics.input`,
@@ -808,6 +811,27 @@ pub fn parse(
         _ => None,
     };
     let clock_speed = s.integer("retention.clock_speed", 1, (1, 100_000_000));
+    let listen = match s.string("telemetry.listen", Some(telemetry::DEFAULT_LISTEN)) {
+        Some((a, o)) => match a.trim().parse::<std::net::SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                s.problem(
+                    o,
+                    "telemetry.listen",
+                    format!(
+                        "{a:?} is not an IP address and port (e.g. \"0.0.0.0:9464\", \"127.0.0.1:0\", \"[::]:9464\")"
+                    ),
+                );
+                TelemetryConfig::default().listen
+            }
+        },
+        None => TelemetryConfig::default().listen,
+    };
+    let log_format = s.choice(
+        "telemetry.log_format",
+        LogFormat::Text,
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+    );
 
     for (k, (_, o)) in std::mem::take(&mut s.leaves) {
         s.problem(o, &k, "unknown key");
@@ -902,6 +926,7 @@ pub fn parse(
             start: clock_start,
             speed: clock_speed as u32,
         },
+        telemetry: TelemetryConfig { listen, log_format },
         file: file.to_string(),
         topic_origins: std::mem::take(&mut s.taken)
             .into_iter()
@@ -1520,5 +1545,58 @@ commit_interval_ms = 5
             Some("kafka.properties.\"ssl.ca.location\"")
         );
         assert_eq!(env_key("CDRGUARD_KEY_FILE"), None);
+    }
+
+    #[test]
+    fn telemetry_defaults_file_keys_and_environment() {
+        let c = parse(GOOD, "c.toml", Path::new("."), env(&[])).unwrap();
+        assert_eq!(c.telemetry, TelemetryConfig::default());
+        assert_eq!(c.telemetry.listen.to_string(), "0.0.0.0:9464");
+        let text =
+            format!("{GOOD}\n[telemetry]\nlisten = \"127.0.0.1:0\"\nlog_format = \"json\"\n");
+        let c = parse(&text, "c.toml", Path::new("."), env(&[])).unwrap();
+        assert_eq!(c.telemetry.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.telemetry.log_format, LogFormat::Json);
+        let c = parse(
+            &text,
+            "c.toml",
+            Path::new("."),
+            env(&[("CDRGUARD_TELEMETRY__LISTEN", "[::1]:9999")]),
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.listen.to_string(), "[::1]:9999");
+    }
+
+    #[test]
+    fn a_bad_telemetry_address_or_log_format_is_refused_at_load_with_its_line() {
+        let text =
+            format!("{GOOD}\n[telemetry]\nlisten = \"metrics.local:9464\"\nlog_format = \"xml\"\n");
+        let line = |key: &str| text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+        let e = parse(&text, "c.toml", Path::new("."), env(&[])).unwrap_err();
+        let shown = e.to_string();
+        for want in [
+            format!(
+                "c.toml:{}: telemetry.listen: \"metrics.local:9464\" is not an IP address and port",
+                line("listen")
+            ),
+            format!(
+                "c.toml:{}: telemetry.log_format: \"xml\" is not one of: text, json",
+                line("log_format")
+            ),
+        ] {
+            assert!(shown.contains(&want), "missing {want:?} in:\n{shown}");
+        }
+        let e = parse(
+            GOOD,
+            "c.toml",
+            Path::new("."),
+            env(&[("CDRGUARD_TELEMETRY__LISTEN", "9464")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("env CDRGUARD_TELEMETRY__LISTEN: telemetry.listen: \"9464\" is not an IP address and port"),
+            "{e}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use super::stats::DelayHistogram;
+use crate::adapters::telemetry::names;
 use crate::codec::json;
 use crate::core::control::SubscriberState;
 use crate::policy::Policy;
@@ -116,8 +117,7 @@ impl ConsentStore {
     /// is logged (by purpose only, never the msisdn): more would say nothing new, and a
     /// consent system that names a purpose differently sends many.
     fn undeclared(&self, p: Purpose) {
-        metrics::counter!("cdrguard_control_undeclared_purpose_total", "purpose" => p.id())
-            .increment(1);
+        metrics::counter!(names::CONTROL_UNDECLARED, "purpose" => p.id()).increment(1);
         if self.undeclared[p as usize].fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
                 purpose = p.id(),
@@ -539,8 +539,7 @@ fn apply_events(
                             .map_or(0, |d| d.as_millis() as i64);
                         let delay = Duration::from_millis(now_ms.saturating_sub(ts).max(0) as u64);
                         store.delays.record(delay);
-                        metrics::histogram!("cdrguard_control_apply_delay_seconds")
-                            .record(delay.as_secs_f64());
+                        metrics::histogram!(names::CONTROL_APPLY_DELAY).record(delay.as_secs_f64());
                     }
                 }
                 Err(_reason) => {

@@ -32,6 +32,8 @@ use self::config::{Guarantee, RunConfig};
 use self::consent::{ConsentStore, FollowError, FollowerConfig, spawn_follower};
 use self::pipeline::{PipelineError, PipelineInputs, run_pipeline};
 use self::stats::RunStats;
+use crate::adapters::telemetry::status::{NotReady, ReadinessCheck};
+use crate::adapters::telemetry::{self, Status, names};
 use crate::core::pseudonym::Keyring;
 use crate::policy::Policy;
 
@@ -200,13 +202,16 @@ pub fn producer_config(cfg: &RunConfig) -> ClientConfig {
     c
 }
 
-/// What a caller can watch while `run` goes: the consent table and the counters.
+/// What a caller can watch while `run` goes: the consent table, the counters, and what
+/// the health endpoints and the lag gauge read.
 #[derive(Clone)]
 pub struct RunHandles {
     /// The consent table.
     pub store: Arc<ConsentStore>,
     /// Counters, kept across pipeline restarts.
     pub stats: Arc<RunStats>,
+    /// Liveness, readiness and partition lag.
+    pub status: Arc<Status>,
 }
 
 impl RunHandles {
@@ -215,8 +220,58 @@ impl RunHandles {
         RunHandles {
             store: Arc::new(ConsentStore::new(cfg.control_max_staleness)),
             stats: Arc::new(RunStats::default()),
+            status: Arc::new(Status::default()),
         }
     }
+}
+
+/// Ready means records are being routed as the policy says: the consent table was read
+/// to its end and is proven current now (so routing neither pauses nor fails closed),
+/// a pipeline is up, and it owns input partitions.
+fn readiness(store: Arc<ConsentStore>, stats: Arc<RunStats>) -> ReadinessCheck {
+    Box::new(move || -> Result<(), NotReady> {
+        if !store.caught_up() {
+            return Err("consent table: still reading the control topic");
+        }
+        if !store.fresh(std::time::Instant::now()) {
+            return Err("consent table not proven current: routing paused or fail closed");
+        }
+        if !stats.pipeline_up.load(Ordering::Acquire) {
+            return Err("pipeline not running (starting, rebuilding or stopping)");
+        }
+        if stats.assigned.load(Ordering::Acquire) == 0 {
+            return Err("no input partitions assigned");
+        }
+        Ok(())
+    })
+}
+
+/// Every second: the runtime's heartbeat (liveness), and the gauges read from the
+/// consent table and the counters.
+fn spawn_sampler(
+    status: Arc<Status>,
+    store: Arc<ConsentStore>,
+    stats: Arc<RunStats>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            status.beat();
+            let flag = |b: bool| if b { 1.0 } else { 0.0 };
+            metrics::gauge!(names::READY).set(flag(status.ready().is_ok()));
+            metrics::gauge!(names::CONSENT_SUBSCRIBERS).set(store.len() as f64);
+            metrics::gauge!(names::CONSENT_FRESH).set(flag(store.fresh(std::time::Instant::now())));
+            metrics::gauge!(names::CONSENT_SUSPECTS).set(store.suspects() as f64);
+            metrics::gauge!(names::ROUTING_PAUSED).set(flag(stats.paused.load(Ordering::Relaxed)));
+            metrics::gauge!(names::CROWD_WITHHELD)
+                .set(stats.withheld.load(Ordering::Relaxed) as f64);
+            metrics::counter!(names::CONTROL_EVENTS, "outcome" => "applied")
+                .absolute(store.applied.load(Ordering::Relaxed));
+            metrics::counter!(names::CONTROL_EVENTS, "outcome" => "refused")
+                .absolute(store.refused.load(Ordering::Relaxed));
+        }
+    })
 }
 
 /// Runs until `stop` is notified: follows the control topic, waits until the consent
@@ -229,9 +284,32 @@ pub async fn run(
     stop: Arc<Notify>,
     handles: RunHandles,
 ) -> Result<(), RunError> {
-    let RunHandles { store, stats } = handles;
+    let RunHandles {
+        store,
+        stats,
+        status,
+    } = handles;
     let cfg = cfg.with_policy(&policy)?;
     store.heed(policy.clone());
+    let routes: Vec<_> = policy.declared().map(|r| r.purpose).collect();
+    telemetry::tally::register_zero(&routes, cfg.input_format);
+    status.set_readiness(readiness(store.clone(), stats.clone()));
+    let sampler = spawn_sampler(status.clone(), store.clone(), stats.clone());
+    let result = run_with(cfg, policy, keys, stop, store, stats, status).await;
+    sampler.abort();
+    result
+}
+
+/// [`run`] once its telemetry is set up.
+async fn run_with(
+    cfg: RunConfig,
+    policy: Arc<Policy>,
+    keys: Arc<Keyring>,
+    stop: Arc<Notify>,
+    store: Arc<ConsentStore>,
+    stats: Arc<RunStats>,
+    status: Arc<Status>,
+) -> Result<(), RunError> {
     let follower_stop = Arc::new(AtomicBool::new(false));
     let Some(follower) = start_follower(&cfg, &store, &follower_stop, &stop).await? else {
         return Ok(());
@@ -251,6 +329,7 @@ pub async fn run(
             keys,
             store: store.clone(),
             stats: stats.clone(),
+            status,
         };
         let reporter = spawn_reporter(stats.clone(), store.clone());
         let out = rebuild_loop(&inputs, &watch).await;
@@ -445,6 +524,7 @@ async fn rebuild_loop(inputs: &PipelineInputs, watch: &Watch) -> Result<(), RunE
             backoff = Backoff::default();
         }
         let wait = backoff.next();
+        metrics::counter!(names::PIPELINE_REBUILDS).increment(1);
         tracing::warn!(error = %e, backoff = ?wait, "rebuilding the pipeline");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -1,15 +1,24 @@
-//! The counters of a run, readable while it goes and kept across pipeline rebuilds.
+//! The counters of a run, readable while it goes and kept across pipeline rebuilds. They
+//! count what was committed (the exported metrics add the same tallies at the same
+//! moment), and work thrown away by an abort apart.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::adapters::telemetry::Tally;
 use crate::vocab::purpose::Purpose;
 
 /// Counters of a run, readable while it goes.
 #[derive(Debug, Default)]
 pub struct RunStats {
-    /// Records routed (valid ones).
+    /// Records routed (valid ones), committed.
     pub records: AtomicU64,
+    /// Records processed in aborted transactions (read and processed again).
+    pub aborted: AtomicU64,
+    /// Input partitions owned now.
+    pub assigned: AtomicUsize,
+    /// Whether a pipeline is up (between its start and its end).
+    pub pipeline_up: AtomicBool,
     /// Records sent to the dead-letter topic.
     pub dead_letters: AtomicU64,
     /// Records routed while the consent table was stale (fail closed).
@@ -18,7 +27,7 @@ pub struct RunStats {
     pub paused: AtomicBool,
     /// Copies per route.
     pub copies: [AtomicU64; Purpose::COUNT],
-    /// Schedule entries written.
+    /// Schedule-topic messages committed.
     pub windows: AtomicU64,
     /// Transactions (or at-least-once batches) committed.
     pub commits: AtomicU64,
@@ -39,6 +48,21 @@ pub struct RunStats {
 }
 
 impl RunStats {
+    /// Adds what a commit held.
+    pub fn add_committed(&self, t: &Tally) {
+        self.records.fetch_add(t.routed(), Ordering::Relaxed);
+        self.dead_letters
+            .fetch_add(t.dead_lettered(), Ordering::Relaxed);
+        self.fail_closed.fetch_add(t.fail_closed, Ordering::Relaxed);
+        for p in Purpose::ALL {
+            let i = p as usize;
+            self.copies[i].fetch_add(t.copies[i], Ordering::Relaxed);
+            self.expiries[i].fetch_add(t.expiries[i].iter().sum(), Ordering::Relaxed);
+        }
+        self.windows.fetch_add(t.schedule_writes, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// One line for the log.
     pub fn line(&self) -> String {
         let c: Vec<String> = Purpose::ALL
@@ -52,7 +76,7 @@ impl RunStats {
             })
             .collect();
         format!(
-            "records={} dead_letters={} fail_closed={} copies[{}] windows={} expiries={} expiry_lateness_p99_ms={} commits={} aborts={}",
+            "records={} dead_letters={} fail_closed={} copies[{}] windows={} expiries={} expiry_lateness_p99_ms={} commits={} aborts={} aborted_records={}",
             self.records.load(Ordering::Relaxed),
             self.dead_letters.load(Ordering::Relaxed),
             self.fail_closed.load(Ordering::Relaxed),
@@ -67,6 +91,7 @@ impl RunStats {
                 .map_or_else(|| "-".to_string(), |v| v.to_string()),
             self.commits.load(Ordering::Relaxed),
             self.aborts.load(Ordering::Relaxed),
+            self.aborted.load(Ordering::Relaxed),
         )
     }
 }

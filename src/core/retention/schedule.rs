@@ -671,6 +671,18 @@ impl Schedule {
         self.open
     }
 
+    /// The earliest deadline of a window not handed out yet, if any: a caller compares it
+    /// with its clock to see how far behind firing is. It may belong to a window a right
+    /// has ended since (such entries are skipped only when they come up), so it is never
+    /// later than the true earliest deadline.
+    pub fn earliest_deadline(&self) -> Option<Millis> {
+        // The carry holds the windows of one deadline, taken out before any later one.
+        let carried = self.carry.front().map(|c| c.0);
+        let days = self.days_due.first_key_value().map(|(k, _)| k.0);
+        let timed = self.timed_due.first().map(|k| k.0);
+        [carried, days, timed].into_iter().flatten().min()
+    }
+
     fn find(&mut self, name: &str) -> Option<u32> {
         for &id in &self.recent {
             if let Some(s) = self.subjects.get(id as usize)

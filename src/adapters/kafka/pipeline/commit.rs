@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared, retention};
 use crate::adapters::kafka::sink::SinkError;
+use crate::adapters::telemetry::{Aborted, Committed, Tally};
 use crate::vocab::time::Millis;
 
 /// Aborts in a row, with no commit between them, after which the pipeline is rebuilt: a
@@ -95,11 +96,12 @@ impl SlotState {
         self.next.filter(|n| Some(*n) != self.committed)
     }
 
-    /// The transaction committed: what was processed is done.
+    /// The transaction committed: what was processed is done (and was counted).
     pub(super) fn on_commit(&mut self) {
         self.committed = self.next;
         self.txn_first = None;
         self.records = 0;
+        self.tally.clear();
         self.timers.on_commit();
     }
 
@@ -113,6 +115,7 @@ impl SlotState {
             self.next = self.committed;
         }
         self.records = 0;
+        self.tally.clear();
         rewind.is_some()
     }
 }
@@ -166,11 +169,13 @@ impl Shared {
             Plan::Nothing => {
                 // Nothing fired: a burst of expiries, if one was going, is over.
                 self.after_fired(&[], Duration::ZERO, held_since.elapsed());
-                return Ok(());
+                Ok(())
             }
             Plan::Commit => self.commit_locked(&slots, &mut guards, held_since).await,
             Plan::Abort(e) => Err(e),
         };
+        // After firing: what is still overdue is what this commit could not fire.
+        self.retention_gauges(&guards);
         let Err(e) = outcome else {
             return Ok(());
         };
@@ -194,13 +199,21 @@ impl Shared {
         guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
         held_since: std::time::Instant,
     ) -> Result<(), SinkError> {
-        let mut windows = 0u64;
+        // What this commit holds beyond the partitions' own tallies: expiries, released
+        // crowds, schedule writes.
+        let mut total = Tally::default();
         let allowed = self.fire_budget.load(Ordering::Relaxed);
         let mut budget = allowed;
         let mut deadlines = Vec::new();
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
-            windows += self
-                .fire_and_persist(slot.partition, &mut g.timers, &mut budget, &mut deadlines)
+            total.schedule_writes += self
+                .fire_and_persist(
+                    slot.partition,
+                    &mut g.timers,
+                    &mut budget,
+                    &mut deadlines,
+                    &mut total,
+                )
                 .await?;
         }
         let sent = held_since.elapsed();
@@ -221,14 +234,23 @@ impl Shared {
         tokio::task::spawn_blocking(move || sink.commit(&tpl, &consumer))
             .await
             .map_err(|_| SinkError::Abandoned)??;
-        for g in guards.iter_mut() {
+        let committed_at = std::time::Instant::now();
+        for (slot, g) in slots.iter().zip(guards.iter_mut()) {
+            total.add(&g.tally);
             g.on_commit();
+            slot.pending.store(0, Ordering::Relaxed);
         }
         self.uncommitted.store(0, Ordering::Relaxed);
         self.aborts_in_row.store(0, Ordering::Relaxed);
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.stats.windows.fetch_add(windows, Ordering::Relaxed);
         let hold = held_since.elapsed();
+        self.stats.add_committed(&total);
+        Committed {
+            tally: &total,
+            format: self.cfg.input_format,
+            at: committed_at,
+            took: hold,
+        }
+        .emit();
         let mut usual = self.usual_hold.lock().unwrap_or_else(|p| p.into_inner());
         if deadlines.is_empty() {
             *usual = retention::usual_hold(*usual, hold);
@@ -264,15 +286,20 @@ impl Shared {
             .await
             .map_err(|_| SinkError::Abandoned)??;
         let now = self.clock.now();
+        let mut records = 0;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
+            records += g.tally.records_in();
             if g.on_abort() {
                 slot.wake.notify_one();
             }
+            slot.pending.store(0, Ordering::Relaxed);
             g.timers
                 .on_abort(&self.timer_source, slot.partition, self.policy.clone(), now);
         }
         self.uncommitted.store(0, Ordering::Relaxed);
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        self.stats.aborted.fetch_add(records, Ordering::Relaxed);
+        Aborted { records }.emit();
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::config::RunConfig;
 use crate::adapters::kafka::retention::timers::Timers;
+use crate::adapters::telemetry::names;
 use crate::policy::Policy;
 
 /// The group consumer's context: rebalance callbacks reach the shared state through it.
@@ -54,6 +55,8 @@ impl ConsumerContext for GroupContext {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let lost = consumer.assignment_lost();
             tracing::info!(?parts, lost, "partitions revoked");
+            let event = if lost { "lost" } else { "revoked" };
+            metrics::counter!(names::REBALANCES, "event" => event).increment(1);
             let s = shared.clone();
             // The group thread is not a runtime thread, so it may block on the commit;
             // the revocation must not complete before it.
@@ -71,6 +74,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 tracing::info!(?parts, "partitions assigned");
+                metrics::counter!(names::REBALANCES, "event" => "assigned").increment(1);
                 let s = shared.clone();
                 shared.rt.block_on(async move { s.assign(&parts).await });
             }
@@ -130,6 +134,7 @@ impl Shared {
                 ))),
                 wake: Notify::new(),
                 stop: AtomicBool::new(false),
+                pending: std::sync::atomic::AtomicU64::new(0),
                 task: Mutex::new(None),
             });
             self.slots
@@ -143,6 +148,7 @@ impl Shared {
                 .spawn(async move { me.partition_task(s, queue).await });
             *slot.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
+        self.note_assignment();
     }
 
     /// Fails the pipeline (for good: an operator must add partitions) when input
@@ -224,6 +230,8 @@ impl Shared {
             }
         }
         drop(guards);
+        self.status.forget_lag(parts);
+        self.note_assignment();
         for s in gone {
             s.join().await;
         }

@@ -9,6 +9,7 @@
 //! - [`slot`]: a partition's state between commits, which all of them lock.
 //! - [`commit`]: the transaction and commit coordinator: what a commit holds, and what
 //!   follows a failed one (abort and rewind, or a rebuild).
+//! - [`lag`]: the owned partitions' consumer lag, against their last stable offsets.
 //! - this file: what they share, and a run's start-up and shutdown.
 //!
 //! Each partition's state sits behind its own async mutex, held while a batch of its
@@ -20,6 +21,7 @@
 
 mod commit;
 mod group;
+mod lag;
 mod partition;
 mod retention;
 mod slot;
@@ -45,6 +47,7 @@ use crate::adapters::kafka::clock::Clock;
 use crate::adapters::kafka::reader_config;
 use crate::adapters::kafka::retention::control::ControlFeed;
 use crate::adapters::kafka::retention::timers::Source;
+use crate::adapters::telemetry::{Status, names};
 use crate::codec::Envelopes;
 use crate::core::pseudonym::Keyring;
 use crate::policy::Policy;
@@ -148,6 +151,8 @@ pub struct Shared {
     /// When a stop must have left the group by.
     leave_by: Mutex<Option<Instant>>,
     stats: Arc<RunStats>,
+    /// Partition lag for `/metrics`.
+    status: Arc<Status>,
     /// A burst of expiries being fired, for its log line.
     burst: Mutex<Option<retention::Burst>>,
     /// Expiries the next commit may fire: adapted so a commit that fires holds the
@@ -187,6 +192,13 @@ impl Shared {
             .collect()
     }
 
+    /// Publishes how many partitions are owned now (after an assignment or revocation).
+    fn note_assignment(&self) {
+        let n = self.slots.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.stats.assigned.store(n, Ordering::Release);
+        metrics::gauge!(names::ASSIGNED_PARTITIONS).set(n as f64);
+    }
+
     /// Whether the pipeline failed (or its producer was abandoned).
     fn has_failed(&self) -> bool {
         self.failed
@@ -215,6 +227,8 @@ pub struct PipelineInputs {
     pub producer_config: ClientConfig,
     /// The run's clock, kept across pipeline rebuilds.
     pub clock: Clock,
+    /// What the health endpoints and the lag gauge read.
+    pub status: Arc<Status>,
 }
 
 /// Runs one pipeline until `stop` is notified (graceful: the open transaction is
@@ -238,6 +252,8 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
     };
     let shutdown = Arc::new(Notify::new());
     let coordinator = commit::spawn_coordinator(shared.clone(), shutdown.clone());
+    let lag = lag::spawn_sampler(shared.clone());
+    shared.stats.pipeline_up.store(true, Ordering::Release);
 
     // A stop is seen even when a failure is ready too; whether the failure came first is
     // told by `failed` below, not by which branch won.
@@ -284,10 +300,16 @@ pub async fn run_pipeline(inputs: &PipelineInputs, stop: &Notify) -> Result<(), 
             }
         }
     };
+    shared.stats.pipeline_up.store(false, Ordering::Release);
+    lag.abort();
     stop_partition_tasks(&shared).await;
     tracing::debug!("partition tasks stopped; leaving the group");
     drop(consumer);
     group.leave().await;
+    // Whatever the revocations left: this pipeline owns nothing any more.
+    shared.stats.assigned.store(0, Ordering::Release);
+    metrics::gauge!(names::ASSIGNED_PARTITIONS).set(0.0);
+    shared.status.set_lag(BTreeMap::new());
     tracing::info!(stats = %shared.stats.line(), "pipeline stopped");
     close(shared).await;
     result
@@ -331,6 +353,7 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         schedule_partitions: AtomicUsize::new(0),
         leave_by: Mutex::new(None),
         stats: inputs.stats.clone(),
+        status: inputs.status.clone(),
         burst: Mutex::new(None),
         fire_budget: AtomicUsize::new(cfg.fire_batch),
         usual_hold: Mutex::new(cfg.commit_interval),

@@ -16,7 +16,8 @@ use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::retention::crowds::{Anonymised, fingerprint};
 use crate::adapters::kafka::sink::{Out, SinkError};
-use crate::codec::{self, Format, binary, json};
+use crate::adapters::telemetry::names::DeadLetterReason;
+use crate::codec::{self, DecodeError, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
 use crate::core::record::Record;
@@ -102,6 +103,24 @@ impl Shared {
             return Step::Paused;
         }
         self.stats.paused.store(false, Ordering::Relaxed);
+        let before = st.records;
+        let step = self.batch(task, &mut st, now, fresh).await;
+        // Counted per batch: one clock read and one histogram call for up to BATCH
+        // records.
+        let n = (st.records - before) as u32;
+        st.tally.batch(instant, n, instant.elapsed());
+        slot.pending.store(st.records, Ordering::Relaxed);
+        step
+    }
+
+    /// Up to [`BATCH`] records from the partition's queue, with its state locked.
+    async fn batch(
+        &self,
+        task: &mut Task<'_>,
+        st: &mut SlotState,
+        now: Millis,
+        fresh: bool,
+    ) -> Step {
         for _ in 0..BATCH {
             // The table can go stale while a batch runs (sends may wait for a full
             // queue): no record is routed on a freshness that has lapsed.
@@ -111,9 +130,7 @@ impl Shared {
             match task.queue.poll(Duration::ZERO) {
                 None => return Step::Idle,
                 Some(Ok(m)) => {
-                    let handled = self
-                        .handle(&m, &mut st, now, fresh, &mut task.scratch)
-                        .await;
+                    let handled = self.handle(&m, st, now, fresh, &mut task.scratch).await;
                     if let Some(end) = self.after_send(task, handled) {
                         return end;
                     }
@@ -124,7 +141,7 @@ impl Shared {
                 }
                 Some(Err(e)) => {
                     if let Some(held) = task.throttle.ready() {
-                        tracing::warn!(partition = slot.partition, error = %e, held_back = held, "consumer error");
+                        tracing::warn!(partition = task.slot.partition, error = %e, held_back = held, "consumer error");
                     }
                 }
             }
@@ -187,11 +204,14 @@ impl Shared {
         // A record this large is no CDR; refusing it here keeps every copy and dead
         // letter far below the broker's message size, so one record cannot wedge a
         // partition.
-        let (payload, decoded): (&[u8], Result<Record<'_>, String>) =
+        let (payload, decoded): (&[u8], Result<Record<'_>, (DeadLetterReason, String)>) =
             if full.len() > MAX_RECORD_BYTES {
                 (
                     &full[..MAX_RECORD_BYTES],
-                    Err(crate::codec::too_large(full.len() as u64)),
+                    Err((
+                        DeadLetterReason::TooLarge,
+                        crate::codec::too_large(full.len() as u64),
+                    )),
                 )
             } else {
                 let d = match self.cfg.input_format {
@@ -200,16 +220,24 @@ impl Shared {
                 };
                 // A record from the future or older than every route keeps anything is
                 // refused, as replay refuses it.
-                let d = d.map_err(|e| e.to_string()).and_then(|r| {
-                    match scratch.bounds.as_ref().map(|b| b.check(r.start_time)) {
-                        Some(Err(e)) => Err(e.to_string()),
-                        _ => Ok(r),
-                    }
-                });
+                let d = d
+                    .map_err(|e| {
+                        let class = match e {
+                            DecodeError::Malformed { .. } => DeadLetterReason::Malformed,
+                            DecodeError::Invalid(_) => DeadLetterReason::Invalid,
+                        };
+                        (class, e.to_string())
+                    })
+                    .and_then(
+                        |r| match scratch.bounds.as_ref().map(|b| b.check(r.start_time)) {
+                            Some(Err(e)) => Err((DeadLetterReason::OutOfBounds, e.to_string())),
+                            _ => Ok(r),
+                        },
+                    );
                 (full, d)
             };
         match decoded {
-            Err(reason) => {
+            Err((class, reason)) => {
                 let headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header {
                         key: "dlq.reason",
@@ -238,7 +266,7 @@ impl Shared {
                         headers: Some(headers),
                     })
                     .await?;
-                self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                st.tally.dead_letter(class);
             }
             Ok(r) => {
                 let state = self.store.view(&r.msisdn, fresh);
@@ -296,12 +324,9 @@ impl Shared {
                             .await?;
                     }
                     st.timers.track(&entry, state.contract_ended);
-                    self.stats.copies[c.envelope.purpose as usize].fetch_add(1, Ordering::Relaxed);
+                    st.tally.copy(c);
                 }
-                if !fresh {
-                    self.stats.fail_closed.fetch_add(1, Ordering::Relaxed);
-                }
-                self.stats.records.fetch_add(1, Ordering::Relaxed);
+                st.tally.record(r.kind, !fresh);
             }
         }
         st.next = Some(m.offset() + 1);

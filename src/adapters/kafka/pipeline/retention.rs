@@ -16,6 +16,7 @@ use crate::adapters::kafka::retention::entries::{self, window_key};
 use crate::adapters::kafka::retention::timers::Timers;
 use crate::adapters::kafka::sink::{Out, SinkError};
 use crate::adapters::kafka::stats::DelayHistogram;
+use crate::adapters::telemetry::{Tally, names};
 use crate::core::retention::schedule::{Persist, WindowKey};
 use crate::vocab::time::Millis;
 
@@ -89,6 +90,7 @@ impl Shared {
                 None => {}
                 Some(Ok(read)) => {
                     newly_ready = true;
+                    metrics::histogram!(names::RETENTION_REBUILD).record(read.took.as_secs_f64());
                     tracing::info!(
                         partition = slot.partition,
                         messages = read.messages,
@@ -108,6 +110,8 @@ impl Shared {
                         self.stats
                             .schedule_unreadable
                             .fetch_add(read.unreadable.len() as u64, Ordering::Relaxed);
+                        metrics::counter!(names::SCHEDULE_UNREADABLE)
+                            .increment(read.unreadable.len() as u64);
                     }
                 }
                 Some(Err(e)) => self.fail(super::PipelineError::Internal(e.to_string())),
@@ -178,9 +182,11 @@ impl Shared {
         // Lateness in real time: a rehearsal clock running faster stretches it.
         let now = self.clock.now();
         let speed = i64::from(self.clock.speed());
+        let lateness = metrics::histogram!(names::RETENTION_LATENESS);
         for d in deadlines {
             let late = Duration::from_millis(((now.0 - d.0).max(0) / speed) as u64);
             self.stats.expiry_lateness.record(late);
+            lateness.record(late.as_secs_f64());
             b.lateness.record(late);
         }
         b.fired += deadlines.len() as u64;
@@ -199,6 +205,7 @@ impl Shared {
         timers: &mut Timers,
         budget: &mut usize,
         deadlines: &mut Vec<Millis>,
+        tally: &mut Tally,
     ) -> Result<u64, SinkError> {
         let mut written = 0u64;
         match timers {
@@ -241,7 +248,7 @@ impl Shared {
                             headers: None,
                         })
                         .await?;
-                    self.stats.expiries[e.purpose as usize].fetch_add(1, Ordering::Relaxed);
+                    tally.expiry(e.purpose, &e.reason);
                     deadlines.push(e.deadline);
                 }
                 for change in r.schedule.drain_changes() {
@@ -276,8 +283,7 @@ impl Shared {
                             })
                             .await?;
                     }
-                    self.stats.copies[released.purpose as usize]
-                        .fetch_add(c.copies, Ordering::Relaxed);
+                    tally.released(released.purpose, c.copies);
                 }
                 for (key, value) in r.crowds.drain() {
                     self.send_schedule(partition, &key, value.as_deref())
@@ -296,6 +302,30 @@ impl Shared {
             }
         }
         Ok(written)
+    }
+
+    /// Sets the retention gauges from the owned partitions' timers (the caller holds every
+    /// partition's lock): windows pending, partitions still reading back, and how long the
+    /// most overdue window has waited past its deadline, in real seconds.
+    pub(super) fn retention_gauges(&self, guards: &[tokio::sync::MutexGuard<'_, SlotState>]) {
+        let (mut windows, mut rebuilding, mut earliest) = (0usize, 0usize, None::<Millis>);
+        for g in guards {
+            match &g.timers {
+                Timers::Rebuilding(_) => rebuilding += 1,
+                Timers::Ready(r) => {
+                    windows += r.schedule.open_windows();
+                    if let Some(d) = r.schedule.earliest_deadline() {
+                        earliest = Some(earliest.map_or(d, |e: Millis| e.min(d)));
+                    }
+                }
+            }
+        }
+        let now = self.clock.now();
+        let overdue_ms =
+            earliest.map_or(0, |d| (now.0 - d.0).max(0)) / i64::from(self.clock.speed());
+        metrics::gauge!(names::RETENTION_WINDOWS).set(windows as f64);
+        metrics::gauge!(names::RETENTION_REBUILDING).set(rebuilding as f64);
+        metrics::gauge!(names::RETENTION_OVERDUE).set(overdue_ms as f64 / 1000.0);
     }
 
     /// One message (or tombstone) to the schedule topic, to the partition of the input

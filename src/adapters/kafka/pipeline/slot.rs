@@ -3,11 +3,12 @@
 //! it, so it sits apart from each of them.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
 use crate::adapters::kafka::retention::timers::Timers;
+use crate::adapters::telemetry::Tally;
 
 /// What a partition task keeps between commits.
 pub(super) struct SlotState {
@@ -23,6 +24,8 @@ pub(super) struct SlotState {
     pub(super) timers: Timers,
     /// Set by an abort: seek here before reading on.
     pub(super) rewind: Option<i64>,
+    /// What was processed since the last commit, for the counters once it commits.
+    pub(super) tally: Tally,
 }
 
 impl SlotState {
@@ -35,6 +38,7 @@ impl SlotState {
             records: 0,
             timers,
             rewind: None,
+            tally: Tally::default(),
         }
     }
 }
@@ -45,6 +49,9 @@ pub(super) struct Slot {
     pub(super) state: tokio::sync::Mutex<SlotState>,
     pub(super) wake: Notify,
     pub(super) stop: AtomicBool,
+    /// `state.records` as of the task's last batch, readable without the lock (the lag
+    /// sampler adds it to what is still unread).
+    pub(super) pending: AtomicU64,
     /// The partition's task. A revocation waits for it: its queue handle must be gone
     /// before the partition is assigned again, since dropping it disables the wake-up
     /// callback of the partition's (shared) librdkafka queue.
