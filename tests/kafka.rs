@@ -2130,3 +2130,139 @@ fn prometheus_evaluates_every_alert_and_panel_against_a_live_run() {
         empty.join("\n")
     );
 }
+
+/// Key rotation without a restart: mid-run the key file gains a new active key (k2, the
+/// old one kept below it) by a rename over it, as a mounted Secret changes, and SIGHUP
+/// asks for it. Copies made before the switch name subscribers under the old key, copies
+/// after it under the new one, with one switch per input partition in offset order;
+/// every expected copy arrives exactly once. A broken file sent after it is refused and
+/// the new keys stay.
+#[test]
+fn keys_rotate_at_a_transaction_boundary_without_a_restart() {
+    let s = Scenario::new(
+        &broker().bootstrap,
+        Setup {
+            name: "rotate",
+            policy: "excedo",
+            partitions: 3,
+            records: 60_000,
+            subscribers: 1_500,
+            seed: 71,
+            tweaks: Tweaks::default(),
+            binary: false,
+        },
+    );
+    let log = s.dir.join("cdrguard.log");
+    let p = Processor::start(&s.path, &log, &[]);
+    s.wait_progress(0.3);
+    let keys = s.cfg.key_file.clone();
+    let old = std::fs::read_to_string(&keys).unwrap();
+    // A fresh random key, as `cdrguard keys generate` makes it, above the old one.
+    let fresh = cdrguard::adapters::keyfile::generate("test2");
+    let secret = fresh
+        .split("secret_hex = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let rotated = format!("{fresh}\n{old}");
+    let replace = |text: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = s.dir.join("keys.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, &keys).unwrap();
+    };
+    // Held still while the file changes, so the switch lands mid-stream.
+    p.pause();
+    replace(&rotated);
+    p.resume();
+    p.hangup();
+    wait_for(
+        "the switch to the new keys",
+        Duration::from_secs(60),
+        || {
+            log_lines(&log)
+                .iter()
+                .any(|l| l.contains("new keys in use from this transaction on"))
+        },
+    );
+    replace("[[keys]]\nid = \"test3\"\nsecret_hex = \"not hex\"\n");
+    p.hangup();
+    wait_for("the broken file refused", Duration::from_secs(60), || {
+        log_lines(&log)
+            .iter()
+            .any(|l| l.contains("key file refused; the keys in use are kept"))
+    });
+    let done = s.finish([p.into()]);
+    let before = cdrguard::adapters::keyfile::parse(&old, "keys").unwrap();
+    let after = cdrguard::adapters::keyfile::parse(&rotated, "keys").unwrap();
+    let translate = ids_across_keys(&s.traffic, &s.policy, &before, &after);
+    let routes = s.assert_exactly_once_across_keys(&done, &translate);
+    assert!(
+        log_lines(&log)
+            .iter()
+            .all(|l| !l.contains(&secret[..16]) && !l.contains("fdcb03b6")),
+        "no key material in the log"
+    );
+
+    // Where each record sat in the input.
+    let mut at: std::collections::HashMap<String, (i32, i64)> = Default::default();
+    for m in read_to_end(&s.bootstrap, &s.cfg.input_topic) {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or(&[]))
+            && let Some(id) = v["record_id"].as_str()
+        {
+            at.insert(id.to_string(), (m.partition(), m.offset()));
+        }
+    }
+    let mut records = records_of_copies(&s.traffic, &s.policy, &before);
+    for (route, more) in records
+        .iter_mut()
+        .zip(records_of_copies(&s.traffic, &s.policy, &after))
+    {
+        route.extend(more);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (purpose, msgs) in &routes {
+        // Per input partition, the key of each copy in offset order.
+        let mut by_partition: std::collections::BTreeMap<i32, Vec<(i64, String)>> =
+            Default::default();
+        for m in msgs {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let Some(key) = v["envelope"]["key_id"].as_str() else {
+                continue;
+            };
+            let master = key.split('.').next().unwrap().to_string();
+            let id = v["envelope"]["record_id"].as_str().unwrap_or_default();
+            let record = records[*purpose as usize]
+                .get(id)
+                .map_or(id, String::as_str);
+            let &(partition, offset) = at.get(record).expect("every copy's record is in the input");
+            by_partition
+                .entry(partition)
+                .or_default()
+                .push((offset, master));
+        }
+        for (partition, mut keys) in by_partition {
+            keys.sort();
+            let switched = keys
+                .iter()
+                .position(|(_, k)| k == "test2")
+                .unwrap_or(keys.len());
+            assert!(
+                keys[..switched].iter().all(|(_, k)| k == "test1")
+                    && keys[switched..].iter().all(|(_, k)| k == "test2"),
+                "route {}, input partition {partition}: one switch from test1 to test2 in offset order",
+                purpose.id()
+            );
+            seen.extend(keys.into_iter().map(|(_, k)| k));
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["test1", "test2"],
+        "copies under both keys"
+    );
+}

@@ -355,6 +355,20 @@ impl Keyring {
         std::iter::once(self).chain(&self.older)
     }
 
+    /// The active master key's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether `other` holds the same keys in the same order: the same ids computing the
+    /// same values (a key re-issued under its old id is a different key).
+    pub fn same_keys(&self, other: &Keyring) -> bool {
+        self.each_key().count() == other.each_key().count()
+            && self.each_key().zip(other.each_key()).all(|(a, b)| {
+                a.id == b.id && a.active.iter().zip(&b.active).all(|(x, y)| x.prf == y.prf)
+            })
+    }
+
     /// The key id stamped on values for this purpose, e.g. `k2026a.analytics`.
     pub fn key_id(&self, p: Purpose) -> &str {
         &self.active[p as usize].key_id

@@ -844,6 +844,79 @@ pub fn expected(t: &Traffic, policy: &Policy, keys: &Keyring) -> Expected {
     )
 }
 
+/// Per route, the envelope record id a copy carries under keyring `b`, mapped to the id
+/// the same copy carries under `a` (ids are pseudonymised on some routes): a run whose
+/// keys rotate mid-stream is checked against [`expected`] under `a` once its ids are
+/// translated.
+pub fn ids_across_keys(
+    t: &Traffic,
+    policy: &Policy,
+    a: &Keyring,
+    b: &Keyring,
+) -> Vec<BTreeMap<String, String>> {
+    let mut out = vec![BTreeMap::new(); Purpose::COUNT];
+    for_each_copy_pair(t, policy, a, b, |p, _, ia, ib| {
+        out[p as usize].insert(ib, ia);
+    });
+    out
+}
+
+/// Per route, the record a copy made under `keys` came from: its envelope record id
+/// (pseudonymised on some routes) mapped to the record's own id.
+pub fn records_of_copies(
+    t: &Traffic,
+    policy: &Policy,
+    keys: &Keyring,
+) -> Vec<BTreeMap<String, String>> {
+    let mut out = vec![BTreeMap::new(); Purpose::COUNT];
+    for_each_copy_pair(t, policy, keys, keys, |p, record, id, _| {
+        out[p as usize].insert(id, record.to_string());
+    });
+    out
+}
+
+/// Calls `f(route, record id, copy id under a, copy id under b)` for every copy the
+/// records of `t` get.
+fn for_each_copy_pair(
+    t: &Traffic,
+    policy: &Policy,
+    a: &Keyring,
+    b: &Keyring,
+    mut f: impl FnMut(Purpose, &str, String, String),
+) {
+    let mut states: BTreeMap<String, SubscriberState> = BTreeMap::new();
+    for e in &t.controls {
+        states
+            .entry(e.msisdn.clone())
+            .or_default()
+            .apply(&e.change, e.at);
+    }
+    let none = SubscriberState::default();
+    let now = Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    );
+    let id = |c: &cdrguard::core::process::Copy<'_>| {
+        c.envelope
+            .record_id
+            .as_ref()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default()
+    };
+    for bytes in &t.records {
+        let r = cdrguard::codec::json::decode_record(bytes).unwrap();
+        let state = states.get(r.msisdn.as_ref()).unwrap_or(&none);
+        let under_a = process(&r, policy, state, a, now);
+        let under_b = process(&r, policy, state, b, now);
+        for (ca, cb) in under_a.copies.iter().zip(&under_b.copies) {
+            assert_eq!(ca.envelope.purpose, cb.envelope.purpose);
+            f(ca.envelope.purpose, r.record_id.as_ref(), id(ca), id(cb));
+        }
+    }
+}
+
 /// The copies `process` makes of `records` for a subscriber in `state`, per route.
 pub fn copies_of(
     records: &[(Option<Vec<u8>>, Vec<u8>)],
@@ -1043,6 +1116,11 @@ impl Processor {
             .status()
             .expect("running kill");
         assert!(ok.success(), "kill -{sig} failed");
+    }
+
+    /// SIGHUP: read the key file again.
+    pub fn hangup(&self) {
+        self.signal("HUP");
     }
 
     /// Freezes it (SIGSTOP): a moment of its life held still.
@@ -1349,6 +1427,43 @@ impl Scenario {
     /// returns what each route holds.
     pub fn assert_exactly_once(&self, done: &Finished) -> Vec<(Purpose, Vec<OwnedMessage>)> {
         assert_exactly_once(&self.bootstrap, &self.cfg, &self.policy, &self.want, done)
+    }
+
+    /// As [`Scenario::assert_exactly_once`], with the ids of copies made under other keys
+    /// translated first (see [`ids_across_keys`]): a record copied under both keys counts
+    /// twice.
+    pub fn assert_exactly_once_across_keys(
+        &self,
+        done: &Finished,
+        translate: &[BTreeMap<String, String>],
+    ) -> Vec<(Purpose, Vec<OwnedMessage>)> {
+        let mut out = Vec::new();
+        for r in self.policy.declared() {
+            let p = r.purpose;
+            let msgs = read_route(&self.bootstrap, &self.cfg, p, done);
+            let mut got: BTreeMap<String, usize> = BTreeMap::new();
+            for m in &msgs {
+                let id = record_id(m);
+                let id = translate[p as usize].get(&id).cloned().unwrap_or(id);
+                *got.entry(id).or_default() += 1;
+            }
+            assert!(
+                got == self.want[p as usize],
+                "route {}: {} copies read, {} expected; {} ids differ in count",
+                p.id(),
+                msgs.len(),
+                self.want[p as usize].values().sum::<usize>(),
+                got.iter()
+                    .filter(|(k, v)| self.want[p as usize].get(*k) != Some(v))
+                    .count()
+                    + self.want[p as usize]
+                        .keys()
+                        .filter(|k| !got.contains_key(*k))
+                        .count(),
+            );
+            out.push((p, msgs));
+        }
+        out
     }
 
     /// Checks every route holds every expected copy at least as often as expected and

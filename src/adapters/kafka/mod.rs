@@ -14,6 +14,7 @@
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod keys;
 pub mod pipeline;
 pub mod produce;
 pub mod retention;
@@ -295,7 +296,11 @@ pub async fn run(
     telemetry::tally::register_zero(&routes, cfg.input_format);
     status.set_readiness(readiness(store.clone(), stats.clone()));
     let sampler = spawn_sampler(status.clone(), store.clone(), stats.clone());
+    let keys = keys::KeyCell::new(keys);
+    let watcher = keys::spawn_watcher(cfg.key_file.clone(), keys.clone())
+        .map_err(|e| RunError::Internal(format!("watching for SIGHUP: {e}")))?;
     let result = run_with(cfg, policy, keys, stop, store, stats, status).await;
+    watcher.abort();
     sampler.abort();
     result
 }
@@ -304,7 +309,7 @@ pub async fn run(
 async fn run_with(
     cfg: RunConfig,
     policy: Arc<Policy>,
-    keys: Arc<Keyring>,
+    keys: Arc<keys::KeyCell>,
     stop: Arc<Notify>,
     store: Arc<ConsentStore>,
     stats: Arc<RunStats>,

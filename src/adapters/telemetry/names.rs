@@ -151,5 +151,11 @@ impl DeadLetterReason {
     }
 }
 
+/// Counter: key files read again (on SIGHUP or a change), by `outcome` (`staged`: checked
+/// and taking over at the next commit; `refused`: the old keys kept; `unchanged`).
+pub const KEY_RELOADS: &str = "cdrguard_key_reloads_total";
+/// Counter: key switches made at a transaction boundary.
+pub const KEY_SWITCHES: &str = "cdrguard_key_switches_total";
+
 /// The reason classes of [`RETENTION_EXPIRIES`], indexed as the expiry's reason.
 pub const EXPIRY_REASONS: [&str; 4] = ["rule", "consent_withdrawn", "objection", "erasure"];

@@ -167,6 +167,8 @@ impl Shared {
         let has_work = guards.iter().any(|g| g.has_work(now));
         let outcome = match plan(false, send_failed, has_work) {
             Plan::Nothing => {
+                // Nothing is uncommitted: a boundary as good as a commit.
+                self.keys.switch();
                 // Nothing fired: a burst of expiries, if one was going, is over.
                 self.after_fired(&[], Duration::ZERO, held_since.elapsed());
                 Ok(())
@@ -242,6 +244,9 @@ impl Shared {
         }
         self.uncommitted.store(0, Ordering::Relaxed);
         self.aborts_in_row.store(0, Ordering::Relaxed);
+        // A transaction boundary, every partition still locked: keys read since the last
+        // one take over for the next transaction.
+        self.keys.switch();
         let hold = held_since.elapsed();
         self.stats.add_committed(&total);
         Committed {

@@ -44,12 +44,12 @@ use super::consent::ConsentStore;
 use super::sink::{Sink, SinkError};
 use super::stats::RunStats;
 use crate::adapters::kafka::clock::Clock;
+use crate::adapters::kafka::keys::KeyCell;
 use crate::adapters::kafka::reader_config;
 use crate::adapters::kafka::retention::control::ControlFeed;
 use crate::adapters::kafka::retention::timers::Source;
 use crate::adapters::telemetry::{Status, names};
 use crate::codec::Envelopes;
-use crate::core::pseudonym::Keyring;
 use crate::policy::Policy;
 
 pub use self::partition::{MAX_DEAD_LETTER_KEY_BYTES, MAX_RECORD_BYTES};
@@ -126,7 +126,7 @@ pub struct Shared {
     timer_source: Source,
     /// The control events the retention timers act on.
     control_feed: ControlFeed,
-    keys: Arc<Keyring>,
+    keys: Arc<KeyCell>,
     store: Arc<ConsentStore>,
     sink: Arc<Sink>,
     consumer: OnceLock<Arc<BaseConsumer<GroupContext>>>,
@@ -215,8 +215,8 @@ pub struct PipelineInputs {
     pub cfg: RunConfig,
     /// The policy.
     pub policy: Arc<Policy>,
-    /// Pseudonym keys.
-    pub keys: Arc<Keyring>,
+    /// Pseudonym keys: those in use, and those read since, switched to at a commit.
+    pub keys: Arc<KeyCell>,
     /// The consent table (caught up before the run starts).
     pub store: Arc<ConsentStore>,
     /// Counters, kept across pipeline restarts.

@@ -49,7 +49,12 @@ impl Shared {
         let mut task = Task {
             slot: &slot,
             queue: &queue,
-            scratch: Scratch::default(),
+            scratch: Scratch {
+                buf: Vec::new(),
+                treatments: String::new(),
+                bounds: None,
+                keys: self.keys.active(),
+            },
             throttle: crate::adapters::kafka::Throttle::default(),
         };
         loop {
@@ -104,6 +109,10 @@ impl Shared {
         }
         self.stats.paused.store(false, Ordering::Relaxed);
         let before = st.records;
+        let keys = self.keys.active();
+        if !Arc::ptr_eq(&keys, &task.scratch.keys) {
+            task.scratch.keys = keys;
+        }
         let step = self.batch(task, &mut st, now, fresh).await;
         // Counted per batch: one clock read and one histogram call for up to BATCH
         // records.
@@ -273,7 +282,7 @@ impl Shared {
                 // Filled in place: a decision is ~6 KB, returning one by value copies it.
                 // (Its copies borrow the message, so it cannot outlive this record.)
                 let mut d = Decision::default();
-                process_into(&r, &self.policy, &state, &self.keys, now, &mut d);
+                process_into(&r, &self.policy, &state, &scratch.keys, now, &mut d);
                 for c in &d.copies {
                     let Some(topic) = self.cfg.routes[c.envelope.purpose as usize].as_deref()
                     else {
@@ -298,7 +307,7 @@ impl Shared {
                                     .iter()
                                     .map(|(k, v)| (k.to_string(), v.to_string()))
                                     .collect(),
-                                subscriber: fingerprint(&self.keys, &r.msisdn),
+                                subscriber: fingerprint(&scratch.keys, &r.msisdn),
                             },
                             now,
                         );
@@ -359,10 +368,12 @@ struct Task<'a> {
 }
 
 /// Buffers a partition task reuses for every copy.
-#[derive(Default)]
 struct Scratch {
     buf: Vec<u8>,
     treatments: String,
     /// The record times accepted at the batch's clock.
     bounds: Option<TimeBounds>,
+    /// The keys of the batch: taken with the partition's lock, which a key switch holds
+    /// too, so one transaction's copies name subscribers under one keyring.
+    keys: Arc<crate::core::pseudonym::Keyring>,
 }

@@ -124,6 +124,7 @@ impl Shared {
         if events.is_empty() {
             return;
         }
+        let keys = self.keys.active();
         for g in guards.iter_mut() {
             let Timers::Ready(r) = &mut g.timers else {
                 continue;
@@ -132,7 +133,7 @@ impl Shared {
                 if r.applied.get(&d.partition).is_some_and(|a| *a >= d.offset) {
                     continue;
                 }
-                r.schedule.control(&self.policy, &self.keys, &d.event);
+                r.schedule.control(&self.policy, &keys, &d.event);
                 r.applied.insert(d.partition, d.offset);
                 if !r.applied_changed.contains(&d.partition) {
                     r.applied_changed.push(d.partition);
