@@ -224,8 +224,11 @@ class PeerTopologyTest {
         send(data("r-2", "+46701000001").replace("\"local_seq_no\":97", "\"local_seq_no\":\"seven\""));
         send(data("r-3", "070-123 45 67"));
         send(data("r-4", "+46701000001").replace("\"apn\":\"internet\",", ""));
+        // No coercion between strings and numbers, either way.
+        send(data("r-5", "+46701000001").replace("\"local_seq_no\":97", "\"local_seq_no\":\"97\""));
+        send(data("r-6", "+46701000001").replace("\"msisdn\":\"+46701000001\"", "\"msisdn\":46701000001"));
         List<TestRecord<byte[], byte[]>> dead = drain("dead-letter");
-        assertEquals(5, dead.size());
+        assertEquals(7, dead.size());
         assertEquals(0, drain("billing").size());
         List<String> reasons = dead.stream().map(r -> header(r, "dlq.reason")).toList();
         assertTrue(reasons.get(0).startsWith("malformed json"), reasons.get(0));
@@ -239,7 +242,9 @@ class PeerTopologyTest {
         assertEquals("cdr.raw", header(dead.get(0), "dlq.topic"));
         assertEquals("{\"record_id\":\"x\"", new String(dead.get(0).value(), StandardCharsets.UTF_8));
         assertNull(header(dead.get(0), "purpose"));
-        assertEquals(5, stats.deadLetters.sum());
+        assertEquals("malformed json: field local_seq_no: wrong type or shape", reasons.get(5));
+        assertEquals("malformed json: field msisdn: wrong type or shape", reasons.get(6));
+        assertEquals(7, stats.deadLetters.sum());
     }
 
     @ParameterizedTest
