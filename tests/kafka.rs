@@ -309,6 +309,13 @@ fn consent_withdrawal_and_objection_mid_stream() {
         d.quantile_upper_ms(0.99).unwrap(),
         d.max_ms()
     );
+    // The README quotes the figure above as a benchmark; the product's promise is a
+    // second, and a delay beyond it is a fault, however loaded the machine.
+    assert!(
+        d.quantile_upper_ms(0.99).unwrap() <= 1_000,
+        "control-event delay p99 {} ms is over the promised 1 s",
+        d.quantile_upper_ms(0.99).unwrap()
+    );
 
     let done = finish(&b.bootstrap, &cfg, [run.into()]);
     assert_exactly_once(&b.bootstrap, &cfg, &policy, &want, &done);
