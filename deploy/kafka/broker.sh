@@ -8,6 +8,8 @@
 #                                            prints the bootstrap address. With --watch,
 #                                            the broker is stopped when PID exits.
 #   broker.sh stop DIR                       stop the broker started in DIR
+#   broker.sh consume BOOTSTRAP TOPIC        print a topic's committed messages (key and
+#                                            value, read_committed) and exit at its end
 #
 # Environment: KAFKA_VERSION (default 4.1.1), CDRGUARD_KAFKA_CACHE (default
 # ~/.cache/cdrguard/kafka-$KAFKA_VERSION), JAVA (default java), KAFKA_HEAP (default 512m).
@@ -21,7 +23,11 @@ JAVA=${JAVA:-java}
 die() { echo "broker.sh: $*" >&2; exit 1; }
 
 fetch() {
-  if [ -f "$CACHE/.complete" ]; then return 0; fi
+  # The console consumer (kafka-tools) joined the fetch later: a cache without it is
+  # fetched again.
+  if [ -f "$CACHE/.complete" ] && ls "$CACHE/libs"/kafka-tools-"$KAFKA_VERSION".jar >/dev/null 2>&1; then
+    return 0
+  fi
   command -v mvn >/dev/null || die "Maven (mvn) is needed to fetch Kafka"
   mkdir -p "$CACHE"
   # The broker is the kafka_2.13 artifact and its runtime dependencies; log4j's SLF4J
@@ -36,6 +42,11 @@ fetch() {
     <dependency>
       <groupId>org.apache.kafka</groupId>
       <artifactId>kafka_2.13</artifactId>
+      <version>$KAFKA_VERSION</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka-tools</artifactId>
       <version>$KAFKA_VERSION</version>
     </dependency>
     <dependency>
@@ -211,8 +222,19 @@ stop() {
   rm -f "$dir/broker.pid"
 }
 
+# Kafka's own console consumer, read_committed: what a downstream store sees.
+consume() {
+  local bootstrap=$1 topic=$2
+  fetch
+  "$JAVA" -Xmx256m -Dorg.apache.logging.log4j.level=OFF -cp "$CACHE/libs/*" org.apache.kafka.tools.consumer.ConsoleConsumer \
+    --bootstrap-server "$bootstrap" --topic "$topic" --from-beginning \
+    --isolation-level read_committed --timeout-ms 10000 \
+    --property print.key=true --property key.separator=" " 2>/dev/null || true
+}
+
 case "${1:-}" in
   fetch) fetch ;;
+  consume) consume "${2:?usage: broker.sh consume BOOTSTRAP TOPIC}" "${3:?usage: broker.sh consume BOOTSTRAP TOPIC}" ;;
   start)
     shift
     dir=${1:-}; port=""; watch=""
@@ -226,5 +248,5 @@ case "${1:-}" in
     start "$dir" "$port" "$watch"
     ;;
   stop) stop "${2:?usage: broker.sh stop DIR}" ;;
-  *) echo "usage: broker.sh fetch | start DIR [PORT] [--watch PID] | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: broker.sh fetch | start DIR [PORT] [--watch PID] | stop DIR | consume BOOTSTRAP TOPIC" >&2; exit 2 ;;
 esac
