@@ -227,7 +227,27 @@ enum Job {
 
 enum Event {
     Flushed(usize),
-    Done(usize, KafkaResult<()>, Duration),
+    Done(usize, KafkaResult<()>, Phases),
+}
+
+/// How long a commit's steps took.
+#[derive(Clone, Copy, Default)]
+struct Phases {
+    flush: Duration,
+    offsets: Duration,
+    end: Duration,
+}
+
+impl Phases {
+    fn add(&mut self, o: &Phases) {
+        self.flush += o.flush;
+        self.offsets += o.offsets;
+        self.end += o.end;
+    }
+
+    fn total(&self) -> Duration {
+        self.flush + self.offsets + self.end
+    }
 }
 
 /// Everything the main loop and the rebalance callback share.
@@ -253,7 +273,7 @@ struct Stats {
     messages: u64,
     commits: u64,
     aborts: u64,
-    commit_time: Duration,
+    commit_time: Phases,
     /// Time the main loop waited for the committer (a commit slower than an interval,
     /// or a flush before the next lane may send).
     waited: Duration,
@@ -416,7 +436,7 @@ impl Relay {
                 lane.offsets.clear();
                 lane.records = 0;
                 self.stats.commits += 1;
-                self.stats.commit_time += took;
+                self.stats.commit_time.add(&took);
                 Ok(true)
             }
             Event::Done(l, Err(e), _) => {
@@ -502,7 +522,7 @@ impl Relay {
                     lane.offsets.clear();
                     lane.records = 0;
                     self.stats.commits += 1;
-                    self.stats.commit_time += took;
+                    self.stats.commit_time.add(&took);
                 }
                 Event::Done(l, Err(e), _) => {
                     if is_fatal(&e) {
@@ -519,18 +539,22 @@ impl Relay {
 
     fn stats_line(&self) -> String {
         let s = &self.stats;
+        let mean = |d: Duration| d.as_secs_f64() * 1000.0 / s.commits.max(1) as f64;
         let failed: u64 = self
             .lanes
             .iter()
             .map(|l| l.producer.context().failed.load(Ordering::Relaxed))
             .sum();
         format!(
-            "{{\"records\":{},\"messages\":{},\"commits\":{},\"aborts\":{},\"commit_ms_mean\":{:.1},\"waited_ms\":{},\"failed_deliveries\":{}}}",
+            "{{\"records\":{},\"messages\":{},\"commits\":{},\"aborts\":{},\"commit_ms_mean\":{:.1},\"flush_ms_mean\":{:.1},\"offsets_ms_mean\":{:.1},\"end_ms_mean\":{:.1},\"waited_ms\":{},\"failed_deliveries\":{}}}",
             s.records,
             s.messages,
             s.commits,
             s.aborts,
-            s.commit_time.as_secs_f64() * 1000.0 / s.commits.max(1) as f64,
+            mean(s.commit_time.total()),
+            mean(s.commit_time.flush),
+            mean(s.commit_time.offsets),
+            mean(s.commit_time.end),
             s.waited.as_millis(),
             failed
         )
@@ -588,28 +612,35 @@ fn committer(producers: [TxProducer; 2], jobs: Receiver<Job>, events: Sender<Eve
             } => (lane, offsets, group),
         };
         let p = &producers[lane];
-        let started = Instant::now();
+        let mut phases = Phases::default();
+        let mut t = Instant::now();
         let result = if poisoned {
             Err(KafkaError::Canceled)
         } else {
             p.flush(Timeout::Never)
         };
+        phases.flush = lap(&mut t);
         if events.send(Event::Flushed(lane)).is_err() {
             return;
         }
-        let result = result
-            .and_then(|()| {
-                retry(|| p.send_offsets_to_transaction(&offsets, &group, Timeout::Never))
-            })
-            .and_then(|()| retry(|| p.commit_transaction(Timeout::Never)));
+        let result = result.and_then(|()| {
+            retry(|| p.send_offsets_to_transaction(&offsets, &group, Timeout::Never))
+        });
+        phases.offsets = lap(&mut t);
+        let result = result.and_then(|()| retry(|| p.commit_transaction(Timeout::Never)));
+        phases.end = lap(&mut t);
         poisoned |= result.is_err();
-        if events
-            .send(Event::Done(lane, result, started.elapsed()))
-            .is_err()
-        {
+        if events.send(Event::Done(lane, result, phases)).is_err() {
             return;
         }
     }
+}
+
+/// The time since `t`, and `t` moved to now.
+fn lap(t: &mut Instant) -> Duration {
+    let d = t.elapsed();
+    *t = Instant::now();
+    d
 }
 
 fn retry(mut call: impl FnMut() -> KafkaResult<()>) -> KafkaResult<()> {

@@ -498,7 +498,7 @@ def plot(out_dir, runs, summary, contenders):
         ts = [(pts[i][0] + pts[i - 1][0]) / 2 for i in range(1, len(pts))]
         rates = [(pts[i][1] - pts[i - 1][1]) / max(pts[i][0] - pts[i - 1][0], 1e-3) for i in range(1, len(pts))]
         left.plot(ts, rates, label=f"{c} (rep {r['rep']})")
-    left.set_xlabel("seconds since the first offset poll")
+    left.set_xlabel("seconds since the contender started (cdrguard first reads the consent table)")
     left.set_ylabel("input records committed per second")
     left.set_title("Throughput over time, full speed (median repetition)")
     left.grid(alpha=0.3)
