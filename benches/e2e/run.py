@@ -1,0 +1,623 @@
+"""The end-to-end benchmark's driver (see benches/e2e/run.sh, which builds, starts the
+broker and calls this; BENCHMARKS.md "End to end" says what each figure means).
+
+Loads the input once, then runs each contender one after another, alternating, each
+from the start of the input with a fresh group and fresh output topics:
+
+  full  drain the preloaded input: sustained records/s from the group's committed
+        offsets (polled every second), CPU and peak RSS from /proc, and for every copy
+        of one route the time from its CreateTime to a read_committed probe seeing it;
+  live  a paced producer feeds new records at half of cdrguard's measured rate into a
+        fresh input topic: record-to-committed latency (send instant to copy seen).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BIN = os.path.join(TARGET, "release/cdrguard")
+RELAY = os.path.join(TARGET, "release/examples/relay")
+METER = os.path.join(TARGET, "release/examples/e2e_meter")
+PEER = os.path.join(ROOT, "benches/peers/kafka-streams/run.sh")
+PURPOSES = ["billing", "fraud", "analytics", "marketing", "troubleshooting", "customer_care"]
+INPUT = "e2e.raw"
+CONTROL = "e2e.control"
+PROBE_ROUTE = "billing"  # one copy per valid record, carries record_id
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WARMUP = 200
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def args_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--brokers", required=True)
+    ap.add_argument("--work", required=True, help="scratch folder (configs, logs, generated files)")
+    ap.add_argument("--broker-pid", type=int, help="the broker's pid, for its CPU")
+    ap.add_argument("--records", type=int, default=5_000_000)
+    ap.add_argument("--subscribers", type=int, default=1_000_000, help="consent for this many")
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--commit-interval-ms", type=int, default=100)
+    ap.add_argument("--live-seconds", type=float, default=20)
+    ap.add_argument("--live-rate", type=float, help="records/s of the live phase (default: half of cdrguard's)")
+    ap.add_argument("--contenders", default="cdrguard-eo,cdrguard-alo,relay,kafka-streams")
+    ap.add_argument("--out", required=True, help="where results.json (and the plots) go")
+    ap.add_argument("--plots", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a few thousand records, 1 repetition")
+    ap.add_argument("--command", default="", help="the command line, for the results")
+    return ap
+
+
+def config_text(a, prefix, input_topic, guarantee):
+    routes = "".join(f'{p} = "{prefix}.{p}"\n' for p in PURPOSES)
+    return f"""[kafka]
+brokers = "{a.brokers}"
+group_id = "{prefix}.group"
+transactional_id = "{prefix}.txn"
+guarantee = "{guarantee}"
+
+[topics]
+input = "{input_topic}"
+control = "{CONTROL}"
+dead_letter = "{prefix}.dead"
+retention_schedule = "{prefix}.schedule"
+retention = "{prefix}.retention"
+
+[topics.routes]
+{routes}
+[processing]
+policy = "{ROOT}/policies/excedo.toml"
+key_file = "{a.work}/keys.toml"
+commit_interval_ms = {a.commit_interval_ms}
+
+[telemetry]
+listen = "127.0.0.1:0"
+log_format = "json"
+"""
+
+
+def write_config(a, prefix, input_topic=INPUT, guarantee="exactly_once"):
+    path = os.path.join(a.work, f"{prefix}.toml")
+    with open(path, "w") as f:
+        f.write(config_text(a, prefix, input_topic, guarantee))
+    return path
+
+
+def output_topics(prefix):
+    return [f"{prefix}.{p}" for p in PURPOSES] + [f"{prefix}.{t}" for t in ("dead", "schedule", "retention")]
+
+
+def run_quiet(cmd, **kw):
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def create_topics(a, config):
+    run_quiet([BIN, "topics", "--config", config, "--partitions", str(a.partitions), "--replication", "1"])
+
+
+def delete_topics(a, topics):
+    run_quiet([METER, "--brokers", a.brokers, "delete", "--topics", ",".join(topics)])
+
+
+# ---------------------------------------------------------------- the input
+
+
+def recent_start(days):
+    return (datetime.now(timezone.utc) - timedelta(days=days)).strftime("%Y-%m-%dT00:00:00.000Z")
+
+
+def generate(a, records, subscribers, seed, name):
+    out_records = os.path.join(a.work, f"{name}.jsonl")
+    out_control = os.path.join(a.work, f"{name}-control.jsonl")
+    run_quiet([BIN, "generate", "--records", str(records), "--subscribers", str(subscribers),
+               "--days", "3", "--start", recent_start(3), "--seed", str(seed),
+               "--out-records", out_records, "--out-control", out_control])
+    return out_records, out_control
+
+
+def load_input(a):
+    """Consent for a.subscribers into the control topic, a.records records into the input
+    topic: once for every run. Returns the number of input messages."""
+    run_quiet([BIN, "keys", "generate", "--out", os.path.join(a.work, "keys.toml")])
+    config = write_config(a, "e2e.load")
+    create_topics(a, config)
+    delete_topics(a, output_topics("e2e.load"))
+    t = time.monotonic()
+    # The generator draws records from at most as many subscribers as records, so the
+    # consent comes from a generation of its own when there are fewer records.
+    records_file, control_file = generate(a, a.records, min(a.records, a.subscribers), 8, "input")
+    if a.records < a.subscribers:
+        consent_records, control_file = generate(a, a.subscribers, a.subscribers, 8, "consent")
+        os.remove(consent_records)
+    print(f"generated in {time.monotonic() - t:.0f} s", flush=True)
+    t = time.monotonic()
+    out = run_quiet([BIN, "produce", "--config", config, "--control", control_file, "--records", records_file]).stdout
+    print(f"produced in {time.monotonic() - t:.0f} s: {out.strip()}", flush=True)
+    os.remove(records_file)
+    os.remove(control_file)
+    return a.records
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def tree(pid):
+    """pid and its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / CLK_TCK
+
+
+def peak_rss_kb(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# ---------------------------------------------------------------- contenders
+
+
+def fanout_args(fanout, prefix):
+    """--route arguments for the relay: the same messages per record, per topic."""
+    args = []
+    for suffix, rate in sorted(fanout.items()):
+        if rate > 0:
+            args += ["--route", f"{prefix}.{suffix}={rate:.6f}"]
+    return args
+
+
+def contender_command(name, config, fanout, prefix):
+    if name.startswith("cdrguard"):
+        return [BIN, "run", "--config", config]
+    if name == "relay":
+        return [RELAY, "--config", config] + fanout_args(fanout, prefix)
+    if name == "kafka-streams":
+        return [PEER, "--config", config]
+    raise ValueError(name)
+
+
+def start(a, name, config, fanout, prefix, tag):
+    log = open(os.path.join(a.work, f"{tag}.log"), "w")
+    proc = subprocess.Popen(contender_command(name, config, fanout, prefix), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.log_path = log.name
+    return proc
+
+
+def stop(proc, timeout=60):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+def stop_meter(proc):
+    """Stops an instrument and returns its last JSON line."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"instrument gave no result: {err.strip()}")
+    return json.loads(lines[-1])
+
+
+def cdrguard_stats(log_path):
+    """The counters of cdrguard's "stopped" (or last "progress") log line."""
+    stats = None
+    with open(log_path) as f:
+        for line in f:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            fields = ev.get("fields", ev)
+            if fields.get("message") in ("stopped", "progress") and "stats" in fields:
+                stats = fields["stats"]
+    if stats is None:
+        return None
+    out = {}
+    for tok in stats.replace("copies[", "").replace("]", "").split():
+        k, _, v = tok.partition("=")
+        if v.isdigit():
+            out[k] = int(v)
+    return out
+
+
+def fanout_of(stats):
+    """Messages per input record, by topic suffix, from cdrguard's counters."""
+    consumed = stats["records"] + stats["dead_letters"]
+    f = {p: stats.get(p, 0) / consumed for p in PURPOSES}
+    f["schedule"] = stats.get("windows", 0) / consumed
+    f["dead"] = stats["dead_letters"] / consumed
+    f["retention"] = stats.get("expiries", 0) / consumed
+    return f
+
+
+def topic_bytes(a, topics):
+    """Bytes on the broker's disk of these topics' logs."""
+    data = os.path.join(a.work, "kafka", "data")
+    total = 0
+    for d in os.listdir(data) if os.path.isdir(data) else []:
+        if d.rsplit("-", 1)[0] in topics:
+            for root, _, files in os.walk(os.path.join(data, d)):
+                total += sum(os.path.getsize(os.path.join(root, x)) for x in files if x.endswith(".log"))
+    return total
+
+
+# ---------------------------------------------------------------- phases
+
+
+def sustained(series, total):
+    """Records/s and CPU between 10% and 90% of the input committed."""
+    def first_at(share):
+        return next((s for s in series if s["committed"] >= share * total), None)
+
+    lo, hi = first_at(0.1), first_at(0.9)
+    if lo is None or hi is None or hi["t"] <= lo["t"]:
+        # Too short for a window of its own (smoke runs): first to last progress.
+        moved = [s for s in series if s["committed"] > 0]
+        if len(moved) < 1:
+            return None
+        lo, hi = series[0], moved[-1]
+        if hi["t"] <= lo["t"]:
+            return None
+    records = hi["committed"] - lo["committed"]
+    secs = hi["t"] - lo["t"]
+    return {
+        "records_per_s": records / secs,
+        "cpu_s_per_million": (hi["cpu"] - lo["cpu"]) / max(records, 1) * 1e6,
+        "broker_cpu_s_per_million": (hi["broker_cpu"] - lo["broker_cpu"]) / max(records, 1) * 1e6,
+        "window_s": secs,
+    }
+
+
+def full_phase(a, name, rep, total, fanout):
+    """Drains the preloaded input; returns the run's figures."""
+    prefix = f"e2e.{rep}.{name}.full"
+    guarantee = "at_least_once" if name == "cdrguard-alo" else "exactly_once"
+    config = write_config(a, prefix, INPUT, guarantee)
+    create_topics(a, config)
+    probe = subprocess.Popen([METER, "--brokers", a.brokers, "probe", "--topic", f"{prefix}.{PROBE_ROUTE}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    poller = subprocess.Popen([METER, "--brokers", a.brokers, "offsets", "--group", f"{prefix}.group",
+                               "--topic", INPUT], stdout=subprocess.PIPE, text=True, bufsize=1)
+    os.set_blocking(poller.stdout.fileno(), False)
+    started = time.monotonic()
+    proc = start(a, name, config, fanout, prefix, prefix)
+    series, rss, failed = [], 0, None
+    deadline = started + max(180, total / 500)
+    while True:
+        time.sleep(0.25)
+        pids = tree(proc.pid)
+        rss = max(rss, peak_rss_kb(pids))
+        cpu = cpu_seconds(pids)
+        bcpu = cpu_seconds([a.broker_pid]) if a.broker_pid else 0.0
+        for line in poller.stdout.readlines() if poller.stdout else []:
+            s = json.loads(line)
+            series.append({"t": s["t_ms"] / 1000, "committed": s["committed"], "cpu": cpu, "broker_cpu": bcpu})
+        if series and series[-1]["committed"] >= total:
+            break
+        if proc.poll() is not None:
+            failed = f"exited with {proc.returncode} (log {proc.log_path})"
+            break
+        if time.monotonic() > deadline:
+            failed = f"did not finish within {deadline - started:.0f} s (log {proc.log_path})"
+            break
+    code = stop(proc)
+    time.sleep(1)  # the probe sees the last commit
+    poller.send_signal(signal.SIGTERM)
+    poller.wait(timeout=30)
+    latency = stop_meter(probe)
+    out_bytes = topic_bytes(a, output_topics(prefix))
+    stats = cdrguard_stats(proc.log_path) if name.startswith("cdrguard") else None
+    if name == "relay":
+        with open(proc.log_path) as f:
+            relayed = [json.loads(l) for l in f if l.startswith("{")]
+        stats = relayed[-1] if relayed else None
+    delete_topics(a, output_topics(prefix))
+    t0 = series[0]["t"] if series else 0
+    result = {
+        "contender": name, "rep": rep, "phase": "full", "failed": failed, "exit": code,
+        "peak_rss_mb": rss / 1024, "latency": latency, "stats": stats,
+        "output_bytes_per_record": out_bytes / max(total, 1),
+        "series": [[round(s["t"] - t0, 3), s["committed"]] for s in series],
+        "cpu_s_total": series[-1]["cpu"] if series else None,
+    }
+    result.update(sustained(series, total) or {})
+    return result
+
+
+def live_phase(a, name, rep, rate, live_file, fanout):
+    """Feeds records at `rate` into a fresh input topic; record-to-committed latency."""
+    prefix = f"e2e.{rep}.{name}.live"
+    guarantee = "at_least_once" if name == "cdrguard-alo" else "exactly_once"
+    live_input = f"{prefix}.raw"
+    config = write_config(a, prefix, live_input, guarantee)
+    create_topics(a, config)
+    proc = start(a, name, config, fanout, prefix, prefix)
+    meter = subprocess.run(
+        [METER, "--brokers", a.brokers, "live", "--input", live_input, "--records", live_file,
+         "--rate", f"{rate:.1f}", "--warmup", str(WARMUP), "--probe-topic", f"{prefix}.{PROBE_ROUTE}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    exited = proc.poll()
+    code = stop(proc)
+    delete_topics(a, output_topics(prefix) + [live_input])
+    lines = [l for l in meter.stdout.splitlines() if l.startswith("{")]
+    failed = None
+    if exited is not None:
+        failed = f"exited with {exited} during the live phase (log {proc.log_path})"
+    elif not lines:
+        failed = f"live meter: {meter.stderr.strip()}"
+    return {"contender": name, "rep": rep, "phase": "live", "failed": failed, "exit": code,
+            "rate": rate, "latency": json.loads(lines[-1]) if lines else None}
+
+
+# ---------------------------------------------------------------- summary
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+METRICS = [
+    ("records_per_s", "input records/s", lambda r: r.get("records_per_s")),
+    ("copies_per_s", "copies/s", lambda r: r.get("copies_per_s")),
+    ("cpu_s_per_million", "CPU s / M records", lambda r: r.get("cpu_s_per_million")),
+    ("broker_cpu_s_per_million", "broker CPU s / M", lambda r: r.get("broker_cpu_s_per_million")),
+    ("peak_rss_mb", "peak RSS MB", lambda r: r.get("peak_rss_mb")),
+    ("full_p50_ms", "full: p50 ms", lambda r: (r.get("latency") or {}).get("p50_ms")),
+    ("full_p99_ms", "full: p99 ms", lambda r: (r.get("latency") or {}).get("p99_ms")),
+    ("full_p999_ms", "full: p999 ms", lambda r: (r.get("latency") or {}).get("p999_ms")),
+]
+LIVE_METRICS = [
+    ("half_p50_ms", "half: p50 ms", "p50_ms"),
+    ("half_p99_ms", "half: p99 ms", "p99_ms"),
+    ("half_p999_ms", "half: p999 ms", "p999_ms"),
+]
+
+
+def summarise(runs, contenders):
+    summary = {}
+    for c in contenders:
+        full = [r for r in runs if r["contender"] == c and r["phase"] == "full" and not r["failed"]]
+        live = [r for r in runs if r["contender"] == c and r["phase"] == "live" and not r["failed"]]
+        if not full and not live:
+            continue
+        s = {key: spread([f(r) for r in full]) for key, _, f in METRICS}
+        for key, _, field in LIVE_METRICS:
+            s[key] = spread([(r.get("latency") or {}).get(field) for r in live])
+        summary[c] = s
+    return summary
+
+
+def ratios(summary):
+    out = {}
+    base = summary.get("cdrguard-eo")
+    for other in ("relay", "kafka-streams"):
+        o = summary.get(other)
+        if not base or not o:
+            continue
+        r = {}
+        for key in ("records_per_s", "cpu_s_per_million", "peak_rss_mb", "half_p99_ms", "full_p99_ms"):
+            if base.get(key) and o.get(key) and o[key]["median"]:
+                r[key] = base[key]["median"] / o[key]["median"]
+        out[f"cdrguard-eo/{other}"] = r
+    return out
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def print_table(summary):
+    names = list(summary)
+    rows = [(key, label) for key, label, _ in METRICS] + [(key, label) for key, label, _ in LIVE_METRICS]
+    print("\n| metric (median [min-max]) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for key, label in rows:
+        cells = []
+        for n in names:
+            s = summary[n].get(key)
+            cells.append("-" if not s else f"{fmt(s['median'])} [{fmt(s['min'])}-{fmt(s['max'])}]")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot(out_dir, runs, summary, contenders):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.2))
+    for c in contenders:
+        full = [r for r in runs if r["contender"] == c and r["phase"] == "full" and not r["failed"] and r["series"]]
+        if not full:
+            continue
+        # The repetition with the median rate.
+        full.sort(key=lambda r: r.get("records_per_s") or 0)
+        r = full[len(full) // 2]
+        pts = r["series"]
+        ts = [(pts[i][0] + pts[i - 1][0]) / 2 for i in range(1, len(pts))]
+        rates = [(pts[i][1] - pts[i - 1][1]) / max(pts[i][0] - pts[i - 1][0], 1e-3) for i in range(1, len(pts))]
+        left.plot(ts, rates, label=f"{c} (rep {r['rep']})")
+    left.set_xlabel("seconds since the contender started (cdrguard first reads the consent table)")
+    left.set_ylabel("input records committed per second")
+    left.set_title("Throughput over time, full speed (median repetition)")
+    left.grid(alpha=0.3)
+    left.legend()
+
+    groups = [("full", "full_p50_ms", "full_p99_ms", "full_p999_ms"), ("half", "half_p50_ms", "half_p99_ms", "half_p999_ms")]
+    names = [c for c in contenders if c in summary]
+    width = 0.8 / max(len(names), 1)
+    labels = []
+    for gi, (g, *keys) in enumerate(groups):
+        for qi, k in enumerate(keys):
+            labels.append(f"{g}\n{k.split('_')[1]}")
+    for ci, c in enumerate(names):
+        xs, ys, lo, hi = [], [], [], []
+        for i, (g, *keys) in enumerate(groups):
+            for qi, k in enumerate(keys):
+                s = summary[c].get(k)
+                xs.append(i * 3 + qi + ci * width - 0.4 + width / 2)
+                ys.append(s["median"] if s else 0)
+                lo.append((s["median"] - s["min"]) if s else 0)
+                hi.append((s["max"] - s["median"]) if s else 0)
+        right.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=c)
+    right.set_xticks(range(6))
+    right.set_xticklabels(labels)
+    right.set_yscale("log")
+    right.set_ylabel("ms (median, bars min-max)")
+    right.set_title("Latency to committed: full speed (copy) and half load (record)")
+    right.grid(alpha=0.3, axis="y")
+    right.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "e2e.png")
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kb / 2**20, 1),
+            "kernel": platform.release(), "load_at_start": os.getloadavg()[0]}
+
+
+def main():
+    a = args_parser().parse_args()
+    if a.smoke:
+        a.records, a.subscribers, a.reps, a.live_seconds = 3000, 2000, 1, 3
+    contenders = [c for c in a.contenders.split(",") if c]
+    if "kafka-streams" in contenders and not os.access(PEER, os.X_OK):
+        print(f"kafka-streams: skipped ({os.path.relpath(PEER, ROOT)} does not exist yet)", flush=True)
+        contenders.remove("kafka-streams")
+    os.makedirs(a.out, exist_ok=True)
+    began = time.monotonic()
+    total = load_input(a)
+    fanout, rate, live_file = None, a.live_rate, None
+    runs = []
+    for rep in range(1, a.reps + 1):
+        for name in contenders:
+            if name == "relay" and fanout is None:
+                sys.exit("the relay needs cdrguard-eo's fan-out: list cdrguard-eo before it")
+            r = full_phase(a, name, rep, total, fanout)
+            if name == "cdrguard-eo" and fanout is None and r["stats"]:
+                fanout = fanout_of(r["stats"])
+                print("fan-out (messages per input record): "
+                      + ", ".join(f"{k}={v:.3f}" for k, v in sorted(fanout.items())), flush=True)
+            if fanout and r.get("records_per_s"):
+                r["copies_per_s"] = r["records_per_s"] * sum(fanout[p] for p in PURPOSES)
+            if rate is None and name == "cdrguard-eo" and r.get("records_per_s"):
+                rate = r["records_per_s"] / 2
+            runs.append(r)
+            print(f"rep {rep} {name} full: " + (r["failed"] or
+                  f"{fmt(r.get('records_per_s'))} records/s, CPU {fmt(r.get('cpu_s_per_million'))} s/M, "
+                  f"RSS {fmt(r['peak_rss_mb'])} MB, copy-to-visible p99 {r['latency'].get('p99_ms')} ms, "
+                  f"duplicate ids {r['latency'].get('duplicate_ids')}"), flush=True)
+            if rate:
+                if live_file is None:
+                    count = int(math.ceil(rate * a.live_seconds)) + WARMUP
+                    live_file, control = generate(a, count, min(count, a.subscribers), 99, "live")
+                    os.remove(control)
+                l = live_phase(a, name, rep, rate, live_file, fanout)
+                runs.append(l)
+                lat = l["latency"] or {}
+                print(f"rep {rep} {name} live at {rate:.0f}/s: " + (l["failed"] or
+                      f"record-to-committed p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} "
+                      f"p999 {lat.get('p999_ms')} ms over {lat.get('count')} copies"), flush=True)
+    summary = summarise(runs, contenders)
+    rat = ratios(summary)
+    print_table(summary)
+    for k, v in rat.items():
+        print(f"{k}: " + ", ".join(f"{m} {x:.2f}" for m, x in v.items()))
+    result = {
+        "command": a.command, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "records": total, "subscribers": a.subscribers, "partitions": a.partitions,
+        "commit_interval_ms": a.commit_interval_ms, "reps": a.reps, "fanout": fanout, "live_rate": rate,
+        "live_seconds": a.live_seconds, "contenders": contenders, "summary": summary, "ratios": rat,
+        "runs": runs, "wall_s": time.monotonic() - began,
+    }
+    path = os.path.join(a.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"results: {path} ({time.monotonic() - began:.0f} s)")
+    if a.plots:
+        plot(a.out, runs, summary, contenders)
+    failed = [r for r in runs if r["failed"]]
+    for r in failed:
+        print(f"FAILED: rep {r['rep']} {r['contender']} {r['phase']}: {r['failed']}")
+    bad = [r for r in runs if r["phase"] == "full" and (r.get("latency") or {}).get("duplicate_ids")]
+    for r in bad:
+        print(f"DUPLICATES: rep {r['rep']} {r['contender']}: {r['latency']['duplicate_ids']} record ids seen twice")
+    sys.exit(1 if failed or bad else 0)
+
+
+if __name__ == "__main__":
+    main()
