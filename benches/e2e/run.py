@@ -25,9 +25,12 @@ from datetime import datetime, timedelta, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-BIN = os.path.join(TARGET, "release/cdrguard")
-RELAY = os.path.join(TARGET, "release/examples/relay")
-METER = os.path.join(TARGET, "release/examples/e2e_meter")
+# The build profile's folder: release for figures; CI's smoke run uses the debug build
+# `cargo test` made (CDRGUARD_E2E_PROFILE=debug), checking the script, not the speed.
+PROFILE = os.environ.get("CDRGUARD_E2E_PROFILE", "release")
+BIN = os.path.join(TARGET, PROFILE, "cdrguard")
+RELAY = os.path.join(TARGET, PROFILE, "examples/relay")
+METER = os.path.join(TARGET, PROFILE, "examples/e2e_meter")
 PEER = os.path.join(ROOT, "benches/peers/kafka-streams/run.sh")
 PURPOSES = ["billing", "fraud", "analytics", "marketing", "troubleshooting", "customer_care"]
 INPUT = "e2e.raw"

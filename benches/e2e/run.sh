@@ -43,7 +43,12 @@ if [ -z "$out" ]; then
 fi
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
-cargo build --release --quiet --bin cdrguard --example relay --example e2e_meter
+profile=${CDRGUARD_E2E_PROFILE:-release}
+if [ "$profile" = debug ]; then
+  cargo build --quiet --bin cdrguard --example relay --example e2e_meter
+else
+  cargo build --profile "$profile" --quiet --bin cdrguard --example relay --example e2e_meter
+fi
 
 python=python3
 if [ -n "$plots" ]; then
