@@ -438,9 +438,16 @@ fn client(bootstrap: &str, group: &str, isolation: &str) -> BaseConsumer {
 }
 
 fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    // A broker that has just restarted may not answer at once: waited out, up to
+    // END_TIMEOUT.
+    let deadline = Instant::now() + END_TIMEOUT;
+    let md = loop {
+        match c.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(md) => break md,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("metadata of {topic}: {e}"),
+        }
+    };
     let parts: Vec<i32> = md
         .topics()
         .iter()
@@ -454,14 +461,29 @@ fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
 /// End offsets per partition as `c` sees them: with read_uncommitted the high watermark
 /// (everything written), with read_committed the last stable offset (the start of the
 /// oldest open transaction, or the high watermark when none is open).
+/// A broker that has just restarted answers "not leader" (or has no leader yet) until it
+/// has taken its partitions back: such answers are waited out, up to [`END_TIMEOUT`];
+/// any other error fails at once.
 fn ends(c: &BaseConsumer, topic: &str, parts: &[i32]) -> BTreeMap<i32, i64> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
     parts
         .iter()
         .map(|p| {
-            let (_, high) = c
-                .fetch_watermarks(topic, *p, Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("end offset of {topic}/{p}: {e}"));
-            (*p, high)
+            let deadline = Instant::now() + END_TIMEOUT;
+            loop {
+                match c.fetch_watermarks(topic, *p, Duration::from_secs(10)) {
+                    Ok((_, high)) => return (*p, high),
+                    Err(KafkaError::MetadataFetch(
+                        Code::NotLeaderForPartition
+                        | Code::LeaderNotAvailable
+                        | Code::NotCoordinator
+                        | Code::BrokerTransportFailure,
+                    )) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => panic!("end offset of {topic}/{p}: {e}"),
+                }
+            }
         })
         .collect()
 }
