@@ -623,7 +623,7 @@ def main():
         a.records, a.subscribers, a.reps, a.live_seconds = 3000, 2000, 1, 3
     contenders = [c for c in a.contenders.split(",") if c]
     if "kafka-streams" in contenders and not os.access(PEER, os.X_OK):
-        print(f"kafka-streams: skipped ({os.path.relpath(PEER, ROOT)} does not exist yet)", flush=True)
+        print(f"kafka-streams: skipped ({os.path.relpath(PEER, ROOT)} is missing or not executable)", flush=True)
         contenders.remove("kafka-streams")
     os.makedirs(a.out, exist_ok=True)
     began = time.monotonic()
