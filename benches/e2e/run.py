@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from datetime import datetime, timedelta, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -212,13 +213,56 @@ def fanout_args(fanout, prefix):
     return args
 
 
+# What cdrguard's librdkafka producer sets (src/adapters/kafka/mod.rs, producer_config)
+# and Kafka Streams sets otherwise by default: Streams lingers 100 ms, cdrguard 5 ms.
+# The rest already agree under exactly_once_v2 (acks=all, idempotence, read_committed,
+# earliest, transaction.timeout.ms 10,000); librdkafka's prefetch and queue settings
+# have no Java equivalent.
+PEER_CLIENT_SETTINGS = {"producer.linger.ms": "5"}
+PEER_GUARANTEE = {"exactly_once": "exactly_once_v2", "at_least_once": "at_least_once"}
+
+
+def peer_client_properties(kafka):
+    """cdrguard's client properties in Kafka Streams' terms: [kafka.properties] go to
+    every client, consumer_ and producer_properties under Streams' prefixes."""
+    out = dict(kafka.get("properties", {}))
+    out.update({f"consumer.{k}": v for k, v in kafka.get("consumer_properties", {}).items()})
+    out.update({f"producer.{k}": v for k, v in kafka.get("producer_properties", {}).items()})
+    return out
+
+
+def peer_args(config):
+    """The Kafka Streams peer's arguments (BOOTSTRAP KEY=VALUE...) for the TOML that
+    cdrguard runs with, so that both read the same settings from the same file."""
+    with open(config, "rb") as f:
+        cfg = tomllib.load(f)
+    kafka, topics, processing = cfg["kafka"], cfg["topics"], cfg["processing"]
+    if os.path.basename(processing["policy"]) != "excedo.toml":
+        raise ValueError(f"the Kafka Streams peer implements Excedo only, not {processing['policy']}")
+    settings = {
+        "application.id": kafka["group_id"],  # also its consumer group, which the poller reads
+        "processing.guarantee": PEER_GUARANTEE[kafka.get("guarantee", "exactly_once")],
+        "input.topic": topics["input"],
+        "control.topic": topics["control"],
+        "dead.letter.topic": topics["dead_letter"],
+        "key.file": processing["key_file"],
+        "commit.interval.ms": str(processing.get("commit_interval_ms", 100)),
+        # Fresh per run, beside the config: each run reads the consent table anew, as cdrguard does.
+        "state.dir": os.path.splitext(config)[0] + ".state",
+    }
+    settings.update({f"topic.{p}": t for p, t in topics["routes"].items()})
+    settings.update(PEER_CLIENT_SETTINGS)
+    settings.update(peer_client_properties(kafka))
+    return [kafka["brokers"]] + [f"{k}={v}" for k, v in settings.items()]
+
+
 def contender_command(name, config, fanout, prefix):
     if name.startswith("cdrguard"):
         return [BIN, "run", "--config", config]
     if name == "relay":
         return [RELAY, "--config", config] + fanout_args(fanout, prefix)
     if name == "kafka-streams":
-        return [PEER, "--config", config]
+        return [PEER] + peer_args(config)
     raise ValueError(name)
 
 
@@ -252,6 +296,17 @@ def stop_meter(proc):
     return json.loads(lines[-1])
 
 
+def counters(text):
+    """The integer NAME=N tokens of a counter line (cdrguard's and the peer's shape:
+    "records=N dead_letters=N copies[billing=N ...] ...")."""
+    out = {}
+    for tok in text.replace("copies[", "").replace("]", "").split():
+        k, _, v = tok.partition("=")
+        if v.isdigit():
+            out[k] = int(v)
+    return out
+
+
 def cdrguard_stats(log_path):
     """The counters of cdrguard's "stopped" (or last "progress") log line."""
     stats = None
@@ -264,14 +319,30 @@ def cdrguard_stats(log_path):
             fields = ev.get("fields", ev)
             if fields.get("message") in ("stopped", "progress") and "stats" in fields:
                 stats = fields["stats"]
-    if stats is None:
-        return None
-    out = {}
-    for tok in stats.replace("copies[", "").replace("]", "").split():
-        k, _, v = tok.partition("=")
-        if v.isdigit():
-            out[k] = int(v)
-    return out
+    return None if stats is None else counters(stats)
+
+
+def peer_stats(log_path):
+    """The counters of the Kafka Streams peer's last counter line (its "stopped" line).
+    They count messages handed to Kafka Streams, so work redone after an abort twice."""
+    with open(log_path) as f:
+        lines = [l for l in f if " cdrguard-streams-peer " in l and "records=" in l]
+    return counters(lines[-1]) if lines else None
+
+
+def relay_stats(log_path):
+    """The relay's last JSON line."""
+    with open(log_path) as f:
+        relayed = [json.loads(l) for l in f if l.startswith("{")]
+    return relayed[-1] if relayed else None
+
+
+def contender_stats(name, log_path):
+    if name.startswith("cdrguard"):
+        return cdrguard_stats(log_path)
+    if name == "relay":
+        return relay_stats(log_path)
+    return peer_stats(log_path)
 
 
 def fanout_of(stats):
@@ -360,11 +431,7 @@ def full_phase(a, name, rep, total, fanout):
     poller.wait(timeout=30)
     latency = stop_meter(probe)
     out_bytes = topic_bytes(a, output_topics(prefix))
-    stats = cdrguard_stats(proc.log_path) if name.startswith("cdrguard") else None
-    if name == "relay":
-        with open(proc.log_path) as f:
-            relayed = [json.loads(l) for l in f if l.startswith("{")]
-        stats = relayed[-1] if relayed else None
+    stats = contender_stats(name, proc.log_path)
     delete_topics(a, output_topics(prefix))
     t0 = series[0]["t"] if series else 0
     result = {
@@ -559,7 +626,7 @@ def main():
         a.records, a.subscribers, a.reps, a.live_seconds = 3000, 2000, 1, 3
     contenders = [c for c in a.contenders.split(",") if c]
     if "kafka-streams" in contenders and not os.access(PEER, os.X_OK):
-        print(f"kafka-streams: skipped ({os.path.relpath(PEER, ROOT)} does not exist yet)", flush=True)
+        print(f"kafka-streams: skipped ({os.path.relpath(PEER, ROOT)} is missing or not executable)", flush=True)
         contenders.remove("kafka-streams")
     os.makedirs(a.out, exist_ok=True)
     began = time.monotonic()

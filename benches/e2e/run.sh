@@ -24,13 +24,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 
-smoke=""; plots=1; out=""; pass=()
+smoke=""; plots=1; out=""; pass=(); contenders=kafka-streams
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1; plots=""; shift ;;
     --no-plots) plots=""; shift ;;
     --out) out=$2; shift 2 ;;
-    --records|--subscribers|--reps|--live-seconds|--live-rate|--contenders|--partitions|--commit-interval-ms)
+    --contenders) contenders=$2; pass+=("$1" "$2"); shift 2 ;;
+    --records|--subscribers|--reps|--live-seconds|--live-rate|--partitions|--commit-interval-ms)
       pass+=("$1" "$2"); shift 2 ;;
     *) echo "run.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -48,6 +49,10 @@ if [ "$profile" = debug ]; then
   cargo build --quiet --bin cdrguard --example relay --example e2e_meter
 else
   cargo build --profile "$profile" --quiet --bin cdrguard --example relay --example e2e_meter
+fi
+# The Kafka Streams peer's jar (Maven), now rather than inside its first timed run.
+if [[ ",$contenders," == *,kafka-streams,* ]]; then
+  benches/peers/kafka-streams/run.sh --build
 fi
 
 python=python3

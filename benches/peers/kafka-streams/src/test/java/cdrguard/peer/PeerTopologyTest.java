@@ -247,6 +247,23 @@ class PeerTopologyTest {
         assertEquals(7, stats.deadLetters.sum());
     }
 
+    @Test
+    void outputCarriesTheTimeItWasProducedNotTheInputsTimestamp() {
+        // The benchmark's latency probe reads CreateTime; an input hours old must not make
+        // its copies look hours late.
+        long hourAgo = NOW - 3_600_000L;
+        input.pipeInput("k".getBytes(StandardCharsets.UTF_8),
+                data("r-1", "+46701000001").getBytes(StandardCharsets.UTF_8), hourAgo);
+        input.pipeInput("k".getBytes(StandardCharsets.UTF_8),
+                "{\"record_id\":\"x\"".getBytes(StandardCharsets.UTF_8), hourAgo);
+        TestRecord<byte[], byte[]> billing = drain("billing").get(0);
+        assertEquals(NOW, (long) billing.timestamp());
+        assertEquals(NOW, (long) drain("dead-letter").get(0).timestamp());
+        // What the probe parses: the first "record_id" of a billing copy is the record's.
+        String value = new String(billing.value(), StandardCharsets.UTF_8);
+        assertTrue(value.startsWith("{\"record\":{\"record_id\":\"r-1\""), value);
+    }
+
     @ParameterizedTest
     @ValueSource(strings = {"rocksdb", "memory"})
     void bothConsentStoresServeTheLookups(String store) throws Exception {
