@@ -848,8 +848,8 @@ pub fn traffic(n: u64, subscribers: u32, seed: u64) -> Traffic {
 /// which carry none, count under the empty id).
 pub type Expected = [BTreeMap<String, usize>; Purpose::COUNT];
 
-/// The copies a run must make of `t`, computed with the same core.
-pub fn expected(t: &Traffic, policy: &Policy, keys: &Keyring) -> Expected {
+/// Each subscriber's state after the control events of `t`.
+fn consent_states(t: &Traffic) -> BTreeMap<String, SubscriberState> {
     let mut states: BTreeMap<String, SubscriberState> = BTreeMap::new();
     for e in &t.controls {
         states
@@ -857,6 +857,22 @@ pub fn expected(t: &Traffic, policy: &Policy, keys: &Keyring) -> Expected {
             .or_default()
             .apply(&e.change, e.at);
     }
+    states
+}
+
+/// The wall clock, as the processor's clock reads it.
+fn wall_clock() -> Millis {
+    Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    )
+}
+
+/// The copies a run must make of `t`, computed with the same core.
+pub fn expected(t: &Traffic, policy: &Policy, keys: &Keyring) -> Expected {
+    let states = consent_states(t);
     let none = SubscriberState::default();
     count_copies(
         t.records.iter().map(Vec::as_slice),
@@ -906,20 +922,9 @@ fn for_each_copy_pair(
     b: &Keyring,
     mut f: impl FnMut(Purpose, &str, String, String),
 ) {
-    let mut states: BTreeMap<String, SubscriberState> = BTreeMap::new();
-    for e in &t.controls {
-        states
-            .entry(e.msisdn.clone())
-            .or_default()
-            .apply(&e.change, e.at);
-    }
+    let states = consent_states(t);
     let none = SubscriberState::default();
-    let now = Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64,
-    );
+    let now = wall_clock();
     let id = |c: &cdrguard::core::process::Copy<'_>| {
         c.envelope
             .record_id
@@ -964,12 +969,7 @@ fn count_copies<'s>(
 ) -> Expected {
     // `now` only decides whether a record's retention ran out before it arrived; the
     // generated traffic is recent, so the processor's clock moments later agrees.
-    let now = Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64,
-    );
+    let now = wall_clock();
     let mut out: Expected = Default::default();
     for bytes in records {
         let r = cdrguard::codec::json::decode_record(bytes).unwrap();

@@ -13,7 +13,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 
@@ -236,6 +236,19 @@ pub struct Sink {
     /// Set when the run stops: transactional calls and their retries end by then, so the
     /// stop can still abort what they could not finish.
     until: Mutex<Option<Instant>>,
+}
+
+/// Kafka headers from name and value pairs (a copy's tags, a dead letter's position).
+pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
+    let pairs = pairs.into_iter();
+    let mut h = OwnedHeaders::new_with_capacity(pairs.size_hint().0);
+    for (k, v) in pairs {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    h
 }
 
 /// One message to send.

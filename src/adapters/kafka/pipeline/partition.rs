@@ -9,13 +9,13 @@ use rdkafka::Offset;
 use rdkafka::consumer::Consumer;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Message};
 
 use super::group::GroupContext;
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::retention::crowds::{Anonymised, fingerprint};
-use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::adapters::kafka::sink::{self, Out, SinkError};
 use crate::adapters::telemetry::names::DeadLetterReason;
 use crate::codec::{self, DecodeError, Format, binary, json};
 use crate::core::bounds::TimeBounds;
@@ -247,23 +247,13 @@ impl Shared {
             };
         match decoded {
             Err((class, reason)) => {
-                let headers = OwnedHeaders::new_with_capacity(4)
-                    .insert(Header {
-                        key: "dlq.reason",
-                        value: Some(&reason),
-                    })
-                    .insert(Header {
-                        key: "dlq.topic",
-                        value: Some(m.topic()),
-                    })
-                    .insert(Header {
-                        key: "dlq.partition",
-                        value: Some(&m.partition().to_string()),
-                    })
-                    .insert(Header {
-                        key: "dlq.offset",
-                        value: Some(&m.offset().to_string()),
-                    });
+                let (partition, offset) = (m.partition().to_string(), m.offset().to_string());
+                let headers = sink::headers([
+                    ("dlq.reason", reason.as_str()),
+                    ("dlq.topic", m.topic()),
+                    ("dlq.partition", partition.as_str()),
+                    ("dlq.offset", offset.as_str()),
+                ]);
                 self.sink
                     .send(Out {
                         topic: &self.cfg.dead_letter_topic,
@@ -314,13 +304,7 @@ impl Shared {
                         st.timers.track(&entry, state.contract_ended);
                         continue;
                     }
-                    let mut headers = OwnedHeaders::new_with_capacity(9);
-                    for (k, v) in tags {
-                        headers = headers.insert(Header {
-                            key: k,
-                            value: Some(v),
-                        });
-                    }
+                    let headers = sink::headers(tags);
                     {
                         self.sink
                             .send(Out {

@@ -8,13 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Header, OwnedHeaders};
-
 use super::Shared;
 use super::slot::{Slot, SlotState};
 use crate::adapters::kafka::retention::entries::{self, window_key};
 use crate::adapters::kafka::retention::timers::Timers;
-use crate::adapters::kafka::sink::{Out, SinkError};
+use crate::adapters::kafka::sink::{self, Out, SinkError};
 use crate::adapters::kafka::stats::DelayHistogram;
 use crate::adapters::telemetry::{Tally, names};
 use crate::core::retention::schedule::{Persist, WindowKey};
@@ -266,14 +264,11 @@ impl Shared {
                         continue;
                     };
                     let c = &released.crowd;
+                    // The same tags on every copy of the crowd: built once.
+                    let headers =
+                        sink::headers(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                     for _ in 0..c.copies {
-                        let mut headers = OwnedHeaders::new_with_capacity(c.headers.len());
-                        for (k, v) in &c.headers {
-                            headers = headers.insert(Header {
-                                key: k,
-                                value: Some(v),
-                            });
-                        }
+                        let headers = headers.clone();
                         self.sink
                             .send(Out {
                                 topic,
