@@ -258,7 +258,11 @@ def peer_args(config):
 
 def contender_command(name, config, fanout, prefix):
     if name.startswith("cdrguard"):
-        return [BIN, "run", "--config", config]
+        # CDRGUARD_E2E_PERF=DIR records a perf profile of each cdrguard run into DIR (its
+        # figures then include perf's overhead: for finding costs, not for quoting).
+        perf = os.environ.get("CDRGUARD_E2E_PERF")
+        wrap = ["perf", "record", "-F", "499", "-g", "-o", os.path.join(perf, f"{prefix}.data"), "--"] if perf else []
+        return wrap + [BIN, "run", "--config", config]
     if name == "relay":
         return [RELAY, "--config", config] + fanout_args(fanout, prefix)
     if name == "kafka-streams":
@@ -276,7 +280,10 @@ def start(a, name, config, fanout, prefix, tag):
 
 def stop(proc, timeout=60):
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        if os.environ.get("CDRGUARD_E2E_PERF"):
+            os.killpg(proc.pid, signal.SIGTERM)  # perf and the contender under it
+        else:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -191,6 +191,9 @@ pub fn producer_config(cfg: &RunConfig) -> ClientConfig {
         )
         // A commit flushes everything queued: a smaller queue keeps commits short.
         .set("queue.buffering.max.kbytes", "16384")
+        // Only failures are acted on (see `SinkContext::delivery`): a report per
+        // delivered copy would cost a callback, an allocation and a wake-up each.
+        .set("delivery.report.only.error", "true")
         // No reordering or duplicates on retries; at least once may turn it off.
         .set("enable.idempotence", "true");
     for (k, v) in cfg.properties.iter().chain(&cfg.producer_properties) {

@@ -14,9 +14,10 @@ use std::time::Duration;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
-use super::slot::{Slot, SlotState};
+use super::slot::{Sealed as SealedPart, Slot, SlotState};
 use super::{PipelineError, Shared, retention};
-use crate::adapters::kafka::sink::SinkError;
+use crate::adapters::kafka::config::Guarantee;
+use crate::adapters::kafka::sink::{Sealed, SinkError};
 use crate::adapters::telemetry::{Aborted, Committed, Tally};
 use crate::vocab::time::Millis;
 
@@ -85,10 +86,16 @@ pub(super) fn after_abort(in_row: u32, cause: &SinkError) -> Result<(), Pipeline
 }
 
 impl SlotState {
-    /// Whether the partition has processed anything since the last commit, or its timers
+    /// Whether the partition has processed anything since the last seal, or its timers
     /// have something to write or fire at `now`.
     pub(super) fn has_work(&self, now: Millis) -> bool {
         self.records > 0 || self.timers.has_work(now)
+    }
+
+    /// Records processed and not yet committed: the open transaction's and the sealed
+    /// one's.
+    pub(super) fn uncommitted(&self) -> u64 {
+        self.records + self.sealed.as_ref().map_or(0, |s| s.records)
     }
 
     /// The input offset the next commit stores, if the partition moved since the last.
@@ -96,20 +103,36 @@ impl SlotState {
         self.next.filter(|n| Some(*n) != self.committed)
     }
 
-    /// The transaction committed: what was processed is done (and was counted).
-    pub(super) fn on_commit(&mut self) {
-        self.committed = self.next;
-        self.txn_first = None;
-        self.records = 0;
-        self.tally.clear();
-        self.timers.on_commit();
+    /// The open transaction is closed for its commit: what was processed so far belongs
+    /// to it, what follows to the next transaction.
+    pub(super) fn on_seal(&mut self) {
+        self.sealed = Some(SealedPart {
+            next: self.next,
+            first: self.txn_first.take(),
+            records: std::mem::take(&mut self.records),
+            tally: std::mem::take(&mut self.tally),
+        });
+        self.timers.on_seal();
     }
 
-    /// The transaction was aborted: everything processed since the last commit is read
-    /// again, from the first offset of the transaction. Returns whether the partition
-    /// must seek (its task is woken for it).
+    /// The sealed transaction committed: what it processed is done. Returns its tally,
+    /// for the counters.
+    pub(super) fn on_commit(&mut self) -> Tally {
+        let Some(sealed) = self.sealed.take() else {
+            return Tally::default();
+        };
+        self.committed = sealed.next;
+        self.timers.on_commit();
+        sealed.tally
+    }
+
+    /// Every transaction not yet committed (the sealed one, if its commit failed, and
+    /// the one filling) was aborted: everything processed since the last commit is read
+    /// again, from the first offset of the earliest. Returns whether the partition must
+    /// seek (its task is woken for it).
     pub(super) fn on_abort(&mut self) -> bool {
-        let rewind = self.txn_first.take();
+        let open = self.txn_first.take();
+        let rewind = self.sealed.take().and_then(|s| s.first).or(open);
         if let Some(first) = rewind {
             self.rewind = Some(first);
             self.next = self.committed;
@@ -118,6 +141,26 @@ impl SlotState {
         self.tally.clear();
         rewind.is_some()
     }
+
+    /// Records an abort now drops: the sealed transaction's and the open one's.
+    pub(super) fn aborted_records(&self) -> u64 {
+        self.tally.records_in() + self.sealed.as_ref().map_or(0, |s| s.tally.records_in())
+    }
+}
+
+/// A transaction sealed by [`Shared::seal_locked`], on its way to commit.
+pub(super) struct Sealing {
+    lane: Sealed,
+    offsets: TopicPartitionList,
+    /// Its expiries, released crowds and schedule writes (the partitions' own tallies
+    /// are added when it commits).
+    total: Tally,
+    /// The deadlines of the expiries it fires.
+    deadlines: Vec<Millis>,
+    /// The fire budget it was sealed with.
+    allowed: usize,
+    /// How long sealing held the partitions.
+    sent: Duration,
 }
 
 /// The coordinator: commits on the interval, early when enough records wait, and a last
@@ -128,9 +171,13 @@ pub(super) fn spawn_coordinator(
     shutdown: Arc<Notify>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Commits start on the interval, not an interval after the last one ended: the
+        // time a commit takes (routing goes on meanwhile) is not added to every record's
+        // wait.
+        let mut next = tokio::time::Instant::now() + shared.cfg.commit_interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(shared.cfg.commit_interval) => {}
+                _ = tokio::time::sleep_until(next) => {}
                 _ = shared.commit_now.notified() => {}
                 _ = shutdown.notified() => {}
             }
@@ -138,6 +185,7 @@ pub(super) fn spawn_coordinator(
                 return;
             }
             let last = shared.closing.load(Ordering::Acquire);
+            next = tokio::time::Instant::now() + shared.cfg.commit_interval;
             if let Err(e) = shared.commit_cycle().await {
                 shared.fail(e);
                 return;
@@ -149,17 +197,25 @@ pub(super) fn spawn_coordinator(
     })
 }
 
+/// Locks every partition's state, in partition order.
+async fn lock_all(slots: &[Arc<Slot>]) -> Vec<tokio::sync::MutexGuard<'_, SlotState>> {
+    let mut guards = Vec::with_capacity(slots.len());
+    for s in slots {
+        guards.push(s.state.lock().await);
+    }
+    guards
+}
+
 impl Shared {
-    /// One commit: takes every partition's lock, writes the pending schedule entries and
-    /// commits them with the copies and offsets; on an abortable failure, aborts and
-    /// rewinds every partition to its last committed offset.
+    /// One commit: takes every partition's lock, seals the open transaction with the
+    /// schedule entries and offsets it lacks, and (exactly once) lets the partitions go
+    /// on into the other lane's transaction while it commits; on an abortable failure,
+    /// aborts every uncommitted transaction and rewinds every partition to its last
+    /// committed offset.
     pub(super) async fn commit_cycle(self: &Arc<Self>) -> Result<(), PipelineError> {
         let _g = self.commit_lock.lock().await;
         let slots = self.snapshot();
-        let mut guards = Vec::with_capacity(slots.len());
-        for s in &slots {
-            guards.push(s.state.lock().await);
-        }
+        let mut guards = lock_all(&slots).await;
         let held_since = std::time::Instant::now();
         self.advance_timers(&slots, &mut guards);
         let send_failed = self.poisoned.swap(false, Ordering::AcqRel);
@@ -173,7 +229,25 @@ impl Shared {
                 self.after_fired(&[], Duration::ZERO, held_since.elapsed());
                 Ok(())
             }
-            Plan::Commit => self.commit_locked(&slots, &mut guards, held_since).await,
+            Plan::Commit => match self.seal_locked(&slots, &mut guards, held_since).await {
+                Err(e) => Err(e),
+                Ok(sealing) => {
+                    if self.cfg.guarantee == Guarantee::ExactlyOnce {
+                        // The partitions fill the other lane's transaction meanwhile.
+                        drop(std::mem::take(&mut guards));
+                        let committed = self.commit_sealed(&sealing).await;
+                        guards = lock_all(&slots).await;
+                        committed
+                            .map(|()| self.finish_commit(&slots, &mut guards, sealing, held_since))
+                    } else {
+                        // At least once flushes one producer: sends would only lengthen
+                        // the flush.
+                        self.commit_sealed(&sealing)
+                            .await
+                            .map(|()| self.finish_commit(&slots, &mut guards, sealing, held_since))
+                    }
+                }
+            },
             Plan::Abort(e) => Err(e),
         };
         // After firing: what is still overdue is what this commit could not fire.
@@ -192,17 +266,30 @@ impl Shared {
         }
     }
 
-    /// Sends what the open transaction still lacks (expiries due, released crowds, the
-    /// timers' changes) and commits it with the offsets; the caller holds every
-    /// partition's lock, since `held_since`.
+    /// Seals and commits the open transaction holding every partition's lock all along
+    /// (before partitions go); the caller holds them since `held_since`.
     pub(super) async fn commit_locked(
         &self,
         slots: &[Arc<Slot>],
         guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
         held_since: std::time::Instant,
     ) -> Result<(), SinkError> {
-        // What this commit holds beyond the partitions' own tallies: expiries, released
-        // crowds, schedule writes.
+        let sealing = self.seal_locked(slots, guards, held_since).await?;
+        self.commit_sealed(&sealing).await?;
+        self.finish_commit(slots, guards, sealing, held_since);
+        Ok(())
+    }
+
+    /// Sends what the open transaction still lacks (expiries due, released crowds, the
+    /// timers' changes) and closes it for its commit: sends go to the other lane from
+    /// here. The caller holds every partition's lock, since `held_since`, and no earlier
+    /// sealed transaction is still committing (the commit lock).
+    async fn seal_locked(
+        &self,
+        slots: &[Arc<Slot>],
+        guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
+        held_since: std::time::Instant,
+    ) -> Result<Sealing, SinkError> {
         let mut total = Tally::default();
         let allowed = self.fire_budget.load(Ordering::Relaxed);
         let mut budget = allowed;
@@ -218,35 +305,69 @@ impl Shared {
                 )
                 .await?;
         }
-        let sent = held_since.elapsed();
-        let mut tpl = TopicPartitionList::new();
-        for (slot, g) in slots.iter().zip(guards.iter()) {
-            if let Some(next) = g.offset_to_commit() {
-                tpl.add_partition_offset(
-                    &self.cfg.input_topic,
-                    slot.partition,
-                    Offset::Offset(next),
-                )
-                .map_err(SinkError::Abortable)?;
-            }
-        }
-        let consumer = self.consumer().clone();
-        let sink = self.sink.clone();
-        // librdkafka's commit blocks: keep it off the async workers.
-        tokio::task::spawn_blocking(move || sink.commit(&tpl, &consumer))
-            .await
-            .map_err(|_| SinkError::Abandoned)??;
-        let committed_at = std::time::Instant::now();
+        let mut offsets = TopicPartitionList::new();
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
-            total.add(&g.tally);
-            g.on_commit();
-            slot.pending.store(0, Ordering::Relaxed);
+            if let Some(next) = g.offset_to_commit() {
+                offsets
+                    .add_partition_offset(
+                        &self.cfg.input_topic,
+                        slot.partition,
+                        Offset::Offset(next),
+                    )
+                    .map_err(SinkError::Abortable)?;
+            }
+            g.on_seal();
         }
         self.uncommitted.store(0, Ordering::Relaxed);
-        self.aborts_in_row.store(0, Ordering::Relaxed);
         // A transaction boundary, every partition still locked: keys read since the last
         // one take over for the next transaction.
         self.keys.switch();
+        let lane = self.sink.seal();
+        Ok(Sealing {
+            lane,
+            offsets,
+            total,
+            deadlines,
+            allowed,
+            sent: held_since.elapsed(),
+        })
+    }
+
+    /// Commits a sealed transaction with its offsets.
+    async fn commit_sealed(&self, sealing: &Sealing) -> Result<(), SinkError> {
+        let consumer = self.consumer().clone();
+        let sink = self.sink.clone();
+        let (lane, offsets) = (sealing.lane, sealing.offsets.clone());
+        // librdkafka's commit blocks: keep it off the async workers.
+        tokio::task::spawn_blocking(move || sink.commit_sealed(lane, &offsets, &consumer))
+            .await
+            .map_err(|_| SinkError::Abandoned)?
+    }
+
+    /// What follows a committed transaction: the partitions' committed offsets and
+    /// counters, the commit's metrics and the next fire budget. The caller holds every
+    /// partition's lock.
+    fn finish_commit(
+        &self,
+        slots: &[Arc<Slot>],
+        guards: &mut [tokio::sync::MutexGuard<'_, SlotState>],
+        sealing: Sealing,
+        held_since: std::time::Instant,
+    ) {
+        let committed_at = std::time::Instant::now();
+        let Sealing {
+            mut total,
+            deadlines,
+            allowed,
+            sent,
+            ..
+        } = sealing;
+        for (slot, g) in slots.iter().zip(guards.iter_mut()) {
+            total.add(&g.on_commit());
+            slot.pending.store(g.uncommitted(), Ordering::Relaxed);
+        }
+        self.aborts_in_row.store(0, Ordering::Relaxed);
+        // From the seal to the commit: how long its records waited for it.
         let hold = held_since.elapsed();
         self.stats.add_committed(&total);
         Committed {
@@ -274,7 +395,6 @@ impl Shared {
         }
         drop(usual);
         self.after_fired(&deadlines, sent, hold);
-        Ok(())
     }
 
     /// Aborts the open transaction and rewinds every partition that processed records
@@ -293,7 +413,7 @@ impl Shared {
         let now = self.clock.now();
         let mut records = 0;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
-            records += g.tally.records_in();
+            records += g.aborted_records();
             if g.on_abort() {
                 slot.wake.notify_one();
             }
@@ -420,7 +540,8 @@ mod tests {
         }
         assert!(s.has_work(now));
         assert_eq!(s.offset_to_commit(), Some(15));
-        s.on_commit();
+        s.on_seal();
+        let _ = s.on_commit();
         assert_eq!((s.committed, s.txn_first, s.records), (Some(15), None, 0));
         assert_eq!(s.offset_to_commit(), None);
         for off in 15..18 {
@@ -449,5 +570,74 @@ mod tests {
         };
         assert!(!idle.on_abort());
         assert_eq!(idle.rewind, None);
+    }
+
+    /// Exactly once commits a sealed transaction while the next fills: offsets 10..15
+    /// sealed, 15..18 read meanwhile. Its commit stores 15 and leaves the open work
+    /// alone; had it failed, the abort takes both back to 10.
+    #[test]
+    fn a_sealed_transaction_commits_apart_from_the_open_one_and_an_abort_takes_both() {
+        let policy =
+            crate::policy::parse_policy(crate::policy::shipped("excedo").unwrap(), "excedo")
+                .unwrap();
+        let filled = || {
+            let mut s = SlotState {
+                committed: Some(10),
+                ..SlotState::new(Timers::empty(&policy))
+            };
+            for off in 10..15 {
+                s.txn_first.get_or_insert(off);
+                s.next = Some(off + 1);
+                s.records += 1;
+                s.tally.record(crate::core::record::Kind::Moc, false);
+            }
+            assert_eq!(s.offset_to_commit(), Some(15));
+            s.on_seal();
+            for off in 15..18 {
+                s.txn_first.get_or_insert(off);
+                s.next = Some(off + 1);
+                s.records += 1;
+                s.tally.record(crate::core::record::Kind::Moc, false);
+            }
+            s
+        };
+        let mut s = filled();
+        assert_eq!(
+            s.uncommitted(),
+            8,
+            "sealed and open records are both uncommitted"
+        );
+        let committed = s.on_commit();
+        assert_eq!(
+            committed.records_in(),
+            5,
+            "the sealed transaction's records count"
+        );
+        assert_eq!(s.committed, Some(15));
+        assert_eq!((s.txn_first, s.records, s.uncommitted()), (Some(15), 3, 3));
+        assert_eq!(s.offset_to_commit(), Some(18), "the open work commits next");
+
+        let mut s = filled();
+        assert_eq!(s.aborted_records(), 8);
+        assert!(s.on_abort());
+        assert_eq!(
+            s.rewind,
+            Some(10),
+            "read again from the sealed transaction's first"
+        );
+        assert_eq!((s.next, s.committed), (Some(10), Some(10)));
+        assert_eq!((s.uncommitted(), s.offset_to_commit()), (0, None));
+        // A partition with nothing in the sealed transaction rewinds to the open one's.
+        let mut s = SlotState {
+            committed: Some(20),
+            next: Some(20),
+            ..SlotState::new(Timers::empty(&policy))
+        };
+        s.on_seal();
+        s.txn_first = Some(20);
+        s.next = Some(22);
+        s.records = 2;
+        assert!(s.on_abort());
+        assert_eq!(s.rewind, Some(20));
     }
 }

@@ -118,7 +118,7 @@ impl Shared {
         // records.
         let n = (st.records - before) as u32;
         st.tally.batch(instant, n, instant.elapsed());
-        slot.pending.store(st.records, Ordering::Relaxed);
+        slot.pending.store(st.uncommitted(), Ordering::Relaxed);
         step
     }
 

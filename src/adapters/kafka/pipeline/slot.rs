@@ -26,6 +26,21 @@ pub(super) struct SlotState {
     pub(super) rewind: Option<i64>,
     /// What was processed since the last commit, for the counters once it commits.
     pub(super) tally: Tally,
+    /// The partition's part of the transaction being committed, while the next one fills
+    /// (exactly once); `txn_first`, `records` and `tally` then describe the next one.
+    pub(super) sealed: Option<Sealed>,
+}
+
+/// A partition's part of a transaction closed for its commit.
+pub(super) struct Sealed {
+    /// The offset stored once it commits.
+    pub(super) next: Option<i64>,
+    /// Its first offset: where an abort rewinds to.
+    pub(super) first: Option<i64>,
+    /// Its records.
+    pub(super) records: u64,
+    /// What it holds, counted once it commits.
+    pub(super) tally: Tally,
 }
 
 impl SlotState {
@@ -39,6 +54,7 @@ impl SlotState {
             timers,
             rewind: None,
             tally: Tally::default(),
+            sealed: None,
         }
     }
 }
@@ -49,8 +65,9 @@ pub(super) struct Slot {
     pub(super) state: tokio::sync::Mutex<SlotState>,
     pub(super) wake: Notify,
     pub(super) stop: AtomicBool,
-    /// `state.records` as of the task's last batch, readable without the lock (the lag
-    /// sampler adds it to what is still unread).
+    /// Uncommitted records (`state.records` and those sealed) as of the task's last
+    /// batch, readable without the lock (the lag sampler adds it to what is still
+    /// unread).
     pub(super) pending: AtomicU64,
     /// The partition's task. A revocation waits for it: its queue handle must be gone
     /// before the partition is assigned again, since dropping it disables the wake-up

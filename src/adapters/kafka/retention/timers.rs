@@ -39,10 +39,15 @@ pub struct Rebuilding {
     pending: Vec<PendingCopy>,
     /// How many of `pending` were committed (an abort drops the rest).
     committed: usize,
+    /// How many of `pending` the transaction being committed holds (exactly once
+    /// commits one transaction while the next one fills).
+    sealed: usize,
     /// Anonymised copies since the reading began, to join the crowds.
     anonymised: Vec<Anonymised>,
     /// How many of `anonymised` were committed.
     anonymised_committed: usize,
+    /// How many of `anonymised` the transaction being committed holds.
+    anonymised_sealed: usize,
     /// Keys written meanwhile (partial states), written again whole once ready.
     pub written: Vec<WindowKey>,
     result: Arc<Mutex<Option<Result<Restored, RebuildError>>>>,
@@ -114,8 +119,10 @@ impl Timers {
             batch: WindowBatch::default(),
             pending: Vec::new(),
             committed: 0,
+            sealed: 0,
             anonymised: Vec::new(),
             anonymised_committed: 0,
+            anonymised_sealed: 0,
             written: Vec::new(),
             result,
             stop,
@@ -191,11 +198,21 @@ impl Timers {
         Some(Ok(read))
     }
 
-    /// The open transaction committed.
+    /// The transaction last sealed (see [`Timers::on_seal`]) committed.
     pub fn on_commit(&mut self) {
         if let Timers::Rebuilding(b) = self {
-            b.committed = b.pending.len();
-            b.anonymised_committed = b.anonymised.len();
+            b.committed = b.sealed;
+            b.anonymised_committed = b.anonymised_sealed;
+        }
+    }
+
+    /// The open transaction was closed for its commit (which may still fail): what it
+    /// holds is what [`Timers::on_commit`] marks committed; what follows belongs to the
+    /// next transaction.
+    pub fn on_seal(&mut self) {
+        if let Timers::Rebuilding(b) = self {
+            b.sealed = b.pending.len();
+            b.anonymised_sealed = b.anonymised.len();
         }
     }
 
@@ -216,6 +233,8 @@ impl Timers {
                 b.batch.clear();
                 b.pending.truncate(b.committed);
                 b.anonymised.truncate(b.anonymised_committed);
+                b.sealed = b.committed;
+                b.anonymised_sealed = b.anonymised_committed;
             }
             Timers::Ready(_) => *self = Timers::start(source, partition, policy, now),
         }
