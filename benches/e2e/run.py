@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -39,6 +40,8 @@ CONTROL = "e2e.control"
 PROBE_ROUTE = "billing"  # one copy per valid record, carries record_id
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP = 200
+# Contenders that run as several cdrguard instances in one group (the scale run).
+INSTANCES = {"cdrguard-eo-x2": 2}
 
 
 # ---------------------------------------------------------------- configuration
@@ -56,7 +59,7 @@ def args_parser():
     ap.add_argument("--commit-interval-ms", type=int, default=100)
     ap.add_argument("--live-seconds", type=float, default=20)
     ap.add_argument("--live-rate", type=float, help="records/s of the live phase (default: half of cdrguard's)")
-    ap.add_argument("--contenders", default="cdrguard-eo,cdrguard-alo,relay,kafka-streams")
+    ap.add_argument("--contenders", default="cdrguard-eo,cdrguard-alo,cdrguard-eo-x2,relay,kafka-streams")
     ap.add_argument("--out", required=True, help="where results.json (and the plots) go")
     ap.add_argument("--plots", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a few thousand records, 1 repetition")
@@ -270,7 +273,42 @@ def contender_command(name, config, fanout, prefix):
     raise ValueError(name)
 
 
+class Instances:
+    """The processes of one contender that runs as several instances in one consumer
+    group (cdrguard-eo-x2): polled, measured and stopped together."""
+
+    def __init__(self, procs):
+        self.procs = procs
+        self.pid = procs[0].pid
+        self.log_path = procs[0].log_path
+        self.log_paths = [p.log_path for p in procs]
+        self.returncode = None
+
+    def poll(self):
+        for p in self.procs:
+            code = p.poll()
+            if code is not None:
+                self.returncode = code
+                return code
+        return None
+
+
+def instance_config(config, n):
+    """A copy of a cdrguard TOML file for instance n (n > 1): same group, its own
+    transactional id."""
+    with open(config) as f:
+        text = f.read()
+    path = config.replace(".toml", f".{n}.toml")
+    with open(path, "w") as f:
+        f.write(re.sub(r'^transactional_id = "(.*)"$', rf'transactional_id = "\1-{n}"', text, flags=re.M))
+    return path
+
+
 def start(a, name, config, fanout, prefix, tag):
+    if name in INSTANCES:
+        procs = [start(a, "cdrguard-eo", config if n == 1 else instance_config(config, n), fanout, prefix,
+                       tag if n == 1 else f"{tag}.{n}") for n in range(1, INSTANCES[name] + 1)]
+        return Instances(procs)
     log = open(os.path.join(a.work, f"{tag}.log"), "w")
     proc = subprocess.Popen(contender_command(name, config, fanout, prefix), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -278,7 +316,21 @@ def start(a, name, config, fanout, prefix, tag):
     return proc
 
 
+def pids_of(proc):
+    """The process trees of a contender's processes."""
+    if isinstance(proc, Instances):
+        return [p for q in proc.procs for p in tree(q.pid)]
+    return tree(proc.pid)
+
+
 def stop(proc, timeout=60):
+    if isinstance(proc, Instances):
+        # Both at once: a rebalance onto the one still running would only slow the stop.
+        for p in proc.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = [stop(p, timeout) for p in proc.procs]
+        return next((c for c in codes if c), 0)
     if proc.poll() is None:
         if os.environ.get("CDRGUARD_E2E_PERF"):
             os.killpg(proc.pid, signal.SIGTERM)  # perf and the contender under it
@@ -344,7 +396,14 @@ def relay_stats(log_path):
     return relayed[-1] if relayed else None
 
 
-def contender_stats(name, log_path):
+def contender_stats(name, log_path, log_paths=None):
+    if name in INSTANCES:
+        # The instances' counters added up: each counts what it committed.
+        total = {}
+        for path in log_paths or [log_path]:
+            for k, v in (cdrguard_stats(path) or {}).items():
+                total[k] = total.get(k, 0) + v
+        return total or None
     if name.startswith("cdrguard"):
         return cdrguard_stats(log_path)
     if name == "relay":
@@ -417,7 +476,7 @@ def full_phase(a, name, rep, total, fanout):
     deadline = started + max(180, total / 500)
     while True:
         time.sleep(0.25)
-        pids = tree(proc.pid)
+        pids = pids_of(proc)
         rss = max(rss, peak_rss_kb(pids))
         cpu = cpu_seconds(pids)
         bcpu = cpu_seconds([a.broker_pid]) if a.broker_pid else 0.0
@@ -438,7 +497,7 @@ def full_phase(a, name, rep, total, fanout):
     poller.wait(timeout=30)
     latency = stop_meter(probe)
     out_bytes = topic_bytes(a, output_topics(prefix))
-    stats = contender_stats(name, proc.log_path)
+    stats = contender_stats(name, proc.log_path, getattr(proc, "log_paths", None))
     delete_topics(a, output_topics(prefix))
     t0 = series[0]["t"] if series else 0
     result = {
@@ -520,16 +579,16 @@ def summarise(runs, contenders):
 
 def ratios(summary):
     out = {}
-    base = summary.get("cdrguard-eo")
-    for other in ("relay", "kafka-streams"):
-        o = summary.get(other)
-        if not base or not o:
+    pairs = [("cdrguard-eo", "relay"), ("cdrguard-eo", "kafka-streams"), ("cdrguard-eo-x2", "cdrguard-eo")]
+    for one, other in pairs:
+        b, o = summary.get(one), summary.get(other)
+        if not b or not o:
             continue
         r = {}
         for key in ("records_per_s", "cpu_s_per_million", "peak_rss_mb", "half_p99_ms", "full_p99_ms"):
-            if base.get(key) and o.get(key) and o[key]["median"]:
-                r[key] = base[key]["median"] / o[key]["median"]
-        out[f"cdrguard-eo/{other}"] = r
+            if b.get(key) and o.get(key) and o[key]["median"]:
+                r[key] = b[key]["median"] / o[key]["median"]
+        out[f"{one}/{other}"] = r
     return out
 
 

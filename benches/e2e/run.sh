@@ -6,6 +6,7 @@
 #
 #   cdrguard-eo    cdrguard run, exactly once
 #   cdrguard-alo   cdrguard run, at least once
+#   cdrguard-eo-x2 two cdrguard instances in one group, exactly once (the scale run)
 #   relay          the no-op exactly-once relay (benches/e2e/relay.rs)
 #   kafka-streams  the Kafka Streams peer (benches/peers/kafka-streams/run.sh), if present
 #
