@@ -176,6 +176,14 @@ impl PurposeSet {
             self.0 &= !(1 << p as u8);
         }
     }
+    /// The set as its bits (for compact storage).
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    /// A set from [`PurposeSet::bits`].
+    pub const fn from_bits(bits: u8) -> PurposeSet {
+        PurposeSet(bits)
+    }
     /// The members in route order.
     pub fn iter(self) -> impl Iterator<Item = Purpose> {
         Purpose::ALL.into_iter().filter(move |p| self.contains(*p))
