@@ -3,11 +3,12 @@
 //! or by flushing before the offsets are committed (at least once).
 //!
 //! Exactly once uses two transactional producers ("lanes") taking turns: while one
-//! commits the transaction it was filled with (about a broker round trip per partition
-//! group, ~100 ms here), the other already takes the next records' copies, so routing
-//! never waits for a commit. A transaction must not commit before the one sealed ahead
-//! of it, and its records follow the earlier one's: the coordinator commits them one at
-//! a time, in order, and an abort aborts both.
+//! commits the transaction it was filled with, the other takes the next records'
+//! copies. The next lane's first send waits until the sealed lane's messages are
+//! acknowledged (copies keep their input order per key, as with one producer), but not
+//! for the sealed transaction's offsets and EndTxn round trips. A transaction must not
+//! commit before the one sealed ahead of it, and its records follow the earlier one's:
+//! the coordinator commits them one at a time, in order, and an abort aborts both.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -238,6 +239,11 @@ pub struct Sink {
     lanes: Vec<ThreadedProducer<SinkContext>>,
     /// The lane sends go to; switched by [`Sink::seal`] only.
     filling: AtomicUsize,
+    /// The lane sealed last while some of its messages may be unacknowledged
+    /// ([`NO_LANE`] once they are not). Sends wait for it: a copy sent by the other
+    /// lane could otherwise land in an output partition before an earlier copy of the
+    /// same subscriber still in flight, and copies keep their input order per key.
+    flushing: AtomicUsize,
     guarantee: Guarantee,
     /// Failures already accounted for by an earlier commit.
     failed_seen: AtomicU64,
@@ -248,6 +254,9 @@ pub struct Sink {
     /// stop can still abort what they could not finish.
     until: Mutex<Option<Instant>>,
 }
+
+/// No lane (see `Sink::flushing`).
+const NO_LANE: usize = usize::MAX;
 
 /// A lane closed by [`Sink::seal`]: what it sent since its last commit is committed by
 /// [`Sink::commit_sealed`] (or aborted by [`Sink::abort`]).
@@ -333,6 +342,7 @@ impl Sink {
         Ok(Sink {
             lanes: producers,
             filling: AtomicUsize::new(0),
+            flushing: AtomicUsize::new(NO_LANE),
             guarantee,
             failed_seen: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
@@ -365,6 +375,7 @@ impl Sink {
         if let Some(h) = out.headers {
             record = record.headers(h);
         }
+        self.wait_for_sealed().await?;
         loop {
             if self.abandoned() {
                 return Err(SinkError::Abandoned);
@@ -386,13 +397,38 @@ impl Sink {
         }
     }
 
+    /// Waits until the lane sealed last has every message acknowledged (see
+    /// `flushing`); at once when it has.
+    async fn wait_for_sealed(&self) -> Result<(), SinkError> {
+        let sealed = self.flushing.load(Ordering::Acquire);
+        if sealed == NO_LANE {
+            return Ok(());
+        }
+        while self.lanes[sealed].in_flight_count() > 0 {
+            if self.abandoned() {
+                return Err(SinkError::Abandoned);
+            }
+            if self.until().is_some_and(|u| Instant::now() >= u) {
+                return Err(SinkError::Abandoned);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ =
+            self.flushing
+                .compare_exchange(sealed, NO_LANE, Ordering::AcqRel, Ordering::Acquire);
+        Ok(())
+    }
+
     /// Closes the filling transaction for its commit; sends go to the other lane from
     /// now on (exactly once). The caller must keep every send out while it seals (it
     /// holds every partition's lock), and must have finished the commit sealed before.
     pub fn seal(&self) -> Sealed {
         let lane = self.filling.load(Ordering::Acquire);
-        self.filling
-            .store((lane + 1) % self.lanes.len(), Ordering::Release);
+        let next = (lane + 1) % self.lanes.len();
+        if next != lane {
+            self.flushing.store(lane, Ordering::Release);
+        }
+        self.filling.store(next, Ordering::Release);
         Sealed(lane)
     }
 
