@@ -617,7 +617,8 @@ fn restart_under_another_transactional_id_after_kill_9_keeps_exactly_once() {
                 "Completed rollback of ongoing transaction for transactionalId {id} due to timeout"
             )
         };
-        let second = format!("{}.2", s.cfg.transactional_id);
+        let second =
+            cdrguard::adapters::kafka::sink::lane_transactional_id(&s.cfg.transactional_id, 1);
         assert!(
             broker_log.contains(&rollback(&s.cfg.transactional_id))
                 || broker_log.contains(&rollback(&second)),

@@ -120,33 +120,23 @@ impl Table {
 
     /// Changes a subscriber's state, recording it first if it had none.
     fn upsert(&self, msisdn: &str, f: impl FnOnce(&mut SubscriberState)) {
-        let change = |stored: &mut Stored| {
-            let mut s = stored.unpack();
-            f(&mut s);
-            *stored = Stored::pack(&s);
-        };
         match packed_msisdn(msisdn) {
-            Some(k) => change(&mut self.digits.entry(k).or_default()),
-            None => change(&mut self.text.entry(msisdn.into()).or_default()),
+            Some(k) => self.digits.entry(k).or_default().change(f),
+            None => self.text.entry(msisdn.into()).or_default().change(f),
         }
     }
 
     /// Changes a subscriber's state if it has one.
     fn update(&self, msisdn: &str, f: impl FnOnce(&mut SubscriberState)) {
-        let change = |stored: &mut Stored| {
-            let mut s = stored.unpack();
-            f(&mut s);
-            *stored = Stored::pack(&s);
-        };
         match packed_msisdn(msisdn) {
             Some(k) => {
                 if let Some(mut s) = self.digits.get_mut(&k) {
-                    change(&mut s);
+                    s.change(f);
                 }
             }
             None => {
                 if let Some(mut s) = self.text.get_mut(msisdn) {
-                    change(&mut s);
+                    s.change(f);
                 }
             }
         }
@@ -195,6 +185,13 @@ impl Stored {
                 date(s.settled.map(|x| x.at)),
             ],
         }
+    }
+
+    /// Applies `f` to the state this holds.
+    fn change(&mut self, f: impl FnOnce(&mut SubscriberState)) {
+        let mut s = self.unpack();
+        f(&mut s);
+        *self = Stored::pack(&s);
     }
 
     fn unpack(&self) -> SubscriberState {

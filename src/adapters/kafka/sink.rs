@@ -404,10 +404,9 @@ impl Sink {
         if sealed == NO_LANE {
             return Ok(());
         }
-        while self.lanes[sealed].in_flight_count() > 0 {
-            if self.abandoned() {
-                return Err(SinkError::Abandoned);
-            }
+        while !self.acknowledged(&self.lanes[sealed], None)? {
+            // As for a full queue: a lane that does not drain must not hold a stop past
+            // its deadline.
             if self.until().is_some_and(|u| Instant::now() >= u) {
                 return Err(SinkError::Abandoned);
             }
@@ -511,18 +510,31 @@ impl Sink {
     /// commit then waited (101-103 ms per commit measured at low load).
     fn wait_acknowledged(&self, producer: &ThreadedProducer<SinkContext>) -> Result<(), SinkError> {
         let deadline = Instant::now() + call_timeout(self.until());
-        while producer.in_flight_count() > 0 {
-            if self.abandoned() {
-                return Err(SinkError::Abandoned);
-            }
-            if Instant::now() >= deadline {
-                return Err(SinkError::Abortable(KafkaError::Flush(
-                    RDKafkaErrorCode::OperationTimedOut,
-                )));
-            }
+        while !self.acknowledged(producer, Some(deadline))? {
             std::thread::sleep(Duration::from_micros(500));
         }
         Ok(())
+    }
+
+    /// One look of the waits for acknowledgements: whether `producer` has nothing in
+    /// flight, or why waiting must end (the pipeline failed, or `deadline` passed).
+    fn acknowledged(
+        &self,
+        producer: &ThreadedProducer<SinkContext>,
+        deadline: Option<Instant>,
+    ) -> Result<bool, SinkError> {
+        if producer.in_flight_count() == 0 {
+            return Ok(true);
+        }
+        if self.abandoned() {
+            return Err(SinkError::Abandoned);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(SinkError::Abortable(KafkaError::Flush(
+                RDKafkaErrorCode::OperationTimedOut,
+            )));
+        }
+        Ok(false)
     }
 
     /// Drops everything sent since the last commit (exactly once: aborts both lanes'
@@ -544,7 +556,7 @@ impl Sink {
             // Already sent copies stay sent: at least once allows repeats.
             Guarantee::AtLeastOnce => {
                 let producer = &self.lanes[0];
-                let _ = producer.flush(call_timeout(self.until()));
+                let _ = self.wait_acknowledged(producer);
                 let failed = producer.context().failed.load(Ordering::Relaxed);
                 self.failed_seen.store(failed, Ordering::Relaxed);
                 Ok(())

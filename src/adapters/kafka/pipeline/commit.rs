@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
-use super::slot::{Sealed as SealedPart, Slot, SlotState};
+use super::slot::{SealedPart, Slot, SlotState};
 use super::{PipelineError, Shared, retention};
 use crate::adapters::kafka::config::Guarantee;
 use crate::adapters::kafka::sink::{Sealed, SinkError};
@@ -232,20 +232,18 @@ impl Shared {
             Plan::Commit => match self.seal_locked(&slots, &mut guards, held_since).await {
                 Err(e) => Err(e),
                 Ok(sealing) => {
-                    if self.cfg.guarantee == Guarantee::ExactlyOnce {
-                        // The partitions fill the other lane's transaction meanwhile.
+                    // Exactly once: the partitions fill the other lane's transaction
+                    // meanwhile. At least once flushes its one producer, which sends
+                    // would only lengthen: the locks stay.
+                    let overlap = self.cfg.guarantee == Guarantee::ExactlyOnce;
+                    if overlap {
                         drop(std::mem::take(&mut guards));
-                        let committed = self.commit_sealed(&sealing).await;
-                        guards = lock_all(&slots).await;
-                        committed
-                            .map(|()| self.finish_commit(&slots, &mut guards, sealing, held_since))
-                    } else {
-                        // At least once flushes one producer: sends would only lengthen
-                        // the flush.
-                        self.commit_sealed(&sealing)
-                            .await
-                            .map(|()| self.finish_commit(&slots, &mut guards, sealing, held_since))
                     }
+                    let committed = self.commit_sealed(&sealing).await;
+                    if overlap {
+                        guards = lock_all(&slots).await;
+                    }
+                    committed.map(|()| self.finish_commit(&slots, &mut guards, sealing, held_since))
                 }
             },
             Plan::Abort(e) => Err(e),

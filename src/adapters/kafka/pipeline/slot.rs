@@ -28,11 +28,11 @@ pub(super) struct SlotState {
     pub(super) tally: Tally,
     /// The partition's part of the transaction being committed, while the next one fills
     /// (exactly once); `txn_first`, `records` and `tally` then describe the next one.
-    pub(super) sealed: Option<Sealed>,
+    pub(super) sealed: Option<SealedPart>,
 }
 
 /// A partition's part of a transaction closed for its commit.
-pub(super) struct Sealed {
+pub(super) struct SealedPart {
     /// The offset stored once it commits.
     pub(super) next: Option<i64>,
     /// Its first offset: where an abort rewinds to.
