@@ -566,7 +566,13 @@ fn restart_under_another_transactional_id_after_kill_9_keeps_exactly_once() {
             records: 100_000,
             subscribers: 2_000,
             seed: 61,
-            tweaks: Tweaks::default(),
+            // Offsets go to the transaction before the copies' acknowledgements are
+            // awaited; a long linger makes that wait, and so the window this test must
+            // hit, a good part of every commit cycle instead of a few milliseconds.
+            tweaks: Tweaks {
+                producer_properties: r#""linger.ms" = 100"#,
+                ..Tweaks::default()
+            },
             binary: false,
         },
     );

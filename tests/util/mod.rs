@@ -172,6 +172,8 @@ pub struct Tweaks<'a> {
     pub kafka: &'a str,
     /// More `[kafka.consumer_properties]`.
     pub consumer_properties: &'a str,
+    /// `[kafka.producer_properties]`.
+    pub producer_properties: &'a str,
     /// More `[processing]` keys.
     pub processing: &'a str,
     /// `[retention]` keys (its clock, its firing budget).
@@ -198,6 +200,7 @@ pub fn run_config(
     let Tweaks {
         kafka,
         consumer_properties,
+        producer_properties,
         processing,
         retention,
         telemetry,
@@ -219,6 +222,9 @@ transactional_id = "{prefix}.txn-a"
 "session.timeout.ms" = 6000
 "heartbeat.interval.ms" = 500
 {consumer_properties}
+
+[kafka.producer_properties]
+{producer_properties}
 
 [topics]
 input = "{prefix}.raw"
