@@ -4,9 +4,11 @@
 # integration-test harness and by people who want a local broker to try `cdrguard run`.
 #
 #   broker.sh fetch                          fetch the jars into the cache (idempotent)
-#   broker.sh start DIR [PORT] [--watch PID] format DIR, start, wait until it answers;
+#   broker.sh start DIR [PORT] [--watch PID [--discard]]
+#                                            format DIR, start, wait until it answers;
 #                                            prints the bootstrap address. With --watch,
-#                                            the broker is stopped when PID exits.
+#                                            the broker is stopped when PID exits; with
+#                                            --discard, its data is then deleted too.
 #   broker.sh stop DIR                       stop the broker started in DIR
 #   broker.sh consume BOOTSTRAP TOPIC        print a topic's committed messages (key and
 #                                            value, read_committed) and exit at its end
@@ -149,8 +151,8 @@ EOF
 }
 
 start() {
-  local dir=$1 port=${2:-} watch=${3:-}
-  [ -n "$dir" ] || die "usage: broker.sh start DIR [PORT] [--watch PID]"
+  local dir=$1 port=${2:-} watch=${3:-} discard=${4:-}
+  [ -n "$dir" ] || die "usage: broker.sh start DIR [PORT] [--watch PID [--discard]]"
   fetch
   mkdir -p "$dir/data"
   dir=$(cd "$dir" && pwd)
@@ -185,8 +187,23 @@ start() {
   echo "127.0.0.1:$port" >"$dir/bootstrap"
   if [ -n "$watch" ]; then
     # Stops the broker when the process that asked for it (a test run) ends, even by
-    # kill -9, so no broker outlives its tests.
-    nohup bash -c "while kill -0 $watch 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 1; done; kill $pid 2>/dev/null" \
+    # kill -9, so no broker outlives its tests. With --discard the data goes too (a test
+    # run's topics are gigabytes, and nothing reads them again), once no broker runs
+    # from DIR: a test may have stopped this one and started another there.
+    local clean=":"
+    if [ -n "$discard" ]; then
+      clean="if ! { [ -f '$dir/broker.pid' ] && kill -0 \$(cat '$dir/broker.pid') 2>/dev/null; }; then rm -rf '$dir/data'; fi"
+    fi
+    # The pid is killed only while DIR still names it (stop removes the file; a pid can
+    # be reused); then the watcher waits for it to be gone.
+    local ours="[ \"\$(cat '$dir/broker.pid' 2>/dev/null)\" = $pid ]"
+    nohup bash -c "while kill -0 $watch 2>/dev/null; do sleep 1; done
+      if $ours; then
+        kill $pid 2>/dev/null
+        for i in \$(seq 1 60); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+        kill -9 $pid 2>/dev/null; rm -f '$dir/broker.pid'
+      fi
+      $clean" \
       >/dev/null 2>&1 &
   fi
   local i
@@ -237,16 +254,18 @@ case "${1:-}" in
   consume) consume "${2:?usage: broker.sh consume BOOTSTRAP TOPIC}" "${3:?usage: broker.sh consume BOOTSTRAP TOPIC}" ;;
   start)
     shift
-    dir=${1:-}; port=""; watch=""
+    dir=${1:-}; port=""; watch=""; discard=""
     shift || true
     while [ $# -gt 0 ]; do
       case "$1" in
         --watch) watch=$2; shift 2 ;;
+        --discard) discard=1; shift ;;
         *) port=$1; shift ;;
       esac
     done
-    start "$dir" "$port" "$watch"
+    [ -z "$discard" ] || [ -n "$watch" ] || die "--discard needs --watch PID"
+    start "$dir" "$port" "$watch" "$discard"
     ;;
   stop) stop "${2:?usage: broker.sh stop DIR}" ;;
-  *) echo "usage: broker.sh fetch | start DIR [PORT] [--watch PID] | stop DIR | consume BOOTSTRAP TOPIC" >&2; exit 2 ;;
+  *) echo "usage: broker.sh fetch | start DIR [PORT] [--watch PID [--discard]] | stop DIR | consume BOOTSTRAP TOPIC" >&2; exit 2 ;;
 esac

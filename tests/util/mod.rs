@@ -55,8 +55,8 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts a broker of its own in `dir` (on `port`, or a free one), stopped when this
-    /// test process exits.
+    /// Starts a broker of its own in `dir` (on `port`, or a free one), stopped and its
+    /// data deleted when this test process exits.
     pub fn start(dir: &Path, port: Option<u16>) -> Broker {
         let mut cmd = Command::new("bash");
         cmd.arg(root().join("deploy/kafka/broker.sh"))
@@ -68,6 +68,8 @@ impl Broker {
         let out = cmd
             .arg("--watch")
             .arg(std::process::id().to_string())
+            // Each run's topics are gigabytes nobody reads again.
+            .arg("--discard")
             .stderr(Stdio::inherit())
             .output()
             .expect("running deploy/kafka/broker.sh");
