@@ -1367,17 +1367,23 @@ fn an_invoice_settlement_starts_the_billing_clock() {
             .all(|(route, ..)| route != "billing"),
         "billing waits for its settlement"
     );
+    // A second subscriber with no record yet is settled 30 simulated minutes later: no
+    // partition's timers hold a window of theirs, so none remembers the settlement.
+    let late = "+46707770010";
+    let late_settled_at = Millis(settled_at.0 + 30 * 60_000);
+    let late_deadline = billing.period.after(late_settled_at);
+    let settle = |who: &str, at| ControlEvent {
+        msisdn: who.into(),
+        at,
+        change: Change::InvoiceSettled {
+            period_start: t("2026-03-01T00:00:00.000Z"),
+            period_end: t("2026-04-01T00:00:00.000Z"),
+        },
+    };
     produce(
         &b.bootstrap,
         &cfg.control_topic,
-        &control_messages(&[ControlEvent {
-            msisdn: s.into(),
-            at: settled_at,
-            change: Change::InvoiceSettled {
-                period_start: t("2026-03-01T00:00:00.000Z"),
-                period_end: t("2026-04-01T00:00:00.000Z"),
-            },
-        }]),
+        &control_messages(&[settle(s, settled_at), settle(late, late_settled_at)]),
     );
     wait_for(
         "the settled window's expiry",
@@ -1388,29 +1394,42 @@ fn an_invoice_settlement_starts_the_billing_clock() {
                 .any(|(route, ..)| route == "billing")
         },
     );
+    // Its record of the settled period arrives after the settlement took effect: its
+    // window must get the settled deadline from the consent table, not wait for ever.
+    let late_hour = Millis(day.0 + 10 * 3_600_000);
+    produce(
+        &b.bootstrap,
+        &cfg.input_topic,
+        &[record_at(late, "settle-late", late_hour)],
+    );
+    wait_for("the late record's expiry", Duration::from_secs(120), || {
+        expiries(&b.bootstrap, &cfg)
+            .keys()
+            .any(|(route, subject, ..)| route == "billing" && subject == late)
+    });
     assert_eq!(a.terminate().code(), Some(0));
     let got = expiries(&b.bootstrap, &cfg);
     assert_each_once(&got);
-    let billing: Vec<_> = got.iter().filter(|((r, ..), _)| r == "billing").collect();
-    assert_eq!(
-        billing.len(),
-        1,
-        "the period's hours are one window: {billing:?}"
-    );
-    let ((_, subject, start, reason), (d, _)) = billing[0];
-    assert_eq!(
+    let mut billing: Vec<_> = got
+        .iter()
+        .filter(|((r, ..), _)| r == "billing")
+        .map(|((_, subject, start, reason), (d, _))| {
+            (subject.clone(), start.clone(), reason.clone(), d.clone())
+        })
+        .collect();
+    billing.sort();
+    let row = |who: &str, start: Millis, d: Millis| {
         (
-            subject.as_str(),
-            start.as_str(),
-            reason.as_str(),
-            d.as_str()
-        ),
-        (
-            s,
-            "2026-03-02T00:00:00.000Z",
-            "excedo.billing",
-            deadline.to_string().as_str()
+            who.to_string(),
+            start.to_string(),
+            "excedo.billing".to_string(),
+            d.to_string(),
         )
+    };
+    // The period's hours are one window each.
+    assert_eq!(
+        billing,
+        [row(s, day, deadline), row(late, late_hour, late_deadline)]
     );
 }
 

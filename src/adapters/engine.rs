@@ -5,7 +5,7 @@ use crate::core::control::{ControlEvent, SubscriberState};
 use crate::core::process::{Decision, Outcome, process_into};
 use crate::core::pseudonym::Keyring;
 use crate::core::record::Record;
-use crate::core::retention::{Expiry, Schedule};
+use crate::core::retention::{Anchors, Expiry, Schedule};
 use crate::policy::Policy;
 use crate::vocab::purpose::Purpose;
 use crate::vocab::time::Millis;
@@ -95,7 +95,7 @@ impl<'p> Engine<'p> {
         process_into(r, self.policy, &state, self.keys, now, d);
         for c in &d.copies {
             self.schedule
-                .track(&c.schedule_entry(), state.contract_ended);
+                .track(&c.schedule_entry(), Anchors::of(&state));
         }
         for (p, o) in d.outcomes.iter().enumerate() {
             if let Some(o) = o {

@@ -57,6 +57,9 @@ pub struct ConsentStore {
     pub undeclared: [AtomicU64; Purpose::COUNT],
     /// Commit-to-effect delays.
     pub delays: DelayHistogram,
+    /// The next offset to apply, per control partition: the retention timers act on an
+    /// event only once routing sees it too (see [`ConsentStore::has_applied`]).
+    positions: std::sync::Mutex<std::collections::BTreeMap<i32, i64>>,
 }
 
 /// The state to route with when the table may be stale: no consent, an objection to
@@ -237,7 +240,26 @@ impl ConsentStore {
             policy: std::sync::OnceLock::new(),
             undeclared: Default::default(),
             delays: DelayHistogram::default(),
+            positions: Default::default(),
         }
+    }
+
+    /// Notes that the control event at `offset` of `partition` was applied (or refused).
+    pub fn note_position(&self, partition: i32, offset: i64) {
+        let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        let next = p.entry(partition).or_insert(0);
+        *next = (*next).max(offset + 1);
+    }
+
+    /// Whether the table has applied the control event at `offset` of `partition`.
+    ///
+    /// Retention timers remember an invoice settlement only where the subscriber has
+    /// windows, and a late record elsewhere takes its deadline from this table's view of
+    /// the subscriber. So the timers must never act on a settlement before this table
+    /// holds it: a record routed in between would open a window that waits for ever.
+    pub fn has_applied(&self, partition: i32, offset: i64) -> bool {
+        let p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        p.get(&partition).is_some_and(|next| *next > offset)
     }
 
     /// Checks every event applied from now on against `policy`, the one the run routes
@@ -650,43 +672,49 @@ fn apply_events(
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Ok(m)) => match store.apply_message(m.key(), m.payload()) {
-                Ok(()) => {
-                    let mismatched = store.mismatched_keys.load(Ordering::Relaxed);
-                    if mismatched > mismatches_seen {
-                        mismatches_seen = mismatched;
-                        if let Some(held) = mismatch.ready() {
-                            tracing::warn!(
-                                topic,
-                                partition = m.partition(),
-                                offset = m.offset(),
-                                held_back = held,
-                                "control event keyed under another msisdn than it names; key control events msisdn/type[/purpose]"
-                            );
+            Some(Ok(m)) => {
+                let applied = store.apply_message(m.key(), m.payload());
+                store.note_position(m.partition(), m.offset());
+                match applied {
+                    Ok(()) => {
+                        let mismatched = store.mismatched_keys.load(Ordering::Relaxed);
+                        if mismatched > mismatches_seen {
+                            mismatches_seen = mismatched;
+                            if let Some(held) = mismatch.ready() {
+                                tracing::warn!(
+                                    topic,
+                                    partition = m.partition(),
+                                    offset = m.offset(),
+                                    held_back = held,
+                                    "control event keyed under another msisdn than it names; key control events msisdn/type[/purpose]"
+                                );
+                            }
+                        }
+                        // Only live events: the initial read replays history, whose age says
+                        // nothing about how fast changes take effect.
+                        if let Some(ts) = m.timestamp().to_millis().filter(|_| store.caught_up()) {
+                            let now_ms = SystemTime::now()
+                                .duration_since(UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as i64);
+                            let delay =
+                                Duration::from_millis(now_ms.saturating_sub(ts).max(0) as u64);
+                            store.delays.record(delay);
+                            metrics::histogram!(names::CONTROL_APPLY_DELAY)
+                                .record(delay.as_secs_f64());
                         }
                     }
-                    // Only live events: the initial read replays history, whose age says
-                    // nothing about how fast changes take effect.
-                    if let Some(ts) = m.timestamp().to_millis().filter(|_| store.caught_up()) {
-                        let now_ms = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as i64);
-                        let delay = Duration::from_millis(now_ms.saturating_sub(ts).max(0) as u64);
-                        store.delays.record(delay);
-                        metrics::histogram!(names::CONTROL_APPLY_DELAY).record(delay.as_secs_f64());
+                    Err(_reason) => {
+                        // The reason may quote the payload (an msisdn): log where, not what.
+                        tracing::warn!(
+                            topic,
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            fail_closed_subscribers = store.suspects(),
+                            "control event refused (malformed); its subscriber is routed fail closed until its key holds a readable event"
+                        );
                     }
                 }
-                Err(_reason) => {
-                    // The reason may quote the payload (an msisdn): log where, not what.
-                    tracing::warn!(
-                        topic,
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        fail_closed_subscribers = store.suspects(),
-                        "control event refused (malformed); its subscriber is routed fail closed until its key holds a readable event"
-                    );
-                }
-            },
+            }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 unread.retain(|u| *u != p);
                 if unread.is_empty() && !store.caught_up() {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{span_of, window_of};
+use super::{Anchors, span_of, window_of};
 use crate::core::retention::ScheduleEntry;
 use crate::policy::Policy;
 use crate::vocab::purpose::Purpose;
@@ -76,8 +76,8 @@ pub struct WindowBatch {
 
 impl WindowBatch {
     /// Notes a copy's window.
-    pub fn add(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
-        let (bucket, deadline) = window_of(e, contract_ended);
+    pub fn add(&mut self, e: &ScheduleEntry<'_>, anchors: Anchors) {
+        let (bucket, deadline) = window_of(e, anchors);
         let (from, to) = span_of(e.rule.anchor, e.record_time);
         let subject = e.subscriber.unwrap_or("");
         let list = match self.windows.get_mut(subject) {
@@ -169,29 +169,32 @@ mod tests {
         assert!(b.is_empty());
         b.add(
             &entry(Purpose::Fraud, Some(M), "2026-03-02T10:15:30.250Z"),
-            None,
+            Anchors::default(),
         );
         b.add(
             &entry(Purpose::Fraud, Some(M), "2026-03-02T19:00:00.001Z"),
-            None,
+            Anchors::default(),
         );
         b.add(
             &entry(Purpose::Fraud, Some(M), "2026-03-03T01:00:00.000Z"),
-            None,
+            Anchors::default(),
         );
         b.add(
             &entry(Purpose::Fraud, Some(OTHER), "2026-03-02T10:00:00.000Z"),
-            None,
+            Anchors::default(),
         );
         b.add(
             &entry(Purpose::Billing, Some(M), "2026-03-02T10:15:30.250Z"),
-            None,
+            Anchors::default(),
         );
         b.add(
             &entry(Purpose::Billing, Some(M), "2026-03-02T10:59:00.000Z"),
-            None,
+            Anchors::default(),
         );
-        let ended = Some(t("2026-06-30T00:00:00.000Z"));
+        let ended = Anchors {
+            contract_ended: Some(t("2026-06-30T00:00:00.000Z")),
+            settled: None,
+        };
         let ts = Purpose::Troubleshooting;
         b.add(&entry(ts, Some(M), "2026-03-02T10:15:30.250Z"), ended);
         b.add(&entry(ts, Some(M), "2026-03-09T08:00:00.000Z"), ended);
@@ -251,7 +254,7 @@ mod tests {
         assert_eq!(b.drain(&policy).count(), 0);
         b.add(
             &entry(Purpose::Fraud, Some(M), "2026-03-02T10:15:30.250Z"),
-            None,
+            Anchors::default(),
         );
         b.clear();
         assert!(b.is_empty());

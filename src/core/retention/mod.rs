@@ -11,6 +11,7 @@ pub mod schedule;
 
 use serde::Serialize;
 
+use crate::core::control::{Settled, SubscriberState};
 use crate::policy::{Anchor, Retention};
 use crate::vocab::purpose::Purpose;
 use crate::vocab::time::{DAY_MS, HOUR_MS, Millis};
@@ -29,6 +30,26 @@ pub struct ScheduleEntry<'c> {
     pub record_time: Millis,
     /// The rule.
     pub rule: &'c Retention,
+}
+
+/// What the consent table knows of a subscriber's anchored clocks when a copy is
+/// tracked, so a copy arriving after its clock started gets its deadline at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Anchors {
+    /// When the subscriber's contract ended.
+    pub contract_ended: Option<Millis>,
+    /// How far the subscriber's invoices are settled.
+    pub settled: Option<Settled>,
+}
+
+impl Anchors {
+    /// The anchors a subscriber's state holds.
+    pub fn of(s: &SubscriberState) -> Anchors {
+        Anchors {
+            contract_ended: s.contract_ended,
+            settled: s.settled,
+        }
+    }
 }
 
 /// Why a window expires.
@@ -102,15 +123,20 @@ pub fn event_time_deadline(rule: &Retention, t: Millis) -> Millis {
         .after(Millis((t.0.div_euclid(DAY_MS) + 1) * DAY_MS))
 }
 
-/// The window a copy falls in (its bucket) and the window's deadline where the copy alone
-/// decides it: event-time rules always, contract-anchored rules once the contract ended.
-/// Invoice-anchored windows wait for their settlement.
-pub fn window_of(e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) -> (i64, Option<Millis>) {
+/// The window a copy falls in (its bucket) and the window's deadline where the copy and
+/// the subscriber's anchors decide it: event-time rules always, contract-anchored rules
+/// once the contract ended, invoice-anchored rules once a period at or after the copy's
+/// was settled (with settlements in period order the latest bounds every earlier one,
+/// the same bound `process` refuses late records by). Otherwise the window waits.
+pub fn window_of(e: &ScheduleEntry<'_>, anchors: Anchors) -> (i64, Option<Millis>) {
     let rule = e.rule;
     let deadline = match rule.anchor {
         Anchor::EventTime => Some(event_time_deadline(rule, e.record_time)),
-        Anchor::ContractEnd => contract_ended.map(|t| rule.period.after(t)),
-        Anchor::InvoiceSettled => None,
+        Anchor::ContractEnd => anchors.contract_ended.map(|t| rule.period.after(t)),
+        Anchor::InvoiceSettled => anchors
+            .settled
+            .filter(|s| e.record_time < s.through)
+            .map(|s| rule.period.after(s.at)),
     };
     (bucket_of(rule.anchor, e.record_time), deadline)
 }

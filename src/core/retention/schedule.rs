@@ -21,7 +21,9 @@ use std::hash::BuildHasher;
 use hashbrown::HashTable;
 use smallvec::SmallVec;
 
-use super::{ENDED_BASE, Expiry, Reason, bucket_of, event_time_deadline, span_of, window_of};
+use super::{
+    Anchors, ENDED_BASE, Expiry, Reason, bucket_of, event_time_deadline, span_of, window_of,
+};
 use crate::core::control::{Change, ControlEvent};
 use crate::core::pseudonym::Keyring;
 use crate::core::retention::ScheduleEntry;
@@ -784,8 +786,10 @@ impl Schedule {
     /// settled period it joins the period's merged window (or opens one) with the settled
     /// deadline. Before a remembered period, its own period was settled earlier and is
     /// already forgotten (settlements come in period order, see the README), so the
-    /// earliest later settlement's deadline bounds it. Otherwise it waits.
-    fn invoice_window(route: &Route, t: Millis) -> (i64, Option<Millis>) {
+    /// earliest later settlement's deadline bounds it. Otherwise `known` decides: the
+    /// deadline the subscriber's latest settlement gives a copy it covers (settlements
+    /// are remembered only where the subscriber had windows), or none, and it waits.
+    fn invoice_window(route: &Route, t: Millis, known: Option<Millis>) -> (i64, Option<Millis>) {
         let hour = bucket_of(Anchor::InvoiceSettled, t);
         let Some(list) = route
             .rest
@@ -793,7 +797,7 @@ impl Schedule {
             .map(|r| &r.settled)
             .filter(|l| !l.is_empty())
         else {
-            return (hour, None);
+            return (hour, known);
         };
         if let Some(s) = list.iter().find(|s| s.start <= t && t < s.end) {
             return (bucket_of(Anchor::InvoiceSettled, s.start), Some(s.deadline));
@@ -803,13 +807,13 @@ impl Schedule {
             .filter(|s| t < s.start)
             .map(|s| s.deadline)
             .min();
-        (hour, later)
+        (hour, later.or(known))
     }
 
-    /// Records that a copy exists. `contract_ended` is the subscriber's contract end, if
-    /// known, so a late record on a contract-anchored route gets its deadline at once; a
-    /// late record on an invoice-anchored route gets its settled deadline the same way.
-    pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
+    /// Records that a copy exists. `anchors` are what the consent table knows of the
+    /// subscriber's contract end and settled invoices, so a late record on a contract- or
+    /// invoice-anchored route gets its deadline at once.
+    pub fn track(&mut self, e: &ScheduleEntry<'_>, anchors: Anchors) {
         let rule: &Retention = e.rule;
         let p = e.purpose;
         let id = self.subject(e.subscriber.unwrap_or(""));
@@ -827,12 +831,14 @@ impl Schedule {
                 }
             }
             Anchor::InvoiceSettled => {
-                let (bucket, deadline) = Self::invoice_window(self.route(id, p), e.record_time);
+                let known = window_of(e, anchors).1;
+                let (bucket, deadline) =
+                    Self::invoice_window(self.route(id, p), e.record_time, known);
                 let span = span_of(rule.anchor, e.record_time);
                 self.place(id, p, rule.anchor, bucket, span, deadline);
             }
             Anchor::ContractEnd => {
-                let (bucket, deadline) = window_of(e, contract_ended);
+                let (bucket, deadline) = window_of(e, anchors);
                 let day = number(DAY_MS, e.record_time);
                 let route = self.route(id, p);
                 // A window still waiting keeps waiting (an open window keeps its
@@ -987,13 +993,13 @@ impl Schedule {
                         self.end(id, p, why, ev.at);
                     }
                 } else if let Some((start, end)) = settles {
-                    // No copy is written under an older key any more: only windows it
-                    // already holds matter, and no settlement is remembered for it.
-                    let id = match (active, existing) {
-                        (true, _) => self.subject(name.as_str()),
-                        (false, Some(id)) => id,
-                        (false, None) => continue,
-                    };
+                    // Only a subject with windows on the route remembers the period (for
+                    // its late records, under the active key: no copy is written under an
+                    // older one any more). Late records of a subscriber with none here
+                    // get the deadline from the consent table's latest settlement (see
+                    // `track`), so a schedule that holds a few of millions of subscribers
+                    // does not keep, and write, every settlement.
+                    let Some(id) = existing else { continue };
                     let deadline = rule.retention.period.after(ev.at);
                     self.settle(id, p, start, end, deadline, *active);
                 } else if let Some(id) = existing {
@@ -1448,11 +1454,14 @@ mod tests {
         Millis::parse(s).expect("time")
     }
 
-    /// The schedule under test with the policy and keys its control events need.
+    /// The schedule under test with the policy and keys its control events need, and
+    /// the consent table's view of each subscriber (its settlements), kept as a run
+    /// keeps it: every control event reaches both.
     struct Fixture {
         policy: Policy,
         keys: Keyring,
         s: Schedule,
+        states: std::collections::HashMap<String, crate::core::control::SubscriberState>,
     }
 
     impl Fixture {
@@ -1466,6 +1475,7 @@ mod tests {
                 policy,
                 keys: keys(),
                 s,
+                states: Default::default(),
             }
         }
 
@@ -1487,7 +1497,14 @@ mod tests {
                 record_time: t(at),
                 rule,
             };
-            self.s.track(&e, contract_ended);
+            let settled = self.states.get(msisdn).and_then(|s| s.settled);
+            self.s.track(
+                &e,
+                Anchors {
+                    contract_ended,
+                    settled,
+                },
+            );
         }
 
         fn control(&mut self, msisdn: &str, at: &str, change: Change) {
@@ -1496,6 +1513,10 @@ mod tests {
                 at: t(at),
                 change,
             };
+            self.states
+                .entry(msisdn.to_string())
+                .or_default()
+                .apply(&ev.change, ev.at);
             self.s.control(&self.policy, &self.keys, &ev);
         }
 
@@ -1983,17 +2004,39 @@ mod tests {
     }
 
     #[test]
-    fn a_settlement_is_remembered_only_until_its_deadline() {
+    fn a_settlement_is_remembered_where_its_subscriber_has_windows_until_its_deadline() {
         let mut f = Fixture::new("excedo");
-        f.settle(
-            M,
-            "2026-04-15T08:00:00.000Z",
-            "2026-03-01T00:00:00.000Z",
-            "2026-04-01T00:00:00.000Z",
+        f.s = Schedule::new(&f.policy).with_journal();
+        f.copy(Purpose::Billing, M, "2026-03-02T10:15:00.000Z", None);
+        for who in [M, OTHER] {
+            f.settle(
+                who,
+                "2026-04-15T08:00:00.000Z",
+                "2026-03-01T00:00:00.000Z",
+                "2026-04-01T00:00:00.000Z",
+            );
+        }
+        // A partition's schedule sees every subscriber's settlements, but holds windows
+        // of few: only those are remembered (and written to the schedule topic).
+        assert_eq!(
+            f.s.remembered(Purpose::Billing),
+            [f.subject(Purpose::Billing, M)]
         );
+        let settlements: Vec<String> =
+            f.s.drain_changes()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Persist::Settlement { subject, .. } => Some(subject),
+                    Persist::Window(..) => None,
+                })
+                .collect();
+        assert_eq!(settlements, [f.subject(Purpose::Billing, M)]);
+        // A late record of the other subscriber still gets the settled deadline, from
+        // the consent table's view of it.
+        f.copy(Purpose::Billing, OTHER, "2026-03-20T10:00:00.000Z", None);
         assert!(f.due("2026-10-15T07:59:59.999Z").is_empty());
         assert_eq!(f.s.remembered(Purpose::Billing).len(), 1);
-        assert!(f.due("2026-10-15T08:00:00.000Z").is_empty());
+        assert_eq!(f.due("2026-10-15T08:00:00.000Z").len(), 2);
         assert!(f.s.remembered(Purpose::Billing).is_empty());
     }
 

@@ -335,6 +335,7 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         control_feed: ControlFeed::start(
             reader_config(cfg, "retention-reader"),
             cfg.control_topic.clone(),
+            inputs.store.clone(),
         ),
         keys: inputs.keys.clone(),
         store: inputs.store.clone(),

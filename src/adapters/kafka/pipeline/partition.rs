@@ -21,6 +21,7 @@ use crate::codec::{self, DecodeError, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
 use crate::core::record::Record;
+use crate::core::retention::Anchors;
 use crate::vocab::time::Millis;
 
 /// Records a partition task processes before it lets others (and commits) in.
@@ -301,7 +302,7 @@ impl Shared {
                             },
                             now,
                         );
-                        st.timers.track(&entry, state.contract_ended);
+                        st.timers.track(&entry, Anchors::of(&state));
                         continue;
                     }
                     let headers = sink::headers(tags);
@@ -316,7 +317,7 @@ impl Shared {
                             })
                             .await?;
                     }
-                    st.timers.track(&entry, state.contract_ended);
+                    st.timers.track(&entry, Anchors::of(&state));
                     st.tally.copy(c);
                 }
                 st.tally.record(r.kind, !fresh);

@@ -6,7 +6,9 @@
 //! their windows, the offset up to which they applied each control partition's events. So
 //! a right is applied to a window exactly once: after a restart or a rebalance the reader
 //! goes back to the lowest of those offsets, and timers skip what they already applied.
-//! (Consent for routing is the consent table's, read by its own follower.)
+//! (Consent for routing is the consent table's, read by its own follower.) An event is
+//! handed on only once that table has applied it too: a late record then finds a
+//! settlement in the table whenever the timers already acted on it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::adapters::kafka::consent::ConsentStore;
 use crate::codec::json;
 use crate::core::control::ControlEvent;
 
@@ -44,15 +47,16 @@ pub struct ControlFeed {
 }
 
 impl ControlFeed {
-    /// Starts a reader of `topic` that reads nothing until told where to start.
-    pub fn start(client: ClientConfig, topic: String) -> ControlFeed {
+    /// Starts a reader of `topic` that reads nothing until told where to start, and
+    /// hands on each event once `table` has applied it.
+    pub fn start(client: ClientConfig, topic: String, table: Arc<ConsentStore>) -> ControlFeed {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let from = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let (f, s) = (from.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("cdrguard-retention-control".into())
-            .spawn(move || read(client, &topic, &f, &s, &tx))
+            .spawn(move || read(client, &topic, &f, &s, &tx, &table))
             .map_err(|e| tracing::error!(error = %e, "cannot start the retention control reader"))
             .ok();
         ControlFeed {
@@ -94,6 +98,7 @@ fn read(
     from: &Mutex<Option<BTreeMap<i32, i64>>>,
     stop: &AtomicBool,
     tx: &SyncSender<Delivered>,
+    table: &ConsentStore,
 ) {
     let consumer: BaseConsumer = match client
         .clone()
@@ -118,7 +123,14 @@ fn read(
             }
         }
         // A full queue waits: the reader never runs ahead of the timers by more than it.
+        // So does an event the consent table has not applied yet (it reads the same
+        // topic, and is mostly ahead).
         if let Some(d) = held.take() {
+            if !table.has_applied(d.partition, d.offset) {
+                held = Some(d);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             match tx.try_send(d) {
                 Ok(()) => {}
                 Err(TrySendError::Full(d)) => {

@@ -17,7 +17,7 @@ use rdkafka::ClientConfig;
 use super::crowds::{Anonymised, Crowds};
 use super::rebuild::{RebuildError, Restored, read_back};
 use crate::core::retention::schedule::{Schedule, WindowKey};
-use crate::core::retention::{ScheduleEntry, WindowBatch};
+use crate::core::retention::{Anchors, ScheduleEntry, WindowBatch};
 use crate::policy::Policy;
 use crate::vocab::purpose::Purpose;
 use crate::vocab::time::Millis;
@@ -28,7 +28,7 @@ struct PendingCopy {
     purpose: Purpose,
     subject: Option<Box<str>>,
     record_time: Millis,
-    contract_ended: Option<Millis>,
+    anchors: Anchors,
 }
 
 /// The timers while their partition is read back.
@@ -130,16 +130,16 @@ impl Timers {
     }
 
     /// Notes a copy's window.
-    pub fn track(&mut self, e: &ScheduleEntry<'_>, contract_ended: Option<Millis>) {
+    pub fn track(&mut self, e: &ScheduleEntry<'_>, anchors: Anchors) {
         match self {
-            Timers::Ready(r) => r.schedule.track(e, contract_ended),
+            Timers::Ready(r) => r.schedule.track(e, anchors),
             Timers::Rebuilding(b) => {
-                b.batch.add(e, contract_ended);
+                b.batch.add(e, anchors);
                 b.pending.push(PendingCopy {
                     purpose: e.purpose,
                     subject: e.subscriber.map(Into::into),
                     record_time: e.record_time,
-                    contract_ended,
+                    anchors,
                 });
             }
         }
@@ -172,7 +172,7 @@ impl Timers {
                     record_time: c.record_time,
                     rule: &rule.retention,
                 },
-                c.contract_ended,
+                c.anchors,
             );
         }
         for k in b.written.drain(..) {
