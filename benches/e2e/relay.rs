@@ -53,7 +53,7 @@ use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -72,7 +72,25 @@ struct Args {
     /// Ask for every delivery report, not only failures.
     #[arg(long)]
     all_reports: bool,
+    /// Give every message, except those to the configuration's schedule topic, the nine
+    /// headers a cdrguard copy carries (DESIGN.md's names, values of a billing copy's
+    /// length): what the headers alone cost, apart from cdrguard's work.
+    #[arg(long)]
+    copy_headers: bool,
 }
+
+/// A billing copy's headers as cdrguard writes them (values of typical length).
+const COPY_HEADERS: [(&str, &str); 9] = [
+    ("record_id", "e2e-0000000000000000123456"),
+    ("purpose", "billing"),
+    ("legal_basis", "contract"),
+    ("gdpr_article", "6(1)(b)"),
+    ("policy", "excedo@2026-01-01"),
+    ("consent", "not_required"),
+    ("treatments", "imei=drop,cell_id=generalise"),
+    ("key_id", ""),
+    ("retention", "excedo.billing"),
+];
 
 fn parse_route(s: &str) -> Result<(String, f64), String> {
     let (topic, rate) = s.split_once('=').ok_or("expected TOPIC=RATE")?;
@@ -254,6 +272,8 @@ impl Phases {
 struct Relay {
     input: String,
     routes: Vec<(String, f64)>,
+    /// Per route: whether its messages carry a copy's headers (`--copy-headers`).
+    headed: Vec<bool>,
     /// Fractional messages owed per route (rate accumulators).
     owed: Vec<f64>,
     lanes: [Lane; 2],
@@ -304,6 +324,11 @@ impl Relay {
         Ok(Relay {
             input: cfg.input_topic.clone(),
             owed: vec![0.0; args.routes.len()],
+            headed: args
+                .routes
+                .iter()
+                .map(|(t, _)| args.copy_headers && *t != cfg.schedule_topic)
+                .collect(),
             routes: args.routes.clone(),
             lanes,
             fill: 0,
@@ -336,7 +361,17 @@ impl Relay {
             self.owed[i] += rate;
             while self.owed[i] >= 1.0 {
                 self.owed[i] -= 1.0;
-                let rec = BaseRecord::to(topic).payload(payload).key(key);
+                let mut rec = BaseRecord::to(topic).payload(payload).key(key);
+                if self.headed[i] {
+                    let mut h = OwnedHeaders::new_with_capacity(COPY_HEADERS.len());
+                    for (k, v) in COPY_HEADERS {
+                        h = h.insert(Header {
+                            key: k,
+                            value: Some(v),
+                        });
+                    }
+                    rec = rec.headers(h);
+                }
                 if let Err(e) = send(&lane.producer, rec) {
                     eprintln!("relay: send failed: {e}; aborting and rewinding");
                     if matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)) {

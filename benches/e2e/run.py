@@ -59,7 +59,7 @@ def args_parser():
     ap.add_argument("--commit-interval-ms", type=int, default=100)
     ap.add_argument("--live-seconds", type=float, default=20)
     ap.add_argument("--live-rate", type=float, help="records/s of the live phase (default: half of cdrguard's)")
-    ap.add_argument("--contenders", default="cdrguard-eo,cdrguard-alo,cdrguard-eo-x2,relay,kafka-streams")
+    ap.add_argument("--contenders", default="cdrguard-eo,cdrguard-alo,cdrguard-eo-x2,relay,relay-headers,kafka-streams")
     ap.add_argument("--out", required=True, help="where results.json (and the plots) go")
     ap.add_argument("--plots", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a few thousand records, 1 repetition")
@@ -264,10 +264,14 @@ def contender_command(name, config, fanout, prefix):
         # CDRGUARD_E2E_PERF=DIR records a perf profile of each cdrguard run into DIR (its
         # figures then include perf's overhead: for finding costs, not for quoting).
         perf = os.environ.get("CDRGUARD_E2E_PERF")
-        wrap = ["perf", "record", "-F", "499", "-g", "-o", os.path.join(perf, f"{prefix}.data"), "--"] if perf else []
+        # CDRGUARD_E2E_PERF_ARGS replaces the sampling options (e.g. "-F 199 --call-graph dwarf").
+        opts = os.environ.get("CDRGUARD_E2E_PERF_ARGS", "-F 499 -g").split()
+        wrap = ["perf", "record", *opts, "-o", os.path.join(perf, f"{prefix}.data"), "--"] if perf else []
         return wrap + [BIN, "run", "--config", config]
     if name == "relay":
         return [RELAY, "--config", config] + fanout_args(fanout, prefix)
+    if name == "relay-headers":
+        return [RELAY, "--config", config, "--copy-headers"] + fanout_args(fanout, prefix)
     if name == "kafka-streams":
         return [PEER] + peer_args(config)
     raise ValueError(name)
@@ -406,7 +410,7 @@ def contender_stats(name, log_path, log_paths=None):
         return total or None
     if name.startswith("cdrguard"):
         return cdrguard_stats(log_path)
-    if name == "relay":
+    if name.startswith("relay"):
         return relay_stats(log_path)
     return peer_stats(log_path)
 
@@ -579,7 +583,8 @@ def summarise(runs, contenders):
 
 def ratios(summary):
     out = {}
-    pairs = [("cdrguard-eo", "relay"), ("cdrguard-eo", "kafka-streams"), ("cdrguard-eo-x2", "cdrguard-eo")]
+    pairs = [("cdrguard-eo", "relay"), ("cdrguard-eo", "kafka-streams"), ("cdrguard-eo-x2", "cdrguard-eo"),
+             ("cdrguard-eo", "relay-headers"), ("relay-headers", "relay")]
     for one, other in pairs:
         b, o = summary.get(one), summary.get(other)
         if not b or not o:
@@ -701,7 +706,7 @@ def main():
     runs = []
     for rep in range(1, a.reps + 1):
         for name in contenders:
-            if name == "relay" and fanout is None:
+            if name.startswith("relay") and fanout is None:
                 sys.exit("the relay needs cdrguard-eo's fan-out: list cdrguard-eo before it")
             r = full_phase(a, name, rep, total, fanout)
             if name == "cdrguard-eo" and fanout is None and r["stats"]:

@@ -8,6 +8,8 @@
 #   cdrguard-alo   cdrguard run, at least once
 #   cdrguard-eo-x2 two cdrguard instances in one group, exactly once (the scale run)
 #   relay          the no-op exactly-once relay (benches/e2e/relay.rs)
+#   relay-headers  the same relay with a cdrguard copy's nine Kafka headers on each copy
+#                  (what the headers alone cost)
 #   kafka-streams  the Kafka Streams peer (benches/peers/kafka-streams/run.sh), if present
 #
 # Usage: benches/e2e/run.sh [--smoke] [--records N] [--subscribers N] [--reps R]

@@ -251,6 +251,14 @@ impl ConsentStore {
         *next = (*next).max(offset + 1);
     }
 
+    /// The next offset to apply, per control partition.
+    pub fn positions(&self) -> std::collections::BTreeMap<i32, i64> {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether the table has applied the control event at `offset` of `partition`.
     ///
     /// Retention timers remember an invoice settlement only where the subscriber has

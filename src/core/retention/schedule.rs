@@ -668,6 +668,11 @@ impl Schedule {
         self.release_if_empty(id, p);
     }
 
+    /// Whether it holds nothing: no window, no remembered settlement.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     /// How many windows are open (for metrics and tests).
     pub fn open_windows(&self) -> usize {
         self.open

@@ -409,6 +409,7 @@ impl Shared {
             .await
             .map_err(|_| SinkError::Abandoned)??;
         let now = self.clock.now();
+        let table_at = self.store.positions();
         let mut records = 0;
         for (slot, g) in slots.iter().zip(guards.iter_mut()) {
             records += g.aborted_records();
@@ -416,8 +417,13 @@ impl Shared {
                 slot.wake.notify_one();
             }
             slot.pending.store(0, Ordering::Relaxed);
-            g.timers
-                .on_abort(&self.timer_source, slot.partition, self.policy.clone(), now);
+            g.timers.on_abort(
+                &self.timer_source,
+                slot.partition,
+                self.policy.clone(),
+                now,
+                table_at.clone(),
+            );
         }
         self.uncommitted.store(0, Ordering::Relaxed);
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);

@@ -131,6 +131,7 @@ impl Shared {
                     p,
                     self.policy.clone(),
                     self.clock.now(),
+                    self.store.positions(),
                 ))),
                 wake: Notify::new(),
                 stop: AtomicBool::new(false),

@@ -94,6 +94,7 @@ impl Shared {
                         messages = read.messages,
                         windows = read.windows,
                         took_ms = read.took.as_millis() as u64,
+                        control_from_table = read.control_from_table,
                         "retention timers read back"
                     );
                     if !read.unreadable.is_empty() {

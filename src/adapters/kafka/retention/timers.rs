@@ -50,6 +50,9 @@ pub struct Rebuilding {
     anonymised_sealed: usize,
     /// Keys written meanwhile (partial states), written again whole once ready.
     pub written: Vec<WindowKey>,
+    /// The consent table's position in the control topic when the reading began (the
+    /// next offset per partition): where timers that find nothing start applying events.
+    table_at: BTreeMap<i32, i64>,
     result: Arc<Mutex<Option<Result<Restored, RebuildError>>>>,
     stop: Arc<AtomicBool>,
 }
@@ -84,6 +87,9 @@ pub struct ReadBack {
     pub unreadable: Vec<i64>,
     /// How long it took.
     pub took: std::time::Duration,
+    /// Whether they found nothing and apply control events from the consent table's
+    /// position.
+    pub control_from_table: bool,
 }
 
 /// Where a partition's timers are read back from.
@@ -97,7 +103,14 @@ pub struct Source {
 
 impl Timers {
     /// Starts reading partition `partition` back (on a thread of its own: it blocks).
-    pub fn start(source: &Source, partition: i32, policy: Arc<Policy>, now: Millis) -> Timers {
+    /// `table_at`: the consent table's position now (see [`Timers::finish_reading`]).
+    pub fn start(
+        source: &Source,
+        partition: i32,
+        policy: Arc<Policy>,
+        now: Millis,
+        table_at: BTreeMap<i32, i64>,
+    ) -> Timers {
         let result = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s, src) = (result.clone(), stop.clone(), source.clone());
@@ -124,6 +137,7 @@ impl Timers {
             anonymised_committed: 0,
             anonymised_sealed: 0,
             written: Vec::new(),
+            table_at,
             result,
             stop,
         })
@@ -148,6 +162,13 @@ impl Timers {
     /// Takes the read-back timers once they are there: the copies routed meanwhile join
     /// them, and the windows written partially meanwhile are marked to be written whole.
     /// `None` while still reading; `Some(Err)` if the reading failed.
+    ///
+    /// Timers that found nothing (no window, no settlement, no control offset: a new
+    /// deployment, or a partition that never held anything) apply control events from
+    /// where the consent table stood when the reading began, not from the topic's start.
+    /// Every earlier event is in that table, which routed each copy since and gave it its
+    /// anchors (a contract end, a settlement), and there was no window for it to act on.
+    /// A run thus does not replay years of control history through its timers.
     pub fn finish_reading(
         &mut self,
         policy: &Policy,
@@ -160,6 +181,16 @@ impl Timers {
         let mut restored = match done {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),
+        };
+        let found_nothing = restored.applied.is_empty() && restored.schedule.is_empty();
+        let (applied, applied_changed) = if found_nothing {
+            // Offsets kept are the last applied; the table's are the next to apply.
+            let applied: BTreeMap<i32, i64> =
+                b.table_at.iter().map(|(p, next)| (*p, next - 1)).collect();
+            let changed = applied.keys().copied().collect();
+            (applied, changed)
+        } else {
+            (std::mem::take(&mut restored.applied), Vec::new())
         };
         for c in b.pending.drain(..) {
             let Some(rule) = policy.rule(c.purpose) else {
@@ -188,11 +219,12 @@ impl Timers {
             windows: restored.schedule.open_windows(),
             unreadable: restored.unreadable.iter().map(|(o, _)| *o).collect(),
             took: restored.took,
+            control_from_table: found_nothing,
         };
         *self = Timers::Ready(Box::new(Ready {
             schedule: restored.schedule,
-            applied: restored.applied,
-            applied_changed: Vec::new(),
+            applied,
+            applied_changed,
             crowds: restored.crowds,
         }));
         Some(Ok(read))
@@ -227,7 +259,14 @@ impl Timers {
     /// The open transaction was aborted. While reading back, its batch and the copies it
     /// held are dropped (the records are read again). Ready timers may hold changes that
     /// never reached the topic: they are read back again.
-    pub fn on_abort(&mut self, source: &Source, partition: i32, policy: Arc<Policy>, now: Millis) {
+    pub fn on_abort(
+        &mut self,
+        source: &Source,
+        partition: i32,
+        policy: Arc<Policy>,
+        now: Millis,
+        table_at: BTreeMap<i32, i64>,
+    ) {
         match self {
             Timers::Rebuilding(b) => {
                 b.batch.clear();
@@ -236,7 +275,7 @@ impl Timers {
                 b.sealed = b.committed;
                 b.anonymised_sealed = b.anonymised_committed;
             }
-            Timers::Ready(_) => *self = Timers::start(source, partition, policy, now),
+            Timers::Ready(_) => *self = Timers::start(source, partition, policy, now, table_at),
         }
     }
 
