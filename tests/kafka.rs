@@ -1322,6 +1322,72 @@ fn rights_expire_the_routes_they_end_once_even_across_a_kill_9() {
     }
 }
 
+/// A run that starts with empty timers does not replay the control topic's history
+/// through them: an erasure followed by a new consent, both before the run, must not end
+/// the marketing windows of records routed under that consent (the consent table already
+/// holds both and routed the copies; replaying the erasure expired them at once).
+#[test]
+fn rights_before_the_run_do_not_end_windows_routed_under_a_later_consent() {
+    let b = broker();
+    let dir = scratch("history");
+    let prefix = unique("history");
+    let day = t("2026-03-02T00:00:00.000Z");
+    let clock_start = t("2026-03-07T00:00:00.000Z");
+    let retention = format!("clock_start = \"{clock_start}\"");
+    let (path, cfg) = run_config(
+        &dir,
+        &b.bootstrap,
+        &prefix,
+        "excedo",
+        Tweaks {
+            retention: &retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, _) = load(&cfg);
+    create_topics(&cfg, &policy, 2, 1);
+    let m = "+46707770003";
+    let ev = |at: Millis, change: Change| ControlEvent {
+        msisdn: m.into(),
+        at,
+        change,
+    };
+    let erased = Millis(day.0 - 2 * 86_400_000);
+    let granted = Millis(day.0 - 86_400_000);
+    produce(
+        &b.bootstrap,
+        &cfg.control_topic,
+        &control_messages(&[
+            ev(erased, Change::Erasure),
+            ev(
+                granted,
+                Change::Consent {
+                    purpose: Purpose::Marketing,
+                    granted: true,
+                },
+            ),
+        ]),
+    );
+    let a = Processor::start(&path, &dir.join("a.log"), &[]);
+    let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
+    let records: Vec<_> = (0..3)
+        .map(|i| record_at(m, &format!("history-{i}"), Millis(day.0 + i * 60_000)))
+        .collect();
+    produce(&b.bootstrap, &cfg.input_topic, &records);
+    offsets.wait_at_end(&b.bootstrap, "the records");
+    // Long enough for the control events to reach the timers many commits over, had
+    // they been read from the start.
+    std::thread::sleep(Duration::from_secs(8));
+    let finished = finish(&b.bootstrap, &cfg, [Run::Process(a)]);
+    assert_eq!(
+        read_route(&b.bootstrap, &cfg, Purpose::Marketing, &finished).len(),
+        3,
+        "the new consent routes marketing copies"
+    );
+    let got = expiries(&b.bootstrap, &cfg);
+    assert!(got.is_empty(), "no window was ended: {got:?}");
+}
+
 /// An invoice settlement starts the clock of the billing windows it covers: nothing of
 /// billing fires before it, and the settled period's one window fires at the settlement
 /// plus the rule's six months.
