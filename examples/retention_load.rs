@@ -27,8 +27,8 @@ use cdrguard::adapters::kafka::retention::entries;
 use cdrguard::adapters::keyfile;
 use cdrguard::codec::json;
 use cdrguard::core::pseudonym::Keyring;
-use cdrguard::core::retention::ScheduleEntry;
 use cdrguard::core::retention::schedule::{Persist, Schedule};
+use cdrguard::core::retention::{Anchors, ScheduleEntry};
 use cdrguard::core::treat::subscriber_ref;
 use cdrguard::policy::{Policy, load_file, parse_policy, shipped};
 use cdrguard::vocab::purpose::Purpose;
@@ -207,7 +207,7 @@ fn fill(o: &Opts) -> Result<(), String> {
                         record_time: t,
                         rule: &rule.retention,
                     },
-                    None,
+                    Anchors::default(),
                 );
             }
         }
