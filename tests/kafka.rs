@@ -1084,6 +1084,35 @@ fn expiries(
     out
 }
 
+/// An Excedo run whose `[retention]` settings are `retention` (its clock), its topics
+/// made with `partitions` input partitions: the setup of the retention tests.
+fn excedo_run(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    prefix: &str,
+    retention: &str,
+    partitions: i32,
+) -> (
+    std::path::PathBuf,
+    RunConfig,
+    cdrguard::policy::Policy,
+    cdrguard::core::pseudonym::Keyring,
+) {
+    let (path, cfg) = run_config(
+        dir,
+        bootstrap,
+        prefix,
+        "excedo",
+        Tweaks {
+            retention,
+            ..Tweaks::default()
+        },
+    );
+    let (policy, keys) = load(&cfg);
+    create_topics(&cfg, &policy, partitions, 1);
+    (path, cfg, policy, keys)
+}
+
 /// Every expiry came exactly once.
 fn assert_each_once(got: &BTreeMap<(String, String, String, String), (String, usize)>) {
     let twice: Vec<_> = got.iter().filter(|(_, (_, n))| *n != 1).collect();
@@ -1107,18 +1136,7 @@ fn expiries_fire_at_their_deadline_once_each_across_a_kill_9() {
     let deadline = cdrguard::core::retention::event_time_deadline(fraud, day);
     let clock_start = Millis(deadline.0 - 10 * 60_000);
     let retention = format!("clock_start = \"{clock_start}\"\nclock_speed = 20\nfire_batch = 1");
-    let (path, cfg) = run_config(
-        &dir,
-        &b.bootstrap,
-        &prefix,
-        "excedo",
-        Tweaks {
-            retention: &retention,
-            ..Tweaks::default()
-        },
-    );
-    let (policy, _) = load(&cfg);
-    create_topics(&cfg, &policy, 3, 1);
+    let (path, cfg, _, _) = excedo_run(&dir, &b.bootstrap, &prefix, &retention, 3);
     let subscribers: Vec<String> = (0..40).map(|i| format!("+4670777{i:04}")).collect();
     let mut records = Vec::new();
     for (i, s) in subscribers.iter().enumerate() {
@@ -1211,18 +1229,7 @@ fn rights_expire_the_routes_they_end_once_even_across_a_kill_9() {
     let day = t("2026-03-02T00:00:00.000Z");
     let clock_start = t("2026-03-07T00:00:00.000Z");
     let retention = format!("clock_start = \"{clock_start}\"");
-    let (path, cfg) = run_config(
-        &dir,
-        &b.bootstrap,
-        &prefix,
-        "excedo",
-        Tweaks {
-            retention: &retention,
-            ..Tweaks::default()
-        },
-    );
-    let (policy, keys) = load(&cfg);
-    create_topics(&cfg, &policy, 2, 1);
+    let (path, cfg, policy, keys) = excedo_run(&dir, &b.bootstrap, &prefix, &retention, 2);
     let (erased, withdrawn) = ("+46707770001", "+46707770002");
     let ev = |msisdn: &str, at: Millis, change: Change| ControlEvent {
         msisdn: msisdn.into(),
@@ -1334,18 +1341,7 @@ fn rights_before_the_run_do_not_end_windows_routed_under_a_later_consent() {
     let day = t("2026-03-02T00:00:00.000Z");
     let clock_start = t("2026-03-07T00:00:00.000Z");
     let retention = format!("clock_start = \"{clock_start}\"");
-    let (path, cfg) = run_config(
-        &dir,
-        &b.bootstrap,
-        &prefix,
-        "excedo",
-        Tweaks {
-            retention: &retention,
-            ..Tweaks::default()
-        },
-    );
-    let (policy, _) = load(&cfg);
-    create_topics(&cfg, &policy, 2, 1);
+    let (path, cfg, _, _) = excedo_run(&dir, &b.bootstrap, &prefix, &retention, 2);
     let m = "+46707770003";
     let ev = |at: Millis, change: Change| ControlEvent {
         msisdn: m.into(),
@@ -1407,18 +1403,7 @@ fn an_invoice_settlement_starts_the_billing_clock() {
     // times faster, so the window fires about 40 real seconds after the start.
     let clock_start = Millis(deadline.0 - 40 * 60_000);
     let retention = format!("clock_start = \"{clock_start}\"\nclock_speed = 60");
-    let (path, cfg) = run_config(
-        &dir,
-        &b.bootstrap,
-        &prefix,
-        "excedo",
-        Tweaks {
-            retention: &retention,
-            ..Tweaks::default()
-        },
-    );
-    let (policy, _) = load(&cfg);
-    create_topics(&cfg, &policy, 2, 1);
+    let (path, cfg, _, _) = excedo_run(&dir, &b.bootstrap, &prefix, &retention, 2);
     let s = "+46707770009";
     let a = Processor::start(&path, &dir.join("a.log"), &[]);
     let offsets = GroupOffsets::new(&b.bootstrap, &cfg.group_id, &cfg.input_topic);
@@ -1517,18 +1502,7 @@ fn a_rebalance_hands_timers_to_the_new_owner_each_fired_once() {
     // real time to route the records and hand partitions over first.
     let clock_start = Millis(deadline.0 - 40 * 60_000);
     let retention = format!("clock_start = \"{clock_start}\"\nclock_speed = 40");
-    let (path, cfg) = run_config(
-        &dir,
-        &b.bootstrap,
-        &prefix,
-        "excedo",
-        Tweaks {
-            retention: &retention,
-            ..Tweaks::default()
-        },
-    );
-    let (policy, _) = load(&cfg);
-    create_topics(&cfg, &policy, 4, 1);
+    let (path, cfg, _, _) = excedo_run(&dir, &b.bootstrap, &prefix, &retention, 4);
     let subscribers: Vec<String> = (0..60).map(|i| format!("+4670778{i:04}")).collect();
     let records: Vec<_> = subscribers
         .iter()
