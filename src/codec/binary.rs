@@ -3,10 +3,9 @@
 //! integers, u64 lengths, u32 enum tags, u8 option tags). Layouts are in
 //! `schemas/binary.md`.
 
-use std::mem::MaybeUninit;
-
 use wincode::{SchemaRead, SchemaWrite};
 
+use super::cursor::{self, Cursor};
 use super::{DecodeError, EnvelopeBytes, Envelopes};
 use crate::core::process::{Copy, Envelope};
 use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
@@ -216,72 +215,8 @@ pub(crate) fn strings(s: &[&str]) -> Box<[u8]> {
 /// usage lists or masked values) takes the `Vec` path.
 const CHUNK: usize = 768;
 
-/// Writes one copy into a fixed-size chunk of the output's spare capacity (one capacity
-/// check per copy): the position lives in a register, and no write checks or grows a
-/// `Vec`. A write that does not fit fails, and the copy is written again by
-/// [`encode_copy_vec`].
-///
-/// The chunk is not zeroed first (that cost a 768-byte `memset` per copy): every write
-/// initialises the bytes it moves `pos` over, so `buf[..pos]` is always initialised.
-struct Cursor<'b> {
-    buf: &'b mut [MaybeUninit<u8>; CHUNK],
-    pos: usize,
-}
-
-/// Initialises `dst` with `src` (both the same length at every call): `copy_from_slice`
-/// for uninitialised bytes, which is not stable at the crate's minimum Rust. A fixed-size
-/// move when the length is a constant.
-#[inline(always)]
-fn init(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
-    let n = dst.len().min(src.len());
-    // SAFETY: both ranges hold `n` bytes, and a `&mut` cannot overlap a `&`.
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<u8>(), n) }
-}
-
-impl Cursor<'_> {
-    #[inline(always)]
-    fn put<const N: usize>(&mut self, b: [u8; N]) -> Option<()> {
-        init(self.buf.get_mut(self.pos..self.pos + N)?, &b);
-        self.pos += N;
-        Some(())
-    }
-
-    /// A short slice is copied in at most two overlapping fixed-size moves, without a
-    /// call to `memcpy` (most values are 2 to 64 bytes; an envelope's tags about 90).
-    /// Every branch writes all `n` bytes. The sizes are tested most common first: most
-    /// identifiers are 8 to 16 bytes, and reach their move after two comparisons.
-    #[inline(always)]
-    fn bytes(&mut self, b: &[u8]) -> Option<()> {
-        let n = b.len();
-        let dst = self.buf.get_mut(self.pos..self.pos + n)?;
-        if n <= 16 {
-            if n >= 8 {
-                init(&mut dst[..8], &b[..8]);
-                init(&mut dst[n - 8..], &b[n - 8..]);
-            } else if n >= 4 {
-                init(&mut dst[..4], &b[..4]);
-                init(&mut dst[n - 4..], &b[n - 4..]);
-            } else if n >= 1 {
-                dst[0].write(b[0]);
-                dst[n / 2].write(b[n / 2]);
-                dst[n - 1].write(b[n - 1]);
-            }
-        } else if n <= 32 {
-            init(&mut dst[..16], &b[..16]);
-            init(&mut dst[n - 16..], &b[n - 16..]);
-        } else if n <= 64 {
-            init(&mut dst[..32], &b[..32]);
-            init(&mut dst[n - 32..], &b[n - 32..]);
-        } else if n <= 128 {
-            init(&mut dst[..64], &b[..64]);
-            init(&mut dst[n - 64..], &b[n - 64..]);
-        } else {
-            init(dst, b);
-        }
-        self.pos += n;
-        Some(())
-    }
-
+/// The binary layout's pieces, written through the shared cursor (`codec::cursor`).
+impl Cursor<'_, CHUNK> {
     #[inline(always)]
     fn string(&mut self, s: &str) -> Option<()> {
         self.put((s.len() as u64).to_le_bytes())?;
@@ -382,21 +317,8 @@ impl Cursor<'_> {
 /// shipped policy). Written field by field because wincode's generic writer cost a third
 /// of the binary pipeline. Enum values are their variant index (declaration order).
 pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.reserve(CHUNK);
-    let n = match <&mut [MaybeUninit<u8>; CHUNK]>::try_from(&mut out.spare_capacity_mut()[..CHUNK])
-    {
-        Ok(buf) => {
-            let mut w = Cursor { buf, pos: 0 };
-            w.copy(env, c).map(|()| w.pos)
-        }
-        Err(_) => None,
-    };
-    match n {
-        // SAFETY: the cursor initialised the first `n` bytes of the spare capacity (see
-        // `Cursor`), and `n <= CHUNK` fits in it.
-        Some(n) => unsafe { out.set_len(start + n) },
-        None => encode_copy_vec(env, c, out),
+    if !cursor::write_with::<CHUNK>(out, |w| w.copy(env, c)) {
+        encode_copy_vec(env, c, out);
     }
 }
 

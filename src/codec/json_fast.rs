@@ -150,6 +150,41 @@ pub(super) fn first_special(s: &[u8]) -> Option<usize> {
     (m != 0).then(|| s.len() - 8 + m.trailing_zeros() as usize / 8)
 }
 
+/// Whether `s` holds a byte a JSON string cannot hold raw (see [`first_special`]). A
+/// value of up to 16 bytes, as most record values are, is checked as two overlapping
+/// words without a loop or a call.
+#[inline(always)]
+pub(super) fn needs_escape(s: &[u8]) -> bool {
+    let n = s.len();
+    let word = |b: &[u8]| -> u64 {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let w = match n {
+        0 => return false,
+        8..=16 => {
+            let (a, b) = (word(&s[..8]), word(&s[n - 8..]));
+            return special_bytes(a) | special_bytes(b) != 0;
+        }
+        4..8 => word(&s[..4]) | word(&s[n - 4..]) << 32,
+        1..4 => u64::from_le_bytes([s[0], s[n / 2], s[n - 1], s[0], s[0], s[0], s[0], s[0]]),
+        _ => return first_special(s).is_some(),
+    };
+    special_bytes(w) != 0
+}
+
+/// The high bit of each byte of `x` that may be a control character, `"` or `\`: zero
+/// only if none is (the has-less-than and has-zero-byte bit tricks; a flag above a real
+/// one may be spurious, the lowest one never is).
+#[inline(always)]
+fn special_bytes(x: u64) -> u64 {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGH;
+    below(x, 0x20) | below(x ^ (ONES * b'"' as u64), 1) | below(x ^ (ONES * b'\\' as u64), 1)
+}
+
 #[derive(Default)]
 struct Fields<'a> {
     record_id: Option<&'a str>,
@@ -388,6 +423,26 @@ mod tests {
                     let mut s = clean.clone();
                     s[at] = b;
                     assert_eq!(first_special(&s), None, "{len} {at} {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn needs_escape_agrees_with_first_special() {
+        for len in 0..40 {
+            let clean = vec![b'a'; len];
+            assert!(!needs_escape(&clean));
+            for at in 0..len {
+                for b in (0u8..0x20).chain([b'"', b'\\']) {
+                    let mut s = clean.clone();
+                    s[at] = b;
+                    assert!(needs_escape(&s), "{len} {at} {b}");
+                }
+                for b in [0x20u8, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xff] {
+                    let mut s = clean.clone();
+                    s[at] = b;
+                    assert!(!needs_escape(&s), "{len} {at} {b}");
                 }
             }
         }

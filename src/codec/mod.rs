@@ -5,6 +5,7 @@
 //! comes back as a [`DeadLetter`] reason instead of stopping the stream.
 
 pub mod binary;
+mod cursor;
 #[cfg(test)]
 mod field_table;
 pub mod json;
