@@ -47,6 +47,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(f.json_lines.len() as u64));
     g.sample_size(20);
     let mut out = Vec::with_capacity(1 << 16);
+    let mut scratch = Vec::new();
     g.bench_function("json", |b| {
         b.iter(|| {
             for line in &f.json_lines {
@@ -55,8 +56,9 @@ fn bench(c: &mut Criterion) {
                 let mut d = Decision::default();
                 process_into(&r, policy, st, keys, now, &mut d);
                 out.clear();
+                let rj = json::RecordJson::new(&r, &mut scratch);
                 for c in &d.copies {
-                    json::encode_copy(&f.envelopes, c, &mut out);
+                    rj.encode_copy(&f.envelopes, c, &mut out);
                 }
                 black_box(&out);
             }

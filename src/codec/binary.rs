@@ -516,7 +516,7 @@ mod tests {
     #[test]
     fn hand_written_copies_are_byte_for_byte_wincode() {
         let (mut copies, mut out, mut want) = (0, Vec::new(), Vec::new());
-        crate::codec::tests::for_every_copy(|env, c| {
+        crate::codec::tests::for_every_copy(|env, _, c| {
             // The chunk is not zeroed: a byte the encoder skipped would show this filler.
             let filler = if copies % 2 == 0 { 0xA5 } else { 0x5A };
             out.clear();

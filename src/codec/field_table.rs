@@ -113,6 +113,7 @@ fn the_json_copy_writer_writes_every_field_under_its_name_in_table_order() {
     };
     let r = full();
     let kept = treat(&cx, &[Treatment::Keep; Field::COUNT], &r);
+    assert_eq!(crate::core::treat::kept(&r), kept);
     let mut out = Vec::new();
     super::json::write_record(&kept, &mut out);
     assert_eq!(keys_in_order(&out), names());

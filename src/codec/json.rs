@@ -8,7 +8,7 @@ use super::{DecodeError, Envelopes};
 use crate::core::control::{ControlEvent, RawControl};
 use crate::core::process::{Copy, Envelope};
 use crate::core::record::Record;
-use crate::core::treat::{Text, Treated};
+use crate::core::treat::{Text, Treated, UsageOut};
 use crate::policy::Retention;
 use crate::vocab::purpose::Field;
 use crate::vocab::treatment::Treatment;
@@ -227,15 +227,213 @@ impl Serialize for Copy<'_> {
 ///
 /// Most copies are written through the output cursor (`codec::cursor`); a copy larger
 /// than [`CHUNK`] or holding a value that needs escaping is written again through the
-/// `Vec` path below, which escapes as serde_json does.
+/// `Vec` path below, which escapes as serde_json does. Where a record has several copies,
+/// [`RecordJson::encode_copy`] writes them with less work.
 pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
-    if !cursor::write_with::<CHUNK>(out, |w| w.copy(env, c)) {
+    if !cursor::write_with::<CHUNK>(out, |w| w.copy(env, None, c)) {
         encode_copy_vec(env, c, out);
+    }
+}
+
+/// Runs `$body` once for each field, in record order, with `$f` naming it as a constant:
+/// each `match` on the field then folds away, which a loop over `Field::ALL` did not
+/// allow (a test holds the list to `Field::ALL`).
+macro_rules! each_field {
+    ($f:ident => $body:expr) => {{
+        {
+            const $f: Field = Field::RecordId;
+            $body
+        }
+        {
+            const $f: Field = Field::Kind;
+            $body
+        }
+        {
+            const $f: Field = Field::Msisdn;
+            $body
+        }
+        {
+            const $f: Field = Field::Imsi;
+            $body
+        }
+        {
+            const $f: Field = Field::Imei;
+            $body
+        }
+        {
+            const $f: Field = Field::OtherParty;
+            $body
+        }
+        {
+            const $f: Field = Field::StartTime;
+            $body
+        }
+        {
+            const $f: Field = Field::DurationS;
+            $body
+        }
+        {
+            const $f: Field = Field::CloseCause;
+            $body
+        }
+        {
+            const $f: Field = Field::Cell;
+            $body
+        }
+        {
+            const $f: Field = Field::ServingPlmn;
+            $body
+        }
+        {
+            const $f: Field = Field::ServiceCentre;
+            $body
+        }
+        {
+            const $f: Field = Field::Apn;
+            $body
+        }
+        {
+            const $f: Field = Field::ChargingId;
+            $body
+        }
+        {
+            const $f: Field = Field::Rat;
+            $body
+        }
+        {
+            const $f: Field = Field::UeIp;
+            $body
+        }
+        {
+            const $f: Field = Field::Usage;
+            $body
+        }
+        {
+            const $f: Field = Field::RecordingEntity;
+            $body
+        }
+        {
+            const $f: Field = Field::LocalSeqNo;
+            $body
+        }
+    }};
+}
+
+/// A record's fields written once as JSON (`,"name":value` each, in record order), for
+/// all of its copies: a copy that carries a field as the record has it takes its bytes
+/// from here, and a run of such fields is one move. A record has three to four copies,
+/// most of them keeping most fields, and writing each field again for each copy (number
+/// and time formatting, escape checks) was most of the JSON encoder's cost.
+///
+/// A copy's value is recognised as the record's by what it is: the same text in the same
+/// place (the record is borrowed for as long as this lives, so its texts cannot move or
+/// change), or the same number, time or variant. A copy of another record, or a value
+/// the copy derived, is written as [`encode_copy`] writes it, so the result is always
+/// the same as that function's.
+pub struct RecordJson<'r> {
+    record: &'r Record<'r>,
+    buf: &'r [u8],
+    /// Each field's bytes in `buf`; an empty range where the record lacks the field,
+    /// placed where the field would be, so that the ranges of a run are adjacent.
+    spans: [(u32, u32); Field::COUNT],
+}
+
+impl<'r> RecordJson<'r> {
+    /// Writes every field of `record` into `scratch` (cleared first).
+    pub fn new(record: &'r Record<'r>, scratch: &'r mut Vec<u8>) -> RecordJson<'r> {
+        scratch.clear();
+        let kept = crate::core::treat::kept(record);
+        let mut spans = [(0, 0); Field::COUNT];
+        // Through the cursor as a copy is written; a record too large for it or with a
+        // value to escape through the `Vec` path.
+        let fast = cursor::write_with::<CHUNK>(scratch, |w| {
+            each_field!(F => {
+                let start = w.pos() as u32;
+                w.own_field(F, &kept)?;
+                spans[F as usize] = (start, w.pos() as u32);
+            });
+            Some(())
+        });
+        if !fast {
+            for f in Field::ALL {
+                let start = scratch.len() as u32;
+                write_field(f, &kept, scratch);
+                spans[f as usize] = (start, scratch.len() as u32);
+            }
+        }
+        RecordJson {
+            record,
+            buf: scratch,
+            spans,
+        }
+    }
+
+    /// Appends copy `c` as [`encode_copy`] does (the same bytes), taking what it can
+    /// from this record's fields.
+    pub fn encode_copy(&self, env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
+        if !cursor::write_with::<CHUNK>(out, |w| w.copy(env, Some(self), c)) {
+            encode_copy_vec(env, c, out);
+        }
+    }
+
+    /// Whether field `f` of the copy's record is this record's, as written here.
+    #[inline(always)]
+    fn same(&self, f: Field, t: &Treated<'_>) -> bool {
+        let r = self.record;
+        // The same text: the same bytes at the same address.
+        fn text(t: &Option<Text<'_>>, v: Option<&str>) -> bool {
+            match (t, v) {
+                (None, None) => true,
+                (Some(Text::Raw(a)), Some(b)) => std::ptr::eq(*a, b),
+                _ => false,
+            }
+        }
+        match f {
+            Field::RecordId => text(&t.record_id, Some(&r.record_id)),
+            Field::Kind => t.kind == Some(r.kind),
+            Field::Msisdn => text(&t.msisdn, Some(&r.msisdn)),
+            Field::Imsi => text(&t.imsi, Some(&r.imsi)),
+            Field::Imei => text(&t.imei, r.imei.as_deref()),
+            Field::OtherParty => text(&t.other_party, r.other_party.as_deref()),
+            Field::StartTime => t.start_time == Some(r.start_time),
+            Field::DurationS => t.duration_s == r.duration_s,
+            Field::CloseCause => t.close_cause == Some(r.close_cause),
+            Field::Cell => match (&t.cell, &r.cell) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    std::ptr::eq(a.mcc, &*b.mcc)
+                        && std::ptr::eq(a.mnc, &*b.mnc)
+                        && a.lac_or_tac == b.lac_or_tac
+                        && a.cell_id == Some(b.cell_id)
+                }
+                _ => false,
+            },
+            Field::ServingPlmn => text(&t.serving_plmn, Some(&r.serving_plmn)),
+            Field::ServiceCentre => text(&t.service_centre, r.service_centre.as_deref()),
+            Field::Apn => text(&t.apn, r.apn.as_deref()),
+            Field::ChargingId => t.charging_id == r.charging_id,
+            Field::Rat => t.rat == Some(r.rat),
+            Field::UeIp => text(&t.ue_ip, r.ue_ip.as_deref()),
+            Field::Usage => match (&t.usage, &r.usage) {
+                (None, None) => true,
+                (Some(UsageOut::Raw(a)), Some(b)) => std::ptr::eq(*a, b.as_slice()),
+                _ => false,
+            },
+            Field::RecordingEntity => text(&t.recording_entity, Some(&r.recording_entity)),
+            Field::LocalSeqNo => t.local_seq_no == Some(r.local_seq_no),
+        }
     }
 }
 
 /// Room reserved for one copy: a typical copy takes 500 to 1,100 bytes.
 const CHUNK: usize = 2048;
+
+/// A range of a [`RecordJson`]'s bytes not yet moved into the copy.
+#[derive(Default)]
+struct Run {
+    start: u32,
+    end: u32,
+}
 
 /// The JSON pieces of a copy, written through the shared cursor. Keys are literals at
 /// each call, so their moves are of constant size. Returns `None` where the copy must
@@ -279,10 +477,23 @@ impl Cursor<'_, CHUNK> {
         }
     }
 
-    /// Closes an object whose members were each written with a leading comma from
-    /// `open` on: the first comma becomes the opening brace.
     #[inline(always)]
-    fn close_object(&mut self, open: usize) -> Option<()> {
+    fn copy(&mut self, env: &Envelopes, rj: Option<&RecordJson<'_>>, c: &Copy<'_>) -> Option<()> {
+        self.bytes(b"{\"record\":")?;
+        self.record(rj, &c.record)?;
+        self.bytes(b",\"envelope\":")?;
+        self.envelope(env, &c.envelope)?;
+        self.put(*b"}")
+    }
+
+    /// The treated record, as [`write_record`] writes it: each field with a leading
+    /// comma, the first comma then turned into the opening brace.
+    #[inline(always)]
+    fn record(&mut self, rj: Option<&RecordJson<'_>>, t: &Treated<'_>) -> Option<()> {
+        let open = self.pos();
+        let mut run = Run::default();
+        each_field!(F => self.field(rj, &mut run, F, t)?);
+        self.flush(rj, &mut run)?;
         if self.pos() == open {
             return self.put(*b"{}");
         }
@@ -290,88 +501,143 @@ impl Cursor<'_, CHUNK> {
         self.put(*b"}")
     }
 
+    /// Field `f`: added to the run of the record's bytes where the copy carries it as
+    /// the record has it, else written here.
     #[inline(always)]
-    fn copy(&mut self, env: &Envelopes, c: &Copy<'_>) -> Option<()> {
-        self.bytes(b"{\"record\":")?;
-        self.record(&c.record)?;
-        self.bytes(b",\"envelope\":")?;
-        self.envelope(env, &c.envelope)?;
-        self.put(*b"}")
+    fn field(
+        &mut self,
+        rj: Option<&RecordJson<'_>>,
+        run: &mut Run,
+        f: Field,
+        t: &Treated<'_>,
+    ) -> Option<()> {
+        if let Some(rj) = rj
+            && rj.same(f, t)
+        {
+            let (start, end) = rj.spans[f as usize];
+            if start != run.end {
+                self.flush(Some(rj), run)?;
+                run.start = start;
+            }
+            run.end = end;
+            return Some(());
+        }
+        self.flush(rj, run)?;
+        self.own_field(f, t)
     }
 
-    /// The treated record, as [`write_record`] writes it.
+    /// Moves the pending run into the copy.
     #[inline(always)]
-    fn record(&mut self, r: &Treated<'_>) -> Option<()> {
-        let open = self.pos();
-        self.text(b",\"record_id\":", &r.record_id)?;
-        if let Some(k) = r.kind {
-            self.bytes(b",\"kind\":")?;
-            self.name_value(k.id())?;
+    fn flush(&mut self, rj: Option<&RecordJson<'_>>, run: &mut Run) -> Option<()> {
+        if let Some(rj) = rj
+            && run.end > run.start
+        {
+            self.bytes(&rj.buf[run.start as usize..run.end as usize])?;
+            run.start = run.end;
         }
-        self.text(b",\"msisdn\":", &r.msisdn)?;
-        self.text(b",\"imsi\":", &r.imsi)?;
-        self.text(b",\"imei\":", &r.imei)?;
-        self.text(b",\"other_party\":", &r.other_party)?;
-        if let Some(t) = r.start_time {
-            self.bytes(b",\"start_time\":\"")?;
-            self.put(*t.to_buf().as_bytes())?;
-            self.put(*b"\"")?;
-        }
-        if let Some(d) = r.duration_s {
-            self.bytes(b",\"duration_s\":")?;
-            self.number(d)?;
-        }
-        if let Some(c) = r.close_cause {
-            self.bytes(b",\"close_cause\":")?;
-            self.name_value(c.id())?;
-        }
-        if let Some(c) = &r.cell {
-            self.bytes(b",\"cell\":{\"mcc\":")?;
-            self.str_value(c.mcc)?;
-            self.bytes(b",\"mnc\":")?;
-            self.str_value(c.mnc)?;
-            self.bytes(b",\"lac_or_tac\":")?;
-            self.number(c.lac_or_tac)?;
-            if let Some(id) = c.cell_id {
-                self.bytes(b",\"cell_id\":")?;
-                self.number(id)?;
-            }
-            self.put(*b"}")?;
-        }
-        self.text(b",\"serving_plmn\":", &r.serving_plmn)?;
-        self.text(b",\"service_centre\":", &r.service_centre)?;
-        self.text(b",\"apn\":", &r.apn)?;
-        if let Some(c) = r.charging_id {
-            self.bytes(b",\"charging_id\":")?;
-            self.number(c)?;
-        }
-        if let Some(rat) = r.rat {
-            self.bytes(b",\"rat\":")?;
-            self.name_value(rat.id())?;
-        }
-        self.text(b",\"ue_ip\":", &r.ue_ip)?;
-        if let Some(usage) = &r.usage {
-            self.bytes(b",\"usage\":[")?;
-            for (i, u) in usage.as_slice().iter().enumerate() {
-                if i > 0 {
-                    self.put(*b",")?;
+        Some(())
+    }
+
+    /// `,"name":value` for field `f` of the copy, as [`write_field`] writes it.
+    #[inline(always)]
+    fn own_field(&mut self, f: Field, r: &Treated<'_>) -> Option<()> {
+        match f {
+            Field::RecordId => self.text(b",\"record_id\":", &r.record_id),
+            Field::Kind => match r.kind {
+                None => Some(()),
+                Some(k) => {
+                    self.bytes(b",\"kind\":")?;
+                    self.name_value(k.id())
                 }
-                self.bytes(b"{\"rating_group\":")?;
-                self.number(u.rating_group)?;
-                self.bytes(b",\"ul_bytes\":")?;
-                self.number(u.ul_bytes)?;
-                self.bytes(b",\"dl_bytes\":")?;
-                self.number(u.dl_bytes)?;
-                self.put(*b"}")?;
-            }
-            self.put(*b"]")?;
+            },
+            Field::Msisdn => self.text(b",\"msisdn\":", &r.msisdn),
+            Field::Imsi => self.text(b",\"imsi\":", &r.imsi),
+            Field::Imei => self.text(b",\"imei\":", &r.imei),
+            Field::OtherParty => self.text(b",\"other_party\":", &r.other_party),
+            Field::StartTime => match r.start_time {
+                None => Some(()),
+                Some(t) => {
+                    self.bytes(b",\"start_time\":\"")?;
+                    self.put(*t.to_buf().as_bytes())?;
+                    self.put(*b"\"")
+                }
+            },
+            Field::DurationS => match r.duration_s {
+                None => Some(()),
+                Some(d) => {
+                    self.bytes(b",\"duration_s\":")?;
+                    self.number(d)
+                }
+            },
+            Field::CloseCause => match r.close_cause {
+                None => Some(()),
+                Some(c) => {
+                    self.bytes(b",\"close_cause\":")?;
+                    self.name_value(c.id())
+                }
+            },
+            Field::Cell => match &r.cell {
+                None => Some(()),
+                Some(c) => {
+                    self.bytes(b",\"cell\":{\"mcc\":")?;
+                    self.str_value(c.mcc)?;
+                    self.bytes(b",\"mnc\":")?;
+                    self.str_value(c.mnc)?;
+                    self.bytes(b",\"lac_or_tac\":")?;
+                    self.number(c.lac_or_tac)?;
+                    if let Some(id) = c.cell_id {
+                        self.bytes(b",\"cell_id\":")?;
+                        self.number(id)?;
+                    }
+                    self.put(*b"}")
+                }
+            },
+            Field::ServingPlmn => self.text(b",\"serving_plmn\":", &r.serving_plmn),
+            Field::ServiceCentre => self.text(b",\"service_centre\":", &r.service_centre),
+            Field::Apn => self.text(b",\"apn\":", &r.apn),
+            Field::ChargingId => match r.charging_id {
+                None => Some(()),
+                Some(c) => {
+                    self.bytes(b",\"charging_id\":")?;
+                    self.number(c)
+                }
+            },
+            Field::Rat => match r.rat {
+                None => Some(()),
+                Some(rat) => {
+                    self.bytes(b",\"rat\":")?;
+                    self.name_value(rat.id())
+                }
+            },
+            Field::UeIp => self.text(b",\"ue_ip\":", &r.ue_ip),
+            Field::Usage => match &r.usage {
+                None => Some(()),
+                Some(usage) => {
+                    self.bytes(b",\"usage\":[")?;
+                    for (i, u) in usage.as_slice().iter().enumerate() {
+                        if i > 0 {
+                            self.put(*b",")?;
+                        }
+                        self.bytes(b"{\"rating_group\":")?;
+                        self.number(u.rating_group)?;
+                        self.bytes(b",\"ul_bytes\":")?;
+                        self.number(u.ul_bytes)?;
+                        self.bytes(b",\"dl_bytes\":")?;
+                        self.number(u.dl_bytes)?;
+                        self.put(*b"}")?;
+                    }
+                    self.put(*b"]")
+                }
+            },
+            Field::RecordingEntity => self.text(b",\"recording_entity\":", &r.recording_entity),
+            Field::LocalSeqNo => match r.local_seq_no {
+                None => Some(()),
+                Some(n) => {
+                    self.bytes(b",\"local_seq_no\":")?;
+                    self.number(n)
+                }
+            },
         }
-        self.text(b",\"recording_entity\":", &r.recording_entity)?;
-        if let Some(n) = r.local_seq_no {
-            self.bytes(b",\"local_seq_no\":")?;
-            self.number(n)?;
-        }
-        self.close_object(open)
     }
 
     /// The envelope, as [`envelope`] writes it.
@@ -508,72 +774,113 @@ impl<'o> Members<'o> {
 
 /// A treated record as the JSON object of a copy, its fields in the record's order.
 pub(super) fn write_record(r: &Treated<'_>, out: &mut Vec<u8>) {
-    let mut m = Members::open(out);
-    let txt = |m: &mut Members<'_>, f: Field, v: &Option<Text<'_>>| {
+    let open = out.len();
+    for f in Field::ALL {
+        write_field(f, r, out);
+    }
+    // Every member was written with a leading comma: the first becomes the brace.
+    match out.get_mut(open) {
+        Some(first) => *first = b'{',
+        None => out.push(b'{'),
+    }
+    out.push(b'}');
+}
+
+/// `,"name":value` for one field of a copy, or nothing where the copy lacks it.
+fn write_field(f: Field, r: &Treated<'_>, out: &mut Vec<u8>) {
+    let txt = |out: &mut Vec<u8>, v: &Option<Text<'_>>| {
         if let Some(v) = v {
-            string(m.key(field_key(f)), v.as_str());
+            out.extend_from_slice(field_key(f));
+            string(out, v.as_str());
         }
     };
-    txt(&mut m, Field::RecordId, &r.record_id);
-    if let Some(k) = r.kind {
-        name(m.key(field_key(Field::Kind)), k.id());
-    }
-    txt(&mut m, Field::Msisdn, &r.msisdn);
-    txt(&mut m, Field::Imsi, &r.imsi);
-    txt(&mut m, Field::Imei, &r.imei);
-    txt(&mut m, Field::OtherParty, &r.other_party);
-    if let Some(t) = r.start_time {
-        let out = m.key(field_key(Field::StartTime));
-        out.push(b'"');
-        out.extend_from_slice(t.to_buf().as_bytes());
-        out.push(b'"');
-    }
-    if let Some(d) = r.duration_s {
-        number(m.key(field_key(Field::DurationS)), d);
-    }
-    if let Some(c) = r.close_cause {
-        name(m.key(field_key(Field::CloseCause)), c.id());
-    }
-    if let Some(c) = &r.cell {
-        let mut cell = Members::open(m.key(field_key(Field::Cell)));
-        string(cell.key(b",\"mcc\":"), c.mcc);
-        string(cell.key(b",\"mnc\":"), c.mnc);
-        number(cell.key(b",\"lac_or_tac\":"), c.lac_or_tac);
-        if let Some(id) = c.cell_id {
-            number(cell.key(b",\"cell_id\":"), id);
-        }
-        cell.close();
-    }
-    txt(&mut m, Field::ServingPlmn, &r.serving_plmn);
-    txt(&mut m, Field::ServiceCentre, &r.service_centre);
-    txt(&mut m, Field::Apn, &r.apn);
-    if let Some(c) = r.charging_id {
-        number(m.key(field_key(Field::ChargingId)), c);
-    }
-    if let Some(rat) = r.rat {
-        name(m.key(field_key(Field::Rat)), rat.id());
-    }
-    txt(&mut m, Field::UeIp, &r.ue_ip);
-    if let Some(usage) = &r.usage {
-        let out = m.key(field_key(Field::Usage));
-        out.push(b'[');
-        for (i, u) in usage.as_slice().iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
+    let key = |out: &mut Vec<u8>| out.extend_from_slice(field_key(f));
+    match f {
+        Field::RecordId => txt(out, &r.record_id),
+        Field::Kind => {
+            if let Some(k) = r.kind {
+                key(out);
+                name(out, k.id());
             }
-            let mut o = Members::open(out);
-            number(o.key(b",\"rating_group\":"), u.rating_group);
-            number(o.key(b",\"ul_bytes\":"), u.ul_bytes);
-            number(o.key(b",\"dl_bytes\":"), u.dl_bytes);
-            o.close();
         }
-        out.push(b']');
+        Field::Msisdn => txt(out, &r.msisdn),
+        Field::Imsi => txt(out, &r.imsi),
+        Field::Imei => txt(out, &r.imei),
+        Field::OtherParty => txt(out, &r.other_party),
+        Field::StartTime => {
+            if let Some(t) = r.start_time {
+                key(out);
+                out.push(b'"');
+                out.extend_from_slice(t.to_buf().as_bytes());
+                out.push(b'"');
+            }
+        }
+        Field::DurationS => {
+            if let Some(d) = r.duration_s {
+                key(out);
+                number(out, d);
+            }
+        }
+        Field::CloseCause => {
+            if let Some(c) = r.close_cause {
+                key(out);
+                name(out, c.id());
+            }
+        }
+        Field::Cell => {
+            if let Some(c) = &r.cell {
+                key(out);
+                let mut cell = Members::open(out);
+                string(cell.key(b",\"mcc\":"), c.mcc);
+                string(cell.key(b",\"mnc\":"), c.mnc);
+                number(cell.key(b",\"lac_or_tac\":"), c.lac_or_tac);
+                if let Some(id) = c.cell_id {
+                    number(cell.key(b",\"cell_id\":"), id);
+                }
+                cell.close();
+            }
+        }
+        Field::ServingPlmn => txt(out, &r.serving_plmn),
+        Field::ServiceCentre => txt(out, &r.service_centre),
+        Field::Apn => txt(out, &r.apn),
+        Field::ChargingId => {
+            if let Some(c) = r.charging_id {
+                key(out);
+                number(out, c);
+            }
+        }
+        Field::Rat => {
+            if let Some(rat) = r.rat {
+                key(out);
+                name(out, rat.id());
+            }
+        }
+        Field::UeIp => txt(out, &r.ue_ip),
+        Field::Usage => {
+            if let Some(usage) = &r.usage {
+                key(out);
+                out.push(b'[');
+                for (i, u) in usage.as_slice().iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let mut o = Members::open(out);
+                    number(o.key(b",\"rating_group\":"), u.rating_group);
+                    number(o.key(b",\"ul_bytes\":"), u.ul_bytes);
+                    number(o.key(b",\"dl_bytes\":"), u.dl_bytes);
+                    o.close();
+                }
+                out.push(b']');
+            }
+        }
+        Field::RecordingEntity => txt(out, &r.recording_entity),
+        Field::LocalSeqNo => {
+            if let Some(n) = r.local_seq_no {
+                key(out);
+                number(out, n);
+            }
+        }
     }
-    txt(&mut m, Field::RecordingEntity, &r.recording_entity);
-    if let Some(n) = r.local_seq_no {
-        number(m.key(field_key(Field::LocalSeqNo)), n);
-    }
-    m.close();
 }
 
 fn envelope(env: &Envelopes, e: &Envelope<'_>, out: &mut Vec<u8>) {
@@ -654,14 +961,32 @@ mod tests {
     #[test]
     fn hand_written_copies_are_byte_for_byte_serde_json() {
         let (mut copies, mut anonymised, mut escaped) = (0, 0, 0);
-        let mut out = Vec::new();
-        super::super::tests::for_every_copy(|env, c| {
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        // A copy of another record than the one written once must not take its bytes.
+        let other = crate::core::record::tests::data_record();
+        let mut other_scratch = Vec::new();
+        let other = RecordJson::new(&other, &mut other_scratch);
+        super::super::tests::for_every_copy(|env, r, c| {
+            let want = serde_json::to_vec(c).unwrap();
             out.clear();
             encode_copy(env, c, &mut out);
-            let want = serde_json::to_vec(c).unwrap();
             assert_eq!(
                 String::from_utf8_lossy(&out),
                 String::from_utf8_lossy(&want)
+            );
+            out.clear();
+            RecordJson::new(r, &mut scratch).encode_copy(env, c, &mut out);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&want),
+                "through the record's fields written once"
+            );
+            out.clear();
+            other.encode_copy(env, c, &mut out);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&want),
+                "through another record's"
             );
             copies += 1;
             anonymised += usize::from(c.envelope.consent == ConsentTag::Absent);
@@ -669,6 +994,13 @@ mod tests {
         });
         // The comparison covered the cases that take different paths.
         assert!(copies > 10_000 && anonymised > 100 && escaped > 100);
+    }
+
+    #[test]
+    fn each_field_names_every_field_in_order() {
+        let mut seen = Vec::new();
+        each_field!(F => seen.push(F));
+        assert_eq!(seen, Field::ALL);
     }
 
     #[test]

@@ -194,13 +194,16 @@ pub(crate) mod tests {
     use crate::core::control::SubscriberState;
     use crate::core::process::{Copy, process};
     use crate::core::pseudonym::tests::test_keyring;
+    use crate::core::record::Record;
     use crate::policy::{SHIPPED, parse_policy};
     use crate::vocab::purpose::{Purpose, PurposeSet};
 
     /// Runs `check` on every copy that the generator's records make under every shipped
     /// policy and a range of subscriber states, so hand-written encoders can be compared
     /// with their reference. Some records carry strings that JSON must escape.
-    pub(crate) fn for_every_copy(mut check: impl FnMut(&super::Envelopes, &Copy<'_>)) {
+    pub(crate) fn for_every_copy(
+        mut check: impl FnMut(&super::Envelopes, &Record<'_>, &Copy<'_>),
+    ) {
         let cfg = GenConfig {
             records: 1_500,
             subscribers: 100,
@@ -256,7 +259,7 @@ pub(crate) mod tests {
             for r in &records {
                 for s in &states {
                     for c in &process(r, &policy, s, &keys, r.start_time).copies {
-                        check(&envelopes, c);
+                        check(&envelopes, r, c);
                     }
                 }
             }

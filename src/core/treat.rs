@@ -266,6 +266,38 @@ fn plain<T>(t: Treatment, v: T) -> Option<T> {
     matches!(t, Treatment::Keep).then_some(v)
 }
 
+/// The record as a copy that keeps every field carries it (what [`treat`] makes with
+/// every field kept, without keys).
+pub fn kept<'a>(r: &'a Record<'_>) -> Treated<'a> {
+    let raw = |v: &'a str| Some(Text::Raw(v));
+    Treated {
+        record_id: raw(&r.record_id),
+        kind: Some(r.kind),
+        msisdn: raw(&r.msisdn),
+        imsi: raw(&r.imsi),
+        imei: r.imei.as_deref().and_then(raw),
+        other_party: r.other_party.as_deref().and_then(raw),
+        start_time: Some(r.start_time),
+        duration_s: r.duration_s,
+        close_cause: Some(r.close_cause),
+        cell: r.cell.as_ref().map(|c| CellOut {
+            mcc: &c.mcc,
+            mnc: &c.mnc,
+            lac_or_tac: c.lac_or_tac,
+            cell_id: Some(c.cell_id),
+        }),
+        serving_plmn: raw(&r.serving_plmn),
+        service_centre: r.service_centre.as_deref().and_then(raw),
+        apn: r.apn.as_deref().and_then(raw),
+        charging_id: r.charging_id,
+        rat: Some(r.rat),
+        ue_ip: r.ue_ip.as_deref().and_then(raw),
+        usage: r.usage.as_deref().map(UsageOut::Raw),
+        recording_entity: raw(&r.recording_entity),
+        local_seq_no: Some(r.local_seq_no),
+    }
+}
+
 /// Builds the treated record for one purpose's field map.
 pub fn treat<'a>(cx: &Ctx<'_>, map: &[Treatment; Field::COUNT], r: &'a Record<'_>) -> Treated<'a> {
     let record_id = text(
