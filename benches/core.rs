@@ -51,12 +51,13 @@ fn bench(c: &mut Criterion) {
     g.bench_function("json", |b| {
         b.iter(|| {
             for line in &f.json_lines {
-                let r = json::decode_record(line).unwrap();
+                let decoded = json::decode_record_laid_out(line).unwrap();
+                let r = &decoded.record;
                 let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
                 let mut d = Decision::default();
                 process_into(&r, policy, st, keys, now, &mut d);
                 out.clear();
-                let rj = json::RecordJson::new(&r, &mut scratch);
+                let rj = json::RecordJson::of_input(&decoded, &mut scratch);
                 for c in &d.copies {
                     rj.encode_copy(&f.envelopes, c, &mut out);
                 }

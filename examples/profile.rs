@@ -50,11 +50,12 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
         "json" => {
             let mut scratch = Vec::new();
             for line in &f.json_lines {
-                let r = json::decode_record(line).unwrap();
+                let decoded = json::decode_record_laid_out(line).unwrap();
+                let r = &decoded.record;
                 let mut d = Decision::default();
                 process_into(&r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
                 out.clear();
-                let rj = json::RecordJson::new(&r, &mut scratch);
+                let rj = json::RecordJson::of_input(&decoded, &mut scratch);
                 for c in &d.copies {
                     rj.encode_copy(&f.envelopes, c, out);
                 }

@@ -87,12 +87,13 @@ pub fn json_counted(f: &Fixture, tally: &mut Tally, out: &mut Vec<u8>) {
     let mut batch = (Instant::now(), 0u32);
     let mut scratch = Vec::new();
     for (i, line) in f.json_lines.iter().enumerate() {
-        let r = json::decode_record(line).unwrap();
+        let decoded = json::decode_record_laid_out(line).unwrap();
+        let r = &decoded.record;
         let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
         let mut d = Decision::default();
-        process_into(&r, &f.policy, st, &f.keys, now, &mut d);
+        process_into(r, &f.policy, st, &f.keys, now, &mut d);
         out.clear();
-        let rj = json::RecordJson::new(&r, &mut scratch);
+        let rj = json::RecordJson::of_input(&decoded, &mut scratch);
         for c in &d.copies {
             rj.encode_copy(&f.envelopes, c, out);
             tally.copy(c);

@@ -16,16 +16,39 @@ use crate::vocab::treatment::Treatment;
 /// Decodes and validates one record; strings borrow from `bytes` where unescaped. A
 /// leading byte-order mark (the first line of a file saved with one) is skipped.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
-    let bytes = super::strip_bom(bytes);
-    let r = match super::json_fast::record(bytes) {
+    decode_record_laid_out(bytes).map(|d| d.record)
+}
+
+/// A record decoded from JSON, and where its fields sit in the input when the input is
+/// written as cdrguard writes JSON (compact, fields in record order, canonical times):
+/// then [`RecordJson::of_input`] takes the record's fields from the input instead of
+/// writing them again.
+pub struct Decoded<'a> {
+    /// The record.
+    pub record: Record<'a>,
+    input: &'a [u8],
+    layout: Option<super::json_fast::Layout>,
+}
+
+/// [`decode_record`], keeping where the record's fields sit in `bytes`.
+pub fn decode_record_laid_out(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+    let input = super::strip_bom(bytes);
+    let (record, layout) = match super::json_fast::record(input) {
         Some(r) => r,
-        None => serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed {
-            format: "json",
-            detail: describe(bytes, &e),
-        })?,
+        None => (
+            serde_json::from_slice(input).map_err(|e| DecodeError::Malformed {
+                format: "json",
+                detail: describe(input, &e),
+            })?,
+            None,
+        ),
     };
-    r.validate()?;
-    Ok(r)
+    record.validate()?;
+    Ok(Decoded {
+        record,
+        input,
+        layout,
+    })
 }
 
 /// The record's `start_time`, found without decoding the rest, so a reorder buffer can
@@ -365,6 +388,19 @@ impl<'r> RecordJson<'r> {
             record,
             buf: scratch,
             spans,
+        }
+    }
+
+    /// The fields of a decoded record: the input's own bytes where it is laid out as
+    /// copies are written, else written into `scratch` as [`RecordJson::new`] does.
+    pub fn of_input(d: &'r Decoded<'r>, scratch: &'r mut Vec<u8>) -> RecordJson<'r> {
+        match d.layout {
+            Some(spans) => RecordJson {
+                record: &d.record,
+                buf: d.input,
+                spans,
+            },
+            None => RecordJson::new(&d.record, scratch),
         }
     }
 
@@ -994,6 +1030,93 @@ mod tests {
         });
         // The comparison covered the cases that take different paths.
         assert!(copies > 10_000 && anonymised > 100 && escaped > 100);
+    }
+
+    #[test]
+    fn fields_taken_from_the_input_are_the_fields_written() {
+        let cfg = crate::adapters::generate::GenConfig {
+            records: 600,
+            subscribers: 50,
+            malformed_rate: 0.0,
+            ..Default::default()
+        };
+        let (mut laid_out, mut declined) = (0, 0);
+        let keys = crate::core::pseudonym::tests::test_keyring();
+        let policies: Vec<_> = crate::policy::SHIPPED
+            .iter()
+            .map(|(name, text)| crate::policy::parse_policy(text, name).unwrap())
+            .collect();
+        let mut everyone = crate::core::control::SubscriberState::default();
+        for p in crate::vocab::purpose::Purpose::ALL {
+            everyone.consented.set(p, true);
+        }
+        let states = [crate::core::control::SubscriberState::default(), everyone];
+        for l in crate::adapters::generate::generate(&cfg).lines {
+            let crate::adapters::generate::Line::Record(r) = l else {
+                continue;
+            };
+            let compact = serde_json::to_vec(&r).unwrap();
+            let mut v: serde_json::Value = serde_json::from_slice(&compact).unwrap();
+            let pretty = serde_json::to_vec_pretty(&v).unwrap();
+            // serde_json's maps sort their keys: record order no longer.
+            let sorted = serde_json::to_vec(&v).unwrap();
+            v["start_time"] = serde_json::Value::from(
+                r.start_time.to_string().replace('Z', "+00:00"),
+            );
+            let offset = serde_json::to_vec(&v).unwrap();
+            let mut bom = super::super::BOM.to_vec();
+            bom.extend_from_slice(&compact);
+            for input in [&compact, &pretty, &sorted, &offset, &bom] {
+                let d = decode_record_laid_out(input).unwrap();
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let from_input = RecordJson::of_input(&d, &mut a);
+                let written = RecordJson::new(&d.record, &mut b);
+                if d.layout.is_some() {
+                    laid_out += 1;
+                } else {
+                    declined += 1;
+                }
+                for f in Field::ALL {
+                    let (s, e) = from_input.spans[f as usize];
+                    let (ws, we) = written.spans[f as usize];
+                    let mut got = from_input.buf[s as usize..e as usize].to_vec();
+                    // The first field's leading byte is the object's brace.
+                    if got.first() == Some(&b'{') {
+                        got[0] = b',';
+                    }
+                    assert_eq!(
+                        String::from_utf8_lossy(&got),
+                        String::from_utf8_lossy(&written.buf[ws as usize..we as usize]),
+                        "{f:?} of {}",
+                        String::from_utf8_lossy(input)
+                    );
+                }
+                // Adjacent fields are adjacent bytes, so runs of them are one move.
+                for w in from_input.spans.windows(2) {
+                    assert_eq!(w[0].1, w[1].0);
+                }
+                // And every copy of it is the copy serde writes.
+                for policy in &policies {
+                    let env = Envelopes::new(policy);
+                    for st in &states {
+                        let t = d.record.start_time;
+                        for c in &crate::core::process::process(&d.record, policy, st, &keys, t)
+                            .copies
+                        {
+                            let mut out = Vec::new();
+                            from_input.encode_copy(&env, c, &mut out);
+                            assert_eq!(
+                                String::from_utf8_lossy(&out),
+                                String::from_utf8_lossy(&serde_json::to_vec(c).unwrap())
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // The compact form and the byte-order-marked one are laid out; the pretty,
+        // sorted and offset ones are not.
+        assert!(laid_out >= 1_000 && declined >= 1_500, "{laid_out} {declined}");
     }
 
     #[test]

@@ -11,21 +11,50 @@ use crate::core::record::{Cell, CloseCause, Kind, Rat, Record, Usage};
 use crate::vocab::purpose::Field;
 use crate::vocab::time::Millis;
 
+/// Where each field's `,"name":value` sits in a record's input line (the first field's
+/// leading byte is the object's `{`); a field the record lacks has an empty range where
+/// it would sit. Known only for input written as cdrguard writes JSON (see [`record`]).
+pub(crate) type Layout = [(u32, u32); Field::COUNT];
+
 /// The record in `b`, or `None` when the input is not in the plain form (it may still be
-/// valid JSON: serde decides).
-pub(super) fn record(b: &[u8]) -> Option<Record<'_>> {
+/// valid JSON: serde decides). With it, where its fields sit, when every byte of each
+/// is what the copy writer writes for it: no whitespace, fields and the members of
+/// `cell` and `usage` in record order, a canonical time (numbers, names and unescaped
+/// strings have one form on this path).
+pub(super) fn record(b: &[u8]) -> Option<(Record<'_>, Option<Layout>)> {
     // Invalid UTF-8 anywhere makes serde fail too; validated once here, every string is
     // then a slice of `s` without a check of its own.
     let s = std::str::from_utf8(b).ok()?;
-    let mut p = Parser { s, at: 0 };
+    let mut p = Parser {
+        s,
+        at: 0,
+        canonical: true,
+    };
     let mut f = Fields::default();
     let mut seen = 0u32;
-    p.object(|p, key| {
-        let field = record_field(key)?;
+    let mut layout: Layout = [(0, 0); Field::COUNT];
+    // Each key is first compared with the names of the next few fields in record order
+    // (where records written by cdrguard or serde have them): one fixed-size comparison
+    // each instead of a scan and a look-up.
+    let mut next = 0;
+    p.members(|p, start| {
+        let field = match p.known_key(next) {
+            Some(f) => f,
+            None => {
+                let key = p.string()?;
+                p.eat(b':')?;
+                record_field(key.as_bytes())?
+            }
+        };
+        next = field as usize + 1;
         // serde refuses a key given twice.
         let bit = 1 << field as u32;
         if seen & bit != 0 {
             return None;
+        }
+        // A field after a later one is out of record order.
+        if seen >> field as u32 != 0 {
+            p.canonical = false;
         }
         seen |= bit;
         match field {
@@ -35,7 +64,16 @@ pub(super) fn record(b: &[u8]) -> Option<Record<'_>> {
             Field::Imsi => f.imsi = Some(p.string()?),
             Field::Imei => f.imei = Some(p.string()?),
             Field::OtherParty => f.other_party = Some(p.string()?),
-            Field::StartTime => f.start_time = Some(Millis::parse(p.string()?).ok()?),
+            Field::StartTime => {
+                let t = p.string()?;
+                f.start_time = Some(match Millis::parse_canonical(t.as_bytes()) {
+                    Some(m) => m,
+                    None => {
+                        p.canonical = false;
+                        Millis::parse(t).ok()?
+                    }
+                });
+            }
             Field::DurationS => f.duration_s = Some(p.u32()?),
             Field::CloseCause => f.close_cause = Some(p.choice(&CloseCause::ALL, CloseCause::id)?),
             Field::Cell => f.cell = Some(p.cell()?),
@@ -49,10 +87,23 @@ pub(super) fn record(b: &[u8]) -> Option<Record<'_>> {
             Field::RecordingEntity => f.recording_entity = Some(p.string()?),
             Field::LocalSeqNo => f.local_seq_no = Some(p.u64()?),
         }
+        layout[field as usize] = (start as u32, p.at as u32);
         Some(())
     })?;
+    let layout = p.canonical.then(|| {
+        // Absent fields sit, empty, where the previous field ends.
+        let mut end = 0;
+        for (i, span) in layout.iter_mut().enumerate() {
+            if seen & (1 << i) != 0 {
+                end = span.1;
+            } else {
+                *span = (end, end);
+            }
+        }
+        layout
+    });
     p.end()?;
-    Some(Record {
+    let record = Record {
         record_id: Cow::Borrowed(f.record_id?),
         kind: f.kind?,
         msisdn: Cow::Borrowed(f.msisdn?),
@@ -72,7 +123,8 @@ pub(super) fn record(b: &[u8]) -> Option<Record<'_>> {
         usage: f.usage,
         recording_entity: Cow::Borrowed(f.recording_entity?),
         local_seq_no: f.local_seq_no?,
-    })
+    };
+    Some((record, layout))
 }
 
 /// The record field a key names. By length first, so a key is compared with at most
@@ -248,6 +300,8 @@ struct Fields<'a> {
 struct Parser<'a> {
     s: &'a str,
     at: usize,
+    /// No whitespace and every member in record order so far (see [`record`]).
+    canonical: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -261,6 +315,7 @@ impl<'a> Parser<'a> {
             if !matches!(c, b' ' | b'\n' | b'\t' | b'\r') {
                 return Some(c);
             }
+            self.canonical = false;
             self.at += 1;
         }
         None
@@ -327,14 +382,92 @@ impl<'a> Parser<'a> {
         u32::try_from(self.u64()?).ok()
     }
 
-    /// An object: `member` reads the value of each key; `{}` is declined (every object
-    /// here has required keys).
-    fn object(&mut self, mut member: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+    /// Takes `lit` if the input continues with it.
+    #[inline(always)]
+    fn expect(&mut self, lit: &'static [u8]) -> bool {
+        let hit = self.s.as_bytes().get(self.at..self.at + lit.len()) == Some(lit);
+        if hit {
+            self.at += lit.len();
+        }
+        hit
+    }
+
+    /// Takes `"name":` of field `f` if the input continues with it (each comparison of
+    /// a constant length, so no `memcmp` call).
+    #[inline(always)]
+    fn expect_key(&mut self, f: Field) -> bool {
+        macro_rules! keys {
+            ($($v:ident => $k:literal),* $(,)?) => {
+                match f {
+                    $(Field::$v => self.expect($k)),*
+                }
+            };
+        }
+        keys!(
+            RecordId => b"\"record_id\":",
+            Kind => b"\"kind\":",
+            Msisdn => b"\"msisdn\":",
+            Imsi => b"\"imsi\":",
+            Imei => b"\"imei\":",
+            OtherParty => b"\"other_party\":",
+            StartTime => b"\"start_time\":",
+            DurationS => b"\"duration_s\":",
+            CloseCause => b"\"close_cause\":",
+            Cell => b"\"cell\":",
+            ServingPlmn => b"\"serving_plmn\":",
+            ServiceCentre => b"\"service_centre\":",
+            Apn => b"\"apn\":",
+            ChargingId => b"\"charging_id\":",
+            Rat => b"\"rat\":",
+            UeIp => b"\"ue_ip\":",
+            Usage => b"\"usage\":",
+            RecordingEntity => b"\"recording_entity\":",
+            LocalSeqNo => b"\"local_seq_no\":",
+        )
+    }
+
+    /// The field whose `"name":` comes next, if it is one of the four fields from
+    /// `Field::ALL[next]` on (optional fields may be absent in between).
+    #[inline(always)]
+    fn known_key(&mut self, next: usize) -> Option<Field> {
+        let candidates = Field::ALL.get(next..)?;
+        candidates
+            .iter()
+            .take(4)
+            .copied()
+            .find(|&f| self.expect_key(f))
+    }
+
+    /// The members of the record object: `member` reads each key and its value, told
+    /// where the member starts (at its leading `{` or `,`).
+    fn members(&mut self, mut member: impl FnMut(&mut Self, usize) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         loop {
+            member(self, self.at - 1)?;
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// An object: `member` reads the value of each key, told where the member starts
+    /// (at its leading `{` or `,`); `{}` is declined (every object here has required
+    /// keys).
+    fn object(
+        &mut self,
+        mut member: impl FnMut(&mut Self, &[u8], usize) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(b'{')?;
+        loop {
+            let start = self.at - 1;
             let key = self.string()?;
             self.eat(b':')?;
-            member(self, key.as_bytes())?;
+            member(self, key.as_bytes(), start)?;
             match self.peek()? {
                 b',' => self.at += 1,
                 b'}' => {
@@ -347,16 +480,38 @@ impl<'a> Parser<'a> {
     }
 
     fn cell(&mut self) -> Option<Cell<'a>> {
+        // As cdrguard and serde write it; anything else is read member by member.
+        let start = self.at;
+        if let Some(c) = self.cell_in_order() {
+            return Some(c);
+        }
+        self.at = start;
         let (mut mcc, mut mnc, mut area, mut id) = (None, None, None, None);
+        // Members in the copy writer's order: mcc, mnc, lac_or_tac, cell_id.
+        let mut order = 0;
         // A key seen twice fails its `is_none` guard and is declined like an unknown one.
-        self.object(|p, key| {
-            match key {
-                b"mcc" if mcc.is_none() => mcc = Some(p.string()?),
-                b"mnc" if mnc.is_none() => mnc = Some(p.string()?),
-                b"lac_or_tac" if area.is_none() => area = Some(p.u32()?),
-                b"cell_id" if id.is_none() => id = Some(p.u64()?),
+        self.object(|p, key, _| {
+            let at = match key {
+                b"mcc" if mcc.is_none() => {
+                    mcc = Some(p.string()?);
+                    0
+                }
+                b"mnc" if mnc.is_none() => {
+                    mnc = Some(p.string()?);
+                    1
+                }
+                b"lac_or_tac" if area.is_none() => {
+                    area = Some(p.u32()?);
+                    2
+                }
+                b"cell_id" if id.is_none() => {
+                    id = Some(p.u64()?);
+                    3
+                }
                 _ => return None,
-            }
+            };
+            p.canonical &= at == order;
+            order += 1;
             Some(())
         })?;
         Some(Cell {
@@ -364,6 +519,55 @@ impl<'a> Parser<'a> {
             mnc: Cow::Borrowed(mnc?),
             lac_or_tac: area?,
             cell_id: id?,
+        })
+    }
+
+    /// `{"mcc":..,"mnc":..,"lac_or_tac":..,"cell_id":..}` exactly, or `None`.
+    #[inline(always)]
+    fn cell_in_order(&mut self) -> Option<Cell<'a>> {
+        if !self.expect(b"{\"mcc\":") {
+            return None;
+        }
+        let mcc = self.string()?;
+        if !self.expect(b",\"mnc\":") {
+            return None;
+        }
+        let mnc = self.string()?;
+        if !self.expect(b",\"lac_or_tac\":") {
+            return None;
+        }
+        let lac_or_tac = self.u32()?;
+        if !self.expect(b",\"cell_id\":") {
+            return None;
+        }
+        let cell_id = self.u64()?;
+        self.expect(b"}").then_some(Cell {
+            mcc: Cow::Borrowed(mcc),
+            mnc: Cow::Borrowed(mnc),
+            lac_or_tac,
+            cell_id,
+        })
+    }
+
+    /// `{"rating_group":..,"ul_bytes":..,"dl_bytes":..}` exactly, or `None`.
+    #[inline(always)]
+    fn usage_in_order(&mut self) -> Option<Usage> {
+        if !self.expect(b"{\"rating_group\":") {
+            return None;
+        }
+        let rating_group = self.u32()?;
+        if !self.expect(b",\"ul_bytes\":") {
+            return None;
+        }
+        let ul_bytes = self.u64()?;
+        if !self.expect(b",\"dl_bytes\":") {
+            return None;
+        }
+        let dl_bytes = self.u64()?;
+        self.expect(b"}").then_some(Usage {
+            rating_group,
+            ul_bytes,
+            dl_bytes,
         })
     }
 
@@ -375,14 +579,45 @@ impl<'a> Parser<'a> {
             return Some(all);
         }
         loop {
-            let (mut group, mut ul, mut dl) = (None, None, None);
-            self.object(|p, key| {
-                match key {
-                    b"rating_group" if group.is_none() => group = Some(p.u32()?),
-                    b"ul_bytes" if ul.is_none() => ul = Some(p.u64()?),
-                    b"dl_bytes" if dl.is_none() => dl = Some(p.u64()?),
-                    _ => return None,
+            // As cdrguard and serde write it; anything else is read member by member.
+            let start = self.at;
+            if let Some(u) = self.usage_in_order() {
+                match self.byte() {
+                    Some(b',') => {
+                        self.at += 1;
+                        all.push(u);
+                        continue;
+                    }
+                    Some(b']') => {
+                        self.at += 1;
+                        all.push(u);
+                        return Some(all);
+                    }
+                    _ => {}
                 }
+            }
+            self.at = start;
+            let (mut group, mut ul, mut dl) = (None, None, None);
+            // Members in the copy writer's order: rating_group, ul_bytes, dl_bytes.
+            let mut order = 0;
+            self.object(|p, key, _| {
+                let at = match key {
+                    b"rating_group" if group.is_none() => {
+                        group = Some(p.u32()?);
+                        0
+                    }
+                    b"ul_bytes" if ul.is_none() => {
+                        ul = Some(p.u64()?);
+                        1
+                    }
+                    b"dl_bytes" if dl.is_none() => {
+                        dl = Some(p.u64()?);
+                        2
+                    }
+                    _ => return None,
+                };
+                p.canonical &= at == order;
+                order += 1;
                 Some(())
             })?;
             all.push(Usage {
@@ -427,7 +662,7 @@ mod tests {
     /// The fast path may decline anything, but what it accepts serde must decode to the
     /// same record.
     fn agrees_with_serde(input: &[u8]) -> bool {
-        match record(input) {
+        match record(input).map(|(r, _)| r) {
             None => true,
             Some(fast) => serde_json::from_slice::<Record<'_>>(input).ok() == Some(fast),
         }
@@ -442,6 +677,22 @@ mod tests {
             assert_eq!(record_field(&other), None);
         }
         assert_eq!(record_field(b"rap"), None);
+    }
+
+    #[test]
+    fn each_fields_key_literal_is_its_name() {
+        for f in Field::ALL {
+            for g in Field::ALL {
+                let text = format!("\"{}\":1", g.name());
+                let mut p = Parser {
+                    s: &text,
+                    at: 0,
+                    canonical: true,
+                };
+                assert_eq!(p.expect_key(f), f == g, "{f:?} {g:?}");
+                assert_eq!(p.at, if f == g { text.len() - 1 } else { 0 });
+            }
+        }
     }
 
     #[test]
@@ -507,9 +758,9 @@ mod tests {
     fn takes_every_generated_record_compact_or_pretty() {
         for line in records() {
             let want: Record<'_> = serde_json::from_slice(&line).unwrap();
-            assert_eq!(record(&line), Some(want.clone()));
+            assert_eq!(record(&line).map(|(r, _)| r), Some(want.clone()));
             let pretty = serde_json::to_vec_pretty(&want).unwrap();
-            assert_eq!(record(&pretty), Some(want));
+            assert_eq!(record(&pretty).map(|(r, _)| r), Some(want));
         }
     }
 
@@ -564,7 +815,7 @@ mod tests {
             format!("{{{}}}", base.replace(".789Z", ".789Q")),
             base.replace(",\"local_seq_no\":7", ""),
         ] {
-            assert_eq!(record(declined.as_bytes()), None, "{declined}");
+            assert!(record(declined.as_bytes()).is_none(), "{declined}");
         }
     }
 }
