@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
                 let r = &decoded.record;
                 let st = f.states.get(r.msisdn.as_ref()).unwrap_or(&none);
                 let mut d = Decision::default();
-                process_into(&r, policy, st, keys, now, &mut d);
+                process_into(r, policy, st, keys, now, &mut d);
                 out.clear();
                 let rj = json::RecordJson::of_input(&decoded, &mut scratch);
                 for c in &d.copies {

@@ -53,7 +53,7 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
                 let decoded = json::decode_record_laid_out(line).unwrap();
                 let r = &decoded.record;
                 let mut d = Decision::default();
-                process_into(&r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
+                process_into(r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
                 out.clear();
                 let rj = json::RecordJson::of_input(&decoded, &mut scratch);
                 for c in &d.copies {

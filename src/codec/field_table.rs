@@ -99,7 +99,10 @@ fn the_fast_json_decoder_knows_every_field_by_its_name() {
     // A record with every field takes the fast path whole, and reads as serde reads it.
     let json = serde_json::to_vec(&full()).unwrap();
     let (fast, layout) = super::json_fast::record(&json).expect("every field on the fast path");
-    assert!(layout.is_some(), "serde's compact form is laid out as copies are written");
+    assert!(
+        layout.is_some(),
+        "serde's compact form is laid out as copies are written"
+    );
     let slow: Record<'_> = serde_json::from_slice(&json).unwrap();
     assert_eq!(fast, slow);
     assert_eq!(fast, full());

@@ -686,19 +686,25 @@ impl Cursor<'_, CHUNK> {
         }
         let fixed = env.of(e);
         self.bytes(&fixed.json_tags)?;
-        // The changed fields the input carried, in record order, each followed by a comma;
-        // the last comma becomes the closing brace.
+        // The changed fields the input carried, in record order, each followed by a comma
+        // (runs of the policy's pieces); the last comma becomes the closing brace.
         let mut changed = e.facts.changed & e.present;
         if changed == 0 {
             self.put(*b"}")?;
         } else {
+            let (pieces, spans) = &fixed.json_treatments;
+            let (mut start, mut end) = spans[changed.trailing_zeros() as usize];
+            changed &= changed - 1;
             while changed != 0 {
-                let f = Field::ALL[changed.trailing_zeros() as usize];
+                let (s, e) = spans[changed.trailing_zeros() as usize];
                 changed &= changed - 1;
-                self.bytes(&field_key(f)[1..])?;
-                self.bytes(treatment_value(e.treatments[f as usize]))?;
-                self.put(*b",")?;
+                if s != end {
+                    self.bytes(&pieces[start as usize..end as usize])?;
+                    start = s;
+                }
+                end = e;
             }
+            self.bytes(&pieces[start as usize..end as usize])?;
             self.set(self.pos() - 1, b'}');
         }
         self.bytes(b",\"key_id\":")?;
@@ -964,6 +970,23 @@ pub(crate) fn envelope_tags(tags: [&str; 5]) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// `"name":"treatment",` for every field under `map`, in record order, and where each
+/// sits: encoded once per policy (`codec::EnvelopeBytes`).
+pub(crate) fn treatment_pieces(
+    map: &[Treatment; Field::COUNT],
+) -> (Box<[u8]>, [(u16, u16); Field::COUNT]) {
+    let mut out = Vec::new();
+    let mut spans = [(0, 0); Field::COUNT];
+    for f in Field::ALL {
+        let start = out.len() as u16;
+        out.extend_from_slice(&field_key(f)[1..]);
+        out.extend_from_slice(treatment_value(map[f as usize]));
+        out.push(b',');
+        spans[f as usize] = (start, out.len() as u16);
+    }
+    (out.into_boxed_slice(), spans)
+}
+
 /// The envelope from `,"retention":` to its closing brace: encoded once per policy.
 pub(crate) fn envelope_tail(r: &Retention) -> Box<[u8]> {
     let mut out = Vec::new();
@@ -1060,9 +1083,8 @@ mod tests {
             let pretty = serde_json::to_vec_pretty(&v).unwrap();
             // serde_json's maps sort their keys: record order no longer.
             let sorted = serde_json::to_vec(&v).unwrap();
-            v["start_time"] = serde_json::Value::from(
-                r.start_time.to_string().replace('Z', "+00:00"),
-            );
+            v["start_time"] =
+                serde_json::Value::from(r.start_time.to_string().replace('Z', "+00:00"));
             let offset = serde_json::to_vec(&v).unwrap();
             let mut bom = super::super::BOM.to_vec();
             bom.extend_from_slice(&compact);
@@ -1100,8 +1122,8 @@ mod tests {
                     let env = Envelopes::new(policy);
                     for st in &states {
                         let t = d.record.start_time;
-                        for c in &crate::core::process::process(&d.record, policy, st, &keys, t)
-                            .copies
+                        for c in
+                            &crate::core::process::process(&d.record, policy, st, &keys, t).copies
                         {
                             let mut out = Vec::new();
                             from_input.encode_copy(&env, c, &mut out);
@@ -1116,7 +1138,10 @@ mod tests {
         }
         // The compact form and the byte-order-marked one are laid out; the pretty,
         // sorted and offset ones are not.
-        assert!(laid_out >= 1_000 && declined >= 1_500, "{laid_out} {declined}");
+        assert!(
+            laid_out >= 1_000 && declined >= 1_500,
+            "{laid_out} {declined}"
+        );
     }
 
     #[test]

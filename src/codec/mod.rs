@@ -17,7 +17,7 @@ use crate::core::process::Copy;
 use crate::core::process::Envelope;
 use crate::policy::{Policy, PurposeRule};
 use crate::vocab::consent::ConsentTag;
-use crate::vocab::purpose::Purpose;
+use crate::vocab::purpose::{Field, Purpose};
 
 /// The largest record accepted, in both modes: a CDR is a few hundred bytes, so anything
 /// this large is a broken feed, and the limit bounds what one record can cost in memory.
@@ -106,6 +106,9 @@ pub struct EnvelopeBytes {
     pub json_tags: Box<[u8]>,
     /// JSON: from `,"retention":` to the envelope's closing brace.
     pub json_tail: Box<[u8]>,
+    /// JSON: `"name":"treatment",` for every field under the map, in record order, and
+    /// where each sits: a copy's changed fields are runs of these.
+    pub json_treatments: (Box<[u8]>, [(u16, u16); Field::COUNT]),
 }
 
 /// Every envelope's constant runs for one policy, built from the compiled policy once
@@ -161,6 +164,7 @@ fn envelope_bytes(rule: &PurposeRule, consent: ConsentTag, policy: &str) -> Enve
         binary_rule: binary::strings(&[&rule.retention.rule_id]),
         json_tags: json::envelope_tags(tags),
         json_tail: json::envelope_tail(&rule.retention),
+        json_treatments: json::treatment_pieces(rule.map(consent)),
     }
 }
 
@@ -201,9 +205,7 @@ pub(crate) mod tests {
     /// Runs `check` on every copy that the generator's records make under every shipped
     /// policy and a range of subscriber states, so hand-written encoders can be compared
     /// with their reference. Some records carry strings that JSON must escape.
-    pub(crate) fn for_every_copy(
-        mut check: impl FnMut(&super::Envelopes, &Record<'_>, &Copy<'_>),
-    ) {
+    pub(crate) fn for_every_copy(mut check: impl FnMut(&super::Envelopes, &Record<'_>, &Copy<'_>)) {
         let cfg = GenConfig {
             records: 1_500,
             subscribers: 100,
