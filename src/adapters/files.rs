@@ -27,6 +27,8 @@ pub struct Outputs {
     retention: Lines,
     dead_letter: Lines,
     line: Vec<u8>,
+    /// A record's fields written once, for its copies (`json::RecordJson`).
+    fields: Vec<u8>,
     /// The policy's envelopes, encoded once.
     envelopes: Envelopes,
     /// Anonymised copies of the month being written, counted by content.
@@ -68,6 +70,7 @@ impl Outputs {
             retention: Lines::create(&dir.join("retention.jsonl"))?,
             dead_letter: Lines::create(&dir.join("dead-letter.jsonl"))?,
             line: Vec::with_capacity(2048),
+            fields: Vec::new(),
             envelopes: Envelopes::new(policy),
             held: Crowds::new(MIN_SUBSCRIBERS),
             month: None,
@@ -106,7 +109,18 @@ impl Outputs {
 
     /// Writes a copy to its route's file; an anonymised copy is held until its month is
     /// over, and needs the record's `msisdn` to count the subscribers that share it.
-    pub fn copy(&mut self, c: &Copy<'_>, msisdn: &str) -> std::io::Result<()> {
+    ///
+    /// `fields`, where given, are the copy's record's fields written once.
+    pub fn copy(
+        &mut self,
+        c: &Copy<'_>,
+        fields: Option<&json::RecordJson<'_>>,
+        msisdn: &str,
+    ) -> std::io::Result<()> {
+        let encode = |b: &mut Vec<u8>, envelopes: &Envelopes| match fields {
+            Some(f) => f.encode_copy(envelopes, c, b),
+            None => json::encode_copy(envelopes, c, b),
+        };
         let Some(w) = self.routes[c.envelope.purpose as usize].as_mut() else {
             // process() only copies for declared purposes; all of them have a file.
             return Err(std::io::Error::other(
@@ -115,13 +129,24 @@ impl Outputs {
         };
         if c.is_anonymised() {
             self.line.clear();
-            json::encode_copy(&self.envelopes, c, &mut self.line);
+            encode(&mut self.line, &self.envelopes);
             self.line.push(b'\n');
             self.held.hold(c.envelope.purpose, &self.line, msisdn);
             return Ok(());
         }
         let envelopes = &self.envelopes;
-        w.line(|b| json::encode_copy(envelopes, c, b))
+        w.line(|b| encode(b, envelopes))
+    }
+
+    /// The buffer a record's fields are written into once (see [`Outputs::copy`]), taken
+    /// while they are in use and given back after.
+    pub fn take_fields_scratch(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.fields)
+    }
+
+    /// Gives back the buffer [`Outputs::take_fields_scratch`] took.
+    pub fn put_fields_scratch(&mut self, scratch: Vec<u8>) {
+        self.fields = scratch;
     }
 
     /// Writes an expiry event.

@@ -28,6 +28,15 @@ pub trait Sink {
     /// A processed record and everything `process` decided for it (its copies and the
     /// outcome for every purpose).
     fn decision(&mut self, r: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()>;
+    /// [`Sink::decision`] for a record decoded with where its JSON fields sit, which a
+    /// sink writing JSON copies can take them from.
+    fn decision_laid_out(
+        &mut self,
+        r: &json::Decoded<'_>,
+        d: &Decision<'_>,
+    ) -> std::io::Result<()> {
+        self.decision(&r.record, d)
+    }
     /// An expiry due at the replay's `now`.
     fn expiry(&mut self, e: &Expiry) -> std::io::Result<()>;
     /// A refused record or control event.
@@ -38,8 +47,23 @@ impl Sink for Outputs {
     fn decision(&mut self, r: &Record<'_>, d: &Decision<'_>) -> std::io::Result<()> {
         self.advance_to(r.start_time)?;
         for c in &d.copies {
-            self.copy(c, &r.msisdn)?;
+            self.copy(c, None, &r.msisdn)?;
         }
+        Ok(())
+    }
+    fn decision_laid_out(
+        &mut self,
+        r: &json::Decoded<'_>,
+        d: &Decision<'_>,
+    ) -> std::io::Result<()> {
+        self.advance_to(r.record.start_time)?;
+        // The record's fields as JSON once, for all its copies.
+        let mut scratch = self.take_fields_scratch();
+        let fields = json::RecordJson::of_input(r, &mut scratch);
+        for c in &d.copies {
+            self.copy(c, Some(&fields), &r.record.msisdn)?;
+        }
+        self.put_fields_scratch(scratch);
         Ok(())
     }
     fn expiry(&mut self, e: &Expiry) -> std::io::Result<()> {
@@ -375,7 +399,7 @@ fn run<R: BufRead, C: BufRead>(
                 };
                 let at = match at {
                     Ok(t) => Ok(t),
-                    Err(()) => decode(bytes, format).map(|r| r.start_time),
+                    Err(()) => decode(bytes, format).map(|r| r.record.start_time),
                 };
                 match at {
                     Err(e) => Err((place, e.to_string(), bytes.to_vec())),
@@ -422,10 +446,10 @@ fn run<R: BufRead, C: BufRead>(
     Ok(counts)
 }
 
-fn decode(bytes: &[u8], format: Format) -> Result<Record<'_>, DecodeError> {
+fn decode(bytes: &[u8], format: Format) -> Result<json::Decoded<'_>, DecodeError> {
     match format {
-        Format::Json => json::decode_record(bytes),
-        Format::Binary => binary::decode_record(bytes),
+        Format::Json => json::decode_record_laid_out(bytes),
+        Format::Binary => binary::decode_record(bytes).map(json::Decoded::from),
     }
 }
 
@@ -448,7 +472,7 @@ impl Step<'_> {
         out: &mut impl Sink,
         counts: &mut ReplayCounts,
     ) -> Result<(), ReplayError> {
-        let r = match decode(bytes, self.format) {
+        let decoded = match decode(bytes, self.format) {
             Ok(r) => r,
             Err(e) => {
                 engine.stats.dead_letters += 1;
@@ -459,13 +483,14 @@ impl Step<'_> {
                 })?);
             }
         };
+        let r = &decoded.record;
         let t = r.start_time;
         controls.apply_through(t, engine, out, counts)?;
         // A fresh decision per record costs nothing (its copies are an empty inline
         // array); it borrows the record, whose bytes live only for this call.
         let mut d = Decision::default();
-        engine.record(&r, t, &mut d);
-        out.decision(&r, &d)?;
+        engine.record(r, t, &mut d);
+        out.decision_laid_out(&decoded, &d)?;
         // Windows whose deadline the stream has passed can no longer change (a later
         // right leaves them to their rule, a later record of theirs is refused as
         // expired): write them now, so they do not pile up in memory.

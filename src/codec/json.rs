@@ -30,6 +30,17 @@ pub struct Decoded<'a> {
     layout: Option<super::json_fast::Layout>,
 }
 
+/// A record from elsewhere (the binary decoder): its fields are written when needed.
+impl<'a> From<Record<'a>> for Decoded<'a> {
+    fn from(record: Record<'a>) -> Decoded<'a> {
+        Decoded {
+            record,
+            input: &[],
+            layout: None,
+        }
+    }
+}
+
 /// [`decode_record`], keeping where the record's fields sit in `bytes`.
 pub fn decode_record_laid_out(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
     let input = super::strip_bom(bytes);

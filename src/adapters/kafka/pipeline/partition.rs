@@ -20,7 +20,6 @@ use crate::adapters::telemetry::names::DeadLetterReason;
 use crate::codec::{self, DecodeError, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
-use crate::core::record::Record;
 use crate::core::retention::Anchors;
 use crate::vocab::time::Millis;
 
@@ -52,6 +51,7 @@ impl Shared {
             queue: &queue,
             scratch: Scratch {
                 buf: Vec::new(),
+                fields: Vec::new(),
                 treatments: String::new(),
                 bounds: None,
                 keys: self.keys.active(),
@@ -214,7 +214,7 @@ impl Shared {
         // A record this large is no CDR; refusing it here keeps every copy and dead
         // letter far below the broker's message size, so one record cannot wedge a
         // partition.
-        let (payload, decoded): (&[u8], Result<Record<'_>, (DeadLetterReason, String)>) =
+        let (payload, decoded): (&[u8], Result<json::Decoded<'_>, (DeadLetterReason, String)>) =
             if full.len() > MAX_RECORD_BYTES {
                 (
                     &full[..MAX_RECORD_BYTES],
@@ -224,9 +224,10 @@ impl Shared {
                     )),
                 )
             } else {
+                // JSON keeps where the record's fields sit, for its JSON copies.
                 let d = match self.cfg.input_format {
-                    Format::Json => json::decode_record(full),
-                    Format::Binary => binary::decode_record(full),
+                    Format::Json => json::decode_record_laid_out(full),
+                    Format::Binary => binary::decode_record(full).map(json::Decoded::from),
                 };
                 // A record from the future or older than every route keeps anything is
                 // refused, as replay refuses it.
@@ -238,12 +239,16 @@ impl Shared {
                         };
                         (class, e.to_string())
                     })
-                    .and_then(
-                        |r| match scratch.bounds.as_ref().map(|b| b.check(r.start_time)) {
+                    .and_then(|r| {
+                        match scratch
+                            .bounds
+                            .as_ref()
+                            .map(|b| b.check(r.record.start_time))
+                        {
                             Some(Err(e)) => Err((DeadLetterReason::OutOfBounds, e.to_string())),
                             _ => Ok(r),
-                        },
-                    );
+                        }
+                    });
                 (full, d)
             };
         match decoded {
@@ -268,21 +273,25 @@ impl Shared {
                     .await?;
                 st.tally.dead_letter(class);
             }
-            Ok(r) => {
+            Ok(decoded) => {
+                let r = &decoded.record;
                 let state = self.store.view(&r.msisdn, fresh);
                 // Filled in place: a decision is ~6 KB, returning one by value copies it.
                 // (Its copies borrow the message, so it cannot outlive this record.)
                 let mut d = Decision::default();
-                process_into(&r, &self.policy, &state, &scratch.keys, now, &mut d);
+                process_into(r, &self.policy, &state, &scratch.keys, now, &mut d);
+                // The record's fields as JSON once, for all its JSON copies.
+                let fields = (self.cfg.output_format == Format::Json)
+                    .then(|| json::RecordJson::of_input(&decoded, &mut scratch.fields));
                 for c in &d.copies {
                     let Some(topic) = self.cfg.routes[c.envelope.purpose as usize].as_deref()
                     else {
                         continue;
                     };
                     scratch.buf.clear();
-                    match self.cfg.output_format {
-                        Format::Json => json::encode_copy(&self.envelopes, c, &mut scratch.buf),
-                        Format::Binary => binary::encode_copy(&self.envelopes, c, &mut scratch.buf),
+                    match &fields {
+                        Some(fields) => fields.encode_copy(&self.envelopes, c, &mut scratch.buf),
+                        None => binary::encode_copy(&self.envelopes, c, &mut scratch.buf),
                     }
                     let entry = c.schedule_entry();
                     let tags = codec::headers(c, &mut scratch.treatments);
@@ -355,6 +364,8 @@ struct Task<'a> {
 /// Buffers a partition task reuses for every copy.
 struct Scratch {
     buf: Vec<u8>,
+    /// A JSON record's fields written once (`json::RecordJson`), where its input's are not.
+    fields: Vec<u8>,
     treatments: String,
     /// The record times accepted at the batch's clock.
     bounds: Option<TimeBounds>,
