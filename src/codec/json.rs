@@ -1391,6 +1391,20 @@ mod serialisation {
     }
 
     #[test]
+    fn the_treatments_header_lists_each_changed_field_the_input_had() {
+        let mut scratch = String::new();
+        super::super::tests::for_every_copy(|env, _, c| {
+            let want: Vec<String> = c
+                .envelope
+                .changed()
+                .map(|(f, t)| format!("{}={}", f.name(), t.id()))
+                .collect();
+            let h = crate::codec::headers(env, c, &mut scratch);
+            assert_eq!(h[6], ("treatments", want.join(",").as_str()));
+        });
+    }
+
+    #[test]
     fn headers_repeat_the_envelope_in_design_order() {
         let p = parse_policy(shipped("excedo").unwrap(), "excedo").unwrap();
         let keys = test_keyring();
@@ -1404,7 +1418,8 @@ mod serialisation {
             .find(|c| c.envelope.purpose == Purpose::Marketing)
             .unwrap();
         let mut scratch = String::new();
-        let h = crate::codec::headers(marketing, &mut scratch);
+        let env = Envelopes::new(&p);
+        let h = crate::codec::headers(&env, marketing, &mut scratch);
         let names: Vec<&str> = h.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             names,

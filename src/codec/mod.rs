@@ -18,6 +18,7 @@ use crate::core::process::Envelope;
 use crate::policy::{Policy, PurposeRule};
 use crate::vocab::consent::ConsentTag;
 use crate::vocab::purpose::{Field, Purpose};
+use crate::vocab::treatment::Treatment;
 
 /// The largest record accepted, in both modes: a CDR is a few hundred bytes, so anything
 /// this large is a broken feed, and the limit bounds what one record can cost in memory.
@@ -109,6 +110,9 @@ pub struct EnvelopeBytes {
     /// JSON: `"name":"treatment",` for every field under the map, in record order, and
     /// where each sits: a copy's changed fields are runs of these.
     pub json_treatments: (Box<[u8]>, [(u16, u16); Field::COUNT]),
+    /// The `treatments` header's `name=treatment,` for every field under the map, in
+    /// record order, and where each sits, as `json_treatments`.
+    pub header_treatments: (Box<str>, [(u16, u16); Field::COUNT]),
 }
 
 /// Every envelope's constant runs for one policy, built from the compiled policy once
@@ -165,19 +169,51 @@ fn envelope_bytes(rule: &PurposeRule, consent: ConsentTag, policy: &str) -> Enve
         json_tags: json::envelope_tags(tags),
         json_tail: json::envelope_tail(&rule.retention),
         json_treatments: json::treatment_pieces(rule.map(consent)),
+        header_treatments: header_treatment_pieces(rule.map(consent)),
     }
 }
 
+/// `name=treatment,` for every field under `map`, in record order, and where each sits.
+fn header_treatment_pieces(
+    map: &[Treatment; Field::COUNT],
+) -> (Box<str>, [(u16, u16); Field::COUNT]) {
+    let mut out = String::new();
+    let mut spans = [(0, 0); Field::COUNT];
+    for f in Field::ALL {
+        let start = out.len() as u16;
+        let _ = write!(out, "{}={},", f.name(), map[f as usize].id());
+        spans[f as usize] = (start, out.len() as u16);
+    }
+    (out.into_boxed_str(), spans)
+}
+
 /// The header values of a copy, in DESIGN.md's order, so Kafka consumers can filter
-/// without parsing. `scratch` holds the treatments list and is reused across copies.
-pub fn headers<'c>(c: &'c Copy<'_>, scratch: &'c mut String) -> [(&'static str, &'c str); 9] {
+/// without parsing. `scratch` holds the treatments list and is reused across copies;
+/// the list is made of runs of the policy's pieces (formatting each entry cost more than
+/// the rest of the headers).
+pub fn headers<'c>(
+    env: &'c Envelopes,
+    c: &'c Copy<'_>,
+    scratch: &'c mut String,
+) -> [(&'static str, &'c str); 9] {
     let e = &c.envelope;
     scratch.clear();
-    for (i, (f, t)) in e.changed().enumerate() {
-        if i > 0 {
-            scratch.push(',');
+    let mut changed = e.facts.changed & e.present;
+    if changed != 0 {
+        let (pieces, spans) = &env.of(e).header_treatments;
+        let (mut start, mut end) = spans[changed.trailing_zeros() as usize];
+        changed &= changed - 1;
+        while changed != 0 {
+            let (s, e) = spans[changed.trailing_zeros() as usize];
+            changed &= changed - 1;
+            if s != end {
+                scratch.push_str(&pieces[start as usize..end as usize]);
+                start = s;
+            }
+            end = e;
         }
-        let _ = write!(scratch, "{}={}", f.name(), t.id());
+        // Without the last entry's comma.
+        scratch.push_str(&pieces[start as usize..end as usize - 1]);
     }
     [
         ("record_id", e.record_id.as_ref().map_or("", |t| t.as_str())),

@@ -294,7 +294,7 @@ impl Shared {
                         None => binary::encode_copy(&self.envelopes, c, &mut scratch.buf),
                     }
                     let entry = c.schedule_entry();
-                    let tags = codec::headers(c, &mut scratch.treatments);
+                    let tags = codec::headers(&self.envelopes, c, &mut scratch.treatments);
                     if c.is_anonymised() {
                         // Held back with its month's crowd (see retention::crowds); counted
                         // as a copy when released.
