@@ -14,7 +14,8 @@
 //!
 //! Stages: `json` and `binary` (decode -> process -> encode every copy, as the bench),
 //! `json_counted` (`json` plus the Kafka task's metrics counting, into an installed
-//! Prometheus recorder, as the bench's `json_counted`),
+//! Prometheus recorder, as the bench's `json_counted`), `json_headers` (`json` plus each
+//! copy's Kafka header values, as `cdrguard run` makes them),
 //! `process` (records decoded beforehand), `json_decode` and `binary_decode`; `ff1` and
 //! `ff1_fpe` encrypt one 12-digit number per record with our FF1 and with the `fpe`
 //! crate's, as `benches/ff1.rs` times them (the ciphers' key setup, once a pass, is
@@ -58,6 +59,23 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
                 let rj = json::RecordJson::of_input(&decoded, &mut scratch);
                 for c in &d.copies {
                     rj.encode_copy(&f.envelopes, c, out);
+                }
+                black_box(&out);
+            }
+        }
+        "json_headers" => {
+            let mut scratch = Vec::new();
+            let mut treatments = String::new();
+            for line in &f.json_lines {
+                let decoded = json::decode_record_laid_out(line).unwrap();
+                let r = &decoded.record;
+                let mut d = Decision::default();
+                process_into(r, &f.policy, state(&r.msisdn), &f.keys, now, &mut d);
+                out.clear();
+                let rj = json::RecordJson::of_input(&decoded, &mut scratch);
+                for c in &d.copies {
+                    rj.encode_copy(&f.envelopes, c, out);
+                    black_box(cdrguard::codec::headers(&f.envelopes, c, &mut treatments));
                 }
                 black_box(&out);
             }
@@ -112,7 +130,7 @@ fn run(stage: &str, f: &common::Fixture, decoded: &[Record<'_>], out: &mut Vec<u
         }
         other => {
             panic!(
-                "unknown stage {other:?}: json, json_counted, binary, process, json_decode, binary_decode, ff1 or ff1_fpe"
+                "unknown stage {other:?}: json, json_counted, json_headers, binary, process, json_decode, binary_decode, ff1 or ff1_fpe"
             )
         }
     }
