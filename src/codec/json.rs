@@ -8,7 +8,7 @@ use super::{DecodeError, Envelopes};
 use crate::core::control::{ControlEvent, RawControl};
 use crate::core::process::{Copy, Envelope};
 use crate::core::record::Record;
-use crate::core::treat::{Text, Treated, UsageOut};
+use crate::core::treat::{Text, Treated};
 use crate::policy::Retention;
 use crate::vocab::purpose::Field;
 use crate::vocab::treatment::Treatment;
@@ -269,90 +269,6 @@ pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     }
 }
 
-/// Runs `$body` once for each field, in record order, with `$f` naming it as a constant:
-/// each `match` on the field then folds away, which a loop over `Field::ALL` did not
-/// allow (a test holds the list to `Field::ALL`).
-macro_rules! each_field {
-    ($f:ident => $body:expr) => {{
-        {
-            const $f: Field = Field::RecordId;
-            $body
-        }
-        {
-            const $f: Field = Field::Kind;
-            $body
-        }
-        {
-            const $f: Field = Field::Msisdn;
-            $body
-        }
-        {
-            const $f: Field = Field::Imsi;
-            $body
-        }
-        {
-            const $f: Field = Field::Imei;
-            $body
-        }
-        {
-            const $f: Field = Field::OtherParty;
-            $body
-        }
-        {
-            const $f: Field = Field::StartTime;
-            $body
-        }
-        {
-            const $f: Field = Field::DurationS;
-            $body
-        }
-        {
-            const $f: Field = Field::CloseCause;
-            $body
-        }
-        {
-            const $f: Field = Field::Cell;
-            $body
-        }
-        {
-            const $f: Field = Field::ServingPlmn;
-            $body
-        }
-        {
-            const $f: Field = Field::ServiceCentre;
-            $body
-        }
-        {
-            const $f: Field = Field::Apn;
-            $body
-        }
-        {
-            const $f: Field = Field::ChargingId;
-            $body
-        }
-        {
-            const $f: Field = Field::Rat;
-            $body
-        }
-        {
-            const $f: Field = Field::UeIp;
-            $body
-        }
-        {
-            const $f: Field = Field::Usage;
-            $body
-        }
-        {
-            const $f: Field = Field::RecordingEntity;
-            $body
-        }
-        {
-            const $f: Field = Field::LocalSeqNo;
-            $body
-        }
-    }};
-}
-
 /// A record's fields written once as JSON (`,"name":value` each, in record order), for
 /// all of its copies: a copy that carries a field as the record has it takes its bytes
 /// from here, and a run of such fields is one move. A record has three to four copies,
@@ -420,54 +336,6 @@ impl<'r> RecordJson<'r> {
     pub fn encode_copy(&self, env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
         if !cursor::write_with::<CHUNK>(out, |w| w.copy(env, Some(self), c)) {
             encode_copy_vec(env, c, out);
-        }
-    }
-
-    /// Whether field `f` of the copy's record is this record's, as written here.
-    #[inline(always)]
-    fn same(&self, f: Field, t: &Treated<'_>) -> bool {
-        let r = self.record;
-        // The same text: the same bytes at the same address.
-        fn text(t: &Option<Text<'_>>, v: Option<&str>) -> bool {
-            match (t, v) {
-                (None, None) => true,
-                (Some(Text::Raw(a)), Some(b)) => std::ptr::eq(*a, b),
-                _ => false,
-            }
-        }
-        match f {
-            Field::RecordId => text(&t.record_id, Some(&r.record_id)),
-            Field::Kind => t.kind == Some(r.kind),
-            Field::Msisdn => text(&t.msisdn, Some(&r.msisdn)),
-            Field::Imsi => text(&t.imsi, Some(&r.imsi)),
-            Field::Imei => text(&t.imei, r.imei.as_deref()),
-            Field::OtherParty => text(&t.other_party, r.other_party.as_deref()),
-            Field::StartTime => t.start_time == Some(r.start_time),
-            Field::DurationS => t.duration_s == r.duration_s,
-            Field::CloseCause => t.close_cause == Some(r.close_cause),
-            Field::Cell => match (&t.cell, &r.cell) {
-                (None, None) => true,
-                (Some(a), Some(b)) => {
-                    std::ptr::eq(a.mcc, &*b.mcc)
-                        && std::ptr::eq(a.mnc, &*b.mnc)
-                        && a.lac_or_tac == b.lac_or_tac
-                        && a.cell_id == Some(b.cell_id)
-                }
-                _ => false,
-            },
-            Field::ServingPlmn => text(&t.serving_plmn, Some(&r.serving_plmn)),
-            Field::ServiceCentre => text(&t.service_centre, r.service_centre.as_deref()),
-            Field::Apn => text(&t.apn, r.apn.as_deref()),
-            Field::ChargingId => t.charging_id == r.charging_id,
-            Field::Rat => t.rat == Some(r.rat),
-            Field::UeIp => text(&t.ue_ip, r.ue_ip.as_deref()),
-            Field::Usage => match (&t.usage, &r.usage) {
-                (None, None) => true,
-                (Some(UsageOut::Raw(a)), Some(b)) => std::ptr::eq(*a, b.as_slice()),
-                _ => false,
-            },
-            Field::RecordingEntity => text(&t.recording_entity, Some(&r.recording_entity)),
-            Field::LocalSeqNo => t.local_seq_no == Some(r.local_seq_no),
         }
     }
 }
@@ -559,7 +427,7 @@ impl Cursor<'_, CHUNK> {
         t: &Treated<'_>,
     ) -> Option<()> {
         if let Some(rj) = rj
-            && rj.same(f, t)
+            && super::same_as_record(rj.record, f, t)
         {
             let (start, end) = rj.spans[f as usize];
             if start != run.end {
