@@ -25,6 +25,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::topic_partition_list::TopicPartitionList;
 
 use super::config::Guarantee;
+use crate::adapters::telemetry::{CommitPhases, names};
 
 /// How long one transactional call or flush may block.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -172,6 +173,14 @@ fn guarded(
     guarded_for(producer, what, timeout + HUNG_GRACE, until, move |p| {
         op(p, timeout)
     })
+}
+
+/// The time since `lap`, and `lap` moved to now.
+fn since(lap: &mut Instant) -> Duration {
+    let now = Instant::now();
+    let d = now.saturating_duration_since(*lap);
+    *lap = now;
+    d
 }
 
 /// The earlier of `at` and `until`.
@@ -404,7 +413,10 @@ impl Sink {
         if sealed == NO_LANE {
             return Ok(());
         }
+        let waiting = Instant::now();
+        let mut waited = false;
         while !self.acknowledged(&self.lanes[sealed], None)? {
+            waited = true;
             // As for a full queue: a lane that does not drain must not hold a stop past
             // its deadline.
             if self.until().is_some_and(|u| Instant::now() >= u) {
@@ -415,6 +427,9 @@ impl Sink {
         let _ =
             self.flushing
                 .compare_exchange(sealed, NO_LANE, Ordering::AcqRel, Ordering::Acquire);
+        if waited {
+            metrics::histogram!(names::SEND_GATE_WAIT).record(waiting.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 
@@ -440,17 +455,18 @@ impl Sink {
         consumer: &BaseConsumer<C>,
     ) -> Result<(), SinkError> {
         let sealed = self.seal();
-        self.commit_sealed(sealed, offsets, consumer)
+        self.commit_sealed(sealed, offsets, consumer, &mut CommitPhases::default())
     }
 
     /// Makes what the sealed lane sent durable together with `offsets`, and begins its
     /// next transaction (exactly once); sends may go on meanwhile into the other lane.
-    /// Blocks: call from a blocking context.
+    /// How long its steps took goes to `phases`. Blocks: call from a blocking context.
     pub fn commit_sealed<C: ConsumerContext>(
         &self,
         sealed: Sealed,
         offsets: &TopicPartitionList,
         consumer: &BaseConsumer<C>,
+        phases: &mut CommitPhases,
     ) -> Result<(), SinkError> {
         if self.abandoned() {
             return Err(SinkError::Abandoned);
@@ -460,6 +476,7 @@ impl Sink {
             Guarantee::ExactlyOnce => {
                 // The offsets first: their round trips to the group coordinator overlap
                 // the copies' acknowledgements.
+                let mut lap = Instant::now();
                 if offsets.count() > 0 {
                     let cgm: ConsumerGroupMetadata =
                         consumer.group_metadata().ok_or(SinkError::NotInGroup)?;
@@ -473,20 +490,25 @@ impl Sink {
                             move |p, t| p.send_offsets_to_transaction(&offsets, &cgm, t),
                         )
                     })?;
+                    phases.offsets = Some(since(&mut lap));
                 }
                 // Every copy acknowledged, so the commit's own flush returns at once.
                 self.wait_acknowledged(producer)?;
+                phases.acks = Some(since(&mut lap));
                 retry(&|| self.until(), || {
                     guarded(producer, "commit_transaction", &|| self.until(), |p, t| {
                         p.commit_transaction(t)
                     })
                 })?;
+                phases.end = Some(since(&mut lap));
                 producer.begin_transaction().map_err(classify)
             }
             Guarantee::AtLeastOnce => {
                 // Offsets follow delivery: every copy of every record up to the offsets
                 // must be acknowledged before they are committed.
+                let mut lap = Instant::now();
                 self.wait_acknowledged(producer)?;
+                phases.acks = Some(since(&mut lap));
                 let failed = producer.context().failed.load(Ordering::Relaxed);
                 if failed != self.failed_seen.swap(failed, Ordering::Relaxed) {
                     return Err(SinkError::Abortable(KafkaError::MessageProduction(
@@ -497,6 +519,7 @@ impl Sink {
                     consumer
                         .commit(offsets, CommitMode::Sync)
                         .map_err(SinkError::Abortable)?;
+                    phases.offsets = Some(since(&mut lap));
                 }
                 Ok(())
             }

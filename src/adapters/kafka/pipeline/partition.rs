@@ -16,7 +16,7 @@ use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::retention::crowds::{Anonymised, fingerprint};
 use crate::adapters::kafka::sink::{self, Out, SinkError};
-use crate::adapters::telemetry::names::DeadLetterReason;
+use crate::adapters::telemetry::names::{self, DeadLetterReason};
 use crate::codec::{self, DecodeError, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
@@ -57,6 +57,7 @@ impl Shared {
                 keys: self.keys.active(),
             },
             throttle: crate::adapters::kafka::Throttle::default(),
+            backstop: false,
         };
         loop {
             match self.step(&mut task).await {
@@ -64,8 +65,10 @@ impl Shared {
                 // The queue's callback wakes the task; the timeout is a backstop so a
                 // lost wake-up costs at most a moment, never a stalled partition.
                 Step::Idle => {
-                    let _ = tokio::time::timeout(Duration::from_millis(500), slot.wake.notified())
-                        .await;
+                    task.backstop =
+                        tokio::time::timeout(Duration::from_millis(500), slot.wake.notified())
+                            .await
+                            .is_err();
                 }
                 Step::Paused => tokio::time::sleep(Duration::from_millis(100)).await,
                 Step::Stop => return,
@@ -119,6 +122,9 @@ impl Shared {
         // records.
         let n = (st.records - before) as u32;
         st.tally.batch(instant, n, instant.elapsed());
+        if std::mem::take(&mut task.backstop) && n > 0 {
+            metrics::counter!(names::PARTITION_WAKEUPS_MISSED).increment(1);
+        }
         slot.pending.store(st.uncommitted(), Ordering::Relaxed);
         step
     }
@@ -350,6 +356,8 @@ struct Task<'a> {
     queue: &'a PartitionQueue<GroupContext>,
     scratch: Scratch,
     throttle: crate::adapters::kafka::Throttle,
+    /// The last wait for records ended by its backstop timer, not by a wake-up.
+    backstop: bool,
 }
 
 /// Buffers a partition task reuses for every copy.
