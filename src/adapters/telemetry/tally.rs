@@ -242,6 +242,19 @@ impl CommitPhases {
                 metrics::histogram!(names::COMMIT_PHASE, "phase" => *phase).record(d.as_secs_f64());
             }
         }
+        // One line per commit, for finding which step stalled when (the histograms say
+        // how often, not when); off unless asked for.
+        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
+        tracing::debug!(
+            late_ms = ms(self.late),
+            lock_ms = ms(self.lock),
+            seal_ms = ms(self.seal),
+            offsets_ms = ms(self.offsets),
+            acks_ms = ms(self.acks),
+            end_ms = ms(self.end),
+            relock_ms = ms(self.relock),
+            "commit phases"
+        );
     }
 }
 

@@ -15,6 +15,7 @@ use super::group::GroupContext;
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::retention::crowds::{Anonymised, fingerprint};
+use crate::adapters::kafka::retention::timers::Timers;
 use crate::adapters::kafka::sink::{self, Out, SinkError};
 use crate::adapters::telemetry::names::{self, DeadLetterReason};
 use crate::codec::{self, DecodeError, Format, binary, json};
@@ -58,6 +59,7 @@ impl Shared {
             },
             throttle: crate::adapters::kafka::Throttle::default(),
             backstop: false,
+            persisted: Instant::now(),
         };
         loop {
             match self.step(&mut task).await {
@@ -117,7 +119,12 @@ impl Shared {
         if !Arc::ptr_eq(&keys, &task.scratch.keys) {
             task.scratch.keys = keys;
         }
-        let step = self.batch(task, &mut st, now, fresh).await;
+        let mut step = self.batch(task, &mut st, now, fresh).await;
+        if matches!(step, Step::More | Step::Idle)
+            && let Some(end) = self.persist_batch(task, &mut st).await
+        {
+            step = end;
+        }
         // Counted per batch: one clock read and one histogram call for up to BATCH
         // records.
         let n = (st.records - before) as u32;
@@ -163,6 +170,27 @@ impl Shared {
             }
         }
         Step::More
+    }
+
+    /// After a batch: the timers' changes so far go into the open transaction (see
+    /// `persist_changes`), at most every quarter of the commit interval, so that a
+    /// window several batches of one transaction touch is still written about once.
+    async fn persist_batch(&self, task: &mut Task<'_>, st: &mut SlotState) -> Option<Step> {
+        let Timers::Ready(r) = &mut st.timers else {
+            return None;
+        };
+        if !r.schedule.has_changes() || task.persisted.elapsed() < self.cfg.commit_interval / 4
+        {
+            return None;
+        }
+        task.persisted = Instant::now();
+        match self.persist_changes(task.slot.partition, r).await {
+            Ok(n) => {
+                st.tally.schedule_writes += n;
+                None
+            }
+            Err(e) => self.after_send(task, Err(e)),
+        }
     }
 
     /// What a failed record does to the batch: an abortable failure ends it (the
@@ -358,6 +386,8 @@ struct Task<'a> {
     throttle: crate::adapters::kafka::Throttle,
     /// The last wait for records ended by its backstop timer, not by a wake-up.
     backstop: bool,
+    /// When the task last wrote its timers' changes (`persist_batch`).
+    persisted: Instant,
 }
 
 /// Buffers a partition task reuses for every copy.
