@@ -179,8 +179,7 @@ impl Shared {
         let Timers::Ready(r) = &mut st.timers else {
             return None;
         };
-        if !r.schedule.has_changes() || task.persisted.elapsed() < self.cfg.commit_interval / 4
-        {
+        if !r.schedule.has_changes() || task.persisted.elapsed() < self.cfg.commit_interval / 4 {
             return None;
         }
         task.persisted = Instant::now();
