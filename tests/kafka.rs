@@ -1901,6 +1901,8 @@ fn telemetry_counts_what_was_delivered_and_leaks_no_identifier_in_logs_or_metric
         "cdrguard_record_processing_seconds_bucket",
         "cdrguard_record_commit_latency_seconds_bucket",
         "cdrguard_commit_duration_seconds_bucket",
+        "cdrguard_commit_phase_seconds_bucket",
+        "cdrguard_partition_wakeups_missed_total",
         "cdrguard_transactions_total",
         "cdrguard_rebalances_total",
         "cdrguard_control_events_total",

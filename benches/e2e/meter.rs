@@ -148,17 +148,23 @@ fn partitions(
     topic: &str,
     offset: Offset,
 ) -> Result<TopicPartitionList, Failure> {
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-    let t = md
-        .topics()
-        .first()
-        .filter(|t| !t.partitions().is_empty())
-        .ok_or_else(|| format!("topic {topic} not found"))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in t.partitions() {
-        tpl.add_partition_offset(topic, p.id(), offset)?;
+    // A topic created a moment ago may not be in the broker's metadata yet (seen on a
+    // loaded machine): ask again for a while before calling it missing.
+    let asking = Instant::now();
+    loop {
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        if let Some(t) = md.topics().first().filter(|t| !t.partitions().is_empty()) {
+            let mut tpl = TopicPartitionList::new();
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), offset)?;
+            }
+            return Ok(tpl);
+        }
+        if asking.elapsed() > Duration::from_secs(15) {
+            return Err(format!("topic {topic} not found").into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(tpl)
 }
 
 fn offsets(brokers: &str, group: &str, topic: &str, every_ms: u64) -> Result<(), Failure> {
@@ -335,6 +341,10 @@ fn live(
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 started = Instant::now();
+                // For the driver: the timed part begins (it takes the contender's
+                // metrics from here). The final summary line comes last.
+                println!("{{\"event\":\"paced\"}}");
+                std::io::Write::flush(&mut std::io::stdout())?;
             }
             continue;
         }

@@ -21,8 +21,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -523,21 +525,198 @@ def live_phase(a, name, rep, rate, live_file, fanout):
     config = write_config(a, prefix, live_input, guarantee)
     create_topics(a, config)
     proc = start(a, name, config, fanout, prefix, prefix)
-    meter = subprocess.run(
-        [METER, "--brokers", a.brokers, "live", "--input", live_input, "--records", live_file,
-         "--rate", f"{rate:.1f}", "--warmup", str(WARMUP), "--probe-topic", f"{prefix}.{PROBE_ROUTE}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    err_path = os.path.join(a.work, f"{prefix}.meter.err")
+    with open(err_path, "w") as err:
+        meter = subprocess.Popen(
+            [METER, "--brokers", a.brokers, "live", "--input", live_input, "--records", live_file,
+             "--rate", f"{rate:.1f}", "--warmup", str(WARMUP), "--probe-topic", f"{prefix}.{PROBE_ROUTE}"],
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    lines, paced = [], threading.Event()
+
+    def read_meter():
+        for line in meter.stdout:
+            lines.append(line)
+            if line.startswith('{"event":"paced"'):
+                paced.set()
+
+    reader = threading.Thread(target=read_meter, daemon=True)
+    reader.start()
+    # cdrguard's histograms over the paced part only: one scrape when it begins, one
+    # when the probe has seen the last copy (the contender still running).
+    deadline = time.monotonic() + 600
+    while meter.poll() is None and not paced.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logs = cdrguard_logs(name, proc)
+    before = scrape_all(logs) if paced.is_set() else None
+    try:
+        meter.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        meter.kill()
+        meter.wait()
+    reader.join(timeout=10)
+    after = scrape_all(logs) if before is not None else None
     exited = proc.poll()
     code = stop(proc)
     delete_topics(a, output_topics(prefix) + [live_input])
-    lines = [l for l in meter.stdout.splitlines() if l.startswith("{")]
+    results = [l for l in lines if l.startswith("{") and '"event"' not in l]
     failed = None
     if exited is not None:
         failed = f"exited with {exited} during the live phase (log {proc.log_path})"
-    elif not lines:
-        failed = f"live meter: {meter.stderr.strip()}"
+    elif not results:
+        with open(err_path) as f:
+            failed = f"live meter: {f.read().strip()}"
+    metrics = live_metrics(before, after) if before is not None and after is not None else None
+    stats = contender_stats(name, proc.log_path, getattr(proc, "log_paths", None)) if name.startswith("relay") else None
     return {"contender": name, "rep": rep, "phase": "live", "failed": failed, "exit": code,
-            "rate": rate, "latency": json.loads(lines[-1]) if lines else None}
+            "rate": rate, "latency": json.loads(results[-1]) if results else None,
+            "metrics": metrics, "relay_stats": stats}
+
+
+# ---------------------------------------------------------------- /metrics
+
+
+# What the live phase records of cdrguard's /metrics (see src/adapters/telemetry/names.rs):
+# histograms, by their one label if they have one, and counters.
+LIVE_HISTOGRAMS = [
+    "cdrguard_record_commit_latency_seconds",
+    "cdrguard_commit_duration_seconds",
+    "cdrguard_commit_phase_seconds",
+    "cdrguard_send_gate_wait_seconds",
+    "cdrguard_record_processing_seconds",
+]
+LIVE_COUNTERS = [
+    "cdrguard_transactions_total",
+    "cdrguard_records_aborted_total",
+    "cdrguard_partition_wakeups_missed_total",
+]
+
+
+def cdrguard_logs(name, proc):
+    if not name.startswith("cdrguard"):
+        return []
+    return getattr(proc, "log_paths", None) or [proc.log_path]
+
+
+def telemetry_addr(log_path):
+    """The address cdrguard's /metrics listens on, from its "telemetry listening" line."""
+    with open(log_path) as f:
+        for line in f:
+            try:
+                fields = json.loads(line).get("fields", {})
+            except ValueError:
+                continue
+            if fields.get("message") == "telemetry listening":
+                return fields.get("addr")
+    return None
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(addr):
+    """Every cdrguard_ sample of one /metrics page: {(name, ((label, value), ...)): value}."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if not m or not m.group(1).startswith("cdrguard_"):
+            continue
+        labels = tuple(sorted(LABEL.findall(m.group(2) or "")))
+        try:
+            out[(m.group(1), labels)] = float(m.group(3))
+        except ValueError:
+            pass
+    return out
+
+
+def scrape_all(logs):
+    """The samples of every instance, added up (the scale run has two)."""
+    total = {}
+    for path in logs:
+        addr = telemetry_addr(path)
+        if not addr:
+            continue
+        try:
+            page = scrape(addr)
+        except OSError as e:
+            print(f"metrics: {addr}: {e}", flush=True)
+            continue
+        for k, v in page.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def quantile(q, buckets, count):
+    """histogram_quantile's estimate: linear within the bucket that holds it."""
+    if count <= 0:
+        return None
+    rank, prev_le, prev_n = q * count, 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if math.isinf(le):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / max(n - prev_n, 1e-12))
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+def live_metrics(before, after):
+    """The histograms and counters of LIVE_* over the paced part (after minus before):
+    count, mean, p50, p99 (ms, estimated from the buckets) and the share above 150 ms."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    out = {}
+    for family in LIVE_HISTOGRAMS:
+        series = {}
+        for (name, labels), v in delta.items():
+            if name != f"{family}_bucket":
+                continue
+            other = tuple(kv for kv in labels if kv[0] != "le")
+            le = float(dict(labels)["le"].replace("+Inf", "inf"))
+            series.setdefault(other, []).append((le, v))
+        for other, buckets in series.items():
+            buckets.sort()
+            count = delta.get((f"{family}_count", other), 0.0)
+            total = delta.get((f"{family}_sum", other), 0.0)
+            key = family.removeprefix("cdrguard_").removesuffix("_seconds")
+            if other:
+                key += "{" + ",".join(f"{k}={v}" for k, v in other) + "}"
+            # Issue 12's bound (commit interval + 50 ms), where the family has a bucket there.
+            at_target = next((n for le, n in buckets if abs(le - 0.15) < 1e-9), None)
+            ms = lambda x: None if x is None else round(x * 1000, 3)
+            out[key] = {
+                "count": count,
+                "mean_ms": ms(total / count) if count else None,
+                "p50_ms": ms(quantile(0.5, buckets, count)),
+                "p99_ms": ms(quantile(0.99, buckets, count)),
+                "over_150ms": None if at_target is None else count - at_target,
+            }
+    for family in LIVE_COUNTERS:
+        for (name, labels), v in delta.items():
+            if name == family:
+                key = family.removeprefix("cdrguard_") + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")
+                out[key] = v
+    return out
+
+
+def print_live_metrics(runs):
+    """The live phase's /metrics figures, one block per run (and the relay's own)."""
+    for r in runs:
+        if r["phase"] != "live":
+            continue
+        if r.get("metrics"):
+            print(f"\nrep {r['rep']} {r['contender']} live, from /metrics (ms: count mean p50 p99, >150 ms):")
+            for k, v in r["metrics"].items():
+                if isinstance(v, dict):
+                    if not v["count"]:
+                        continue
+                    print(f"  {k:58} {v['count']:8.0f} {fmt(v['mean_ms'])} {fmt(v['p50_ms'])} {fmt(v['p99_ms'])}"
+                          + (f"  >150: {v['over_150ms']:.0f}" if v.get("over_150ms") is not None else ""))
+                else:
+                    print(f"  {k:58} {v:8.0f}")
+        if r.get("relay_stats"):
+            print(f"\nrep {r['rep']} {r['contender']} live, its own counters: {json.dumps(r['relay_stats'])}")
 
 
 # ---------------------------------------------------------------- summary
@@ -735,6 +914,7 @@ def main():
                       f"p999 {lat.get('p999_ms')} ms over {lat.get('count')} copies"), flush=True)
     summary = summarise(runs, contenders)
     rat = ratios(summary)
+    print_live_metrics(runs)
     print_table(summary)
     for k, v in rat.items():
         print(f"{k}: " + ", ".join(f"{m} {x:.2f}" for m, x in v.items()))

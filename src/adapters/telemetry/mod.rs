@@ -19,7 +19,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 pub use self::status::Status;
-pub use self::tally::{Aborted, Committed, Tally};
+pub use self::tally::{Aborted, CommitPhases, Committed, Tally};
 
 /// The address `telemetry.listen` takes by default.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9464";
@@ -139,6 +139,20 @@ fn describe() {
         n::COMMIT_DURATION,
         metrics::Unit::Seconds,
         "How long a commit held the partitions."
+    );
+    h!(
+        n::COMMIT_PHASE,
+        metrics::Unit::Seconds,
+        "How long each step of a commit took, by phase."
+    );
+    h!(
+        n::SEND_GATE_WAIT,
+        metrics::Unit::Seconds,
+        "How long a send waited for the sealed lane's acknowledgements."
+    );
+    c!(
+        n::PARTITION_WAKEUPS_MISSED,
+        "Partition tasks woken by the backstop timer with records waiting."
     );
     c!(n::PIPELINE_REBUILDS, "Pipelines rebuilt after a failure.");
     c!(n::REBALANCES, "Rebalance events, by event.");

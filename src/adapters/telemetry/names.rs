@@ -35,6 +35,24 @@ pub const TRANSACTIONS: &str = "cdrguard_transactions_total";
 /// Histogram: how long a commit held every partition (sending what the transaction still
 /// lacked, then committing it).
 pub const COMMIT_DURATION: &str = "cdrguard_commit_duration_seconds";
+/// Histogram: how long each step of a commit took, by `phase`: `lock` (waiting for every
+/// partition's lock: their batches in progress end first), `seal` (locked: the timers'
+/// expiries and schedule entries sent, the offsets taken), `offsets` (exactly once:
+/// `send_offsets_to_transaction`; at least once: the offset commit), `acks` (waiting
+/// until the broker acknowledged every message of the transaction), `end` (exactly
+/// once: `commit_transaction`), `relock` (exactly once: taking the locks back after the
+/// commit, for its bookkeeping), and `late` (how long after its scheduled instant a
+/// commit began: a commit longer than the interval, or a busy runtime, delays the next).
+pub const COMMIT_PHASE: &str = "cdrguard_commit_phase_seconds";
+/// The `phase` values of [`COMMIT_PHASE`].
+pub const COMMIT_PHASES: [&str; 7] = ["late", "lock", "seal", "offsets", "acks", "end", "relock"];
+/// Histogram: how long a send of a key the sealed lane may hold waited for that lane to
+/// be acknowledged (exactly once: a subscriber's copies keep their input order across
+/// the two producers); observed only for sends that had to wait.
+pub const SEND_GATE_WAIT: &str = "cdrguard_send_gate_wait_seconds";
+/// Counter: partition tasks woken by the backstop timer (not by their queue) that then
+/// found records waiting: a lost wake-up, which delayed those records by up to 500 ms.
+pub const PARTITION_WAKEUPS_MISSED: &str = "cdrguard_partition_wakeups_missed_total";
 /// Counter: pipelines rebuilt after a failure a fresh consumer and producer overcome.
 pub const PIPELINE_REBUILDS: &str = "cdrguard_pipeline_rebuilds_total";
 /// Counter: rebalance events, by `event` (`assigned`, `revoked`, `lost`).
@@ -91,6 +109,8 @@ pub const HISTOGRAMS: &[(&str, &[f64])] = &[
     (RECORD_PROCESSING, PROCESSING_BUCKETS),
     (RECORD_COMMIT_LATENCY, COMMIT_BUCKETS),
     (COMMIT_DURATION, COMMIT_BUCKETS),
+    (COMMIT_PHASE, PHASE_BUCKETS),
+    (SEND_GATE_WAIT, PHASE_BUCKETS),
     (CONTROL_APPLY_DELAY, DELAY_BUCKETS),
     (RETENTION_LATENESS, DELAY_BUCKETS),
     (RETENTION_REBUILD, REBUILD_BUCKETS),
@@ -101,6 +121,11 @@ const PROCESSING_BUCKETS: &[f64] = &[1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2
 /// Around the 100 ms commit interval: a record waits up to one interval plus the commit.
 const COMMIT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
+];
+/// A commit's steps: round trips of a millisecond or two on a quiet broker, hundreds
+/// when a step stalls.
+const PHASE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5,
 ];
 /// Control events take effect within the proof cycle (half a second); expiries are
 /// committed within a commit interval of their deadline unless a backlog holds them.

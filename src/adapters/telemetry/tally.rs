@@ -205,6 +205,59 @@ impl Committed<'_> {
     }
 }
 
+/// How long the steps of one commit took (see [`names::COMMIT_PHASE`]); a step the
+/// commit did not take stays `None` and is not observed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitPhases {
+    /// How long after its scheduled instant the commit began.
+    pub late: Option<Duration>,
+    /// Waiting for every partition's lock.
+    pub lock: Option<Duration>,
+    /// Sealing, every partition locked.
+    pub seal: Option<Duration>,
+    /// Sending (or committing) the offsets.
+    pub offsets: Option<Duration>,
+    /// Waiting for the acknowledgements.
+    pub acks: Option<Duration>,
+    /// Ending the transaction.
+    pub end: Option<Duration>,
+    /// Taking the locks back after the commit.
+    pub relock: Option<Duration>,
+}
+
+impl CommitPhases {
+    /// Observes each step taken.
+    pub fn emit(&self) {
+        let steps = [
+            self.late,
+            self.lock,
+            self.seal,
+            self.offsets,
+            self.acks,
+            self.end,
+            self.relock,
+        ];
+        for (phase, took) in names::COMMIT_PHASES.iter().zip(steps) {
+            if let Some(d) = took {
+                metrics::histogram!(names::COMMIT_PHASE, "phase" => *phase).record(d.as_secs_f64());
+            }
+        }
+        // One line per commit, for finding which step stalled when (the histograms say
+        // how often, not when); off unless asked for.
+        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
+        tracing::debug!(
+            late_ms = ms(self.late),
+            lock_ms = ms(self.lock),
+            seal_ms = ms(self.seal),
+            offsets_ms = ms(self.offsets),
+            acks_ms = ms(self.acks),
+            end_ms = ms(self.end),
+            relock_ms = ms(self.relock),
+            "commit phases"
+        );
+    }
+}
+
 /// A transaction aborted after its partitions had processed `records` input records,
 /// which are read and processed again.
 pub struct Aborted {
@@ -262,6 +315,7 @@ pub fn register_zero(routes: &[Purpose], format: Format) {
         names::RECORDS_ABORTED,
         names::RECORDS_FAIL_CLOSED,
         names::PIPELINE_REBUILDS,
+        names::PARTITION_WAKEUPS_MISSED,
         names::SCHEDULE_UNREADABLE,
         names::SCHEDULE_WRITES,
     ] {

@@ -18,7 +18,7 @@ use super::slot::{SealedPart, Slot, SlotState};
 use super::{PipelineError, Shared, retention};
 use crate::adapters::kafka::config::Guarantee;
 use crate::adapters::kafka::sink::{Sealed, SinkError};
-use crate::adapters::telemetry::{Aborted, Committed, Tally};
+use crate::adapters::telemetry::{Aborted, CommitPhases, Committed, Tally};
 use crate::vocab::time::Millis;
 
 /// Aborts in a row, with no commit between them, after which the pipeline is rebuilt: a
@@ -176,17 +176,21 @@ pub(super) fn spawn_coordinator(
         // wait.
         let mut next = tokio::time::Instant::now() + shared.cfg.commit_interval;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
-                _ = shared.commit_now.notified() => {}
-                _ = shutdown.notified() => {}
-            }
+            // How late a commit due on the interval begins: a commit longer than the
+            // interval, or a runtime too busy to wake the coordinator, delays it.
+            let late = tokio::select! {
+                _ = tokio::time::sleep_until(next) => {
+                    Some(tokio::time::Instant::now().saturating_duration_since(next))
+                }
+                _ = shared.commit_now.notified() => None,
+                _ = shutdown.notified() => None,
+            };
             if shared.has_failed() {
                 return;
             }
             let last = shared.closing.load(Ordering::Acquire);
             next = tokio::time::Instant::now() + shared.cfg.commit_interval;
-            if let Err(e) = shared.commit_cycle().await {
+            if let Err(e) = shared.commit_cycle(late).await {
                 shared.fail(e);
                 return;
             }
@@ -212,11 +216,21 @@ impl Shared {
     /// on into the other lane's transaction while it commits; on an abortable failure,
     /// aborts every uncommitted transaction and rewinds every partition to its last
     /// committed offset.
-    pub(super) async fn commit_cycle(self: &Arc<Self>) -> Result<(), PipelineError> {
+    /// `late` is how long after its scheduled instant it began (for the metrics).
+    pub(super) async fn commit_cycle(
+        self: &Arc<Self>,
+        late: Option<Duration>,
+    ) -> Result<(), PipelineError> {
+        let mut phases = CommitPhases {
+            late,
+            ..CommitPhases::default()
+        };
         let _g = self.commit_lock.lock().await;
         let slots = self.snapshot();
+        let locking = std::time::Instant::now();
         let mut guards = lock_all(&slots).await;
         let held_since = std::time::Instant::now();
+        phases.lock = Some(held_since.saturating_duration_since(locking));
         self.advance_timers(&slots, &mut guards);
         let send_failed = self.poisoned.swap(false, Ordering::AcqRel);
         let now = self.clock.now();
@@ -232,6 +246,7 @@ impl Shared {
             Plan::Commit => match self.seal_locked(&slots, &mut guards, held_since).await {
                 Err(e) => Err(e),
                 Ok(sealing) => {
+                    phases.seal = Some(sealing.sent);
                     // Exactly once: the partitions fill the other lane's transaction
                     // meanwhile. At least once flushes its one producer, which sends
                     // would only lengthen: the locks stay.
@@ -239,11 +254,16 @@ impl Shared {
                     if overlap {
                         drop(std::mem::take(&mut guards));
                     }
-                    let committed = self.commit_sealed(&sealing).await;
+                    let committed = self.commit_sealed(&sealing, &mut phases).await;
                     if overlap {
+                        let relocking = std::time::Instant::now();
                         guards = lock_all(&slots).await;
+                        phases.relock = Some(relocking.elapsed());
                     }
-                    committed.map(|()| self.finish_commit(&slots, &mut guards, sealing, held_since))
+                    committed.map(|()| {
+                        phases.emit();
+                        self.finish_commit(&slots, &mut guards, sealing, held_since)
+                    })
                 }
             },
             Plan::Abort(e) => Err(e),
@@ -273,7 +293,8 @@ impl Shared {
         held_since: std::time::Instant,
     ) -> Result<(), SinkError> {
         let sealing = self.seal_locked(slots, guards, held_since).await?;
-        self.commit_sealed(&sealing).await?;
+        self.commit_sealed(&sealing, &mut CommitPhases::default())
+            .await?;
         self.finish_commit(slots, guards, sealing, held_since);
         Ok(())
     }
@@ -331,15 +352,26 @@ impl Shared {
         })
     }
 
-    /// Commits a sealed transaction with its offsets.
-    async fn commit_sealed(&self, sealing: &Sealing) -> Result<(), SinkError> {
+    /// Commits a sealed transaction with its offsets; how long its steps took goes to
+    /// `phases`.
+    async fn commit_sealed(
+        &self,
+        sealing: &Sealing,
+        phases: &mut CommitPhases,
+    ) -> Result<(), SinkError> {
         let consumer = self.consumer().clone();
         let sink = self.sink.clone();
         let (lane, offsets) = (sealing.lane, sealing.offsets.clone());
+        let mut steps = *phases;
         // librdkafka's commit blocks: keep it off the async workers.
-        tokio::task::spawn_blocking(move || sink.commit_sealed(lane, &offsets, &consumer))
-            .await
-            .map_err(|_| SinkError::Abandoned)?
+        let (result, steps) = tokio::task::spawn_blocking(move || {
+            let r = sink.commit_sealed(lane, &offsets, &consumer, &mut steps);
+            (r, steps)
+        })
+        .await
+        .map_err(|_| SinkError::Abandoned)?;
+        *phases = steps;
+        result
     }
 
     /// What follows a committed transaction: the partitions' committed offsets and

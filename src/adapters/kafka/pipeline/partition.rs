@@ -15,8 +15,9 @@ use super::group::GroupContext;
 use super::slot::{Slot, SlotState};
 use super::{PipelineError, Shared};
 use crate::adapters::kafka::retention::crowds::{Anonymised, fingerprint};
+use crate::adapters::kafka::retention::timers::Timers;
 use crate::adapters::kafka::sink::{self, Out, SinkError};
-use crate::adapters::telemetry::names::DeadLetterReason;
+use crate::adapters::telemetry::names::{self, DeadLetterReason};
 use crate::codec::{self, DecodeError, Format, binary, json};
 use crate::core::bounds::TimeBounds;
 use crate::core::process::{Decision, process_into};
@@ -57,6 +58,8 @@ impl Shared {
                 keys: self.keys.active(),
             },
             throttle: crate::adapters::kafka::Throttle::default(),
+            backstop: false,
+            persisted: Instant::now(),
         };
         loop {
             match self.step(&mut task).await {
@@ -64,8 +67,10 @@ impl Shared {
                 // The queue's callback wakes the task; the timeout is a backstop so a
                 // lost wake-up costs at most a moment, never a stalled partition.
                 Step::Idle => {
-                    let _ = tokio::time::timeout(Duration::from_millis(500), slot.wake.notified())
-                        .await;
+                    task.backstop =
+                        tokio::time::timeout(Duration::from_millis(500), slot.wake.notified())
+                            .await
+                            .is_err();
                 }
                 Step::Paused => tokio::time::sleep(Duration::from_millis(100)).await,
                 Step::Stop => return,
@@ -114,11 +119,19 @@ impl Shared {
         if !Arc::ptr_eq(&keys, &task.scratch.keys) {
             task.scratch.keys = keys;
         }
-        let step = self.batch(task, &mut st, now, fresh).await;
+        let mut step = self.batch(task, &mut st, now, fresh).await;
+        if matches!(step, Step::More | Step::Idle)
+            && let Some(end) = self.persist_batch(task, &mut st).await
+        {
+            step = end;
+        }
         // Counted per batch: one clock read and one histogram call for up to BATCH
         // records.
         let n = (st.records - before) as u32;
         st.tally.batch(instant, n, instant.elapsed());
+        if std::mem::take(&mut task.backstop) && n > 0 {
+            metrics::counter!(names::PARTITION_WAKEUPS_MISSED).increment(1);
+        }
         slot.pending.store(st.uncommitted(), Ordering::Relaxed);
         step
     }
@@ -157,6 +170,26 @@ impl Shared {
             }
         }
         Step::More
+    }
+
+    /// After a batch: the timers' changes so far go into the open transaction (see
+    /// `persist_changes`), at most every quarter of the commit interval, so that a
+    /// window several batches of one transaction touch is still written about once.
+    async fn persist_batch(&self, task: &mut Task<'_>, st: &mut SlotState) -> Option<Step> {
+        let Timers::Ready(r) = &mut st.timers else {
+            return None;
+        };
+        if !r.schedule.has_changes() || task.persisted.elapsed() < self.cfg.commit_interval / 4 {
+            return None;
+        }
+        task.persisted = Instant::now();
+        match self.persist_changes(task.slot.partition, r).await {
+            Ok(n) => {
+                st.tally.schedule_writes += n;
+                None
+            }
+            Err(e) => self.after_send(task, Err(e)),
+        }
     }
 
     /// What a failed record does to the batch: an abortable failure ends it (the
@@ -359,6 +392,10 @@ struct Task<'a> {
     queue: &'a PartitionQueue<GroupContext>,
     scratch: Scratch,
     throttle: crate::adapters::kafka::Throttle,
+    /// The last wait for records ended by its backstop timer, not by a wake-up.
+    backstop: bool,
+    /// When the task last wrote its timers' changes (`persist_batch`).
+    persisted: Instant,
 }
 
 /// Buffers a partition task reuses for every copy.

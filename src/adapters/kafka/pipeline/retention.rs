@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::Shared;
 use super::slot::{Slot, SlotState};
 use crate::adapters::kafka::retention::entries::{self, window_key};
-use crate::adapters::kafka::retention::timers::Timers;
+use crate::adapters::kafka::retention::timers::{Ready, Timers};
 use crate::adapters::kafka::sink::{self, Out, SinkError};
 use crate::adapters::kafka::stats::DelayHistogram;
 use crate::adapters::telemetry::{Tally, names};
@@ -251,15 +251,7 @@ impl Shared {
                     tally.expiry(e.purpose, &e.reason);
                     deadlines.push(e.deadline);
                 }
-                for change in r.schedule.drain_changes() {
-                    let (key, value) = entries::encode(&change, &self.policy);
-                    self.send_schedule(partition, &key, value.as_deref())
-                        .await?;
-                    if let Persist::Window(k, None) = &change {
-                        debug_assert_eq!(key, window_key(k));
-                    }
-                    written += 1;
-                }
+                written += self.persist_changes(partition, r).await?;
                 for released in r.crowds.release(now, budget) {
                     let Some(topic) = self.cfg.routes[released.purpose as usize].as_deref() else {
                         continue;
@@ -297,6 +289,32 @@ impl Shared {
                     written += 1;
                 }
             }
+        }
+        Ok(written)
+    }
+
+    /// Writes the windows and settlements that changed since the last drain to the
+    /// partition's schedule topic partition, into the open transaction. Returns the
+    /// messages written.
+    ///
+    /// The seal calls it for what is left; a partition task calls it after its batches
+    /// too (`Shared::persist_batch`), so that the seal does not send a whole interval's
+    /// entries at once while it holds every partition, and the transaction's commit
+    /// does not then wait for that burst to be acknowledged.
+    pub(super) async fn persist_changes(
+        &self,
+        partition: i32,
+        r: &mut Ready,
+    ) -> Result<u64, SinkError> {
+        let mut written = 0;
+        for change in r.schedule.drain_changes() {
+            let (key, value) = entries::encode(&change, &self.policy);
+            self.send_schedule(partition, &key, value.as_deref())
+                .await?;
+            if let Persist::Window(k, None) = &change {
+                debug_assert_eq!(key, window_key(k));
+            }
+            written += 1;
         }
         Ok(written)
     }
