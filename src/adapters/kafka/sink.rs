@@ -4,9 +4,8 @@
 //!
 //! Exactly once uses two transactional producers ("lanes") taking turns: while one
 //! commits the transaction it was filled with, the other takes the next records'
-//! copies. A send into the next lane whose key the sealed lane may have carried waits
-//! until the sealed lane's messages are acknowledged (a subscriber's messages keep their
-//! order per partition, as with one producer); every other send goes at once. None waits
+//! copies. The next lane's first send waits until the sealed lane's messages are
+//! acknowledged (copies keep their input order per key, as with one producer), but not
 //! for the sealed transaction's offsets and EndTxn round trips. A transaction must not
 //! commit before the one sealed ahead of it, and its records follow the earlier one's:
 //! the coordinator commits them one at a time, in order, and an abort aborts both.
@@ -250,17 +249,10 @@ pub struct Sink {
     /// The lane sends go to; switched by [`Sink::seal`] only.
     filling: AtomicUsize,
     /// The lane sealed last while some of its messages may be unacknowledged
-    /// ([`NO_LANE`] once they are not). Sends of a key it may hold wait for it: such a
-    /// copy sent by the other lane could otherwise land in an output partition before an
-    /// earlier copy of the same subscriber still in flight, and a subscriber's messages
-    /// keep their order per key.
+    /// ([`NO_LANE`] once they are not). Sends wait for it: a copy sent by the other
+    /// lane could otherwise land in an output partition before an earlier copy of the
+    /// same subscriber still in flight, and copies keep their input order per key.
     flushing: AtomicUsize,
-    /// Per lane (exactly once), the keys it sent since it last began filling. Waiting
-    /// for the whole sealed lane made every partition stop after every seal until the
-    /// lane was acknowledged (49-86 ms on average in the end-to-end bench) and then send
-    /// that backlog at once into the next lane; with many subscribers, most records
-    /// share no key with the last interval's and need not wait.
-    keys: Vec<KeySet>,
     guarantee: Guarantee,
     /// Failures already accounted for by an earlier commit.
     failed_seen: AtomicU64,
@@ -274,83 +266,6 @@ pub struct Sink {
 
 /// No lane (see `Sink::flushing`).
 const NO_LANE: usize = usize::MAX;
-
-/// Bits of a lane's [`KeySet`]: 512 KiB each.
-const KEY_BITS: usize = 1 << 22;
-/// Bits set per key. A partition looks up hundreds of keys per commit interval, and one
-/// false match stops it until the sealed lane is acknowledged: with one bit per key and
-/// 2^20 bits, 4.4 of the 6 partitions waited after each seal in the end-to-end bench
-/// (6 with the whole lane as the gate, 2.5 with this). With three of 2^22, 16,000 keys (an
-/// interval at full speed) make a false match one or two lookups in a million.
-const KEY_HASHES: u64 = 3;
-
-/// The keys a lane sent, as a Bloom filter: [`KeySet::may_hold`] is true for every key
-/// inserted since the last [`KeySet::clear`], and seldom for another (which would only
-/// make its send wait, as every send did before). Atomic words so that senders on
-/// several threads insert without a lock; what orders an insert before a look from
-/// another sender is the partition locks a seal takes.
-struct KeySet {
-    words: Box<[AtomicU64]>,
-}
-
-impl KeySet {
-    fn new() -> KeySet {
-        KeySet {
-            words: (0..KEY_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// The words and bits of a key's hash: [`KEY_HASHES`] positions from two halves of
-    /// it (double hashing), each from the top bits of a product that mixes every bit in.
-    fn bits(hash: u64) -> impl Iterator<Item = (usize, u64)> {
-        let step = (hash >> 32) | 1;
-        (0..KEY_HASHES).map(move |j| {
-            let mixed = hash
-                .wrapping_add(j.wrapping_mul(step))
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let i = (mixed >> (64 - KEY_BITS.trailing_zeros())) as usize;
-            (i / 64, 1 << (i % 64))
-        })
-    }
-
-    fn insert(&self, hash: u64) {
-        for (w, b) in KeySet::bits(hash) {
-            // Most keys repeat within an interval (a record's copies share one): a load
-            // first spares the read-modify-write.
-            if self.words[w].load(Ordering::Relaxed) & b == 0 {
-                self.words[w].fetch_or(b, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn may_hold(&self, hash: u64) -> bool {
-        KeySet::bits(hash).all(|(w, b)| self.words[w].load(Ordering::Relaxed) & b != 0)
-    }
-
-    fn clear(&self) {
-        for w in self.words.iter() {
-            w.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A message key's hash for [`KeySet`] (FNV-1a, then a multiplication and a shift that
-/// spread it over both halves).
-fn key_hash(key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 29)
-}
-
-/// Whether a send of a key with hash `hash` must wait for the sealed lane: only if
-/// the lane may hold the key. A message without a key has no order to keep.
-fn must_wait(sealed: &KeySet, hash: Option<u64>) -> bool {
-    hash.is_some_and(|h| sealed.may_hold(h))
-}
 
 /// A lane closed by [`Sink::seal`]: what it sent since its last commit is committed by
 /// [`Sink::commit_sealed`] (or aborted by [`Sink::abort`]).
@@ -437,10 +352,6 @@ impl Sink {
             lanes: producers,
             filling: AtomicUsize::new(0),
             flushing: AtomicUsize::new(NO_LANE),
-            keys: match guarantee {
-                Guarantee::AtLeastOnce => Vec::new(),
-                Guarantee::ExactlyOnce => (0..lanes).map(|_| KeySet::new()).collect(),
-            },
             guarantee,
             failed_seen: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
@@ -473,19 +384,12 @@ impl Sink {
         if let Some(h) = out.headers {
             record = record.headers(h);
         }
-        let hash = out.key.map(key_hash);
-        self.wait_for_sealed(hash).await?;
-        // The filling lane cannot change before this send returns: a seal takes every
-        // partition's lock, and senders hold one (or all, at a seal).
-        let filling = self.filling.load(Ordering::Acquire);
-        if let (Some(keys), Some(h)) = (self.keys.get(filling), hash) {
-            keys.insert(h);
-        }
+        self.wait_for_sealed().await?;
         loop {
             if self.abandoned() {
                 return Err(SinkError::Abandoned);
             }
-            let lane = &self.lanes[filling];
+            let lane = &self.lanes[self.filling.load(Ordering::Acquire)];
             match lane.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
@@ -503,11 +407,10 @@ impl Sink {
     }
 
     /// Waits until the lane sealed last has every message acknowledged (see
-    /// `flushing`), if it may hold a message of the key with hash `hash`; at once
-    /// otherwise.
-    async fn wait_for_sealed(&self, hash: Option<u64>) -> Result<(), SinkError> {
+    /// `flushing`); at once when it has.
+    async fn wait_for_sealed(&self) -> Result<(), SinkError> {
         let sealed = self.flushing.load(Ordering::Acquire);
-        if sealed == NO_LANE || !must_wait(&self.keys[sealed], hash) {
+        if sealed == NO_LANE {
             return Ok(());
         }
         let waiting = Instant::now();
@@ -538,9 +441,6 @@ impl Sink {
         let next = (lane + 1) % self.lanes.len();
         if next != lane {
             self.flushing.store(lane, Ordering::Release);
-            // The next lane's transaction before this one has committed (the caller
-            // finished that commit): its keys are acknowledged and hold nothing back.
-            self.keys[next].clear();
         }
         self.filling.store(next, Ordering::Release);
         Sealed(lane)
@@ -771,54 +671,6 @@ mod tests {
             "the stop was asked for again"
         );
         let _ = release.send(());
-    }
-
-    #[test]
-    fn a_send_waits_for_the_sealed_lane_only_for_a_key_it_may_hold() {
-        let sealed = KeySet::new();
-        let (a, b) = (key_hash(b"subscriber-a"), key_hash(b"subscriber-b"));
-        assert!(
-            !must_wait(&sealed, Some(a)),
-            "an empty lane holds nothing back"
-        );
-        sealed.insert(a);
-        assert!(
-            must_wait(&sealed, Some(a)),
-            "a key the sealed lane carried waits"
-        );
-        assert!(
-            !must_wait(&sealed, None),
-            "a message without a key has no order"
-        );
-        // Another key goes at once, but for a false positive: count them over many keys.
-        let waiting = (0..10_000u32)
-            .filter(|i| must_wait(&sealed, Some(key_hash(format!("other-{i}").as_bytes()))))
-            .count();
-        assert!(waiting <= 10, "{waiting} of 10,000 other keys would wait");
-        assert_ne!(a, b);
-        sealed.clear();
-        assert!(
-            !must_wait(&sealed, Some(a)),
-            "cleared when its lane fills again"
-        );
-    }
-
-    #[test]
-    fn a_lane_of_a_few_thousand_keys_holds_back_few_others() {
-        // An interval's worth of keys in the bench: a few thousand subscribers.
-        let sealed = KeySet::new();
-        for i in 0..10_000u32 {
-            sealed.insert(key_hash(format!("sealed-{i}").as_bytes()));
-        }
-        for i in 0..10_000u32 {
-            assert!(sealed.may_hold(key_hash(format!("sealed-{i}").as_bytes())));
-        }
-        let waiting = (0..100_000u32)
-            .filter(|i| sealed.may_hold(key_hash(format!("next-{i}").as_bytes())))
-            .count();
-        // 30,000 of 2^22 bits set, three per key: about 3 in a million expected. One
-        // hash per key on 2^20 bits let about 1,000 through here.
-        assert!(waiting < 20, "{waiting} of 100,000 keys would wait");
     }
 
     #[test]

@@ -46,9 +46,9 @@ pub const COMMIT_DURATION: &str = "cdrguard_commit_duration_seconds";
 pub const COMMIT_PHASE: &str = "cdrguard_commit_phase_seconds";
 /// The `phase` values of [`COMMIT_PHASE`].
 pub const COMMIT_PHASES: [&str; 7] = ["late", "lock", "seal", "offsets", "acks", "end", "relock"];
-/// Histogram: how long a send of a key the sealed lane may hold waited for that lane to
-/// be acknowledged (exactly once: a subscriber's copies keep their input order across
-/// the two producers); observed only for sends that had to wait.
+/// Histogram: how long a send waited for the lane sealed before it to be acknowledged
+/// (exactly once: copies keep their input order per key across the two producers);
+/// observed only for sends that found the sealed lane unacknowledged.
 pub const SEND_GATE_WAIT: &str = "cdrguard_send_gate_wait_seconds";
 /// Counter: partition tasks woken by the backstop timer (not by their queue) that then
 /// found records waiting: a lost wake-up, which delayed those records by up to 500 ms.
