@@ -2,7 +2,10 @@
 //! the bincode-compatible binary encoding (via `wincode`).
 //!
 //! Decoding checks cheaply first and borrows from the input buffer; a record that fails
-//! comes back as a [`DeadLetter`] reason instead of stopping the stream.
+//! comes back as a [`DeadLetter`] reason instead of stopping the stream. Copies are
+//! written through one output cursor (`cursor`); a record's JSON fields are written once
+//! for all of its copies (`json::RecordJson`), as the input's own bytes where the input
+//! is laid out as copies are written.
 
 /// Runs `$body` once for each field, in record order, with `$f` naming it as a constant:
 /// each `match` on the field then folds away, which a loop over `Field::ALL` did not
