@@ -138,15 +138,17 @@ impl Outputs {
         w.line(|b| encode(b, envelopes))
     }
 
-    /// The buffer a record's fields are written into once (see [`Outputs::copy`]), taken
-    /// while they are in use and given back after.
-    pub fn take_fields_scratch(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.fields)
-    }
-
-    /// Gives back the buffer [`Outputs::take_fields_scratch`] took.
-    pub fn put_fields_scratch(&mut self, scratch: Vec<u8>) {
+    /// Writes every copy of a decoded record (see [`Outputs::copy`]), its fields written
+    /// once for all of them (`json::RecordJson`).
+    pub fn copies(&mut self, r: &json::Decoded<'_>, copies: &[Copy<'_>]) -> std::io::Result<()> {
+        // Taken out while the fields borrow it, so that `copy` can have `self`.
+        let mut scratch = std::mem::take(&mut self.fields);
+        let fields = json::RecordJson::of_input(r, &mut scratch);
+        let written = copies
+            .iter()
+            .try_for_each(|c| self.copy(c, Some(&fields), &r.record.msisdn));
         self.fields = scratch;
+        written
     }
 
     /// Writes an expiry event.

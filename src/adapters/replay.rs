@@ -57,14 +57,7 @@ impl Sink for Outputs {
         d: &Decision<'_>,
     ) -> std::io::Result<()> {
         self.advance_to(r.record.start_time)?;
-        // The record's fields as JSON once, for all its copies.
-        let mut scratch = self.take_fields_scratch();
-        let fields = json::RecordJson::of_input(r, &mut scratch);
-        for c in &d.copies {
-            self.copy(c, Some(&fields), &r.record.msisdn)?;
-        }
-        self.put_fields_scratch(scratch);
-        Ok(())
+        self.copies(r, &d.copies)
     }
     fn expiry(&mut self, e: &Expiry) -> std::io::Result<()> {
         Outputs::expiry(self, e)

@@ -516,33 +516,20 @@ impl<'a> Parser<'a> {
         if let Some(c) = self.cell_in_order() {
             return Some(c);
         }
+        // What the ordered read declined and this reads is not laid out as copies are
+        // written (whitespace or another order; anything else neither reads).
         self.at = start;
+        self.canonical = false;
         let (mut mcc, mut mnc, mut area, mut id) = (None, None, None, None);
-        // Members in the copy writer's order: mcc, mnc, lac_or_tac, cell_id.
-        let mut order = 0;
         // A key seen twice fails its `is_none` guard and is declined like an unknown one.
         self.object(|p, key, _| {
-            let at = match key {
-                b"mcc" if mcc.is_none() => {
-                    mcc = Some(p.string()?);
-                    0
-                }
-                b"mnc" if mnc.is_none() => {
-                    mnc = Some(p.string()?);
-                    1
-                }
-                b"lac_or_tac" if area.is_none() => {
-                    area = Some(p.u32()?);
-                    2
-                }
-                b"cell_id" if id.is_none() => {
-                    id = Some(p.u64()?);
-                    3
-                }
+            match key {
+                b"mcc" if mcc.is_none() => mcc = Some(p.string()?),
+                b"mnc" if mnc.is_none() => mnc = Some(p.string()?),
+                b"lac_or_tac" if area.is_none() => area = Some(p.u32()?),
+                b"cell_id" if id.is_none() => id = Some(p.u64()?),
                 _ => return None,
-            };
-            p.canonical &= at == order;
-            order += 1;
+            }
             Some(())
         })?;
         Some(Cell {
@@ -627,28 +614,17 @@ impl<'a> Parser<'a> {
                     _ => {}
                 }
             }
+            // As for `cell`: what the ordered read declined is not laid out as copies are.
             self.at = start;
+            self.canonical = false;
             let (mut group, mut ul, mut dl) = (None, None, None);
-            // Members in the copy writer's order: rating_group, ul_bytes, dl_bytes.
-            let mut order = 0;
             self.object(|p, key, _| {
-                let at = match key {
-                    b"rating_group" if group.is_none() => {
-                        group = Some(p.u32()?);
-                        0
-                    }
-                    b"ul_bytes" if ul.is_none() => {
-                        ul = Some(p.u64()?);
-                        1
-                    }
-                    b"dl_bytes" if dl.is_none() => {
-                        dl = Some(p.u64()?);
-                        2
-                    }
+                match key {
+                    b"rating_group" if group.is_none() => group = Some(p.u32()?),
+                    b"ul_bytes" if ul.is_none() => ul = Some(p.u64()?),
+                    b"dl_bytes" if dl.is_none() => dl = Some(p.u64()?),
                     _ => return None,
-                };
-                p.canonical &= at == order;
-                order += 1;
+                }
                 Some(())
             })?;
             all.push(Usage {
