@@ -465,6 +465,28 @@ def sustained(series, total):
     }
 
 
+class BrokerRecording:
+    """CDRGUARD_E2E_BROKER_JFR=DIR: a Java Flight Recorder record of the broker for one
+    phase of one run, written to DIR/<tag>.jfr (`jfr print --events jdk.ExecutionSample`
+    reads it; benches/e2e/jfr_top.py sums it up). For finding where the broker's CPU
+    goes, not for quoting figures: the recorder costs the broker a little."""
+
+    def __init__(self, a, tag):
+        self.dir = os.environ.get("CDRGUARD_E2E_BROKER_JFR")
+        self.pid, self.tag = a.broker_pid, tag
+        if self.dir and self.pid:
+            os.makedirs(self.dir, exist_ok=True)
+            # A sample every millisecond (the profile settings' 10 ms gives a few hundred
+            # samples a run, too few to compare contenders by).
+            run_quiet(["jcmd", str(self.pid), "JFR.start", f"name={tag}", "settings=profile",
+                       "jdk.ExecutionSample#period=1ms", "jdk.NativeMethodSample#enabled=false"])
+
+    def stop(self):
+        if self.dir and self.pid:
+            path = os.path.join(os.path.abspath(self.dir), f"{self.tag}.jfr")
+            run_quiet(["jcmd", str(self.pid), "JFR.stop", f"name={self.tag}", f"filename={path}"])
+
+
 def full_phase(a, name, rep, total, fanout):
     """Drains the preloaded input; returns the run's figures."""
     prefix = f"e2e.{rep}.{name}.full"
@@ -477,6 +499,7 @@ def full_phase(a, name, rep, total, fanout):
                                "--topic", INPUT], stdout=subprocess.PIPE, text=True, bufsize=1)
     os.set_blocking(poller.stdout.fileno(), False)
     started = time.monotonic()
+    recording = BrokerRecording(a, prefix)
     proc = start(a, name, config, fanout, prefix, prefix)
     series, rss, failed = [], 0, None
     deadline = started + max(180, total / 500)
@@ -497,6 +520,7 @@ def full_phase(a, name, rep, total, fanout):
         if time.monotonic() > deadline:
             failed = f"did not finish within {deadline - started:.0f} s (log {proc.log_path})"
             break
+    recording.stop()
     code = stop(proc)
     time.sleep(1)  # the probe sees the last commit
     poller.send_signal(signal.SIGTERM)
@@ -548,12 +572,14 @@ def live_phase(a, name, rep, rate, live_file, fanout):
         time.sleep(0.05)
     logs = cdrguard_logs(name, proc)
     before = scrape_all(logs) if paced.is_set() else None
+    recording = BrokerRecording(a, prefix)
     try:
         meter.wait(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
         meter.kill()
         meter.wait()
     reader.join(timeout=10)
+    recording.stop()
     after = scrape_all(logs) if before is not None else None
     exited = proc.poll()
     code = stop(proc)

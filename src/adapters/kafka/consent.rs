@@ -83,25 +83,33 @@ pub fn fail_closed(known: SubscriberState) -> SubscriberState {
 
 /// The subscriber states, compact: consent for 1,000,000 subscribers is held by every
 /// instance, so its size is most of what an instance needs. An msisdn of up to 15
-/// digits (E.164's longest) is kept as one integer, and a state as 40 bytes (dates
-/// without `Option`'s tag words) instead of 64 plus a heap string: 48 bytes a
-/// subscriber in the table, against about 100 before (the hash tables' slack comes on
-/// top of either). Other msisdns keep their text.
+/// digits (E.164's longest), with or without E.164's leading `+`, is kept as one
+/// integer, and a state as 40 bytes (dates without `Option`'s tag words) instead of 64
+/// plus a heap string: 48 bytes a subscriber in the table, against about 100 before (the
+/// hash tables' slack comes on top of either). Other msisdns keep their text.
 #[derive(Default)]
 struct Table {
     digits: DashMap<u64, Stored>,
     text: DashMap<Box<str>, Stored>,
 }
 
-/// An msisdn of 1 to 15 ASCII digits as one integer: its value, and its length in the
-/// top bits so that leading zeros still tell numbers apart.
+/// Set in a packed msisdn written with a leading `+`.
+const PLUS: u64 = 1 << 59;
+
+/// An msisdn of 1 to 15 ASCII digits, after an optional `+`, as one integer: its value
+/// (below 10^15 < 2^50), a bit for the `+`, and its length in the top bits so that
+/// leading zeros still tell numbers apart. A `+` is kept apart rather than dropped:
+/// `+4670...` and `4670...` are different keys on the control topic.
 fn packed_msisdn(msisdn: &str) -> Option<u64> {
-    let b = msisdn.as_bytes();
+    let (plus, b) = match msisdn.as_bytes() {
+        [b'+', rest @ ..] => (PLUS, rest),
+        b => (0, b),
+    };
     if b.is_empty() || b.len() > 15 || !b.iter().all(u8::is_ascii_digit) {
         return None;
     }
     let value = b.iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
-    Some(((b.len() as u64) << 60) | value)
+    Some(((b.len() as u64) << 60) | plus | value)
 }
 
 /// Counts only: the table's keys are msisdns, which no log may show.
@@ -957,10 +965,25 @@ mod tests {
             "046701234567",
             "0046701234567",
             "+46701234567",
+            "+046701234567",
+            "+999999999999999",
+            "999999999999999",
             "1234567890123456",
+            "+1234567890123456",
             "0",
             "00",
+            "+0",
+            "+",
+            "++46701234567",
+            "46+701234567",
         ];
+        // E.164 numbers with their '+' (as the generator writes them) are packed, not
+        // kept as text.
+        assert!(packed_msisdn("+46701234567").is_some());
+        assert!(packed_msisdn("+999999999999999").is_some());
+        for text in ["+", "++46701234567", "46+701234567", "+1234567890123456"] {
+            assert_eq!(packed_msisdn(text), None, "{text}");
+        }
         for (i, m) in names.iter().enumerate() {
             t.upsert(m, |s| s.contract_ended = Some(Millis(i as i64)));
         }
