@@ -65,6 +65,9 @@ def args_parser():
     ap.add_argument("--out", required=True, help="where results.json (and the plots) go")
     ap.add_argument("--plots", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a few thousand records, 1 repetition")
+    ap.add_argument("--client-property", action="append", default=[], metavar="KEY=VALUE",
+                    help="a librdkafka property for every client of every contender "
+                         "(e.g. compression.type=lz4; repeatable)")
     ap.add_argument("--command", default="", help="the command line, for the results")
     return ap
 
@@ -77,6 +80,7 @@ group_id = "{prefix}.group"
 transactional_id = "{prefix}.txn"
 guarantee = "{guarantee}"
 
+{client_properties(a)}
 [topics]
 input = "{input_topic}"
 control = "{CONTROL}"
@@ -95,6 +99,19 @@ commit_interval_ms = {a.commit_interval_ms}
 listen = "127.0.0.1:0"
 log_format = "json"
 """
+
+
+def client_properties(a):
+    """--client-property settings as the config's [kafka.properties], which cdrguard, the
+    relay (it reads the same file) and the Kafka Streams peer (peer_client_properties)
+    apply to every client alike."""
+    if not a.client_property:
+        return ""
+    lines = ["[kafka.properties]"]
+    for kv in a.client_property:
+        k, _, v = kv.partition("=")
+        lines.append(f'"{k}" = "{v}"')
+    return "\n".join(lines) + "\n"
 
 
 def write_config(a, prefix, input_topic=INPUT, guarantee="exactly_once"):
@@ -465,6 +482,30 @@ def sustained(series, total):
     }
 
 
+def broker_counts(a):
+    """The broker's own request, message and byte counters (BrokerRequests.java, over
+    JMX), or None where they cannot be read (no JDK's attach API, no broker pid)."""
+    if not a.broker_pid:
+        return None
+    try:
+        out = run_quiet(["java", os.path.join(ROOT, "benches", "e2e", "BrokerRequests.java"),
+                         str(a.broker_pid)], timeout=60)
+        return json.loads(out.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        print(f"broker counters not read: {e}", file=sys.stderr)
+        return None
+
+
+def counts_between(before, after):
+    """What the broker served between two broker_counts readings."""
+    if not before or not after:
+        return None
+    req = {k: v - before["requests"].get(k, 0) for k, v in after["requests"].items()}
+    out = {k: after[k] - before[k] for k in ("messages_in", "bytes_in", "bytes_out")}
+    out["requests"] = {k: v for k, v in sorted(req.items()) if v > 0}
+    return out
+
+
 class BrokerRecording:
     """CDRGUARD_E2E_BROKER_JFR=DIR: a Java Flight Recorder record of the broker for one
     phase of one run, written to DIR/<tag>.jfr (`jfr print --events jdk.ExecutionSample`
@@ -498,6 +539,7 @@ def full_phase(a, name, rep, total, fanout):
     poller = subprocess.Popen([METER, "--brokers", a.brokers, "offsets", "--group", f"{prefix}.group",
                                "--topic", INPUT], stdout=subprocess.PIPE, text=True, bufsize=1)
     os.set_blocking(poller.stdout.fileno(), False)
+    counts_before = broker_counts(a)
     started = time.monotonic()
     recording = BrokerRecording(a, prefix)
     proc = start(a, name, config, fanout, prefix, prefix)
@@ -526,13 +568,16 @@ def full_phase(a, name, rep, total, fanout):
     poller.send_signal(signal.SIGTERM)
     poller.wait(timeout=30)
     latency = stop_meter(probe)
+    # Includes the probe's and the offsets poller's requests (a few per second, alike for
+    # every contender) and the broker's own (heartbeats, metadata).
+    requests = counts_between(counts_before, broker_counts(a))
     out_bytes = topic_bytes(a, output_topics(prefix))
     stats = contender_stats(name, proc.log_path, getattr(proc, "log_paths", None))
     delete_topics(a, output_topics(prefix))
     t0 = series[0]["t"] if series else 0
     result = {
         "contender": name, "rep": rep, "phase": "full", "failed": failed, "exit": code,
-        "peak_rss_mb": rss / 1024, "latency": latency, "stats": stats,
+        "peak_rss_mb": rss / 1024, "latency": latency, "stats": stats, "broker": requests,
         "output_bytes_per_record": out_bytes / max(total, 1),
         "series": [[round(s["t"] - t0, 3), s["committed"]] for s in series],
         "cpu_s_total": series[-1]["cpu"] if series else None,
@@ -745,6 +790,24 @@ def print_live_metrics(runs):
             print(f"\nrep {r['rep']} {r['contender']} live, its own counters: {json.dumps(r['relay_stats'])}")
 
 
+def print_broker_requests(runs, total):
+    """What each full-speed run asked of the broker, per 1,000,000 input records: the
+    requests by API that any run made 1,000 of, messages and megabytes in and out."""
+    full = [r for r in runs if r["phase"] == "full" and r.get("broker")]
+    if not full or not total:
+        return
+    apis = sorted({k for r in full for k, v in r["broker"]["requests"].items() if v >= 1000})
+    per = 1_000_000 / total
+    cols = [f"{r['contender']} {r['rep']}" for r in full]
+    print("\nthe broker's work in each full-speed run, per 1,000,000 input records:")
+    print(f"  {'':24}" + "".join(f"{c:>22}" for c in cols))
+    for api in apis:
+        print(f"  {api + ' requests':24}" + "".join(f"{r['broker']['requests'].get(api, 0) * per:22,.0f}" for r in full))
+    print(f"  {'messages in':24}" + "".join(f"{r['broker']['messages_in'] * per:22,.0f}" for r in full))
+    for k in ("bytes_in", "bytes_out"):
+        print(f"  {k.replace('_', ' ') + ' (MB)':24}" + "".join(f"{r['broker'][k] * per / 1e6:22,.1f}" for r in full))
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -941,6 +1004,7 @@ def main():
     summary = summarise(runs, contenders)
     rat = ratios(summary)
     print_live_metrics(runs)
+    print_broker_requests(runs, total)
     print_table(summary)
     for k, v in rat.items():
         print(f"{k}: " + ", ".join(f"{m} {x:.2f}" for m, x in v.items()))

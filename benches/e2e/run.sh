@@ -14,7 +14,9 @@
 #
 # Usage: benches/e2e/run.sh [--smoke] [--records N] [--subscribers N] [--reps R]
 #                           [--live-seconds S] [--live-rate R] [--contenders a,b,...]
-#                           [--out DIR] [--no-plots]
+#                           [--out DIR] [--no-plots] [--client-property KEY=VALUE]...
+#   --client-property: a librdkafka property for every client of every contender (the
+#   config's [kafka.properties]), e.g. compression.type=lz4.
 #   --smoke: 3,000 records, consent for 2,000 subscribers, 1 repetition, no plots
 #   (what CI runs, under 3 minutes).
 #
@@ -34,7 +36,7 @@ while [ $# -gt 0 ]; do
     --no-plots) plots=""; shift ;;
     --out) out=$2; shift 2 ;;
     --contenders) contenders=$2; pass+=("$1" "$2"); shift 2 ;;
-    --records|--subscribers|--reps|--live-seconds|--live-rate|--partitions|--commit-interval-ms)
+    --records|--subscribers|--reps|--live-seconds|--live-rate|--partitions|--commit-interval-ms|--client-property)
       pass+=("$1" "$2"); shift 2 ;;
     *) echo "run.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
