@@ -91,9 +91,13 @@ fn utf8_opt(b: Option<&[u8]>) -> Result<Option<&str>, DecodeError> {
 
 /// Decodes and validates one binary record, borrowing its strings from `bytes`.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
-    let r = decode_record_unchecked(bytes)?;
-    r.validate()?;
-    Ok(r)
+    // Checked where it was decoded and returned as it came: taking the record out of its
+    // `Result` and wrapping it again moved all 400 bytes of it, twice.
+    let r = decode_record_unchecked(bytes);
+    if let Ok(r) = &r {
+        r.validate()?;
+    }
+    r
 }
 
 /// Decodes one binary record without checking it against the record contract.
@@ -103,7 +107,7 @@ pub(super) fn decode_record_unchecked(bytes: &[u8]) -> Result<Record<'_>, Decode
             format: "binary",
             detail: e.to_string(),
         })?;
-    let r = Record {
+    Ok(Record {
         record_id: utf8(w.record_id)?.into(),
         kind: w.kind,
         msisdn: utf8(w.msisdn)?.into(),
@@ -131,8 +135,7 @@ pub(super) fn decode_record_unchecked(bytes: &[u8]) -> Result<Record<'_>, Decode
         usage: w.usage,
         recording_entity: utf8(w.recording_entity)?.into(),
         local_seq_no: w.local_seq_no,
-    };
-    Ok(r)
+    })
 }
 
 /// Appends a record's binary form to `out`.
@@ -229,10 +232,7 @@ impl Cursor<'_, CHUNK> {
     fn option4(&mut self, v: Option<u32>) -> Option<()> {
         match v {
             None => self.put([0]),
-            Some(v) => {
-                let b = v.to_le_bytes();
-                self.put([1, b[0], b[1], b[2], b[3]])
-            }
+            Some(v) => self.tagged(1, v.to_le_bytes()),
         }
     }
 
@@ -240,10 +240,7 @@ impl Cursor<'_, CHUNK> {
     fn option8(&mut self, v: Option<u64>) -> Option<()> {
         match v {
             None => self.put([0]),
-            Some(v) => {
-                let b = v.to_le_bytes();
-                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-            }
+            Some(v) => self.tagged(1, v.to_le_bytes()),
         }
     }
 
@@ -252,8 +249,7 @@ impl Cursor<'_, CHUNK> {
         match s {
             None => self.put([0]),
             Some(s) => {
-                let b = (s.len() as u64).to_le_bytes();
-                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])?;
+                self.tagged(1, (s.len() as u64).to_le_bytes())?;
                 self.bytes(s.as_bytes())
             }
         }
