@@ -140,7 +140,7 @@ proptest! {
                 let p = c.envelope.purpose;
                 let rule = policy.rule(p).expect("copies only for declared purposes");
                 let gated_without_consent = rule.consent_key.is_some_and(|k| !state.consented.contains(k));
-                let json = serde_json::to_string(&c.record).unwrap();
+                let json = serde_json::to_string(&c.record()).unwrap();
                 // What is written out: the hand-written encoders' bytes of the whole copy,
                 // envelope included, not only the treated record as serde sees it.
                 let (mut as_json, mut as_binary) = (Vec::new(), Vec::new());
@@ -162,7 +162,7 @@ proptest! {
                         }
                     }
                     if rule.consent_key.is_some() {
-                        prop_assert!(c.record.identifier(*f) != Some(v.as_str()), "{}: consent-based {} copy holds raw {}", policy.id, p.id(), f.name());
+                        prop_assert!(c.record().identifier(*f) != Some(v.as_str()), "{}: consent-based {} copy holds raw {}", policy.id, p.id(), f.name());
                     }
                 }
                 if gated_without_consent {
@@ -174,7 +174,7 @@ proptest! {
                     prop_assert_eq!(c.envelope.legal_basis, "anonymous", "{}: {} copy after erasure", policy.id, p.id());
                 }
                 if p == Purpose::Marketing {
-                    let token = c.record.msisdn.as_ref().map(|t| t.as_str().to_string()).unwrap_or_default();
+                    let token = c.record().msisdn.as_ref().map(|t| t.as_str().to_string()).unwrap_or_default();
                     prop_assert_eq!(keys.reverse(&token).unwrap(), r.msisdn.to_string());
                 }
             }

@@ -91,9 +91,13 @@ fn utf8_opt(b: Option<&[u8]>) -> Result<Option<&str>, DecodeError> {
 
 /// Decodes and validates one binary record, borrowing its strings from `bytes`.
 pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
-    let r = decode_record_unchecked(bytes)?;
-    r.validate()?;
-    Ok(r)
+    // Checked where it was decoded and returned as it came: taking the record out of its
+    // `Result` and wrapping it again moved all 400 bytes of it, twice.
+    let r = decode_record_unchecked(bytes);
+    if let Ok(r) = &r {
+        r.validate()?;
+    }
+    r
 }
 
 /// Decodes one binary record without checking it against the record contract.
@@ -103,7 +107,7 @@ pub(super) fn decode_record_unchecked(bytes: &[u8]) -> Result<Record<'_>, Decode
             format: "binary",
             detail: e.to_string(),
         })?;
-    let r = Record {
+    Ok(Record {
         record_id: utf8(w.record_id)?.into(),
         kind: w.kind,
         msisdn: utf8(w.msisdn)?.into(),
@@ -131,8 +135,7 @@ pub(super) fn decode_record_unchecked(bytes: &[u8]) -> Result<Record<'_>, Decode
         usage: w.usage,
         recording_entity: utf8(w.recording_entity)?.into(),
         local_seq_no: w.local_seq_no,
-    };
-    Ok(r)
+    })
 }
 
 /// Appends a record's binary form to `out`.
@@ -229,10 +232,7 @@ impl Cursor<'_, CHUNK> {
     fn option4(&mut self, v: Option<u32>) -> Option<()> {
         match v {
             None => self.put([0]),
-            Some(v) => {
-                let b = v.to_le_bytes();
-                self.put([1, b[0], b[1], b[2], b[3]])
-            }
+            Some(v) => self.tagged(1, v.to_le_bytes()),
         }
     }
 
@@ -240,10 +240,7 @@ impl Cursor<'_, CHUNK> {
     fn option8(&mut self, v: Option<u64>) -> Option<()> {
         match v {
             None => self.put([0]),
-            Some(v) => {
-                let b = v.to_le_bytes();
-                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-            }
+            Some(v) => self.tagged(1, v.to_le_bytes()),
         }
     }
 
@@ -252,33 +249,26 @@ impl Cursor<'_, CHUNK> {
         match s {
             None => self.put([0]),
             Some(s) => {
-                let b = (s.len() as u64).to_le_bytes();
-                self.put([1, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])?;
+                self.tagged(1, (s.len() as u64).to_le_bytes())?;
                 self.bytes(s.as_bytes())
             }
         }
     }
 
-    #[inline(always)]
-    fn text(&mut self, t: &Option<Text<'_>>) -> Option<()> {
-        self.option_str(t.as_ref().map(Text::as_str))
-    }
-
     /// The `CopyWire` layout of `schemas/binary.md`; `None` if it does not fit.
     #[inline(always)]
     fn copy(&mut self, env: &Envelopes, c: &Copy<'_>) -> Option<()> {
-        let r = &c.record;
         let e = &c.envelope;
-        self.text(&r.record_id)?;
-        self.option4(r.kind.map(|k| k as u32))?;
-        self.text(&r.msisdn)?;
-        self.text(&r.imsi)?;
-        self.text(&r.imei)?;
-        self.text(&r.other_party)?;
-        self.option8(r.start_time.map(|t| t.0 as u64))?;
-        self.option4(r.duration_s)?;
-        self.option4(r.close_cause.map(|c| c as u32))?;
-        match &r.cell {
+        self.option_str(c.text(Field::RecordId))?;
+        self.option4(c.kind().map(|k| k as u32))?;
+        self.option_str(c.text(Field::Msisdn))?;
+        self.option_str(c.text(Field::Imsi))?;
+        self.option_str(c.text(Field::Imei))?;
+        self.option_str(c.text(Field::OtherParty))?;
+        self.option8(c.start_time().map(|t| t.0 as u64))?;
+        self.option4(c.duration_s())?;
+        self.option4(c.close_cause().map(|c| c as u32))?;
+        match c.cell() {
             None => self.put([0])?,
             Some(c) => {
                 self.put([1])?;
@@ -288,22 +278,23 @@ impl Cursor<'_, CHUNK> {
                 self.option8(c.cell_id)?;
             }
         }
-        self.text(&r.serving_plmn)?;
-        self.text(&r.service_centre)?;
-        self.text(&r.apn)?;
-        self.option8(r.charging_id)?;
-        self.option4(r.rat.map(|rat| rat as u32))?;
-        self.text(&r.ue_ip)?;
-        let usage = r.usage.as_ref().map(|u| u.as_slice());
+        self.option_str(c.text(Field::ServingPlmn))?;
+        self.option_str(c.text(Field::ServiceCentre))?;
+        self.option_str(c.text(Field::Apn))?;
+        self.option8(c.charging_id())?;
+        self.option4(c.rat().map(|rat| rat as u32))?;
+        self.option_str(c.text(Field::UeIp))?;
+        let usage = c.usage();
+        let usage = usage.as_ref().map(|u| u.as_slice());
         self.option8(usage.map(|u| u.len() as u64))?;
         for u in usage.unwrap_or_default() {
             self.put(u.rating_group.to_le_bytes())?;
             self.put(u.ul_bytes.to_le_bytes())?;
             self.put(u.dl_bytes.to_le_bytes())?;
         }
-        self.text(&r.recording_entity)?;
-        self.option8(r.local_seq_no)?;
-        self.text(&e.record_id)?;
+        self.option_str(c.text(Field::RecordingEntity))?;
+        self.option8(c.local_seq_no())?;
+        self.option_str(e.record_id.as_ref().map(Text::as_str))?;
         let fixed = env.of(e);
         self.bytes(&fixed.binary_tags)?;
         self.put(treatment_codes(fixed, e))?;
@@ -366,18 +357,17 @@ fn text(out: &mut Vec<u8>, t: &Option<Text<'_>>) {
 /// [`encode_copy`] for a copy too large for its stack buffer, written straight into `out`.
 #[inline(never)]
 fn encode_copy_vec(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
-    let r = &c.record;
     let e = &c.envelope;
-    text(out, &r.record_id);
-    option4(out, r.kind.map(|k| k as u32));
-    text(out, &r.msisdn);
-    text(out, &r.imsi);
-    text(out, &r.imei);
-    text(out, &r.other_party);
-    option8(out, r.start_time.map(|t| t.0 as u64));
-    option4(out, r.duration_s);
-    option4(out, r.close_cause.map(|c| c as u32));
-    match &r.cell {
+    option_str(out, c.text(Field::RecordId));
+    option4(out, c.kind().map(|k| k as u32));
+    option_str(out, c.text(Field::Msisdn));
+    option_str(out, c.text(Field::Imsi));
+    option_str(out, c.text(Field::Imei));
+    option_str(out, c.text(Field::OtherParty));
+    option8(out, c.start_time().map(|t| t.0 as u64));
+    option4(out, c.duration_s());
+    option4(out, c.close_cause().map(|c| c as u32));
+    match c.cell() {
         None => out.push(0),
         Some(c) => {
             out.push(1);
@@ -387,21 +377,22 @@ fn encode_copy_vec(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
             option8(out, c.cell_id);
         }
     }
-    text(out, &r.serving_plmn);
-    text(out, &r.service_centre);
-    text(out, &r.apn);
-    option8(out, r.charging_id);
-    option4(out, r.rat.map(|rat| rat as u32));
-    text(out, &r.ue_ip);
-    let usage = r.usage.as_ref().map(|u| u.as_slice());
+    option_str(out, c.text(Field::ServingPlmn));
+    option_str(out, c.text(Field::ServiceCentre));
+    option_str(out, c.text(Field::Apn));
+    option8(out, c.charging_id());
+    option4(out, c.rat().map(|rat| rat as u32));
+    option_str(out, c.text(Field::UeIp));
+    let usage = c.usage();
+    let usage = usage.as_ref().map(|u| u.as_slice());
     option8(out, usage.map(|u| u.len() as u64));
     for u in usage.unwrap_or_default() {
         out.extend_from_slice(&u.rating_group.to_le_bytes());
         out.extend_from_slice(&u.ul_bytes.to_le_bytes());
         out.extend_from_slice(&u.dl_bytes.to_le_bytes());
     }
-    text(out, &r.recording_entity);
-    option8(out, r.local_seq_no);
+    option_str(out, c.text(Field::RecordingEntity));
+    option8(out, c.local_seq_no());
     text(out, &e.record_id);
     let fixed = env.of(e);
     out.extend_from_slice(&fixed.binary_tags);
@@ -464,7 +455,7 @@ mod tests {
 
     /// The copy as wincode writes `CopyWire`: the reference for `encode_copy`.
     fn reference_encode(c: &Copy<'_>, out: &mut Vec<u8>) {
-        let r = &c.record;
+        let r = &c.record();
         let e = &c.envelope;
         let mut treatments = [0xFFu8; Field::COUNT];
         for (f, t) in e.changed() {

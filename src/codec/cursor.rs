@@ -72,6 +72,18 @@ impl<const N: usize> Cursor<'_, N> {
         Some(())
     }
 
+    /// Writes a tag byte and a constant-size piece after it: a byte and a fixed-size
+    /// move under one bounds check. (An array of the tag and the piece's bytes is built
+    /// byte by byte, several instructions a byte.)
+    #[inline(always)]
+    pub(super) fn tagged<const M: usize>(&mut self, tag: u8, b: [u8; M]) -> Option<()> {
+        let dst = self.buf.get_mut(self.pos..self.pos + 1 + M)?;
+        dst[0].write(tag);
+        init(&mut dst[1..], &b);
+        self.pos += 1 + M;
+        Some(())
+    }
+
     /// Overwrites one byte already written (at `at < pos`).
     #[inline(always)]
     pub(super) fn set(&mut self, at: usize, b: u8) {

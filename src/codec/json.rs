@@ -3,6 +3,7 @@
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 
+use super::CopyFields;
 use super::cursor::{self, Cursor};
 use super::{DecodeError, Envelopes};
 use crate::core::control::{ControlEvent, RawControl};
@@ -247,7 +248,7 @@ impl Serialize for Envelope<'_> {
 impl Serialize for Copy<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_struct("copy", 2)?;
-        m.serialize_field("record", &self.record)?;
+        m.serialize_field("record", &self.record())?;
         m.serialize_field("envelope", &self.envelope)?;
         m.end()
     }
@@ -275,11 +276,11 @@ pub fn encode_copy(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
 /// most of them keeping most fields, and writing each field again for each copy (number
 /// and time formatting, escape checks) was most of the JSON encoder's cost.
 ///
-/// A copy's value is recognised as the record's by what it is: the same text in the same
-/// place (the record is borrowed for as long as this lives, so its texts cannot move or
-/// change), or the same number, time or variant. A copy of another record, or a value
-/// the copy derived, is written as [`encode_copy`] writes it, so the result is always
-/// the same as that function's.
+/// A copy carries a field as the record has it where its field map keeps the field or
+/// the record lacks it (a copy is read from its record, `process::Copy`). A copy of
+/// another record, or a value the copy derived, is written as [`encode_copy`] writes it,
+/// so the result is always the same as that function's. (The binary layout was tried the
+/// same way: its fields cost about as little to write as to look up, and it was slower.)
 pub struct RecordJson<'r> {
     record: &'r Record<'r>,
     buf: &'r [u8],
@@ -399,12 +400,12 @@ impl Cursor<'_, CHUNK> {
 
     /// `,"key":"value"` for a text field the copy carries.
     #[inline(always)]
-    fn text(&mut self, comma_key: &'static [u8], v: &Option<Text<'_>>) -> Option<()> {
+    fn text(&mut self, comma_key: &'static [u8], v: Option<&str>) -> Option<()> {
         match v {
             None => Some(()),
             Some(v) => {
                 self.bytes(comma_key)?;
-                self.str_value(v.as_str())
+                self.str_value(v)
             }
         }
     }
@@ -412,7 +413,7 @@ impl Cursor<'_, CHUNK> {
     #[inline(always)]
     fn copy(&mut self, env: &Envelopes, rj: Option<&RecordJson<'_>>, c: &Copy<'_>) -> Option<()> {
         self.bytes(b"{\"record\":")?;
-        self.record(rj, &c.record)?;
+        self.record(rj, c)?;
         self.bytes(b",\"envelope\":")?;
         self.envelope(env, &c.envelope)?;
         self.put(*b"}")
@@ -421,10 +422,15 @@ impl Cursor<'_, CHUNK> {
     /// The treated record, as [`write_record`] writes it: each field with a leading
     /// comma, the first comma then turned into the opening brace.
     #[inline(always)]
-    fn record(&mut self, rj: Option<&RecordJson<'_>>, t: &Treated<'_>) -> Option<()> {
+    fn record(&mut self, rj: Option<&RecordJson<'_>>, c: &Copy<'_>) -> Option<()> {
+        // The record's fields serve only its own copies.
+        let rj = rj.filter(|rj| std::ptr::eq(rj.record, c.source));
+        // The fields the copy carries as the record has them: those its map keeps, and
+        // those the record lacks (empty in both).
+        let same = !(c.envelope.present & c.envelope.facts.changed);
         let open = self.pos();
         let mut run = Run::default();
-        each_field!(F => self.field(rj, &mut run, F, t)?);
+        each_field!(F => self.field(rj, &mut run, F, same & 1 << F as u32 != 0, c)?);
         self.flush(rj, &mut run)?;
         if self.pos() == open {
             return self.put(*b"{}");
@@ -434,17 +440,18 @@ impl Cursor<'_, CHUNK> {
     }
 
     /// Field `f`: added to the run of the record's bytes where the copy carries it as
-    /// the record has it, else written here.
+    /// the record has it (`same`), else written here.
     #[inline(always)]
     fn field(
         &mut self,
         rj: Option<&RecordJson<'_>>,
         run: &mut Run,
         f: Field,
-        t: &Treated<'_>,
+        same: bool,
+        c: &Copy<'_>,
     ) -> Option<()> {
         if let Some(rj) = rj
-            && super::same_as_record(rj.record, f, t)
+            && same
         {
             let (start, end) = rj.spans[f as usize];
             if start != run.end {
@@ -455,7 +462,7 @@ impl Cursor<'_, CHUNK> {
             return Some(());
         }
         self.flush(rj, run)?;
-        self.own_field(f, t)
+        self.own_field(f, c)
     }
 
     /// Moves the pending run into the copy.
@@ -472,23 +479,23 @@ impl Cursor<'_, CHUNK> {
 
     /// `,"name":value` for field `f` of the copy, as [`write_field`] writes it.
     #[inline(always)]
-    fn own_field(&mut self, f: Field, r: &Treated<'_>) -> Option<()> {
+    fn own_field(&mut self, f: Field, r: &impl CopyFields) -> Option<()> {
         match f {
-            Field::RecordId => self.text(b",\"record_id\":", &r.record_id),
-            Field::Kind => self.member(b",\"kind\":", r.kind, |w, k| w.name_value(k.id())),
-            Field::Msisdn => self.text(b",\"msisdn\":", &r.msisdn),
-            Field::Imsi => self.text(b",\"imsi\":", &r.imsi),
-            Field::Imei => self.text(b",\"imei\":", &r.imei),
-            Field::OtherParty => self.text(b",\"other_party\":", &r.other_party),
-            Field::StartTime => self.member(b",\"start_time\":\"", r.start_time, |w, t| {
+            Field::RecordId => self.text(b",\"record_id\":", r.text(Field::RecordId)),
+            Field::Kind => self.member(b",\"kind\":", r.kind(), |w, k| w.name_value(k.id())),
+            Field::Msisdn => self.text(b",\"msisdn\":", r.text(Field::Msisdn)),
+            Field::Imsi => self.text(b",\"imsi\":", r.text(Field::Imsi)),
+            Field::Imei => self.text(b",\"imei\":", r.text(Field::Imei)),
+            Field::OtherParty => self.text(b",\"other_party\":", r.text(Field::OtherParty)),
+            Field::StartTime => self.member(b",\"start_time\":\"", r.start_time(), |w, t| {
                 w.put(*t.to_buf().as_bytes())?;
                 w.put(*b"\"")
             }),
-            Field::DurationS => self.member(b",\"duration_s\":", r.duration_s, Self::number),
-            Field::CloseCause => self.member(b",\"close_cause\":", r.close_cause, |w, c| {
+            Field::DurationS => self.member(b",\"duration_s\":", r.duration_s(), Self::number),
+            Field::CloseCause => self.member(b",\"close_cause\":", r.close_cause(), |w, c| {
                 w.name_value(c.id())
             }),
-            Field::Cell => self.member(b",\"cell\":{\"mcc\":", r.cell.as_ref(), |w, c| {
+            Field::Cell => self.member(b",\"cell\":{\"mcc\":", r.cell(), |w, c| {
                 w.str_value(c.mcc)?;
                 w.bytes(b",\"mnc\":")?;
                 w.str_value(c.mnc)?;
@@ -497,13 +504,15 @@ impl Cursor<'_, CHUNK> {
                 w.member(b",\"cell_id\":", c.cell_id, Self::number)?;
                 w.put(*b"}")
             }),
-            Field::ServingPlmn => self.text(b",\"serving_plmn\":", &r.serving_plmn),
-            Field::ServiceCentre => self.text(b",\"service_centre\":", &r.service_centre),
-            Field::Apn => self.text(b",\"apn\":", &r.apn),
-            Field::ChargingId => self.member(b",\"charging_id\":", r.charging_id, Self::number),
-            Field::Rat => self.member(b",\"rat\":", r.rat, |w, rat| w.name_value(rat.id())),
-            Field::UeIp => self.text(b",\"ue_ip\":", &r.ue_ip),
-            Field::Usage => self.member(b",\"usage\":[", r.usage.as_ref(), |w, usage| {
+            Field::ServingPlmn => self.text(b",\"serving_plmn\":", r.text(Field::ServingPlmn)),
+            Field::ServiceCentre => {
+                self.text(b",\"service_centre\":", r.text(Field::ServiceCentre))
+            }
+            Field::Apn => self.text(b",\"apn\":", r.text(Field::Apn)),
+            Field::ChargingId => self.member(b",\"charging_id\":", r.charging_id(), Self::number),
+            Field::Rat => self.member(b",\"rat\":", r.rat(), |w, rat| w.name_value(rat.id())),
+            Field::UeIp => self.text(b",\"ue_ip\":", r.text(Field::UeIp)),
+            Field::Usage => self.member(b",\"usage\":[", r.usage().as_ref(), |w, usage| {
                 for (i, u) in usage.as_slice().iter().enumerate() {
                     if i > 0 {
                         w.put(*b",")?;
@@ -518,8 +527,10 @@ impl Cursor<'_, CHUNK> {
                 }
                 w.put(*b"]")
             }),
-            Field::RecordingEntity => self.text(b",\"recording_entity\":", &r.recording_entity),
-            Field::LocalSeqNo => self.member(b",\"local_seq_no\":", r.local_seq_no, Self::number),
+            Field::RecordingEntity => {
+                self.text(b",\"recording_entity\":", r.text(Field::RecordingEntity))
+            }
+            Field::LocalSeqNo => self.member(b",\"local_seq_no\":", r.local_seq_no(), Self::number),
         }
     }
 
@@ -569,7 +580,7 @@ impl Cursor<'_, CHUNK> {
 /// [`encode_copy`] through `Vec` writes, escaping what needs it.
 fn encode_copy_vec(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"record\":");
-    write_record(&c.record, out);
+    write_record(&c.record(), out);
     out.extend_from_slice(b",\"envelope\":");
     envelope(env, &c.envelope, out);
     out.push(b'}');

@@ -102,11 +102,12 @@ use std::fmt::Write;
 
 use crate::core::process::Copy;
 use crate::core::process::Envelope;
-use crate::core::record::Record;
-use crate::core::treat::{Text, Treated, UsageOut};
+use crate::core::record::{CloseCause, Kind, Rat};
+use crate::core::treat::{CellOut, Text, Treated, UsageOut};
 use crate::policy::{Policy, PurposeRule};
 use crate::vocab::consent::ConsentTag;
 use crate::vocab::purpose::{Field, Purpose};
+use crate::vocab::time::Millis;
 use crate::vocab::treatment::Treatment;
 
 /// The largest record accepted, in both modes: a CDR is a few hundred bytes, so anything
@@ -276,52 +277,128 @@ fn header_treatment_pieces(
     (out.into_boxed_str(), spans)
 }
 
-/// Whether field `f` of a copy's record `t` is the record `r`'s own: written once, it can
-/// be taken for the copy (`json::RecordJson`). (The binary layout was tried the same way:
-/// its fields cost about as little to write as to compare, and it was slower.)
-#[inline(always)]
-fn same_as_record(r: &Record<'_>, f: Field, t: &Treated<'_>) -> bool {
-    // The same text: the same bytes at the same address.
-    fn text(t: &Option<Text<'_>>, v: Option<&str>) -> bool {
-        match (t, v) {
-            (None, None) => true,
-            (Some(Text::Raw(a)), Some(b)) => std::ptr::eq(*a, b),
-            _ => false,
-        }
+/// A copy's fields as the cursor writers read them: from a copy itself (its record,
+/// field map and computed values) or from a built treated record (a record's own fields,
+/// written once for its copies by `json::RecordJson`).
+pub(crate) trait CopyFields {
+    /// Text field `f`, where carried.
+    fn text(&self, f: Field) -> Option<&str>;
+    /// The kind, where carried.
+    fn kind(&self) -> Option<Kind>;
+    /// The start time, where carried.
+    fn start_time(&self) -> Option<Millis>;
+    /// The duration, where carried.
+    fn duration_s(&self) -> Option<u32>;
+    /// The close cause, where carried.
+    fn close_cause(&self) -> Option<CloseCause>;
+    /// The cell, where carried.
+    fn cell(&self) -> Option<CellOut<'_>>;
+    /// The charging id, where carried.
+    fn charging_id(&self) -> Option<u64>;
+    /// The radio technology, where carried.
+    fn rat(&self) -> Option<Rat>;
+    /// The volumes, where carried.
+    fn usage(&self) -> Option<UsageOut<'_>>;
+    /// The sequence number, where carried.
+    fn local_seq_no(&self) -> Option<u64>;
+}
+
+impl CopyFields for Copy<'_> {
+    #[inline(always)]
+    fn text(&self, f: Field) -> Option<&str> {
+        Copy::text(self, f)
     }
-    match f {
-        Field::RecordId => text(&t.record_id, Some(&r.record_id)),
-        Field::Kind => t.kind == Some(r.kind),
-        Field::Msisdn => text(&t.msisdn, Some(&r.msisdn)),
-        Field::Imsi => text(&t.imsi, Some(&r.imsi)),
-        Field::Imei => text(&t.imei, r.imei.as_deref()),
-        Field::OtherParty => text(&t.other_party, r.other_party.as_deref()),
-        Field::StartTime => t.start_time == Some(r.start_time),
-        Field::DurationS => t.duration_s == r.duration_s,
-        Field::CloseCause => t.close_cause == Some(r.close_cause),
-        Field::Cell => match (&t.cell, &r.cell) {
-            (None, None) => true,
-            (Some(a), Some(b)) => {
-                std::ptr::eq(a.mcc, &*b.mcc)
-                    && std::ptr::eq(a.mnc, &*b.mnc)
-                    && a.lac_or_tac == b.lac_or_tac
-                    && a.cell_id == Some(b.cell_id)
-            }
-            _ => false,
-        },
-        Field::ServingPlmn => text(&t.serving_plmn, Some(&r.serving_plmn)),
-        Field::ServiceCentre => text(&t.service_centre, r.service_centre.as_deref()),
-        Field::Apn => text(&t.apn, r.apn.as_deref()),
-        Field::ChargingId => t.charging_id == r.charging_id,
-        Field::Rat => t.rat == Some(r.rat),
-        Field::UeIp => text(&t.ue_ip, r.ue_ip.as_deref()),
-        Field::Usage => match (&t.usage, &r.usage) {
-            (None, None) => true,
-            (Some(UsageOut::Raw(a)), Some(b)) => std::ptr::eq(*a, b.as_slice()),
-            _ => false,
-        },
-        Field::RecordingEntity => text(&t.recording_entity, Some(&r.recording_entity)),
-        Field::LocalSeqNo => t.local_seq_no == Some(r.local_seq_no),
+    #[inline(always)]
+    fn kind(&self) -> Option<Kind> {
+        Copy::kind(self)
+    }
+    #[inline(always)]
+    fn start_time(&self) -> Option<Millis> {
+        Copy::start_time(self)
+    }
+    #[inline(always)]
+    fn duration_s(&self) -> Option<u32> {
+        Copy::duration_s(self)
+    }
+    #[inline(always)]
+    fn close_cause(&self) -> Option<CloseCause> {
+        Copy::close_cause(self)
+    }
+    #[inline(always)]
+    fn cell(&self) -> Option<CellOut<'_>> {
+        Copy::cell(self)
+    }
+    #[inline(always)]
+    fn charging_id(&self) -> Option<u64> {
+        Copy::charging_id(self)
+    }
+    #[inline(always)]
+    fn rat(&self) -> Option<Rat> {
+        Copy::rat(self)
+    }
+    #[inline(always)]
+    fn usage(&self) -> Option<UsageOut<'_>> {
+        Copy::usage(self)
+    }
+    #[inline(always)]
+    fn local_seq_no(&self) -> Option<u64> {
+        Copy::local_seq_no(self)
+    }
+}
+
+impl CopyFields for Treated<'_> {
+    #[inline(always)]
+    fn text(&self, f: Field) -> Option<&str> {
+        match f {
+            Field::RecordId => self.record_id.as_ref(),
+            Field::Msisdn => self.msisdn.as_ref(),
+            Field::Imsi => self.imsi.as_ref(),
+            Field::Imei => self.imei.as_ref(),
+            Field::OtherParty => self.other_party.as_ref(),
+            Field::ServingPlmn => self.serving_plmn.as_ref(),
+            Field::ServiceCentre => self.service_centre.as_ref(),
+            Field::Apn => self.apn.as_ref(),
+            Field::UeIp => self.ue_ip.as_ref(),
+            Field::RecordingEntity => self.recording_entity.as_ref(),
+            _ => None,
+        }
+        .map(Text::as_str)
+    }
+    #[inline(always)]
+    fn kind(&self) -> Option<Kind> {
+        self.kind
+    }
+    #[inline(always)]
+    fn start_time(&self) -> Option<Millis> {
+        self.start_time
+    }
+    #[inline(always)]
+    fn duration_s(&self) -> Option<u32> {
+        self.duration_s
+    }
+    #[inline(always)]
+    fn close_cause(&self) -> Option<CloseCause> {
+        self.close_cause
+    }
+    #[inline(always)]
+    fn cell(&self) -> Option<CellOut<'_>> {
+        self.cell.clone()
+    }
+    #[inline(always)]
+    fn charging_id(&self) -> Option<u64> {
+        self.charging_id
+    }
+    #[inline(always)]
+    fn rat(&self) -> Option<Rat> {
+        self.rat
+    }
+    #[inline(always)]
+    fn usage(&self) -> Option<UsageOut<'_>> {
+        self.usage.clone()
+    }
+    #[inline(always)]
+    fn local_seq_no(&self) -> Option<u64> {
+        self.local_seq_no
     }
 }
 

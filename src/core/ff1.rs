@@ -20,6 +20,10 @@ pub const MAX_TWEAK: usize = 40;
 /// An FF1 cipher with radix 10.
 pub struct Ff1 {
     aes: Aes256,
+    /// What every round shares for each length without a tweak (tokens use none),
+    /// indexed by length minus [`MIN_DIGITS`]: worked out once per key instead of one
+    /// AES block and the layout arithmetic per operation.
+    untweaked: [Setup; MAX_DIGITS - MIN_DIGITS + 1],
 }
 
 const POW10: [u64; 11] = {
@@ -73,9 +77,10 @@ fn prefix_mod_pow10(r: u128, d: usize, m: usize) -> u64 {
 impl Ff1 {
     /// A cipher under a 256-bit key.
     pub fn new(key: &[u8; 32]) -> Ff1 {
-        Ff1 {
-            aes: Aes256::new(&Array::from(*key)),
-        }
+        let aes = Aes256::new(&Array::from(*key));
+        let mut untweaked = [Setup::default(); MAX_DIGITS - MIN_DIGITS + 1];
+        aes.encrypt_with_backend(Untweaked(&mut untweaked));
+        Ff1 { aes, untweaked }
     }
 
     /// Encrypts digits (values 0-9) in place. `false` if the length is out of range.
@@ -96,9 +101,34 @@ impl Ff1 {
         {
             return false;
         }
-        self.aes
-            .encrypt_with_backend(Operation { tweak, x, decrypt });
+        let setup = tweak.is_empty().then(|| self.untweaked[n - MIN_DIGITS]);
+        self.aes.encrypt_with_backend(Operation {
+            tweak,
+            x,
+            decrypt,
+            setup,
+        });
         true
+    }
+}
+
+/// Works out the untweaked [`Setup`] of every length, in one session with the backend.
+struct Untweaked<'a>(&'a mut [Setup; MAX_DIGITS - MIN_DIGITS + 1]);
+
+impl BlockSizeUser for Untweaked<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockCipherEncClosure for Untweaked<'_> {
+    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
+        let enc = |block: u128| {
+            let mut b = Array::from(block.to_be_bytes());
+            backend.encrypt_block_inplace(&mut b);
+            u128::from_be_bytes(b.into())
+        };
+        for (i, s) in self.0.iter_mut().enumerate() {
+            *s = Setup::new(&enc, MIN_DIGITS + i, &[]);
+        }
     }
 }
 
@@ -110,6 +140,8 @@ struct Operation<'a> {
     tweak: &'a [u8],
     x: &'a mut [u8],
     decrypt: bool,
+    /// The operation's setup where it was worked out beforehand (no tweak).
+    setup: Option<Setup>,
 }
 
 impl BlockSizeUser for Operation<'_> {
@@ -126,7 +158,10 @@ impl BlockCipherEncClosure for Operation<'_> {
             u128::from_be_bytes(b.into())
         };
         let (tweak, x) = (self.tweak, self.x);
-        let s = Setup::new(&enc, x.len(), tweak);
+        let s = match self.setup {
+            Some(s) => s,
+            None => Setup::new(&enc, x.len(), tweak),
+        };
         let (u, v) = (s.u, s.v);
         let (mut a, mut bb) = (num(&x[..u]), num(&x[u..]));
         if self.decrypt {
@@ -157,6 +192,7 @@ impl BlockCipherEncClosure for Operation<'_> {
 }
 
 /// What every round of one operation on n digits shares.
+#[derive(Clone, Copy, Default)]
 struct Setup {
     /// The CBC-MAC chain value the last block of every round's Q is XORed into: E(P)
     /// chained through Q's leading blocks, which hold only tweak bytes and zeros and are

@@ -3,12 +3,13 @@
 
 use arrayvec::ArrayVec;
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use super::control::SubscriberState;
 use super::pseudonym::Keyring;
-use super::record::Record;
+use super::record::{CloseCause, Kind, Rat, Record};
 use super::retention::ScheduleEntry;
-use super::treat::{self, Text, Treated};
+use super::treat::{self, CellOut, Text, Treated, UsageOut};
 use crate::policy::{Anchor, ConsentFacts, Policy, PurposeRule, Retention};
 use crate::vocab::consent::ConsentTag;
 use crate::vocab::purpose::{Field, Purpose};
@@ -104,11 +105,25 @@ impl Envelope<'_> {
     }
 }
 
-/// One copy: the treated record and its envelope.
+/// The text values a copy's treatments computed (pseudonyms, tokens, masked and
+/// generalised text): one for each text field the input carries whose treatment is
+/// neither keep nor drop (`ConsentFacts::computed`), in record order. Most copies hold
+/// none and the most any shipped policy computes is three, inline.
+pub type Computed<'a> = SmallVec<[Option<Text<'a>>; 4]>;
+
+/// One copy: the record as its purpose may see it, and its envelope.
+///
+/// The treated record is not built: a copy is the input record, the field map (in the
+/// envelope) and the values the map computed. Kept fields are read from the record where
+/// they are written, and the encoders write a copy straight from these; building a
+/// treated record of about a kilobyte per copy, then reading it back, cost more than the
+/// encoding itself. [`Copy::record`] builds it where one is wanted.
 #[derive(Clone, Debug)]
 pub struct Copy<'a> {
-    /// The record as the purpose may see it.
-    pub record: Treated<'a>,
+    /// The input record.
+    pub source: &'a Record<'a>,
+    /// The values the field map computed.
+    pub computed: Computed<'a>,
     /// Tags, also sent as Kafka headers.
     pub envelope: Envelope<'a>,
     /// When the record happened (kept even where the copy generalises its time).
@@ -118,13 +133,123 @@ pub struct Copy<'a> {
     pub names_subscriber: bool,
 }
 
-impl Copy<'_> {
+impl<'a> Copy<'a> {
+    #[inline(always)]
+    fn treatment(&self, f: Field) -> Treatment {
+        self.envelope.treatments[f as usize]
+    }
+
+    /// Text field `f` as the copy carries it (`None` for a field that is not text).
+    #[inline(always)]
+    pub fn text(&self, f: Field) -> Option<&str> {
+        let v = treat::text_value(self.source, f)?;
+        match self.treatment(f) {
+            Treatment::Keep => Some(v),
+            Treatment::Drop => None,
+            _ => self.computed_text(f).map(Text::as_str),
+        }
+    }
+
+    /// The computed value of text field `f`: the values are in record order, so it is
+    /// preceded by one for every computed field before it that the input carries.
+    fn computed_text(&self, f: Field) -> Option<&Text<'a>> {
+        let e = &self.envelope;
+        let before = e.facts.computed & e.present & ((1u32 << f as u32) - 1);
+        self.computed.get(before.count_ones() as usize)?.as_ref()
+    }
+
+    /// The record kind, where the copy carries it.
+    #[inline(always)]
+    pub fn kind(&self) -> Option<Kind> {
+        treat::plain(self.treatment(Field::Kind), self.source.kind)
+    }
+
+    /// The start time as the copy carries it.
+    #[inline(always)]
+    pub fn start_time(&self) -> Option<Millis> {
+        treat::start_time(self.treatment(Field::StartTime), self.source.start_time)
+    }
+
+    /// The duration as the copy carries it.
+    #[inline(always)]
+    pub fn duration_s(&self) -> Option<u32> {
+        treat::duration(self.treatment(Field::DurationS), self.source.duration_s)
+    }
+
+    /// The close cause, where the copy carries it.
+    #[inline(always)]
+    pub fn close_cause(&self) -> Option<CloseCause> {
+        treat::plain(self.treatment(Field::CloseCause), self.source.close_cause)
+    }
+
+    /// The serving cell as the copy carries it.
+    #[inline(always)]
+    pub fn cell(&self) -> Option<CellOut<'a>> {
+        treat::cell(self.treatment(Field::Cell), self.source.cell.as_ref())
+    }
+
+    /// The charging id, where the copy carries it.
+    #[inline(always)]
+    pub fn charging_id(&self) -> Option<u64> {
+        self.source
+            .charging_id
+            .and_then(|c| treat::plain(self.treatment(Field::ChargingId), c))
+    }
+
+    /// The radio technology, where the copy carries it.
+    #[inline(always)]
+    pub fn rat(&self) -> Option<Rat> {
+        treat::plain(self.treatment(Field::Rat), self.source.rat)
+    }
+
+    /// The volumes as the copy carries them.
+    #[inline(always)]
+    pub fn usage(&self) -> Option<UsageOut<'a>> {
+        treat::usage(self.treatment(Field::Usage), self.source.usage.as_deref())
+    }
+
+    /// The sequence number, where the copy carries it.
+    #[inline(always)]
+    pub fn local_seq_no(&self) -> Option<u64> {
+        treat::plain(self.treatment(Field::LocalSeqNo), self.source.local_seq_no)
+    }
+
+    /// The treated record: the input's field names, dropped fields absent.
+    pub fn record(&self) -> Treated<'a> {
+        let text = |f: Field| match (treat::text_value(self.source, f), self.treatment(f)) {
+            (None, _) | (_, Treatment::Drop) => None,
+            (Some(v), Treatment::Keep) => Some(Text::Raw(v)),
+            _ => self.computed_text(f).cloned(),
+        };
+        Treated {
+            record_id: text(Field::RecordId),
+            kind: self.kind(),
+            msisdn: text(Field::Msisdn),
+            imsi: text(Field::Imsi),
+            imei: text(Field::Imei),
+            other_party: text(Field::OtherParty),
+            start_time: self.start_time(),
+            duration_s: self.duration_s(),
+            close_cause: self.close_cause(),
+            cell: self.cell(),
+            serving_plmn: text(Field::ServingPlmn),
+            service_centre: text(Field::ServiceCentre),
+            apn: text(Field::Apn),
+            charging_id: self.charging_id(),
+            rat: self.rat(),
+            ue_ip: text(Field::UeIp),
+            usage: self.usage(),
+            recording_entity: text(Field::RecordingEntity),
+            local_seq_no: self.local_seq_no(),
+        }
+    }
+
     /// The retention-schedule entry for this copy.
     pub fn schedule_entry(&self) -> ScheduleEntry<'_> {
         ScheduleEntry {
             purpose: self.envelope.purpose,
             subscriber: if self.names_subscriber {
-                self.record.msisdn.as_ref().map(Text::as_str)
+                self.text(Field::Msisdn)
             } else {
                 None
             },
@@ -298,7 +423,8 @@ pub fn process_into<'a>(
         let (legal_basis, gdpr_article) = facts.basis_tags;
         let uses_keys = matches!(record_id, Some(Text::Inline(_))) || facts.keyed;
         d.copies.push(Copy {
-            record: Treated::default(),
+            source: r,
+            computed: Computed::new(),
             envelope: Envelope {
                 record_id,
                 purpose: p,
@@ -315,9 +441,23 @@ pub fn process_into<'a>(
             record_time: r.start_time,
             names_subscriber: !anonymised && rule.subscriber_field.is_some(),
         });
-        // Treated where the copy is stored: a copy is about a kilobyte, so a move costs.
-        if let Some(c) = d.copies.last_mut() {
-            treat::treat_into(&cx, map, r, copy_id, &mut c.record);
+        // Computed where the copy is stored: a token is 72 bytes, so a move costs.
+        let mut computed = facts.computed & present;
+        if computed != 0
+            && let Some(c) = d.copies.last_mut()
+        {
+            // The record id's value is computed already (the envelope needed it).
+            if computed & 1 << Field::RecordId as u32 != 0 {
+                c.computed.push(copy_id);
+                computed &= computed - 1;
+            }
+            while computed != 0 {
+                let f = Field::ALL[computed.trailing_zeros() as usize];
+                computed &= computed - 1;
+                let v = treat::text_value(r, f)
+                    .and_then(|v| treat::derived(&cx, f, map[f as usize], v));
+                c.computed.push(v);
+            }
         }
         d.outcomes[p as usize] = Some(if anonymised {
             Outcome::Anonymised
@@ -606,6 +746,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Copies are read straight from their record, field map and computed values: every
+    /// copy of the shipped policies, in each consent state, carries what the
+    /// straightforward treatment (`treat::treat`, the whole treated record) builds.
+    #[test]
+    fn copies_carry_what_the_treatment_builds() {
+        use crate::codec::CopyFields;
+        let keys = crate::core::pseudonym::tests::test_keyring();
+        let mut copies = 0;
+        crate::codec::tests::for_every_copy(|_, r, c| {
+            let cx = treat::Ctx {
+                purpose: c.envelope.purpose,
+                keys: &keys,
+            };
+            let want = treat::treat(&cx, c.envelope.treatments, r);
+            assert_eq!(c.record(), want);
+            for f in Field::ALL {
+                assert_eq!(c.text(f), CopyFields::text(&want, f), "{f:?}");
+            }
+            assert_eq!(
+                c.schedule_entry().subscriber,
+                c.names_subscriber
+                    .then(|| want.msisdn.as_ref().map(Text::as_str))
+                    .flatten()
+            );
+            copies += 1;
+        });
+        assert!(copies > 10_000);
     }
 
     #[test]

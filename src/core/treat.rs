@@ -229,7 +229,7 @@ pub fn text<'a>(cx: &Ctx<'_>, f: Field, t: Treatment, v: &'a str) -> Option<Text
 
 /// The treatments that compute a new value.
 #[inline(never)]
-fn derived<'a>(cx: &Ctx<'_>, f: Field, t: Treatment, v: &'a str) -> Option<Text<'a>> {
+pub(crate) fn derived<'a>(cx: &Ctx<'_>, f: Field, t: Treatment, v: &'a str) -> Option<Text<'a>> {
     match t {
         Treatment::Keep => Some(Text::Raw(v)),
         Treatment::Drop => None,
@@ -262,8 +262,88 @@ fn set_text<'a>(
     }
 }
 
-fn plain<T>(t: Treatment, v: T) -> Option<T> {
+/// A value no treatment but keep can reduce: kept or absent.
+#[inline(always)]
+pub fn plain<T>(t: Treatment, v: T) -> Option<T> {
     matches!(t, Treatment::Keep).then_some(v)
+}
+
+/// The text fields (bit per field): those whose value a treatment may replace with a
+/// computed text (a pseudonym, token, mask or generalised text).
+pub const TEXT_FIELDS: u32 = 1 << Field::RecordId as u32
+    | 1 << Field::Msisdn as u32
+    | 1 << Field::Imsi as u32
+    | 1 << Field::Imei as u32
+    | 1 << Field::OtherParty as u32
+    | 1 << Field::ServingPlmn as u32
+    | 1 << Field::ServiceCentre as u32
+    | 1 << Field::Apn as u32
+    | 1 << Field::UeIp as u32
+    | 1 << Field::RecordingEntity as u32;
+
+/// The record's value of text field `f`; `None` where the record lacks it or `f` is not
+/// one of [`TEXT_FIELDS`]. With `f` a constant, this is the field itself.
+#[inline(always)]
+pub fn text_value<'a>(r: &'a Record<'_>, f: Field) -> Option<&'a str> {
+    match f {
+        Field::RecordId => Some(&r.record_id),
+        Field::Msisdn => Some(&r.msisdn),
+        Field::Imsi => Some(&r.imsi),
+        Field::Imei => r.imei.as_deref(),
+        Field::OtherParty => r.other_party.as_deref(),
+        Field::ServingPlmn => Some(&r.serving_plmn),
+        Field::ServiceCentre => r.service_centre.as_deref(),
+        Field::Apn => r.apn.as_deref(),
+        Field::UeIp => r.ue_ip.as_deref(),
+        Field::RecordingEntity => Some(&r.recording_entity),
+        _ => None,
+    }
+}
+
+/// The start time under its treatment: kept, floored to its hour, or dropped.
+#[inline(always)]
+pub fn start_time(t: Treatment, v: Millis) -> Option<Millis> {
+    match t {
+        Treatment::Keep => Some(v),
+        Treatment::Generalise => Some(v.floor_hour()),
+        _ => None,
+    }
+}
+
+/// The duration under its treatment: kept, reduced to its class, or dropped.
+#[inline(always)]
+pub fn duration(t: Treatment, v: Option<u32>) -> Option<u32> {
+    v.and_then(|d| match t {
+        Treatment::Keep => Some(d),
+        Treatment::Generalise => Some(duration_class(d)),
+        _ => None,
+    })
+}
+
+/// The serving cell under its treatment: kept, generalised to its area, or dropped.
+#[inline(always)]
+pub fn cell<'a>(t: Treatment, c: Option<&'a Cell<'_>>) -> Option<CellOut<'a>> {
+    let area = |c: &'a Cell<'_>, cell_id| CellOut {
+        mcc: &c.mcc,
+        mnc: &c.mnc,
+        lac_or_tac: c.lac_or_tac,
+        cell_id,
+    };
+    match (c, t) {
+        (Some(c), Treatment::Keep) => Some(area(c, Some(c.cell_id))),
+        (Some(c), Treatment::Generalise) => Some(area(c, None)),
+        _ => None,
+    }
+}
+
+/// The volumes under their treatment: kept, totalled and classed, or dropped.
+#[inline(always)]
+pub fn usage(t: Treatment, u: Option<&[Usage]>) -> Option<UsageOut<'_>> {
+    u.and_then(|u| match t {
+        Treatment::Keep => Some(UsageOut::Raw(u)),
+        Treatment::Generalise => Some(UsageOut::Total(usage_total(u))),
+        _ => None,
+    })
 }
 
 /// The record as a copy that keeps every field carries it (what [`treat`] makes with
@@ -494,6 +574,22 @@ mod tests {
             serde_json::to_string(&t).unwrap(),
             r#"{"duration_s":300,"usage":[{"rating_group":0,"ul_bytes":1000000,"dl_bytes":1000000}]}"#
         );
+    }
+
+    #[test]
+    fn text_values_are_the_text_fields() {
+        let mut r = data_record();
+        r.other_party = Some("+46709876543".into());
+        r.service_centre = Some("+46700000001".into());
+        for f in Field::ALL {
+            assert_eq!(
+                text_value(&r, f).is_some(),
+                TEXT_FIELDS & 1 << f as u32 != 0,
+                "{f:?}"
+            );
+        }
+        assert_eq!(text_value(&r, Field::Apn), Some("internet"));
+        assert_eq!(text_value(&data_record(), Field::OtherParty), None);
     }
 
     #[test]

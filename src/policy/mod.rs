@@ -269,6 +269,9 @@ pub struct ConsentFacts {
     pub pseudonymised: u32,
     /// The fields the map tokenises (bit per field).
     pub tokenised: u32,
+    /// The text fields whose treatment computes a value, neither keeping nor dropping it
+    /// (bit per field): a copy holds one computed value for each the input carries.
+    pub computed: u32,
     /// The copy's `legal_basis` and `gdpr_article` tags ([`PurposeRule::basis_tags`]).
     pub basis_tags: (&'static str, &'static str),
 }
@@ -331,6 +334,12 @@ impl PurposeRule {
                 .any(|t| matches!(t, Treatment::Pseudonymise | Treatment::Tokenise)),
             pseudonymised: bits(Treatment::Pseudonymise),
             tokenised: bits(Treatment::Tokenise),
+            computed: map
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !matches!(t, Treatment::Keep | Treatment::Drop))
+                .fold(0u32, |bits, (i, _)| bits | 1 << i)
+                & crate::core::treat::TEXT_FIELDS,
             basis_tags: self.basis_tags(consent),
         }
     }
