@@ -201,52 +201,16 @@ pub(super) fn spawn_coordinator(
     })
 }
 
+/// Locks every partition's state, in partition order.
+async fn lock_all(slots: &[Arc<Slot>]) -> Vec<tokio::sync::MutexGuard<'_, SlotState>> {
+    let mut guards = Vec::with_capacity(slots.len());
+    for s in slots {
+        guards.push(s.state.lock().await);
+    }
+    guards
+}
+
 impl Shared {
-    /// Locks every partition's state, in partition order; the caller holds the commit
-    /// lock. Partition tasks see `lock_wanted` and end their batches at the next record,
-    /// so the wait is about one record per partition, not up to a batch of them each, one
-    /// after another (measured before: 20 ms on average per commit, p99 415 ms, on a
-    /// loaded machine; every record of the interval waited that long for its seal).
-    pub(super) async fn lock_all<'s>(
-        &self,
-        slots: &'s [Arc<Slot>],
-    ) -> Vec<tokio::sync::MutexGuard<'s, SlotState>> {
-        /// Clears `lock_wanted` however the locking ends, a dropped future included:
-        /// left set, it would hold every partition task back for good.
-        struct Wanted<'a>(&'a Shared);
-        impl Drop for Wanted<'_> {
-            fn drop(&mut self) {
-                self.0.lock_wanted.store(false, Ordering::Release);
-                self.0.lock_taken.notify_waiters();
-            }
-        }
-        self.lock_wanted.store(true, Ordering::Release);
-        let _wanted = Wanted(self);
-        let mut guards = Vec::with_capacity(slots.len());
-        for s in slots {
-            guards.push(s.state.lock().await);
-        }
-        guards
-    }
-
-    /// Waits while a commit or rebalance takes every partition's lock (see
-    /// [`Shared::lock_all`]), so a partition task does not lock, find `lock_wanted` and
-    /// let go again in a loop meanwhile.
-    pub(super) async fn wait_while_lock_wanted(&self) {
-        let taken = self.lock_taken.notified();
-        tokio::pin!(taken);
-        // Registered before the flag is read: a notify between the two is not missed.
-        taken.as_mut().enable();
-        if self.lock_wanted.load(Ordering::Acquire) {
-            taken.await;
-        }
-    }
-
-    /// Whether a commit or rebalance waits for the partitions' locks.
-    pub(super) fn lock_wanted(&self) -> bool {
-        self.lock_wanted.load(Ordering::Acquire)
-    }
-
     /// One commit: takes every partition's lock, seals the open transaction with the
     /// schedule entries and offsets it lacks, and (exactly once) lets the partitions go
     /// on into the other lane's transaction while it commits; on an abortable failure,
@@ -264,7 +228,7 @@ impl Shared {
         let _g = self.commit_lock.lock().await;
         let slots = self.snapshot();
         let locking = std::time::Instant::now();
-        let mut guards = self.lock_all(&slots).await;
+        let mut guards = lock_all(&slots).await;
         let held_since = std::time::Instant::now();
         phases.lock = Some(held_since.saturating_duration_since(locking));
         self.advance_timers(&slots, &mut guards);
@@ -293,7 +257,7 @@ impl Shared {
                     let committed = self.commit_sealed(&sealing, &mut phases).await;
                     if overlap {
                         let relocking = std::time::Instant::now();
-                        guards = self.lock_all(&slots).await;
+                        guards = lock_all(&slots).await;
                         phases.relock = Some(relocking.elapsed());
                     }
                     committed.map(|()| {

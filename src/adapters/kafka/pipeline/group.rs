@@ -190,7 +190,10 @@ impl Shared {
     pub(super) async fn revoke(self: &Arc<Self>, parts: &[i32], lost: bool) {
         let _g = self.commit_lock.lock().await;
         let slots = self.snapshot();
-        let mut guards = self.lock_all(&slots).await;
+        let mut guards = Vec::with_capacity(slots.len());
+        for s in &slots {
+            guards.push(s.state.lock().await);
+        }
         // A failed pipeline commits nothing more: the next one's producer (same
         // transactional id) aborts the open transaction when it starts.
         if !self.has_failed() {

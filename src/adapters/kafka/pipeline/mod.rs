@@ -138,12 +138,6 @@ pub struct Shared {
     commit_lock: tokio::sync::Mutex<()>,
     uncommitted: AtomicUsize,
     commit_now: Notify,
-    /// A commit or rebalance is taking every partition's lock (see `Shared::lock_all`):
-    /// partition tasks end their batch at the next record instead of after up to
-    /// `BATCH`, and do not start another until it has them all.
-    lock_wanted: AtomicBool,
-    /// Wakes partition tasks held back by `lock_wanted`.
-    lock_taken: Notify,
     /// A send failed in the open transaction: the next commit aborts instead.
     poisoned: AtomicBool,
     failed: Mutex<Option<PipelineError>>,
@@ -352,8 +346,6 @@ async fn start_shared(inputs: &PipelineInputs) -> Result<Arc<Shared>, PipelineEr
         commit_lock: tokio::sync::Mutex::new(()),
         uncommitted: AtomicUsize::new(0),
         commit_now: Notify::new(),
-        lock_wanted: AtomicBool::new(false),
-        lock_taken: Notify::new(),
         poisoned: AtomicBool::new(false),
         failed: Mutex::new(None),
         fail_notify: Notify::new(),

@@ -82,7 +82,6 @@ impl Shared {
     /// for, then a batch of records (or a pause while the consent table is stale).
     async fn step(&self, task: &mut Task<'_>) -> Step {
         let slot = task.slot;
-        self.wait_while_lock_wanted().await;
         let mut st = slot.state.lock().await;
         if slot.stop.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
             return Step::Stop;
@@ -121,9 +120,7 @@ impl Shared {
             task.scratch.keys = keys;
         }
         let mut step = self.batch(task, &mut st, now, fresh).await;
-        // Not while a seal waits for this lock: the seal writes what is left.
         if matches!(step, Step::More | Step::Idle)
-            && !self.lock_wanted()
             && let Some(end) = self.persist_batch(task, &mut st).await
         {
             step = end;
@@ -152,11 +149,6 @@ impl Shared {
             // queue): no record is routed on a freshness that has lapsed.
             if fresh && !self.store.fresh(Instant::now()) {
                 return Step::Idle;
-            }
-            // A seal waits for this lock: the batch ends here, the records left are
-            // the next one's.
-            if self.lock_wanted() {
-                return Step::More;
             }
             match task.queue.poll(Duration::ZERO) {
                 None => return Step::Idle,
