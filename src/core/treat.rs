@@ -268,21 +268,8 @@ pub fn plain<T>(t: Treatment, v: T) -> Option<T> {
     matches!(t, Treatment::Keep).then_some(v)
 }
 
-/// The text fields (bit per field): those whose value a treatment may replace with a
-/// computed text (a pseudonym, token, mask or generalised text).
-pub const TEXT_FIELDS: u32 = 1 << Field::RecordId as u32
-    | 1 << Field::Msisdn as u32
-    | 1 << Field::Imsi as u32
-    | 1 << Field::Imei as u32
-    | 1 << Field::OtherParty as u32
-    | 1 << Field::ServingPlmn as u32
-    | 1 << Field::ServiceCentre as u32
-    | 1 << Field::Apn as u32
-    | 1 << Field::UeIp as u32
-    | 1 << Field::RecordingEntity as u32;
-
 /// The record's value of text field `f`; `None` where the record lacks it or `f` is not
-/// one of [`TEXT_FIELDS`]. With `f` a constant, this is the field itself.
+/// one of [`TEXT_FIELDS`](crate::vocab::purpose::TEXT_FIELDS). With `f` a constant, this is the field itself.
 #[inline(always)]
 pub fn text_value<'a>(r: &'a Record<'_>, f: Field) -> Option<&'a str> {
     match f {
@@ -584,7 +571,7 @@ mod tests {
         for f in Field::ALL {
             assert_eq!(
                 text_value(&r, f).is_some(),
-                TEXT_FIELDS & 1 << f as u32 != 0,
+                crate::vocab::purpose::TEXT_FIELDS & 1 << f as u32 != 0,
                 "{f:?}"
             );
         }

@@ -339,7 +339,7 @@ impl PurposeRule {
                 .enumerate()
                 .filter(|(_, t)| !matches!(t, Treatment::Keep | Treatment::Drop))
                 .fold(0u32, |bits, (i, _)| bits | 1 << i)
-                & crate::core::treat::TEXT_FIELDS,
+                & crate::vocab::purpose::TEXT_FIELDS,
             basis_tags: self.basis_tags(consent),
         }
     }

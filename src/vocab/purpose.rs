@@ -69,6 +69,20 @@ pub enum FieldClass {
     Location,
 }
 
+/// The text fields (bit per field): those whose value a treatment may replace with a
+/// computed text (a pseudonym, token, mask or generalised text). Here, beside the
+/// fields, because the policy's field maps and the core's treatments both read it.
+pub const TEXT_FIELDS: u32 = 1 << Field::RecordId as u32
+    | 1 << Field::Msisdn as u32
+    | 1 << Field::Imsi as u32
+    | 1 << Field::Imei as u32
+    | 1 << Field::OtherParty as u32
+    | 1 << Field::ServingPlmn as u32
+    | 1 << Field::ServiceCentre as u32
+    | 1 << Field::Apn as u32
+    | 1 << Field::UeIp as u32
+    | 1 << Field::RecordingEntity as u32;
+
 /// The data categories of the operators' policies, each with its own legal basis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
