@@ -24,7 +24,7 @@ def samples(path, event):
     thread, frames, in_stack = None, [], False
     for line in out.splitlines():
         s = line.strip()
-        if s.startswith(f"{event} {{") or s == "jdk.ExecutionSample {" or s == "jdk.NativeMethodSample {":
+        if s == f"{event} {{":
             thread, frames, in_stack = None, [], False
         elif s.startswith("sampledThread = "):
             m = re.match(r'sampledThread = "(.*)" \(', s)

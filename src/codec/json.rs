@@ -586,8 +586,9 @@ fn encode_copy_vec(env: &Envelopes, c: &Copy<'_>, out: &mut Vec<u8>) {
     out.push(b'}');
 }
 
-/// A JSON string from input or a policy file: escaped the way serde_json escapes it.
-fn string(out: &mut Vec<u8>, s: &str) {
+/// A JSON string from input or a policy file: escaped the way serde_json escapes it
+/// (also the retention schedule's hand-written entries).
+pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
     if super::json_fast::first_special(s.as_bytes()).is_some() {
         // Rare (record values are identifiers and codes), so serde_json itself escapes it.
         let _ = serde_json::to_writer(&mut *out, s);

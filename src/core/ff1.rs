@@ -112,6 +112,15 @@ impl Ff1 {
     }
 }
 
+/// One AES block through the backend. Blocks are big-endian u128s, so the PRF input is
+/// built with a few register operations instead of byte by byte.
+#[inline(always)]
+fn encrypt<B: BlockCipherEncBackend<BlockSize = U16>>(backend: &B, block: u128) -> u128 {
+    let mut b = Array::from(block.to_be_bytes());
+    backend.encrypt_block_inplace(&mut b);
+    u128::from_be_bytes(b.into())
+}
+
 /// Works out the untweaked [`Setup`] of every length, in one session with the backend.
 struct Untweaked<'a>(&'a mut [Setup; MAX_DIGITS - MIN_DIGITS + 1]);
 
@@ -121,11 +130,7 @@ impl BlockSizeUser for Untweaked<'_> {
 
 impl BlockCipherEncClosure for Untweaked<'_> {
     fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
-        let enc = |block: u128| {
-            let mut b = Array::from(block.to_be_bytes());
-            backend.encrypt_block_inplace(&mut b);
-            u128::from_be_bytes(b.into())
-        };
+        let enc = |block: u128| encrypt(backend, block);
         for (i, s) in self.0.iter_mut().enumerate() {
             *s = Setup::new(&enc, MIN_DIGITS + i, &[]);
         }
@@ -150,13 +155,7 @@ impl BlockSizeUser for Operation<'_> {
 
 impl BlockCipherEncClosure for Operation<'_> {
     fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
-        // Blocks are big-endian u128s, so the PRF input is built with a few register
-        // operations instead of byte by byte.
-        let enc = |block: u128| {
-            let mut b = Array::from(block.to_be_bytes());
-            backend.encrypt_block_inplace(&mut b);
-            u128::from_be_bytes(b.into())
-        };
+        let enc = |block: u128| encrypt(backend, block);
         let (tweak, x) = (self.tweak, self.x);
         let s = match self.setup {
             Some(s) => s,
